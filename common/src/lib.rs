@@ -1,0 +1,11 @@
+//! Types shared by the handoff daemon, its control client and the kernel program.
+//!
+//! # Layout
+//!
+//! - [`maps`]: the BPF map layouts, mirroring `ebpf/handoff.h`, and the kernel object
+//!   names the daemon looks up.
+//! - [`proto`]: the control protocol spoken over handoffd's Unix socket: requests,
+//!   responses, typed errors and the framing with its size limit.
+
+pub mod maps;
+pub mod proto;

@@ -1,0 +1,219 @@
+//! BPF map layouts, mirrored once from `ebpf/handoff.h`.
+//!
+//! Sizes are checked at compile time so that a change on one side breaks the build
+//! instead of the steering.
+
+/// Sockarray slots given to one generation in one group.
+pub const GEN_SLOTS: u32 = 64;
+/// Blocks of [`GEN_SLOTS`] in a group's sockarray.
+pub const BLOCKS: u32 = 64;
+/// Entries of the `socks` REUSEPORT_SOCKARRAY.
+pub const SOCK_SLOTS: u32 = GEN_SLOTS * BLOCKS;
+/// Entries of the `records` ring.
+pub const RECORDS: u32 = 16;
+/// First loopback source port of probe connections.
+pub const PROBE_PORT_FIRST: u16 = 600;
+/// Number of probe source ports (and of entries in the `probes` map).
+pub const PROBE_PORTS: u16 = 100;
+/// A probe slot not yet written by the program.
+pub const PROBE_UNSET: u32 = 0xffff_ffff;
+/// The program saw the probe but found no socket to select.
+pub const PROBE_NO_SOCKET: u32 = 0xffff_fffe;
+
+/// Name of the steering program in the object.
+pub const PROGRAM: &str = "handoff_select";
+/// Name of the REUSEPORT_SOCKARRAY map.
+pub const MAP_SOCKS: &str = "socks";
+/// Name of the steering record ring.
+pub const MAP_RECORDS: &str = "records";
+/// Name of the mmapable one-entry array holding the index of the record in force.
+pub const MAP_CURRENT: &str = "current";
+/// Name of the per-CPU counter array.
+pub const MAP_COUNTERS: &str = "counters";
+/// Name of the probe result array.
+pub const MAP_PROBES: &str = "probes";
+
+/// `struct handoff_record`: one group's steering state, immutable while in force.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SteerRecord {
+    /// First slot of the active generation's block.
+    pub active_first: u32,
+    /// Listeners of the active generation, from `active_first` on.
+    pub active_len: u32,
+    /// First slot of the previous generation's block.
+    pub prev_first: u32,
+    /// Listeners of the previous generation (0: none).
+    pub prev_len: u32,
+}
+
+const _: () = assert!(size_of::<SteerRecord>() == 16);
+
+impl SteerRecord {
+    /// The record as the bytes the kernel's array holds.
+    pub fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for (i, v) in [
+            self.active_first,
+            self.active_len,
+            self.prev_first,
+            self.prev_len,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            out[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes());
+        }
+        out
+    }
+}
+
+/// `enum handoff_counter`: what the program decided, one per-CPU counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Counter {
+    /// The hashed pick in the active generation took the connection.
+    Active = 0,
+    /// Another listener of the active generation took it (the hashed one had closed).
+    ActiveRetry = 1,
+    /// The active generation had no listener left; the previous one took it.
+    Previous = 2,
+    /// No listener of either generation: the kernel's hash over the group decided.
+    KernelHash = 3,
+    /// Decisions for requests migrated off a closing listener (also counted above).
+    Migrated = 4,
+    /// Probe connections recognised and dropped.
+    Probe = 5,
+}
+
+impl Counter {
+    /// Every counter, in map order.
+    pub const ALL: [Counter; 6] = [
+        Counter::Active,
+        Counter::ActiveRetry,
+        Counter::Previous,
+        Counter::KernelHash,
+        Counter::Migrated,
+        Counter::Probe,
+    ];
+
+    /// The label used in status output and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Counter::Active => "active",
+            Counter::ActiveRetry => "active_retry",
+            Counter::Previous => "fallback",
+            Counter::KernelHash => "kernel_hash",
+            Counter::Migrated => "migrated",
+            Counter::Probe => "probe",
+        }
+    }
+}
+
+/// Totals of the per-CPU decision counters of one group, or summed over groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    /// See [`Counter::Active`].
+    pub active: u64,
+    /// See [`Counter::ActiveRetry`].
+    pub active_retry: u64,
+    /// See [`Counter::Previous`].
+    pub fallback: u64,
+    /// See [`Counter::KernelHash`].
+    pub kernel_hash: u64,
+    /// See [`Counter::Migrated`].
+    pub migrated: u64,
+    /// See [`Counter::Probe`].
+    pub probe: u64,
+}
+
+impl Counters {
+    /// Adds `n` to the field of `which`.
+    pub fn add(&mut self, which: Counter, n: u64) {
+        let field = match which {
+            Counter::Active => &mut self.active,
+            Counter::ActiveRetry => &mut self.active_retry,
+            Counter::Previous => &mut self.fallback,
+            Counter::KernelHash => &mut self.kernel_hash,
+            Counter::Migrated => &mut self.migrated,
+            Counter::Probe => &mut self.probe,
+        };
+        *field += n;
+    }
+
+    /// Adds every field of `other`.
+    pub fn merge(&mut self, other: &Counters) {
+        self.active += other.active;
+        self.active_retry += other.active_retry;
+        self.fallback += other.fallback;
+        self.kernel_hash += other.kernel_hash;
+        self.migrated += other.migrated;
+        self.probe += other.probe;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The constants must agree with ebpf/handoff.h; read the header and compare.
+    #[test]
+    fn constants_match_header() {
+        let header = include_str!("../../ebpf/handoff.h");
+        let define = |name: &str| -> u64 {
+            let line = header
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("{name} not in handoff.h"));
+            let value = line.split_whitespace().nth(2).expect("a value");
+            let value = value.trim_end_matches('u');
+            match value.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16).expect("hex"),
+                None => value.parse().unwrap_or(0),
+            }
+        };
+        assert_eq!(define("HANDOFF_GEN_SLOTS"), u64::from(GEN_SLOTS));
+        assert_eq!(define("HANDOFF_BLOCKS"), u64::from(BLOCKS));
+        assert_eq!(define("HANDOFF_RECORDS"), u64::from(RECORDS));
+        assert_eq!(
+            define("HANDOFF_PROBE_PORT_FIRST"),
+            u64::from(PROBE_PORT_FIRST)
+        );
+        assert_eq!(define("HANDOFF_PROBE_PORTS"), u64::from(PROBE_PORTS));
+        assert_eq!(define("HANDOFF_PROBE_UNSET"), u64::from(PROBE_UNSET));
+        assert_eq!(
+            define("HANDOFF_PROBE_NO_SOCKET"),
+            u64::from(PROBE_NO_SOCKET)
+        );
+        for c in Counter::ALL {
+            let name = format!("HANDOFF_CTR_{} = {},", c.c_name(), c as u32);
+            assert!(header.contains(&name), "handoff.h lacks `{name}`");
+        }
+    }
+
+    #[test]
+    fn record_bytes_are_native_u32s() {
+        let r = SteerRecord {
+            active_first: 1,
+            active_len: 2,
+            prev_first: 3,
+            prev_len: 4,
+        };
+        let b = r.to_bytes();
+        assert_eq!(u32::from_ne_bytes(b[12..16].try_into().unwrap()), 4);
+        assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()), 1);
+    }
+
+    impl Counter {
+        fn c_name(self) -> &'static str {
+            match self {
+                Counter::Active => "ACTIVE",
+                Counter::ActiveRetry => "ACTIVE_RETRY",
+                Counter::Previous => "PREVIOUS",
+                Counter::KernelHash => "KERNEL_HASH",
+                Counter::Migrated => "MIGRATED",
+                Counter::Probe => "PROBE",
+            }
+        }
+    }
+}

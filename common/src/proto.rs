@@ -1,0 +1,289 @@
+//! The control protocol between `handoffctl` and `handoffd`.
+//!
+//! One request per connection: the client writes one JSON document and a newline, the
+//! daemon answers with one JSON document and a newline, then closes. A frame longer than
+//! [`MAX_FRAME`] is refused before it is parsed.
+
+use serde::{Deserialize, Serialize};
+
+/// The longest frame either side accepts, newline included.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Default path of the daemon's control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/handoff/handoffd.sock";
+
+/// What a client asks of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Make `pid` (and its descendants) the active generation of a service.
+    Promote {
+        /// The process to promote.
+        pid: i32,
+        /// The service; may be left out when the daemon runs one service.
+        #[serde(default)]
+        service: Option<String>,
+    },
+    /// Make the newest draining generation active again.
+    Rollback {
+        /// The service; may be left out when the daemon runs one service.
+        #[serde(default)]
+        service: Option<String>,
+    },
+    /// Report services and generations.
+    Status {},
+}
+
+/// The daemon's answer to one [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    /// A promote or rollback took effect and the probe saw the kernel steer to it.
+    Promoted(Promoted),
+    /// The state of every service.
+    Status(Status),
+    /// The request was refused; nothing changed.
+    Error(ErrorReply),
+}
+
+/// The outcome of a successful promote or rollback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promoted {
+    /// The service that changed.
+    pub service: String,
+    /// Id of the generation that is now active.
+    pub generation: u64,
+    /// Its promoted pid.
+    pub pid: i32,
+    /// Listeners it has in the service's groups.
+    pub listeners: usize,
+    /// The generation that started draining, if any.
+    pub draining: Option<u64>,
+}
+
+/// `status --json`: the shape DESIGN.md's CLI contract fixes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Every service of the daemon, in configuration order.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// The service's name.
+    pub name: String,
+    /// Its listen addresses as configured (`127.0.0.1:8080`, `[::1]:8080`).
+    pub listen: Vec<String>,
+    /// Generations, oldest first.
+    pub generations: Vec<GenerationStatus>,
+    /// LISTEN sockets on the service's port outside its managed groups: they take
+    /// traffic handoff cannot steer.
+    #[serde(default)]
+    pub foreign_listeners: Vec<ForeignListener>,
+    /// Decisions of the kernel program, summed over the service's groups.
+    #[serde(default)]
+    pub steering: crate::maps::Counters,
+}
+
+/// One generation in [`ServiceStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    /// The generation's id, unique within the service, growing.
+    pub id: u64,
+    /// The promoted pid.
+    pub pid: i32,
+    /// `active`, `draining` or `retired`.
+    pub state: GenerationState,
+    /// Its listeners still open in the service's groups.
+    pub listeners: usize,
+    /// Connections it holds: established, queued on its listeners, in handshake.
+    pub connections: u64,
+}
+
+/// The life of a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GenerationState {
+    /// Receives every new connection.
+    Active,
+    /// Receives none; keeps what it has until it retires.
+    Draining,
+    /// Every member has exited.
+    Retired,
+}
+
+impl GenerationState {
+    /// The lowercase name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GenerationState::Active => "active",
+            GenerationState::Draining => "draining",
+            GenerationState::Retired => "retired",
+        }
+    }
+}
+
+/// A LISTEN socket on a service port that handoff does not steer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForeignListener {
+    /// Its address, e.g. `127.0.0.1:8080`.
+    pub addr: String,
+    /// The kernel group it belongs to, in words (`v6only`, `device 1`, `uid 1000`).
+    pub group: String,
+    /// A process holding it, when one was found.
+    pub pid: Option<i32>,
+}
+
+/// A refused request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What kind of refusal, for scripts.
+    pub kind: ErrorKind,
+    /// One line for the operator.
+    pub message: String,
+}
+
+/// Kinds of refusal, stable for scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request could not be parsed or is too large.
+    BadRequest,
+    /// The peer may not talk to this daemon.
+    Unauthorized,
+    /// No such service, or a service must be named.
+    UnknownService,
+    /// The pid names no live process.
+    NoSuchProcess,
+    /// The process (tree) has no usable listener in the service's groups.
+    NoListener,
+    /// A listener is in a group the service does not steer, or lacks one it must have.
+    WrongGroup,
+    /// A listener without SO_REUSEPORT.
+    NotReuseport,
+    /// A socket already belongs to another generation.
+    SharedSocket,
+    /// The pid is already the active generation.
+    AlreadyActive,
+    /// There is no generation to roll back to.
+    NothingToRollBack,
+    /// The kernel refused an operation, or the probe did not see the new steering.
+    Kernel,
+    /// Anything else that went wrong inside the daemon.
+    Internal,
+}
+
+/// Errors of encoding or decoding a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The frame exceeds [`MAX_FRAME`].
+    #[error("control message longer than {MAX_FRAME} bytes")]
+    TooLong,
+    /// The peer closed before a full frame arrived.
+    #[error("control message ended without a newline")]
+    Truncated,
+    /// The frame is not the JSON expected.
+    #[error("malformed control message: {0}")]
+    Malformed(#[source] serde_json::Error),
+}
+
+/// Encodes one message as a frame: compact JSON and a newline.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing these plain data types cannot fail: no maps with non-string keys.
+    let mut out = serde_json::to_vec(msg).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// Decodes one frame (with or without its newline).
+pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, FrameError> {
+    if frame.len() > MAX_FRAME {
+        return Err(FrameError::TooLong);
+    }
+    let body = frame.strip_suffix(b"\n").unwrap_or(frame);
+    serde_json::from_slice(body).map_err(FrameError::Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for req in [
+            Request::Promote {
+                pid: 42,
+                service: Some("web".into()),
+            },
+            Request::Promote {
+                pid: 7,
+                service: None,
+            },
+            Request::Rollback { service: None },
+            Request::Status {},
+        ] {
+            let frame = encode(&req);
+            assert_eq!(frame.last(), Some(&b'\n'));
+            assert_eq!(decode::<Request>(&frame).expect("decodes"), req);
+        }
+    }
+
+    #[test]
+    fn status_has_the_contract_shape() {
+        let status = Status {
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                listen: vec!["127.0.0.1:8080".into()],
+                generations: vec![GenerationStatus {
+                    id: 1,
+                    pid: 10,
+                    state: GenerationState::Draining,
+                    listeners: 2,
+                    connections: 3,
+                }],
+                foreign_listeners: vec![],
+                steering: Default::default(),
+            }],
+        };
+        let v: serde_json::Value = serde_json::to_value(&status).expect("serializes");
+        let g = &v["services"][0]["generations"][0];
+        assert_eq!(v["services"][0]["name"], "web");
+        assert_eq!(v["services"][0]["listen"][0], "127.0.0.1:8080");
+        assert_eq!(g["state"], "draining");
+        assert_eq!(g["connections"], 3);
+        assert_eq!(g["listeners"], 2);
+        assert_eq!(g["pid"], 10);
+        assert_eq!(g["id"], 1);
+    }
+
+    #[test]
+    fn malformed_and_oversized_frames_are_refused() {
+        assert!(matches!(
+            decode::<Request>(b"garbage\n"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Request>(br#"{"request":"promote"}"#),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Request>(br#"{"request":"status","extra":1}"#),
+            Err(FrameError::Malformed(_))
+        ));
+        let big = vec![b' '; MAX_FRAME + 1];
+        assert!(matches!(decode::<Request>(&big), Err(FrameError::TooLong)));
+    }
+
+    #[test]
+    fn errors_carry_a_kind() {
+        let r = Response::Error(ErrorReply {
+            kind: ErrorKind::NoSuchProcess,
+            message: "no process with pid 4000000".into(),
+        });
+        let v: serde_json::Value = serde_json::to_value(&r).expect("serializes");
+        assert_eq!(v["response"], "error");
+        assert_eq!(v["kind"], "no_such_process");
+        assert_eq!(decode::<Response>(&encode(&r)).expect("decodes"), r);
+    }
+}

@@ -1,0 +1,196 @@
+//! The control socket: one daemon per state directory, peers checked by their
+//! credentials, one framed request per connection.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use handoff_common::proto::{self, ErrorKind, FrameError, MAX_FRAME, Request, Response};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::config::Paths;
+use crate::daemon::{Daemon, error};
+
+/// How long a client may take to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another daemon holds the state directory.
+    #[error(
+        "another handoffd uses state directory {0} (its lock is held); stop it first, or give this one its own --state-dir"
+    )]
+    Locked(PathBuf),
+    /// A live daemon answers on the socket path.
+    #[error(
+        "another handoffd is serving {0}; stop it first, or give this one its own --control-socket"
+    )]
+    InUse(PathBuf),
+    /// Something that is not a socket sits at the path.
+    #[error("{0} exists and is not a socket; remove it or choose another --control-socket")]
+    NotSocket(PathBuf),
+    /// A filesystem or socket call failed.
+    #[error("{op} {path} failed")]
+    Io {
+        /// What was done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ControlError + use<> {
+    let path = path.to_path_buf();
+    move |source| ControlError::Io { op, path, source }
+}
+
+/// Holds the state directory's lock for the daemon's life.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] Flock<File>);
+
+/// Creates the state directory and takes its lock: one daemon per state directory.
+pub fn lock_state_dir(paths: &Paths) -> Result<StateLock, ControlError> {
+    fs::create_dir_all(&paths.state_dir).map_err(io_err("creating", &paths.state_dir))?;
+    let path = paths.lock_file();
+    let file = File::create(&path).map_err(io_err("creating", &path))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        .map(StateLock)
+        .map_err(|_| ControlError::Locked(paths.state_dir.clone()))
+}
+
+/// Binds the control socket; a socket file left by a dead daemon is replaced, a live one
+/// is an error.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ControlError::NotSocket(path.to_path_buf()));
+        }
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(ControlError::InUse(path.to_path_buf())),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "replacing the control socket of a daemon that is gone");
+                fs::remove_file(path).map_err(io_err("removing", path))?;
+            }
+            Err(e) => return Err(io_err("probing", path)(e)),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("inspecting", path)(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io_err("binding", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660)).map_err(io_err("chmod", path))?;
+    Ok(listener)
+}
+
+/// Serves control requests until `shutdown` completes, then removes the socket file.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    daemon: Arc<Mutex<Daemon>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let daemon = Arc::clone(&daemon);
+                    tokio::spawn(async move {
+                        if let Err(e) = client(stream, daemon).await {
+                            tracing::debug!(error = %e, "control client");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!(error = %e, "accepting a control connection failed"),
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    let _ = fs::remove_file(&path);
+}
+
+/// Peers allowed to steer: root and the daemon's own user.
+fn authorised(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+async fn client(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> io::Result<()> {
+    let response = match stream.peer_cred() {
+        Ok(cred) if authorised(cred.uid()) => match read_request(&mut stream).await {
+            Ok(request) => {
+                tracing::debug!(?request, pid = ?cred.pid(), "control request");
+                let daemon = Arc::clone(&daemon);
+                tokio::task::spawn_blocking(move || match daemon.lock() {
+                    Ok(mut d) => d.handle(request),
+                    Err(_) => error(
+                        ErrorKind::Internal,
+                        &"daemon state poisoned by an earlier panic",
+                    ),
+                })
+                .await
+                .unwrap_or_else(|e| error(ErrorKind::Internal, &e))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a malformed control message");
+                error(ErrorKind::BadRequest, &e)
+            }
+        },
+        Ok(cred) => error(
+            ErrorKind::Unauthorized,
+            &format!(
+                "uid {} may not control handoffd (only root and the daemon's user)",
+                cred.uid()
+            ),
+        ),
+        Err(e) => error(
+            ErrorKind::Unauthorized,
+            &format!("peer credentials unavailable: {e}"),
+        ),
+    };
+    stream.write_all(&proto::encode(&response)).await?;
+    stream.shutdown().await
+}
+
+async fn read_request(stream: &mut UnixStream) -> Result<Request, FrameError> {
+    let mut frame = Vec::new();
+    let mut reader = BufReader::new(stream.take(MAX_FRAME as u64 + 1));
+    match tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut frame)).await {
+        Ok(Ok(_)) if frame.len() > MAX_FRAME => Err(FrameError::TooLong),
+        Ok(Ok(_)) if frame.last() == Some(&b'\n') => proto::decode(&frame),
+        _ => Err(FrameError::Truncated),
+    }
+}
+
+/// Sends one request to the daemon at `path` and reads its answer (blocking).
+pub fn request(path: &Path, request: &Request) -> io::Result<Response> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.write_all(&proto::encode(request))?;
+    let mut frame = Vec::new();
+    io::BufReader::new(io::Read::take(&stream, MAX_FRAME as u64 + 1))
+        .read_until(b'\n', &mut frame)?;
+    proto::decode(&frame).map_err(io::Error::other)
+}
+
+/// The response to an unreachable daemon, for the client.
+pub fn unreachable(path: &Path, e: &io::Error) -> String {
+    let hint = match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => "is handoffd running?",
+        io::ErrorKind::PermissionDenied => "only root and handoffd's user may control it",
+        _ => "",
+    };
+    format!("cannot reach handoffd at {}: {e} {hint}", path.display())
+        .trim_end()
+        .to_string()
+}

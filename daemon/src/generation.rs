@@ -1,0 +1,541 @@
+//! The table of services and generations, and the only place that changes it: promote,
+//! rollback, retirement.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+
+use handoff_common::maps::{BLOCKS, Counters, GEN_SLOTS, SteerRecord};
+use handoff_common::proto::{
+    ErrorKind, ForeignListener, GenerationState, GenerationStatus, Promoted, ServiceStatus,
+};
+
+use crate::candidate::{self, Candidate, CandidateError, Target};
+use crate::discover::{self, DiscoverError};
+use crate::group::GroupKey;
+use crate::loader::{GroupProgram, LoaderError};
+use crate::members::Member;
+use crate::probe::{self, ProbeError, ProbeResult};
+
+/// How many retired generations a service keeps listing.
+const KEEP_RETIRED: usize = 8;
+
+/// Why a promote or rollback was refused. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    /// The candidate does not qualify.
+    #[error(transparent)]
+    Candidate(#[from] CandidateError),
+    /// It is the active generation already.
+    #[error("pid {pid} is already the active generation ({id}) of service {service}")]
+    AlreadyActive {
+        /// The pid.
+        pid: i32,
+        /// The generation.
+        id: u64,
+        /// The service.
+        service: String,
+    },
+    /// A listener is already a socket of another generation.
+    #[error(
+        "listener {addr} of pid {pid} already belongs to generation {id} (pid {owner}); a socket can be in one generation only (a server's own upgrade that hands its sockets to a child cannot be steered)"
+    )]
+    SharedSocket {
+        /// The candidate.
+        pid: i32,
+        /// The listener.
+        addr: SocketAddr,
+        /// The generation holding it.
+        id: u64,
+        /// That generation's pid.
+        owner: i32,
+    },
+    /// No generation to roll back to.
+    #[error("service {service} has no draining generation with live listeners to roll back to")]
+    NothingToRollBack {
+        /// The service.
+        service: String,
+    },
+    /// Every block of slots is taken by live generations.
+    #[error("service {service} has {BLOCKS} generations with listeners; let some retire first")]
+    NoFreeBlock {
+        /// The service.
+        service: String,
+    },
+    /// The kernel program could not be loaded or driven.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// The probe did not see the kernel steer to the new generation.
+    #[error("{0}")]
+    Probe(#[from] ProbeError),
+    /// The probe saw another choice than the new generation.
+    #[error(
+        "the probe to {group} chose {chosen} instead of the new generation: steering left as it was"
+    )]
+    ProbeMismatch {
+        /// The group probed.
+        group: GroupKey,
+        /// What the program chose.
+        chosen: String,
+    },
+}
+
+impl PromoteError {
+    /// The protocol kind of this refusal.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            PromoteError::Candidate(e) => e.kind(),
+            PromoteError::AlreadyActive { .. } => ErrorKind::AlreadyActive,
+            PromoteError::SharedSocket { .. } => ErrorKind::SharedSocket,
+            PromoteError::NothingToRollBack { .. } => ErrorKind::NothingToRollBack,
+            PromoteError::NoFreeBlock { .. } => ErrorKind::Internal,
+            PromoteError::Loader(_)
+            | PromoteError::Probe(_)
+            | PromoteError::ProbeMismatch { .. } => ErrorKind::Kernel,
+        }
+    }
+}
+
+/// A service as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Its name (used in paths: letters, digits, `-`, `_`).
+    pub name: String,
+    /// Its addresses, all on one port.
+    pub listen: Vec<SocketAddr>,
+}
+
+/// One of the service's groups: a listen address and the program steering it.
+#[derive(Debug)]
+struct Group {
+    /// The full group tuple, fixed by the first promote.
+    key: Option<GroupKey>,
+    /// The steering program, loaded by the first promote.
+    program: Option<GroupProgram>,
+}
+
+/// A generation's listeners in one group.
+#[derive(Debug, Clone)]
+struct Block {
+    /// Index of its block of slots.
+    index: u32,
+    /// Cookies of its listeners, by slot offset in the block.
+    cookies: Vec<u64>,
+}
+
+impl Block {
+    fn first(&self) -> u32 {
+        self.index * GEN_SLOTS
+    }
+}
+
+/// A promoted process tree.
+#[derive(Debug)]
+struct Generation {
+    id: u64,
+    state: GenerationState,
+    /// The promoted process.
+    leader: Member,
+    /// Its descendants at promote time.
+    descendants: Vec<Member>,
+    /// Its listeners, per group (same order as the service's groups).
+    blocks: Vec<Block>,
+}
+
+impl Generation {
+    fn members(&self) -> impl Iterator<Item = &Member> {
+        std::iter::once(&self.leader).chain(&self.descendants)
+    }
+
+    fn cookies(&self) -> impl Iterator<Item = u64> + '_ {
+        self.blocks.iter().flat_map(|b| b.cookies.iter().copied())
+    }
+}
+
+/// A service: its groups and its generations, oldest first.
+#[derive(Debug)]
+pub struct Service {
+    config: ServiceConfig,
+    groups: Vec<Group>,
+    generations: Vec<Generation>,
+    next_id: u64,
+}
+
+impl Service {
+    /// A service with no generation yet; nothing is loaded until the first promote.
+    pub fn new(config: ServiceConfig) -> Self {
+        let groups = config
+            .listen
+            .iter()
+            .map(|_| Group {
+                key: None,
+                program: None,
+            })
+            .collect();
+        Self {
+            config,
+            groups,
+            generations: Vec::new(),
+            next_id: 1,
+        }
+    }
+
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn port(&self) -> u16 {
+        self.config.listen.first().map_or(0, |a| a.port())
+    }
+
+    fn active(&self) -> Option<&Generation> {
+        self.generations
+            .iter()
+            .find(|g| g.state == GenerationState::Active)
+    }
+
+    /// Marks generations whose members have all exited as retired.
+    pub fn reap(&mut self) {
+        for g in &mut self.generations {
+            if g.state != GenerationState::Retired && !g.members().any(Member::alive) {
+                tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, "generation retired: every member exited");
+                g.state = GenerationState::Retired;
+            }
+        }
+        let retired = self
+            .generations
+            .iter()
+            .filter(|g| g.state == GenerationState::Retired)
+            .count();
+        let mut drop = retired.saturating_sub(KEEP_RETIRED);
+        self.generations.retain(|g| {
+            let forget = drop > 0 && g.state == GenerationState::Retired;
+            drop -= usize::from(forget);
+            !forget
+        });
+    }
+
+    /// Makes `pid` the active generation, verified by a probe in every group.
+    pub fn promote(&mut self, pid: i32) -> Result<Promoted, PromoteError> {
+        self.reap();
+        if let Some(active) = self.active() {
+            if active.leader.pid == pid && active.leader.alive() {
+                return Err(PromoteError::AlreadyActive {
+                    pid,
+                    id: active.id,
+                    service: self.config.name.clone(),
+                });
+            }
+        }
+        let target = Target {
+            listen: &self.config.listen,
+            groups: self.groups.iter().map(|g| g.key).collect(),
+        };
+        let candidate = candidate::take(pid, &target)?;
+        self.check_not_shared(&candidate)?;
+        let blocks = self.allocate_blocks()?;
+        let id = self.next_id;
+        let previous = self.active().map(|g| (g.id, g.blocks.clone()));
+        let blocks = self.install(
+            &candidate,
+            &blocks,
+            previous.as_ref().map(|p| p.1.as_slice()),
+        )?;
+
+        self.next_id += 1;
+        for (group, taken) in self.groups.iter_mut().zip(&candidate.listeners) {
+            group.key = Some(taken[0].key);
+        }
+        let listeners = blocks.iter().map(|b| b.cookies.len()).sum();
+        for g in &mut self.generations {
+            if g.state == GenerationState::Active {
+                g.state = GenerationState::Draining;
+            }
+        }
+        let Candidate {
+            leader,
+            descendants,
+            ..
+        } = candidate;
+        tracing::info!(service = %self.config.name, generation = id, pid, listeners, draining = ?previous.as_ref().map(|p| p.0), "promoted");
+        self.generations.push(Generation {
+            id,
+            state: GenerationState::Active,
+            leader,
+            descendants,
+            blocks,
+        });
+        Ok(Promoted {
+            service: self.config.name.clone(),
+            generation: id,
+            pid,
+            listeners,
+            draining: previous.map(|p| p.0),
+        })
+    }
+
+    /// Makes the newest draining generation with live listeners active again.
+    pub fn rollback(&mut self) -> Result<Promoted, PromoteError> {
+        self.reap();
+        let nothing = || PromoteError::NothingToRollBack {
+            service: self.config.name.clone(),
+        };
+        let back = self
+            .generations
+            .iter()
+            .rposition(|g| {
+                g.state == GenerationState::Draining && self.listening(g).iter().all(|&n| n > 0)
+            })
+            .ok_or_else(nothing)?;
+        let current = self.active().map(|g| g.blocks.clone());
+        let target = self.generations[back].blocks.clone();
+        for (i, group) in self.groups.iter_mut().enumerate() {
+            let Some(program) = group.program.as_mut() else {
+                continue;
+            };
+            let old = program.record()?;
+            let record = record_for(&target[i], current.as_ref().map(|c| &c[i]));
+            program.publish(record)?;
+            if let Err(e) = verify(program, group.key, &target[i]) {
+                program.publish(old)?;
+                return Err(e);
+            }
+        }
+        for g in &mut self.generations {
+            if g.state == GenerationState::Active {
+                g.state = GenerationState::Draining;
+            }
+        }
+        let g = &mut self.generations[back];
+        g.state = GenerationState::Active;
+        tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, "rolled back");
+        Ok(Promoted {
+            service: self.config.name.clone(),
+            generation: g.id,
+            pid: g.leader.pid,
+            listeners: g.blocks.iter().map(|b| b.cookies.len()).sum(),
+            draining: None,
+        })
+    }
+
+    fn check_not_shared(&self, candidate: &Candidate) -> Result<(), PromoteError> {
+        for (i, taken) in candidate.listeners.iter().enumerate() {
+            for t in taken {
+                if let Some(owner) = self
+                    .generations
+                    .iter()
+                    .filter(|g| g.state != GenerationState::Retired)
+                    .find(|g| g.cookies().any(|c| c == t.cookie))
+                {
+                    return Err(PromoteError::SharedSocket {
+                        pid: candidate.leader.pid,
+                        addr: self.config.listen[i],
+                        id: owner.id,
+                        owner: owner.leader.pid,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A free block per group: not held by a live generation, not named by the record
+    /// in force (the program may still fall back to it).
+    fn allocate_blocks(&self) -> Result<Vec<u32>, PromoteError> {
+        let mut out = Vec::with_capacity(self.groups.len());
+        for (i, group) in self.groups.iter().enumerate() {
+            let mut used: HashSet<u32> = self
+                .generations
+                .iter()
+                .filter(|g| g.state != GenerationState::Retired)
+                .map(|g| g.blocks[i].index)
+                .collect();
+            if let Some(program) = &group.program {
+                let r = program.record()?;
+                used.extend([r.active_first / GEN_SLOTS, r.prev_first / GEN_SLOTS]);
+            }
+            // Rotate through the blocks so a just-freed one is reused last.
+            let start = u32::try_from(self.next_id).unwrap_or(0) % BLOCKS;
+            let free = (0..BLOCKS)
+                .map(|k| (start + k) % BLOCKS)
+                .find(|b| !used.contains(b))
+                .ok_or_else(|| PromoteError::NoFreeBlock {
+                    service: self.config.name.clone(),
+                })?;
+            out.push(free);
+        }
+        Ok(out)
+    }
+
+    /// Puts the candidate's listeners into their blocks, flips every group to them and
+    /// probes. On any failure every group is put back as it was.
+    fn install(
+        &mut self,
+        candidate: &Candidate,
+        block_indexes: &[u32],
+        previous: Option<&[Block]>,
+    ) -> Result<Vec<Block>, PromoteError> {
+        let mut done: Vec<(usize, Option<SteerRecord>)> = Vec::new();
+        let mut blocks = Vec::with_capacity(self.groups.len());
+        let result = (|| {
+            for (i, taken) in candidate.listeners.iter().enumerate() {
+                let block = Block {
+                    index: block_indexes[i],
+                    cookies: taken.iter().map(|t| t.cookie).collect(),
+                };
+                let group = &mut self.groups[i];
+                if group.program.is_none() {
+                    group.program = Some(GroupProgram::load()?);
+                }
+                let program = group
+                    .program
+                    .as_mut()
+                    .ok_or(LoaderError::MissingMap("program"))?;
+                let old = program.attached().then(|| program.record()).transpose()?;
+                done.push((i, old));
+                for (k, t) in taken.iter().enumerate() {
+                    program.insert(block.first() + k as u32, t.fd.as_fd())?;
+                }
+                program.publish(record_for(&block, previous.map(|p| &p[i])))?;
+                if !program.attached() {
+                    program.attach(taken[0].fd.as_fd())?;
+                }
+                verify(program, Some(taken[0].key), &block)?;
+                blocks.push(block);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (i, old) in done {
+                let Some(program) = self.groups[i].program.as_mut() else {
+                    continue;
+                };
+                let undo = old.unwrap_or_default();
+                if let Err(err) = program.publish(undo) {
+                    tracing::error!(error = %err, "restoring the previous steering failed");
+                }
+                for k in 0..GEN_SLOTS {
+                    let _ = program.remove(block_indexes[i] * GEN_SLOTS + k);
+                }
+            }
+            return Err(e);
+        }
+        Ok(blocks)
+    }
+
+    /// Listeners still open per group of `g` (a closed one has left the map).
+    fn listening(&self, g: &Generation) -> Vec<usize> {
+        g.blocks
+            .iter()
+            .zip(&self.groups)
+            .map(|(b, group)| {
+                let Some(program) = &group.program else {
+                    return 0;
+                };
+                b.cookies
+                    .iter()
+                    .enumerate()
+                    .filter(|&(k, c)| {
+                        program.cookie_at(b.first() + k as u32).ok().flatten() == Some(*c)
+                    })
+                    .count()
+            })
+            .collect()
+    }
+
+    /// The service as `status` shows it.
+    pub fn status(&mut self) -> Result<ServiceStatus, DiscoverError> {
+        self.reap();
+        let port = self.port();
+        let mut generations = Vec::with_capacity(self.generations.len());
+        for g in &self.generations {
+            let listeners = self.listening(g).iter().sum();
+            let connections = if g.state == GenerationState::Retired {
+                0
+            } else {
+                let pids: Vec<i32> = if g.leader.alive() {
+                    discover::process_tree(g.leader.pid)?
+                } else {
+                    g.members().filter(|m| m.alive()).map(|m| m.pid).collect()
+                };
+                discover::connections(port, &pids, &g.cookies().collect())?
+            };
+            generations.push(GenerationStatus {
+                id: g.id,
+                pid: g.leader.pid,
+                state: g.state,
+                listeners,
+                connections,
+            });
+        }
+        let mut steering = Counters::default();
+        for program in self.groups.iter().filter_map(|g| g.program.as_ref()) {
+            match program.counters() {
+                Ok(c) => steering.merge(&c),
+                Err(e) => tracing::warn!(error = %e, "reading the program's counters failed"),
+            }
+        }
+        Ok(ServiceStatus {
+            name: self.config.name.clone(),
+            listen: self.config.listen.iter().map(|a| a.to_string()).collect(),
+            generations,
+            foreign_listeners: self.foreign_listeners()?,
+            steering,
+        })
+    }
+
+    /// LISTEN sockets on the service port outside its groups.
+    fn foreign_listeners(&self) -> Result<Vec<ForeignListener>, DiscoverError> {
+        let listeners = discover::listeners(self.port(), &[])?;
+        let mut out = Vec::new();
+        for l in listeners {
+            let key = GroupKey::of(&l.diag);
+            let inside = self
+                .config
+                .listen
+                .iter()
+                .zip(&self.groups)
+                .any(|(addr, g)| *addr == l.diag.local && g.key.is_none_or(|k| k == key));
+            if !inside {
+                out.push(ForeignListener {
+                    addr: l.diag.local.to_string(),
+                    group: key.to_string(),
+                    pid: discover::owner_of(u64::from(l.diag.inode)),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The record that steers to `active`, falling back to `previous`.
+fn record_for(active: &Block, previous: Option<&Block>) -> SteerRecord {
+    SteerRecord {
+        active_first: active.first(),
+        active_len: active.cookies.len() as u32,
+        prev_first: previous.map_or(0, Block::first),
+        prev_len: previous.map_or(0, |p| p.cookies.len() as u32),
+    }
+}
+
+/// Probes the group and checks that the program chose a slot of `block`.
+fn verify(
+    program: &mut GroupProgram,
+    key: Option<GroupKey>,
+    block: &Block,
+) -> Result<(), PromoteError> {
+    let Some(key) = key else { return Ok(()) };
+    let range = block.first()..block.first() + block.cookies.len() as u32;
+    match probe::probe(program, key.probe_target())? {
+        ProbeResult::Slot(s) if range.contains(&s) => Ok(()),
+        ProbeResult::Slot(s) => Err(PromoteError::ProbeMismatch {
+            group: key,
+            chosen: format!("slot {s}"),
+        }),
+        ProbeResult::NoSocket => Err(PromoteError::ProbeMismatch {
+            group: key,
+            chosen: "no socket".into(),
+        }),
+    }
+}

@@ -1,0 +1,30 @@
+//! handoffd and handoffctl: zero-downtime restarts of any Linux network service, steered
+//! in the kernel by an `sk_reuseport` program.
+//!
+//! # Layout
+//!
+//! - [`config`]: services and paths, checked before anything starts.
+//! - [`daemon`]: the daemon's table of services and its answer to each request.
+//! - [`control`]: the Unix control socket: binding it safely, peer credentials, framing.
+//! - [`generation`]: services and generations; the only place that changes them
+//!   (promote, rollback, retirement).
+//! - [`candidate`]: turns a pid into listeners in the service's groups, or a refusal.
+//! - [`group`]: the kernel's reuseport group tuple.
+//! - [`members`]: processes held as pidfds.
+//! - [`loader`]: the steering program and its maps (the only module using aya).
+//! - [`probe`]: the probe connection that shows what the kernel chooses.
+//! - [`discover`], [`diag`]: /proc and sock_diag.
+//! - `sys`: every raw syscall and `unsafe` block.
+
+pub mod candidate;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod diag;
+pub mod discover;
+pub mod generation;
+pub mod group;
+pub mod loader;
+pub mod members;
+pub mod probe;
+mod sys;

@@ -1,0 +1,244 @@
+//! The only module that touches aya: one instance of the steering program, with its own
+//! maps, per reuseport group.
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use aya::maps::{Array, Map, MapData, MapError, PerCpuArray};
+use aya::programs::{ProgramError, SkReuseport};
+use aya::{Ebpf, EbpfError};
+use handoff_common::maps::{
+    self, Counter, Counters, MAP_COUNTERS, MAP_CURRENT, MAP_PROBES, MAP_RECORDS, MAP_SOCKS,
+    PROBE_UNSET, RECORDS, SteerRecord,
+};
+
+use crate::sys::{self, MappedIndex};
+
+/// Errors of loading and driving the steering program.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// The object could not be loaded (no BPF, or a kernel without the features).
+    #[error("loading the steering program failed (needs Linux >= 5.14 with BPF, and root)")]
+    Load(#[source] EbpfError),
+    /// The program was refused by the verifier or could not be attached.
+    #[error("steering program: {0}")]
+    Program(#[source] ProgramError),
+    /// A map of the object is missing or has another shape than common/maps.rs says.
+    #[error("map {name}: {source}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// What went wrong.
+        #[source]
+        source: MapError,
+    },
+    /// A map the object must have is absent or of the wrong type.
+    #[error("the object has no {0} map of the expected type")]
+    MissingMap(&'static str),
+    /// A syscall on a map failed.
+    #[error("{op} on map {name} failed")]
+    Sys {
+        /// What was done.
+        op: &'static str,
+        /// The map.
+        name: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The steering program of one group and its maps.
+pub struct GroupProgram {
+    /// Owns the program fd; the maps were taken out below.
+    ebpf: Ebpf,
+    /// The REUSEPORT_SOCKARRAY of the generations' listeners.
+    socks: MapData,
+    /// The record ring.
+    records: Array<MapData, [u8; 16]>,
+    /// The mmapped index of the record in force (the map itself stays open through it).
+    current: MappedIndex,
+    /// Keeps the `current` map open for the life of the mapping.
+    _current_map: MapData,
+    /// Per-CPU decision counters.
+    counters: PerCpuArray<MapData, u64>,
+    /// Probe results by source port.
+    probes: Array<MapData, u32>,
+    /// Whether the program has been attached to the group.
+    attached: bool,
+}
+
+impl std::fmt::Debug for GroupProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupProgram")
+            .field("current", &self.current.load())
+            .field("attached", &self.attached)
+            .finish()
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, LoaderError> {
+    ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))
+}
+
+impl GroupProgram {
+    /// Loads a fresh instance: empty sockarray, record 0 in force and empty (every
+    /// connection left to the kernel's hash until a generation is published).
+    pub fn load() -> Result<Self, LoaderError> {
+        let mut ebpf = Ebpf::load(handoff_ebpf::HANDOFF_BPF).map_err(LoaderError::Load)?;
+        let program: &mut SkReuseport = ebpf
+            .program_mut(maps::PROGRAM)
+            .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
+            .try_into()
+            .map_err(LoaderError::Program)?;
+        program.load().map_err(LoaderError::Program)?;
+
+        let Map::ReusePortSockArray(socks) = take(&mut ebpf, MAP_SOCKS)? else {
+            return Err(LoaderError::MissingMap(MAP_SOCKS));
+        };
+        let Map::Array(current_map) = take(&mut ebpf, MAP_CURRENT)? else {
+            return Err(LoaderError::MissingMap(MAP_CURRENT));
+        };
+        let map_err = |name| move |source| LoaderError::Map { name, source };
+        let records =
+            Array::try_from(take(&mut ebpf, MAP_RECORDS)?).map_err(map_err(MAP_RECORDS))?;
+        let counters =
+            PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
+        let mut probes: Array<MapData, u32> =
+            Array::try_from(take(&mut ebpf, MAP_PROBES)?).map_err(map_err(MAP_PROBES))?;
+        for i in 0..u32::from(maps::PROBE_PORTS) {
+            probes.set(i, PROBE_UNSET, 0).map_err(map_err(MAP_PROBES))?;
+        }
+        let current = MappedIndex::new(current_map.fd()).map_err(|source| LoaderError::Sys {
+            op: "mmap",
+            name: MAP_CURRENT,
+            source,
+        })?;
+        Ok(Self {
+            ebpf,
+            socks,
+            records,
+            current,
+            _current_map: current_map,
+            counters,
+            probes,
+            attached: false,
+        })
+    }
+
+    /// Attaches the program to the group of `socket` (any listener of the group: the
+    /// program belongs to the whole group, and replaces whatever program it had).
+    pub fn attach(&mut self, socket: BorrowedFd<'_>) -> Result<(), LoaderError> {
+        let program: &SkReuseport = self
+            .ebpf
+            .program(maps::PROGRAM)
+            .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
+            .try_into()
+            .map_err(LoaderError::Program)?;
+        program.attach(socket).map_err(LoaderError::Program)?;
+        self.attached = true;
+        Ok(())
+    }
+
+    /// Whether [`Self::attach`] has succeeded once.
+    pub fn attached(&self) -> bool {
+        self.attached
+    }
+
+    /// Puts a listener into an empty slot.
+    pub fn insert(&self, slot: u32, socket: BorrowedFd<'_>) -> Result<(), LoaderError> {
+        sys::sockarray_insert(self.socks.fd().as_fd(), slot, socket, sys::BPF_NOEXIST).map_err(
+            |source| LoaderError::Sys {
+                op: "insert",
+                name: MAP_SOCKS,
+                source,
+            },
+        )
+    }
+
+    /// Empties a slot.
+    pub fn remove(&self, slot: u32) -> Result<(), LoaderError> {
+        sys::sockarray_remove(self.socks.fd().as_fd(), slot).map_err(|source| LoaderError::Sys {
+            op: "remove",
+            name: MAP_SOCKS,
+            source,
+        })
+    }
+
+    /// The cookie of the listener in `slot`; `None` once it has closed.
+    pub fn cookie_at(&self, slot: u32) -> Result<Option<u64>, LoaderError> {
+        sys::sockarray_cookie(self.socks.fd().as_fd(), slot).map_err(|source| LoaderError::Sys {
+            op: "lookup",
+            name: MAP_SOCKS,
+            source,
+        })
+    }
+
+    /// The record in force.
+    pub fn record(&self) -> Result<SteerRecord, LoaderError> {
+        let bytes = self
+            .records
+            .get(&self.current.load(), 0)
+            .map_err(|source| LoaderError::Map {
+                name: MAP_RECORDS,
+                source,
+            })?;
+        let word =
+            |i: usize| u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        Ok(SteerRecord {
+            active_first: word(0),
+            active_len: word(4),
+            prev_first: word(8),
+            prev_len: word(12),
+        })
+    }
+
+    /// Makes `record` the one in force: written into the next ring entry (which nothing
+    /// refers to), then the index flips in one atomic store.
+    pub fn publish(&mut self, record: SteerRecord) -> Result<(), LoaderError> {
+        let next = (self.current.load() + 1) % RECORDS;
+        self.records
+            .set(next, record.to_bytes(), 0)
+            .map_err(|source| LoaderError::Map {
+                name: MAP_RECORDS,
+                source,
+            })?;
+        self.current.store(next);
+        Ok(())
+    }
+
+    /// The program's decision counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, LoaderError> {
+        let mut out = Counters::default();
+        for c in Counter::ALL {
+            let per_cpu = self
+                .counters
+                .get(&(c as u32), 0)
+                .map_err(|source| LoaderError::Map {
+                    name: MAP_COUNTERS,
+                    source,
+                })?;
+            out.add(c, per_cpu.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Clears the probe result of probe port index `index`.
+    pub fn reset_probe(&mut self, index: u32) -> Result<(), LoaderError> {
+        self.probes
+            .set(index, PROBE_UNSET, 0)
+            .map_err(|source| LoaderError::Map {
+                name: MAP_PROBES,
+                source,
+            })
+    }
+
+    /// The slot the program chose for the probe from port index `index`.
+    pub fn probe_result(&self, index: u32) -> Result<u32, LoaderError> {
+        self.probes
+            .get(&index, 0)
+            .map_err(|source| LoaderError::Map {
+                name: MAP_PROBES,
+                source,
+            })
+    }
+}

@@ -1,0 +1,205 @@
+//! Every raw syscall and `unsafe` block of the daemon, each with why it is sound.
+//!
+//! pidfds (open, fd duplication), the socket cookie, element operations on the
+//! REUSEPORT_SOCKARRAY (aya's wrapper forces 4-byte values, which cannot be read back),
+//! and the shared mapping of the steering index.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// `pidfd_open(pid, 0)`: a handle on the process that cannot be confused with a later
+/// process of the same pid.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    owned_fd(fd)
+}
+
+/// `pidfd_getfd(pidfd, fd, 0)`: a duplicate of another process's file descriptor.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; `pidfd` is borrowed, so it stays open
+    // for the duration of the call.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) };
+    owned_fd(fd)
+}
+
+fn owned_fd(rc: libc::c_long) -> io::Result<OwnedFd> {
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `getsockopt(SO_COOKIE)`: the kernel's 64-bit id of the socket.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes and `len` gives the buffer's size;
+    // the kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(cookie)
+    }
+}
+
+/// `union bpf_attr` as used by the map element commands.
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn map_elem(
+    cmd: libc::c_int,
+    map: BorrowedFd<'_>,
+    key: *const u32,
+    value: u64,
+    flags: u64,
+) -> io::Result<()> {
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as u64,
+        value,
+        flags,
+    };
+    // SAFETY: `attr` is a fully initialised bpf_attr prefix of the size we pass; the
+    // pointers in it (key, value) point at live locals of the callers for the whole
+    // call, sized as the map declares (4-byte key, 8-byte value).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw const attr,
+            size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_int = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_int = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_int = 3;
+/// Update only an empty slot.
+pub const BPF_NOEXIST: u64 = 1;
+
+/// Puts the socket `sock` into `slot` of a REUSEPORT_SOCKARRAY with 8-byte values.
+pub fn sockarray_insert(
+    map: BorrowedFd<'_>,
+    slot: u32,
+    sock: BorrowedFd<'_>,
+    flags: u64,
+) -> io::Result<()> {
+    let value = sock.as_raw_fd() as u64;
+    map_elem(
+        BPF_MAP_UPDATE_ELEM,
+        map,
+        &slot,
+        (&raw const value) as u64,
+        flags,
+    )
+}
+
+/// The cookie of the socket in `slot`, `None` if the slot is empty.
+pub fn sockarray_cookie(map: BorrowedFd<'_>, slot: u32) -> io::Result<Option<u64>> {
+    let mut value: u64 = 0;
+    match map_elem(BPF_MAP_LOOKUP_ELEM, map, &slot, (&raw mut value) as u64, 0) {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Empties `slot`; an already empty slot is not an error.
+pub fn sockarray_remove(map: BorrowedFd<'_>, slot: u32) -> io::Result<()> {
+    match map_elem(BPF_MAP_DELETE_ELEM, map, &slot, 0, 0) {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A shared mapping of a one-entry `BPF_F_MMAPABLE` u32 array: the steering index.
+///
+/// Stores through it are single atomic 4-byte writes, which the program can never see
+/// half done (a map update syscall is a memcpy and gives no such promise).
+#[derive(Debug)]
+pub struct MappedIndex {
+    ptr: NonNull<AtomicU32>,
+    len: usize,
+}
+
+// SAFETY: the mapping is only accessed through `AtomicU32`, which is Sync, and it stays
+// valid until `Drop` unmaps it.
+unsafe impl Send for MappedIndex {}
+// SAFETY: as above.
+unsafe impl Sync for MappedIndex {}
+
+impl MappedIndex {
+    /// Maps the first page of the array behind `map`.
+    pub fn new(map: impl AsFd) -> io::Result<Self> {
+        // SAFETY: sysconf has no memory arguments.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let len = usize::try_from(page).map_err(|_| io::Error::other("bad page size"))?;
+        // SAFETY: a fresh shared mapping of a BPF array fd: the kernel validates the fd,
+        // the flags and the length; we pass no address, so no existing mapping is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<AtomicU32>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// The index in force.
+    pub fn load(&self) -> u32 {
+        // SAFETY: the mapping is page-aligned, at least 4 bytes long and alive while
+        // `self` is; the kernel and other mappings only access it atomically or with
+        // aligned 4-byte loads.
+        unsafe { self.ptr.as_ref() }.load(Ordering::SeqCst)
+    }
+
+    /// Flips the index in one atomic store.
+    pub fn store(&self, value: u32) {
+        // SAFETY: as in `load`.
+        unsafe { self.ptr.as_ref() }.store(value, Ordering::SeqCst);
+    }
+}
+
+impl Drop for MappedIndex {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned, unmapped once, and no
+        // reference into the mapping outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}

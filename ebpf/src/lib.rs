@@ -1,0 +1,13 @@
+//! The pre-built steering program of handoff.
+//!
+//! `handoff.bpf.c` is compiled by `cargo xtask build-ebpf` (clang for the bpf target) and
+//! the object is committed, so that building handoff needs stable Rust alone. CI rebuilds
+//! it and fails when the committed object does not match its source.
+
+/// The ELF object holding the `sk_reuseport/migrate` program and its maps.
+///
+/// Aligned to 8 bytes because the ELF parser reads its headers in place.
+pub static HANDOFF_BPF: &[u8] = &AlignedObject(*include_bytes!("../handoff.bpf.o")).0;
+
+#[repr(C, align(8))]
+struct AlignedObject<T: ?Sized>(T);

@@ -1,0 +1,152 @@
+//! Developer tasks for the handoff workspace, run as `cargo xtask <task>`.
+//!
+//! - `build-ebpf [--check]`: compile `ebpf/*.bpf.c` into the committed `.bpf.o` objects,
+//!   or check that the committed objects match their sources.
+//! - `test [-- ARGS]`: build the workspace binaries, then run `cargo test --workspace`.
+//! - `demo [--seconds N] [--concurrency N]`: a handoff under load on loopback (root).
+
+mod build_ebpf;
+mod children;
+mod demo;
+mod test;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Command line of `cargo xtask`.
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for handoff"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+/// The tasks.
+#[derive(Subcommand)]
+enum Task {
+    /// Compile ebpf/*.bpf.c into ebpf/*.bpf.o with clang-19.
+    BuildEbpf {
+        /// Build into a temporary directory and fail if a committed object differs.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the workspace binaries, then run `cargo test --workspace [ARGS]`.
+    Test {
+        /// Extra arguments for `cargo test` (filters, `-- --nocapture`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Show a handoff under load on loopback (needs root).
+    Demo {
+        /// How long the load runs, in seconds.
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..))]
+        seconds: u64,
+        /// Concurrent connections of the load generator.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+        concurrency: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One line per error, with its causes, and no backtrace even under RUST_BACKTRACE=1.
+    run(cli).unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs the chosen task.
+fn run(cli: Cli) -> Result<ExitCode> {
+    let root = workspace_root()?;
+    match cli.task {
+        Task::BuildEbpf { check } => build_ebpf::run(&root, check)?,
+        Task::Test { args } => test::run(&root, &args)?,
+        Task::Demo {
+            seconds,
+            concurrency,
+        } => {
+            // The demo prints its own verdict; a failed demo only sets the exit status.
+            if !demo::run(&root, seconds, concurrency)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The workspace root: the parent of this crate's directory, canonicalised.
+fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest_dir
+        .parent()
+        .context("xtask's manifest directory has no parent")?;
+    root.canonicalize()
+        .with_context(|| format!("cannot resolve the workspace root {}", root.display()))
+}
+
+/// A `cargo` command running in `root`: the cargo that started us, or `cargo` from PATH.
+fn cargo(root: &Path) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root);
+    cmd
+}
+
+/// Runs `cmd` with inherited stdio and fails unless it exits successfully.
+fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// A private temporary directory, removed with everything in it when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `$TMPDIR/handoff-<label>-<pid>-<n>` with mode 0700.
+    fn new(label: &str) -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::temp_dir();
+        let pid = std::process::id();
+        for n in 0..100 {
+            let path = base.join(format!("handoff-{label}-{pid}-{n}"));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(Self(path)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", path.display()));
+                }
+            }
+        }
+        bail!(
+            "cannot create a temporary directory under {}",
+            base.display()
+        )
+    }
+
+    /// The directory's path.
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("warning: cannot remove {}: {e}", self.0.display());
+        }
+    }
+}
