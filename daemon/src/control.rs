@@ -176,11 +176,17 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, FrameError> {
 pub fn request(path: &Path, request: &Request) -> io::Result<Response> {
     use std::io::{BufRead, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(path)?;
-    stream.write_all(&proto::encode(request))?;
+    // The daemon may answer and close before reading (an unauthorised peer): a failed
+    // write still leaves its answer to read.
+    let written = stream.write_all(&proto::encode(request));
     let mut frame = Vec::new();
-    io::BufReader::new(io::Read::take(&stream, MAX_FRAME as u64 + 1))
-        .read_until(b'\n', &mut frame)?;
-    proto::decode(&frame).map_err(io::Error::other)
+    let read = io::BufReader::new(io::Read::take(&stream, MAX_FRAME as u64 + 1))
+        .read_until(b'\n', &mut frame);
+    match (proto::decode(&frame), written, read) {
+        (Ok(response), _, _) => Ok(response),
+        (Err(_), Err(e), _) | (Err(_), Ok(()), Err(e)) => Err(e),
+        (Err(e), Ok(()), Ok(_)) => Err(io::Error::other(e)),
+    }
 }
 
 /// The response to an unreachable daemon, for the client.

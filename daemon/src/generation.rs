@@ -219,14 +219,21 @@ impl Service {
     /// Makes `pid` the active generation, verified by a probe in every group.
     pub fn promote(&mut self, pid: i32) -> Result<Promoted, PromoteError> {
         self.reap();
-        if let Some(active) = self.active() {
-            if active.leader.pid == pid && active.leader.alive() {
+        // A pid that already leads a live generation: the active one is a no-op refused,
+        // a draining one is made active again (its listeners are still in the map).
+        let known = self.generations.iter().position(|g| {
+            g.state != GenerationState::Retired && g.leader.pid == pid && g.leader.alive()
+        });
+        if let Some(index) = known {
+            let g = &self.generations[index];
+            if g.state == GenerationState::Active {
                 return Err(PromoteError::AlreadyActive {
                     pid,
-                    id: active.id,
+                    id: g.id,
                     service: self.config.name.clone(),
                 });
             }
+            return self.reactivate(index);
         }
         let target = Target {
             listen: &self.config.listen,
@@ -278,44 +285,56 @@ impl Service {
     /// Makes the newest draining generation with live listeners active again.
     pub fn rollback(&mut self) -> Result<Promoted, PromoteError> {
         self.reap();
-        let nothing = || PromoteError::NothingToRollBack {
-            service: self.config.name.clone(),
-        };
         let back = self
             .generations
             .iter()
             .rposition(|g| {
                 g.state == GenerationState::Draining && self.listening(g).iter().all(|&n| n > 0)
             })
-            .ok_or_else(nothing)?;
+            .ok_or_else(|| PromoteError::NothingToRollBack {
+                service: self.config.name.clone(),
+            })?;
+        self.reactivate(back)
+    }
+
+    /// Makes the draining generation at `index` active again: one flip per group back to
+    /// its listeners, which never left the map. Verified by a probe like a promote.
+    fn reactivate(&mut self, index: usize) -> Result<Promoted, PromoteError> {
         let current = self.active().map(|g| g.blocks.clone());
-        let target = self.generations[back].blocks.clone();
-        for (i, group) in self.groups.iter_mut().enumerate() {
-            let Some(program) = group.program.as_mut() else {
-                continue;
-            };
-            let old = program.record()?;
-            let record = record_for(&target[i], current.as_ref().map(|c| &c[i]));
-            program.publish(record)?;
-            if let Err(e) = verify(program, group.key, &target[i]) {
-                program.publish(old)?;
-                return Err(e);
+        let target = self.generations[index].blocks.clone();
+        let mut flipped = Vec::new();
+        let result = (|| {
+            for (i, group) in self.groups.iter_mut().enumerate() {
+                let Some(program) = group.program.as_mut() else {
+                    continue;
+                };
+                flipped.push((i, program.record()?));
+                program.publish(record_for(&target[i], current.as_ref().map(|c| &c[i])))?;
+                verify(program, group.key, &target[i])?;
             }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (i, old) in flipped {
+                self.restore(i, old);
+            }
+            return Err(e);
         }
+        let draining = self.active().map(|g| g.id);
         for g in &mut self.generations {
             if g.state == GenerationState::Active {
                 g.state = GenerationState::Draining;
             }
         }
-        let g = &mut self.generations[back];
+        let g = &mut self.generations[index];
         g.state = GenerationState::Active;
-        tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, "rolled back");
+        tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, draining = ?draining, "reactivated");
         Ok(Promoted {
             service: self.config.name.clone(),
             generation: g.id,
             pid: g.leader.pid,
             listeners: g.blocks.iter().map(|b| b.cookies.len()).sum(),
-            draining: None,
+            draining,
         })
     }
 
@@ -408,20 +427,27 @@ impl Service {
         })();
         if let Err(e) = result {
             for (i, old) in done {
-                let Some(program) = self.groups[i].program.as_mut() else {
-                    continue;
-                };
-                let undo = old.unwrap_or_default();
-                if let Err(err) = program.publish(undo) {
-                    tracing::error!(error = %err, "restoring the previous steering failed");
-                }
-                for k in 0..GEN_SLOTS {
-                    let _ = program.remove(block_indexes[i] * GEN_SLOTS + k);
+                // A group attached by this promote goes back to an empty record: the
+                // kernel's hash, as before.
+                self.restore(i, old.unwrap_or_default());
+                if let Some(program) = &self.groups[i].program {
+                    for k in 0..GEN_SLOTS {
+                        let _ = program.remove(block_indexes[i] * GEN_SLOTS + k);
+                    }
                 }
             }
             return Err(e);
         }
         Ok(blocks)
+    }
+
+    /// Puts group `i`'s record `old` back in force after a failed change.
+    fn restore(&mut self, i: usize, old: SteerRecord) {
+        if let Some(program) = self.groups[i].program.as_mut()
+            && let Err(err) = program.publish(old)
+        {
+            tracing::error!(service = %self.config.name, error = %err, "restoring the previous steering failed");
+        }
     }
 
     /// Listeners still open per group of `g` (a closed one has left the map).

@@ -1,0 +1,115 @@
+//! Process and socket plumbing for the test programs; the only module with `unsafe`.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket,
+    sockopt,
+};
+use nix::unistd::{ForkResult, Pid};
+
+/// Listen backlog of every test listener: deep enough that bursts of load never overflow it.
+const BACKLOG: i32 = 4096;
+
+/// Which side of a [`fork`] the caller is on.
+pub(crate) enum Forked {
+    /// The original process; holds the child's pid.
+    Parent(Pid),
+    /// The new process.
+    Child,
+}
+
+/// Forks the process, refusing to do so unless the process has exactly one thread.
+pub(crate) fn fork() -> io::Result<Forked> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "refusing to fork a process with {threads} threads: fork before starting threads"
+        )));
+    }
+    // SAFETY: the process has exactly one thread (checked just above; only this thread could
+    // start another one). The child is therefore a complete copy of a single-threaded process:
+    // no lock can be held by a thread that does not exist in it, so it may call any function,
+    // not only async-signal-safe ones.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+        ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// Makes the kernel SIGKILL this process when `parent` dies, closing the race where `parent`
+/// died before the request was made.
+pub(crate) fn die_with_parent(parent: Pid) -> io::Result<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    if nix::unistd::getppid() != parent {
+        return Err(io::Error::other(format!(
+            "parent {parent} exited before the worker started"
+        )));
+    }
+    Ok(())
+}
+
+/// The signals the test server handles synchronously: blocked in every thread and taken with
+/// [`SigSet::wait`] by one thread, so no signal handler is ever installed.
+pub(crate) fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGCHLD);
+    set
+}
+
+/// Blocks [`handled_signals`] in the calling thread; threads and children started afterwards
+/// inherit the mask.
+pub(crate) fn block_handled_signals() -> io::Result<()> {
+    handled_signals().thread_block()?;
+    Ok(())
+}
+
+/// Creates a listening TCP socket on `addr` with SO_REUSEADDR, SO_REUSEPORT (if `reuseport`)
+/// and IPV6_V6ONLY (if `v6only` is given and `addr` is IPv6).
+pub(crate) fn tcp_listener(
+    addr: SocketAddr,
+    reuseport: bool,
+    v6only: Option<bool>,
+) -> io::Result<TcpListener> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if reuseport {
+        setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
+    if let (SocketAddr::V6(_), Some(only)) = (addr, v6only) {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &only)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    listen(&fd, Backlog::new(BACKLOG)?)?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit, so hundreds of concurrent connections fit;
+/// returns the new soft limit.
+pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into the valid, exclusively borrowed `limit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit only reads the valid, initialised `limit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}

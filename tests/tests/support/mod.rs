@@ -1,0 +1,224 @@
+//! What every real-kernel test needs: the root check, a handoffd of its own, handoffctl.
+#![allow(dead_code)] // each test file uses a different part of this module
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use handoff_common::proto::{GenerationState, ServiceStatus, Status};
+use handoff_tests::{Proc, bin_path, free_port, load};
+
+/// True when the test may run. Without root it prints why it skips; with
+/// `HANDOFF_REQUIRE_PRIVILEGED=1` a skip is a failure.
+pub fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let why = format!("{test}: SKIPPED, needs root (BPF, pidfd_getfd, probe ports < 1024)");
+    assert!(
+        std::env::var("HANDOFF_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+        "{why}, and HANDOFF_REQUIRE_PRIVILEGED=1 forbids skipping"
+    );
+    eprintln!("\n!!! {why}\n");
+    false
+}
+
+/// A handoffd of this test alone: its own service name, state dir and control socket.
+/// Dropping it kills it and removes its state.
+pub struct Handoffd {
+    proc: Option<Proc>,
+    /// The service's name.
+    pub service: String,
+    /// The control socket.
+    pub socket: PathBuf,
+    state: PathBuf,
+    dir: PathBuf,
+}
+
+impl Handoffd {
+    /// Starts handoffd for `listen` and waits (up to 10 s) until it answers `status`.
+    pub fn start(name: &str, listen: &[SocketAddr]) -> Self {
+        Self::start_with(name, listen, &[])
+    }
+
+    /// As [`Handoffd::start`], with extra arguments.
+    pub fn start_with(name: &str, listen: &[SocketAddr], extra: &[&str]) -> Self {
+        let service = format!("{name}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("handoff-test-{service}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the test's temp dir");
+        let state = dir.join("state");
+        let socket = dir.join("ctl.sock");
+        let mut d = Self {
+            proc: None,
+            service,
+            socket,
+            state,
+            dir,
+        };
+        d.spawn(listen, extra);
+        d
+    }
+
+    /// (Re)starts the daemon process.
+    pub fn spawn(&mut self, listen: &[SocketAddr], extra: &[&str]) {
+        let mut cmd = Command::new(bin_path("handoffd"));
+        for a in listen {
+            cmd.arg("--listen").arg(a.to_string());
+        }
+        cmd.args(["--service", &self.service])
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .args(extra)
+            .env("RUST_LOG", "debug");
+        self.proc = Some(Proc::spawn(&mut cmd));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.ctl(&["status"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "handoffd did not answer status within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon process.
+    pub fn proc(&mut self) -> &mut Proc {
+        self.proc.as_mut().expect("handoffd is running")
+    }
+
+    /// Runs handoffctl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl(&self.socket, args)
+    }
+
+    /// Promotes `pid`; panics with handoffctl's message if refused.
+    pub fn promote(&self, pid: u32) {
+        let out = self.ctl(&["promote", &pid.to_string()]);
+        assert!(
+            out.status.success(),
+            "promote {pid} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Promotes `pid` expecting a refusal; returns the error line.
+    pub fn refused(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success(),
+            "handoffctl {args:?} succeeded; expected a refusal"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "handoffctl {args:?}: exit status {:?}, stderr {stderr}",
+            out.status
+        );
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "handoffctl {args:?}: expected one error line, got {stderr:?}"
+        );
+        stderr
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> Status {
+        let out = self.ctl(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json is the documented shape")
+    }
+
+    /// The one service's status.
+    pub fn service(&self) -> ServiceStatus {
+        let mut s = self.status();
+        assert_eq!(s.services.len(), 1);
+        s.services.remove(0)
+    }
+
+    /// The state of the generation of `pid`.
+    pub fn state_of(&self, pid: u32) -> Option<GenerationState> {
+        self.service()
+            .generations
+            .iter()
+            .find(|g| g.pid as u32 == pid)
+            .map(|g| g.state)
+    }
+}
+
+impl Drop for Handoffd {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+        let _ = Command::new(bin_path("handoffd"))
+            .args(["--cleanup", "--service", &self.service])
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs handoffctl with `--control-socket socket`.
+pub fn ctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(bin_path("handoffctl"))
+        .arg("--control-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("running handoffctl")
+}
+
+/// A loopback address on a free port.
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Starts a test server generation.
+pub fn testsrv(name: &str, listen: &[SocketAddr], extra: &[&str]) -> Proc {
+    let mut args = vec!["--name".to_string(), name.to_string()];
+    for a in listen {
+        args.extend(["--listen".to_string(), a.to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn_testsrv(&args)
+}
+
+/// Makes `n` sequential connections to `addr` and counts the answers per generation name
+/// (failures under `!kind`).
+pub fn answers(addr: SocketAddr, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let key = match load::connect_once(addr, Duration::from_secs(2)) {
+            Ok((name, _)) => name,
+            Err(kind) => format!("!{}", kind.as_str()),
+        };
+        *out.entry(key).or_default() += 1;
+    }
+    out
+}
+
+/// Makes `n` sequential connections and counts the answers per answering pid.
+pub fn answers_by_pid(addr: SocketAddr, n: usize) -> std::collections::BTreeMap<u32, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let (_, pid) =
+            load::connect_once(addr, Duration::from_secs(2)).expect("connection answered");
+        *out.entry(pid).or_default() += 1;
+    }
+    out
+}
+
+/// `{name: n}` as the map [`answers`] returns.
+pub fn only(name: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
+    std::collections::BTreeMap::from([(name.to_string(), n)])
+}
