@@ -33,6 +33,51 @@ pub const MAP_COUNTERS: &str = "counters";
 /// Name of the probe result array.
 pub const MAP_PROBES: &str = "probes";
 
+/// Names in `drain.bpf.o`: the tag pass.
+pub const PROG_TAG: &str = "handoff_tag";
+/// The release countdown.
+pub const PROG_RELEASE: &str = "handoff_release";
+/// The IPv4 bind watch.
+pub const PROG_BIND4: &str = "handoff_bind4";
+/// The IPv6 bind watch.
+pub const PROG_BIND6: &str = "handoff_bind6";
+/// Per-tag connection counts.
+pub const MAP_COUNTS: &str = "counts";
+/// Processes the next pass tags for.
+pub const MAP_MEMBERS: &str = "members";
+/// Ports whose bind() is reported.
+pub const MAP_PORTS: &str = "ports";
+/// The ring buffer of drain events.
+pub const MAP_EVENTS: &str = "events";
+/// `HANDOFF_EV_ZERO`: a tag's count reached zero.
+pub const EV_ZERO: u32 = 1;
+/// `HANDOFF_EV_BIND`: a watched port was bound.
+pub const EV_BIND: u32 = 2;
+
+/// `struct handoff_member`: a process the tag pass counts for.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainMember {
+    /// The draining generation's tag (never 0).
+    pub tag: u32,
+    /// The service port.
+    pub port: u32,
+}
+
+const _: () = assert!(size_of::<DrainMember>() == 8);
+
+/// `struct handoff_event`, as the ring buffer carries it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainEventRaw {
+    /// `EV_ZERO` or `EV_BIND`.
+    pub kind: u32,
+    /// The tag or the port.
+    pub value: u32,
+}
+
+const _: () = assert!(size_of::<DrainEventRaw>() == 8);
+
 /// `struct handoff_record`: one group's steering state, immutable while in force.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

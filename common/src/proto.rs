@@ -97,8 +97,15 @@ pub struct GenerationStatus {
     pub state: GenerationState,
     /// Its listeners still open in the service's groups.
     pub listeners: usize,
-    /// Connections it holds: established, queued on its listeners, in handshake.
+    /// Connections it holds: established, and queued on its listeners.
     pub connections: u64,
+    /// Draining: milliseconds since the drain started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_age_ms: Option<u64>,
+    /// Draining: milliseconds left before the drain timeout sends the retire signal
+    /// anyway (0 once it has passed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline_ms: Option<u64>,
 }
 
 /// The life of a generation.
@@ -241,6 +248,8 @@ mod tests {
                     state: GenerationState::Draining,
                     listeners: 2,
                     connections: 3,
+                    drain_age_ms: Some(1500),
+                    drain_deadline_ms: Some(298_500),
                 }],
                 foreign_listeners: vec![],
                 steering: Default::default(),
@@ -255,6 +264,7 @@ mod tests {
         assert_eq!(g["listeners"], 2);
         assert_eq!(g["pid"], 10);
         assert_eq!(g["id"], 1);
+        assert_eq!(g["drain_age_ms"], 1500);
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Daemon settings: services and where the daemon keeps its state.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
 
 use crate::generation::ServiceConfig;
 
@@ -40,9 +43,97 @@ pub enum ConfigError {
         /// The address.
         addr: SocketAddr,
     },
+    /// Not a signal.
+    #[error("{0:?} is not a signal (give a name like SIGTERM, TERM or a number 1-64)")]
+    Signal(String),
+    /// Not a duration, or not a positive one.
+    #[error("{0:?} is not a positive duration (e.g. 500ms, 90s, 5m, 1h)")]
+    Duration(String),
     /// Names end up in paths and metrics labels.
     #[error("service name {0:?} is not 1-64 characters of letters, digits, '-' or '_'")]
     Name(String),
+}
+
+/// A signal, by number; parsed from a name (`SIGTERM`, `term`) or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sig(pub i32);
+
+impl FromStr for Sig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::Signal(s.to_string());
+        if let Ok(n) = s.parse::<i32>() {
+            // Every signal the kernel knows, realtime ones included.
+            return if (1..=64).contains(&n) {
+                Ok(Sig(n))
+            } else {
+                Err(bad())
+            };
+        }
+        let upper = s.trim().to_ascii_uppercase();
+        let name = if upper.starts_with("SIG") {
+            upper
+        } else {
+            format!("SIG{upper}")
+        };
+        nix::sys::signal::Signal::from_str(&name)
+            .map(|sig| Sig(sig as i32))
+            .map_err(|_| bad())
+    }
+}
+
+impl fmt::Display for Sig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match nix::sys::signal::Signal::try_from(self.0) {
+            Ok(sig) => f.write_str(sig.as_str()),
+            Err(_) => write!(f, "signal {}", self.0),
+        }
+    }
+}
+
+/// Parses a positive duration: a number with a unit `ms`, `s`, `m` or `h` (`s` if none).
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::Duration(s.to_string());
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    let d = Duration::try_from_secs_f64(value * scale).map_err(|_| bad())?;
+    if d.is_zero() { Err(bad()) } else { Ok(d) }
+}
+
+/// What happens to a generation once it drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainSettings {
+    /// Sent to the generation's leader when it starts draining (none by default).
+    pub drain_signal: Option<Sig>,
+    /// Sent when its last connection is gone (or at the drain timeout).
+    pub retire_signal: Sig,
+    /// How long a drain may take before the retire signal is sent anyway.
+    pub drain_timeout: Duration,
+    /// After the retire signal, SIGKILL every member still alive this much later.
+    pub kill_after: Option<Duration>,
+}
+
+impl Default for DrainSettings {
+    fn default() -> Self {
+        Self {
+            drain_signal: None,
+            retire_signal: Sig(libc::SIGTERM),
+            drain_timeout: Duration::from_secs(300),
+            kill_after: None,
+        }
+    }
 }
 
 /// Where the daemon keeps what it must find again.
@@ -84,7 +175,11 @@ pub fn check_name(name: &str) -> Result<(), ConfigError> {
 }
 
 /// Checks and builds one service's settings.
-pub fn service(name: &str, listen: &[SocketAddr]) -> Result<ServiceConfig, ConfigError> {
+pub fn service(
+    name: &str,
+    listen: &[SocketAddr],
+    drain: DrainSettings,
+) -> Result<ServiceConfig, ConfigError> {
     check_name(name)?;
     let first = *listen
         .first()
@@ -113,6 +208,7 @@ pub fn service(name: &str, listen: &[SocketAddr]) -> Result<ServiceConfig, Confi
     Ok(ServiceConfig {
         name: name.to_string(),
         listen: listen.to_vec(),
+        drain,
     })
 }
 
@@ -122,6 +218,35 @@ mod tests {
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
         list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    fn service(name: &str, listen: &[SocketAddr]) -> Result<ServiceConfig, ConfigError> {
+        super::service(name, listen, DrainSettings::default())
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!("SIGQUIT".parse(), Ok(Sig(libc::SIGQUIT)));
+        assert_eq!("term".parse(), Ok(Sig(libc::SIGTERM)));
+        assert_eq!("USR2".parse(), Ok(Sig(libc::SIGUSR2)));
+        assert_eq!("34".parse(), Ok(Sig(34)));
+        for bad in ["SIGNOPE", "0", "65", "-1", ""] {
+            assert!(bad.parse::<Sig>().is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(Sig(libc::SIGQUIT).to_string(), "SIGQUIT");
+    }
+
+    #[test]
+    fn durations_need_a_positive_value() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        for bad in ["0", "0s", "-5s", "5x", "s", "", "1e400s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

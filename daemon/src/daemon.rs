@@ -2,41 +2,90 @@
 
 use handoff_common::proto::{ErrorKind, ErrorReply, Request, Response, Status};
 
-use crate::generation::{Service, ServiceConfig};
+use std::time::Instant;
+
+use crate::generation::{DrainCtx, Service, ServiceConfig};
+use crate::loader::DrainEvent;
 
 /// Every service of the daemon.
 #[derive(Debug)]
 pub struct Daemon {
     services: Vec<Service>,
+    /// The drain accounting shared by all services.
+    ctx: DrainCtx,
 }
 
 impl Daemon {
-    /// A daemon steering `services`; nothing touches the kernel until a promote.
-    pub fn new(services: Vec<ServiceConfig>) -> Self {
+    /// A daemon steering `services`; no steering program is loaded until a promote.
+    pub fn new(services: Vec<ServiceConfig>, mut ctx: DrainCtx) -> Self {
+        for s in &services {
+            if let Some(port) = s.listen.first().map(|a| a.port())
+                && let Err(e) = ctx.program.watch_port(port)
+            {
+                tracing::warn!(service = %s.name, error = %e, "cannot watch binds of the service port");
+            }
+        }
         Self {
             services: services.into_iter().map(Service::new).collect(),
+            ctx,
         }
+    }
+
+    /// Acts on what the kernel reported.
+    pub fn on_events(&mut self, events: &[DrainEvent]) {
+        for e in events {
+            match *e {
+                DrainEvent::Zero(tag) => {
+                    for s in &mut self.services {
+                        s.on_zero(tag, &mut self.ctx);
+                    }
+                }
+                DrainEvent::Bind(_) => {}
+            }
+        }
+    }
+
+    /// Retires generations whose members have all exited.
+    pub fn reap(&mut self) {
+        for s in &mut self.services {
+            s.reap(&mut self.ctx);
+        }
+    }
+
+    /// Acts on passed deadlines.
+    pub fn tick(&mut self, now: Instant) {
+        for s in &mut self.services {
+            s.tick(now, &mut self.ctx);
+        }
+    }
+
+    /// The earliest deadline of any service.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.services
+            .iter()
+            .filter_map(Service::next_deadline)
+            .min()
     }
 
     /// Answers one request.
     pub fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::Promote { pid, service } => match self.service(service.as_deref()) {
-                Ok(s) => s
-                    .promote(pid)
+                Ok(i) => self.services[i]
+                    .promote(pid, &mut self.ctx)
                     .map_or_else(|e| error(e.kind(), &one_line(&e)), Response::Promoted),
                 Err(e) => e,
             },
             Request::Rollback { service } => match self.service(service.as_deref()) {
-                Ok(s) => s
-                    .rollback()
+                Ok(i) => self.services[i]
+                    .rollback(&mut self.ctx)
                     .map_or_else(|e| error(e.kind(), &one_line(&e)), Response::Promoted),
                 Err(e) => e,
             },
             Request::Status {} => {
                 let mut status = Status::default();
                 for s in &mut self.services {
-                    match s.status() {
+                    match s.status(&mut self.ctx) {
                         Ok(st) => status.services.push(st),
                         Err(e) => return error(ErrorKind::Internal, &one_line(&e)),
                     }
@@ -46,31 +95,28 @@ impl Daemon {
         }
     }
 
-    fn service(&mut self, name: Option<&str>) -> Result<&mut Service, Response> {
-        let names = || self_names(&self.services);
+    /// The index of the service a request names (or the only one).
+    fn service(&self, name: Option<&str>) -> Result<usize, Response> {
+        let known = || self_names(&self.services);
         match name {
-            Some(name) => {
-                let known = names();
-                self.services
-                    .iter_mut()
-                    .find(|s| s.name() == name)
-                    .ok_or_else(|| {
-                        error(
-                            ErrorKind::UnknownService,
-                            &format!("no service {name:?} (this daemon runs: {known})"),
-                        )
-                    })
-            }
-            None if self.services.len() == 1 => Ok(&mut self.services[0]),
-            None => {
-                let known = names();
-                Err(error(
-                    ErrorKind::UnknownService,
-                    &format!(
-                        "this daemon runs several services ({known}): name one with --service"
-                    ),
-                ))
-            }
+            Some(name) => self
+                .services
+                .iter()
+                .position(|s| s.name() == name)
+                .ok_or_else(|| {
+                    error(
+                        ErrorKind::UnknownService,
+                        &format!("no service {name:?} (this daemon runs: {})", known()),
+                    )
+                }),
+            None if self.services.len() == 1 => Ok(0),
+            None => Err(error(
+                ErrorKind::UnknownService,
+                &format!(
+                    "this daemon runs several services ({}): name one with --service",
+                    known()
+                ),
+            )),
         }
     }
 }

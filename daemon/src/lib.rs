@@ -14,6 +14,7 @@
 //! - [`loader`]: the steering program and its maps (the only module using aya).
 //! - [`probe`]: the probe connection that shows what the kernel chooses.
 //! - [`discover`], [`diag`]: /proc and sock_diag.
+//! - [`supervise`]: the event loop for drain events, member exits and deadlines.
 //! - `sys`: every raw syscall and `unsafe` block.
 
 pub mod candidate;
@@ -27,4 +28,5 @@ pub mod group;
 pub mod loader;
 pub mod members;
 pub mod probe;
+pub mod supervise;
 mod sys;

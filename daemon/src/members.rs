@@ -75,6 +75,11 @@ impl Member {
         }
     }
 
+    /// Sends `signal` to exactly this process (never to a later one with its pid).
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        sys::pidfd_send_signal(self.pidfd.as_fd(), signal)
+    }
+
     /// The pidfd, for fd duplication and signals.
     pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.pidfd.as_fd()

@@ -1,6 +1,6 @@
 //! Every raw syscall and `unsafe` block of the daemon, each with why it is sound.
 //!
-//! pidfds (open, fd duplication), the socket cookie, element operations on the
+//! pidfds (open, fd duplication, signals), the socket cookie, element operations on the
 //! REUSEPORT_SOCKARRAY (aya's wrapper forces 4-byte values, which cannot be read back),
 //! and the shared mapping of the steering index.
 
@@ -23,6 +23,26 @@ pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: RawFd) -> io::Result<OwnedF
     // for the duration of the call.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) };
     owned_fd(fd)
+}
+
+/// `pidfd_send_signal(pidfd, sig, NULL, 0)`: signals exactly the process the pidfd names.
+pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: a null siginfo is allowed (the kernel fills in an SI_USER info); the other
+    // arguments are integers and `pidfd` is borrowed for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn owned_fd(rc: libc::c_long) -> io::Result<OwnedFd> {
@@ -202,4 +222,26 @@ impl Drop for MappedIndex {
         // reference into the mapping outlives `self`.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
+}
+
+/// Registers a pidfd with the tokio reactor, to wait for its process's exit.
+pub fn async_pidfd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the `OwnedFd` owns a valid open descriptor and is moved into the AsyncFd,
+    // so nothing else can close or replace it while registered; `as_raw_fd` always
+    // returns that descriptor.
+    Ok(unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }?)
+}
+
+/// Registers the drain ring buffer with the tokio reactor.
+pub fn async_ringbuf(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+) -> io::Result<tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>> {
+    // SAFETY: the RingBuf owns its MapData, which owns the map's descriptor for its whole
+    // life and never replaces it; the RingBuf is moved into the AsyncFd, and its
+    // `as_raw_fd` always returns that descriptor.
+    Ok(unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    }?)
 }

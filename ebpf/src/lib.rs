@@ -11,3 +11,7 @@ pub static HANDOFF_BPF: &[u8] = &AlignedObject(*include_bytes!("../handoff.bpf.o
 
 #[repr(C, align(8))]
 struct AlignedObject<T: ?Sized>(T);
+
+/// The ELF object holding the drain accounting programs (`iter/task_file` tag pass,
+/// `cgroup/sock_release` countdown, `cgroup/bind4`/`bind6` watch) and their maps.
+pub static DRAIN_BPF: &[u8] = &AlignedObject(*include_bytes!("../drain.bpf.o")).0;

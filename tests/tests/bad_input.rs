@@ -33,6 +33,9 @@ fn refusals_change_nothing() {
     let a = testsrv("A", &[addr], &[]);
     let d = Handoffd::start("bad", &[addr]);
     d.promote(a.pid);
+    // A holds a connection: it drains, and stays to be promoted again at the end.
+    let (_held, name, _) = handoff_tests::load::hold(addr).expect("a connection to A");
+    assert_eq!(name, "A");
     let b = testsrv("B", &[addr], &[]);
     d.promote(b.pid);
     let before = d.status();
@@ -130,7 +133,7 @@ fn refusals_change_nothing() {
     let after = d.status();
     assert_eq!(shape(&before), shape(&after), "status changed by bad input");
     assert_eq!(answers(addr, 100), only("B", 100), "steering unchanged");
-    d.promote(a.pid); // and the daemon still acts on good input
+    d.promote(a.pid); // and the daemon still acts on good input: A is active again
     assert_eq!(answers(addr, 20), only("A", 20));
     let _ = sleeper.kill();
     let _ = sleeper.wait();

@@ -1,13 +1,17 @@
-//! handoffd: steers new connections of each service to its newest promoted generation.
+//! handoffd: steers new connections of each service to its newest promoted generation,
+//! and retires older generations when their last connection closes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use handoff::config::{self, DEFAULT_STATE_DIR, Paths};
-use handoff::{control, daemon::Daemon};
+use handoff::config::{self, DEFAULT_STATE_DIR, DrainSettings, Paths, Sig};
+use handoff::generation::DrainCtx;
+use handoff::loader::DrainProgram;
+use handoff::{control, daemon::Daemon, supervise};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Zero-downtime restarts for any Linux network service, steered in the kernel.
@@ -30,6 +34,19 @@ struct Args {
     /// Where the daemon keeps its lock, control socket and state.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// Signal sent to a generation when it starts draining (e.g. SIGQUIT for nginx,
+    /// SIGTERM for a Go server that shuts down gracefully) [default: none].
+    #[arg(long, value_name = "SIG")]
+    drain_signal: Option<Sig>,
+    /// Signal sent to a drained generation once its last connection has closed.
+    #[arg(long, value_name = "SIG", default_value = "SIGTERM")]
+    retire_signal: Sig,
+    /// Send the retire signal anyway after this long (e.g. 90s, 5m).
+    #[arg(long, value_name = "DUR", default_value = "300s", value_parser = config::parse_duration)]
+    drain_timeout: Duration,
+    /// SIGKILL every member still alive this long after the retire signal [default: never].
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    kill_after: Option<Duration>,
     /// Remove the state of a stopped daemon and exit.
     #[arg(long, conflicts_with = "listen")]
     cleanup: bool,
@@ -59,19 +76,25 @@ fn main() -> anyhow::Result<()> {
     if args.cleanup {
         return cleanup(&paths);
     }
-    let service = config::service(&args.service, &args.listen)?;
-    let _lock = control::lock_state_dir(&paths)?;
-    let listener = {
-        let rt = runtime()?;
-        let _guard = rt.enter();
-        let l = control::bind(&paths.control_socket)?;
-        drop(_guard);
-        (rt, l)
+    let drain = DrainSettings {
+        drain_signal: args.drain_signal,
+        retire_signal: args.retire_signal,
+        drain_timeout: args.drain_timeout,
+        kill_after: args.kill_after,
     };
-    let (rt, listener) = listener;
-    let daemon = Arc::new(Mutex::new(Daemon::new(vec![service])));
-    tracing::info!(service = %args.service, listen = ?args.listen, control = %paths.control_socket.display(), "handoffd ready");
+    let service = config::service(&args.service, &args.listen, drain)?;
+    let _lock = control::lock_state_dir(&paths)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     rt.block_on(async {
+        let listener = control::bind(&paths.control_socket)?;
+        let mut program = DrainProgram::load().context("loading the drain accounting programs")?;
+        let events = program.take_events().context("the drain ring buffer")?;
+        let (watch_tx, watch_rx) = tokio::sync::mpsc::unbounded_channel();
+        let daemon = Arc::new(Mutex::new(Daemon::new(vec![service], DrainCtx::new(program, Some(watch_tx)))));
+        let supervisor = tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx));
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let shutdown = async move {
@@ -81,16 +104,11 @@ fn main() -> anyhow::Result<()> {
             }
             tracing::info!("stopping; the kernel keeps steering as it was");
         };
+        tracing::info!(service = %args.service, listen = ?args.listen, control = %paths.control_socket.display(), "handoffd ready");
         control::serve(listener, paths.control_socket.clone(), daemon, shutdown).await;
+        supervisor.abort();
         anyhow::Ok(())
     })
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")
 }
 
 /// Removes what a stopped daemon left in its state directory.

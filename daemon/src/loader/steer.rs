@@ -1,51 +1,24 @@
-//! The only module that touches aya: one instance of the steering program, with its own
-//! maps, per reuseport group.
+//! The steering program: one instance, with its own maps, per reuseport group.
 
 use std::os::fd::{AsFd, BorrowedFd};
 
-use aya::maps::{Array, Map, MapData, MapError, PerCpuArray};
-use aya::programs::{ProgramError, SkReuseport};
-use aya::{Ebpf, EbpfError};
+use aya::Ebpf;
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use aya::programs::SkReuseport;
 use handoff_common::maps::{
     self, Counter, Counters, MAP_COUNTERS, MAP_CURRENT, MAP_PROBES, MAP_RECORDS, MAP_SOCKS,
     PROBE_UNSET, RECORDS, SteerRecord,
 };
 
-use crate::sys::{self, MappedIndex};
+use super::{LoaderError, take};
 
-/// Errors of loading and driving the steering program.
-#[derive(Debug, thiserror::Error)]
-pub enum LoaderError {
-    /// The object could not be loaded (no BPF, or a kernel without the features).
-    #[error("loading the steering program failed (needs Linux >= 5.14 with BPF, and root)")]
-    Load(#[source] EbpfError),
-    /// The program was refused by the verifier or could not be attached.
-    #[error("steering program: {0}")]
-    Program(#[source] ProgramError),
-    /// A map of the object is missing or has another shape than common/maps.rs says.
-    #[error("map {name}: {source}")]
-    Map {
-        /// The map.
-        name: &'static str,
-        /// What went wrong.
-        #[source]
-        source: MapError,
-    },
-    /// A map the object must have is absent or of the wrong type.
-    #[error("the object has no {0} map of the expected type")]
-    MissingMap(&'static str),
-    /// A syscall on a map failed.
-    #[error("{op} on map {name} failed")]
-    Sys {
-        /// What was done.
-        op: &'static str,
-        /// The map.
-        name: &'static str,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+fn program_err(source: aya::programs::ProgramError) -> LoaderError {
+    LoaderError::Program {
+        name: maps::PROGRAM,
+        source,
+    }
 }
+use crate::sys::{self, MappedIndex};
 
 /// The steering program of one group and its maps.
 pub struct GroupProgram {
@@ -76,21 +49,21 @@ impl std::fmt::Debug for GroupProgram {
     }
 }
 
-fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, LoaderError> {
-    ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))
-}
-
 impl GroupProgram {
     /// Loads a fresh instance: empty sockarray, record 0 in force and empty (every
     /// connection left to the kernel's hash until a generation is published).
     pub fn load() -> Result<Self, LoaderError> {
-        let mut ebpf = Ebpf::load(handoff_ebpf::HANDOFF_BPF).map_err(LoaderError::Load)?;
+        let mut ebpf =
+            Ebpf::load(handoff_ebpf::HANDOFF_BPF).map_err(|source| LoaderError::Load {
+                what: "the steering program",
+                source,
+            })?;
         let program: &mut SkReuseport = ebpf
             .program_mut(maps::PROGRAM)
             .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
             .try_into()
-            .map_err(LoaderError::Program)?;
-        program.load().map_err(LoaderError::Program)?;
+            .map_err(program_err)?;
+        program.load().map_err(program_err)?;
 
         let Map::ReusePortSockArray(socks) = take(&mut ebpf, MAP_SOCKS)? else {
             return Err(LoaderError::MissingMap(MAP_SOCKS));
@@ -133,8 +106,8 @@ impl GroupProgram {
             .program(maps::PROGRAM)
             .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
             .try_into()
-            .map_err(LoaderError::Program)?;
-        program.attach(socket).map_err(LoaderError::Program)?;
+            .map_err(program_err)?;
+        program.attach(socket).map_err(program_err)?;
         self.attached = true;
         Ok(())
     }

@@ -1,17 +1,21 @@
 //! The table of services and generations, and the only place that changes it: promote,
 //! rollback, retirement.
 
+mod drain;
+mod status;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 
-use handoff_common::maps::{BLOCKS, Counters, GEN_SLOTS, SteerRecord};
-use handoff_common::proto::{
-    ErrorKind, ForeignListener, GenerationState, GenerationStatus, Promoted, ServiceStatus,
-};
+use handoff_common::maps::{BLOCKS, GEN_SLOTS, SteerRecord};
+use handoff_common::proto::{ErrorKind, GenerationState, Promoted};
+
+use drain::DrainState;
+pub use drain::{DrainCtx, RetireReason};
 
 use crate::candidate::{self, Candidate, CandidateError, Target};
-use crate::discover::{self, DiscoverError};
+use crate::config::DrainSettings;
 use crate::group::GroupKey;
 use crate::loader::{GroupProgram, LoaderError};
 use crate::members::Member;
@@ -26,6 +30,16 @@ pub enum PromoteError {
     /// The candidate does not qualify.
     #[error(transparent)]
     Candidate(#[from] CandidateError),
+    /// The generation got its retire signal and is exiting.
+    #[error(
+        "generation {id} (pid {pid}) is retiring (its retire signal was sent): start a new process instead"
+    )]
+    Retiring {
+        /// The generation.
+        id: u64,
+        /// Its pid.
+        pid: i32,
+    },
     /// It is the active generation already.
     #[error("pid {pid} is already the active generation ({id}) of service {service}")]
     AlreadyActive {
@@ -86,6 +100,7 @@ impl PromoteError {
         match self {
             PromoteError::Candidate(e) => e.kind(),
             PromoteError::AlreadyActive { .. } => ErrorKind::AlreadyActive,
+            PromoteError::Retiring { .. } => ErrorKind::NothingToRollBack,
             PromoteError::SharedSocket { .. } => ErrorKind::SharedSocket,
             PromoteError::NothingToRollBack { .. } => ErrorKind::NothingToRollBack,
             PromoteError::NoFreeBlock { .. } => ErrorKind::Internal,
@@ -103,6 +118,8 @@ pub struct ServiceConfig {
     pub name: String,
     /// Its addresses, all on one port.
     pub listen: Vec<SocketAddr>,
+    /// Signals and deadlines of its drains.
+    pub drain: DrainSettings,
 }
 
 /// One of the service's groups: a listen address and the program steering it.
@@ -140,6 +157,8 @@ struct Generation {
     descendants: Vec<Member>,
     /// Its listeners, per group (same order as the service's groups).
     blocks: Vec<Block>,
+    /// Set while it drains (and after, until it is retired).
+    drain: Option<DrainState>,
 }
 
 impl Generation {
@@ -195,12 +214,34 @@ impl Service {
             .find(|g| g.state == GenerationState::Active)
     }
 
-    /// Marks generations whose members have all exited as retired.
-    pub fn reap(&mut self) {
+    /// Marks generations whose members have all exited as retired, and takes their
+    /// slots and counts out of the kernel's maps.
+    pub fn reap(&mut self, ctx: &mut DrainCtx) {
         for g in &mut self.generations {
-            if g.state != GenerationState::Retired && !g.members().any(Member::alive) {
-                tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, "generation retired: every member exited");
-                g.state = GenerationState::Retired;
+            if g.state == GenerationState::Retired || g.members().any(Member::alive) {
+                continue;
+            }
+            let how = match &g.drain {
+                Some(d) if d.killed => "killed",
+                Some(d) => match d.retire {
+                    Some((_, RetireReason::Drained)) => "drained",
+                    Some((_, RetireReason::Timeout)) => "timeout",
+                    None => "exited",
+                },
+                None => "exited",
+            };
+            let drained_ms = g.drain.as_ref().map(|d| d.started.elapsed().as_millis());
+            tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, how, drained_ms, "generation retired: every member exited");
+            g.state = GenerationState::Retired;
+            if let Some(d) = &g.drain {
+                ctx.program.forget(d.tag);
+            }
+            for (block, group) in g.blocks.iter().zip(&self.groups) {
+                if let Some(program) = &group.program {
+                    for k in 0..block.cookies.len() as u32 {
+                        let _ = program.remove(block.first() + k);
+                    }
+                }
             }
         }
         let retired = self
@@ -217,8 +258,8 @@ impl Service {
     }
 
     /// Makes `pid` the active generation, verified by a probe in every group.
-    pub fn promote(&mut self, pid: i32) -> Result<Promoted, PromoteError> {
-        self.reap();
+    pub fn promote(&mut self, pid: i32, ctx: &mut DrainCtx) -> Result<Promoted, PromoteError> {
+        self.reap(ctx);
         // A pid that already leads a live generation: the active one is a no-op refused,
         // a draining one is made active again (its listeners are still in the map).
         let known = self.generations.iter().position(|g| {
@@ -233,7 +274,7 @@ impl Service {
                     service: self.config.name.clone(),
                 });
             }
-            return self.reactivate(index);
+            return self.reactivate(index, ctx);
         }
         let target = Target {
             listen: &self.config.listen,
@@ -255,16 +296,14 @@ impl Service {
             group.key = Some(taken[0].key);
         }
         let listeners = blocks.iter().map(|b| b.cookies.len()).sum();
-        for g in &mut self.generations {
-            if g.state == GenerationState::Active {
-                g.state = GenerationState::Draining;
-            }
-        }
         let Candidate {
             leader,
             descendants,
             ..
         } = candidate;
+        for m in std::iter::once(&leader).chain(&descendants) {
+            ctx.watch(m);
+        }
         tracing::info!(service = %self.config.name, generation = id, pid, listeners, draining = ?previous.as_ref().map(|p| p.0), "promoted");
         self.generations.push(Generation {
             id,
@@ -272,7 +311,9 @@ impl Service {
             leader,
             descendants,
             blocks,
+            drain: None,
         });
+        self.demote_active(self.generations.len() - 1, ctx);
         Ok(Promoted {
             service: self.config.name.clone(),
             generation: id,
@@ -283,23 +324,32 @@ impl Service {
     }
 
     /// Makes the newest draining generation with live listeners active again.
-    pub fn rollback(&mut self) -> Result<Promoted, PromoteError> {
-        self.reap();
+    pub fn rollback(&mut self, ctx: &mut DrainCtx) -> Result<Promoted, PromoteError> {
+        self.reap(ctx);
         let back = self
             .generations
             .iter()
             .rposition(|g| {
-                g.state == GenerationState::Draining && self.listening(g).iter().all(|&n| n > 0)
+                g.state == GenerationState::Draining
+                    && g.drain.as_ref().is_none_or(|d| d.retire.is_none())
+                    && self.listening(g).iter().all(|&n| n > 0)
             })
             .ok_or_else(|| PromoteError::NothingToRollBack {
                 service: self.config.name.clone(),
             })?;
-        self.reactivate(back)
+        self.reactivate(back, ctx)
     }
 
     /// Makes the draining generation at `index` active again: one flip per group back to
     /// its listeners, which never left the map. Verified by a probe like a promote.
-    fn reactivate(&mut self, index: usize) -> Result<Promoted, PromoteError> {
+    fn reactivate(&mut self, index: usize, ctx: &mut DrainCtx) -> Result<Promoted, PromoteError> {
+        let g = &self.generations[index];
+        if g.drain.as_ref().is_some_and(|d| d.retire.is_some()) {
+            return Err(PromoteError::Retiring {
+                id: g.id,
+                pid: g.leader.pid,
+            });
+        }
         let current = self.active().map(|g| g.blocks.clone());
         let target = self.generations[index].blocks.clone();
         let mut flipped = Vec::new();
@@ -321,13 +371,10 @@ impl Service {
             return Err(e);
         }
         let draining = self.active().map(|g| g.id);
-        for g in &mut self.generations {
-            if g.state == GenerationState::Active {
-                g.state = GenerationState::Draining;
-            }
-        }
-        let g = &mut self.generations[index];
-        g.state = GenerationState::Active;
+        self.stop_drain(index, ctx);
+        self.generations[index].state = GenerationState::Active;
+        self.demote_active(index, ctx);
+        let g = &self.generations[index];
         tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, draining = ?draining, "reactivated");
         Ok(Promoted {
             service: self.config.name.clone(),
@@ -336,6 +383,16 @@ impl Service {
             listeners: g.blocks.iter().map(|b| b.cookies.len()).sum(),
             draining,
         })
+    }
+
+    /// Every active generation but the one at `keep` starts draining.
+    fn demote_active(&mut self, keep: usize, ctx: &mut DrainCtx) {
+        for index in 0..self.generations.len() {
+            if index != keep && self.generations[index].state == GenerationState::Active {
+                self.generations[index].state = GenerationState::Draining;
+                self.start_drain(index, ctx);
+            }
+        }
     }
 
     fn check_not_shared(&self, candidate: &Candidate) -> Result<(), PromoteError> {
@@ -448,90 +505,6 @@ impl Service {
         {
             tracing::error!(service = %self.config.name, error = %err, "restoring the previous steering failed");
         }
-    }
-
-    /// Listeners still open per group of `g` (a closed one has left the map).
-    fn listening(&self, g: &Generation) -> Vec<usize> {
-        g.blocks
-            .iter()
-            .zip(&self.groups)
-            .map(|(b, group)| {
-                let Some(program) = &group.program else {
-                    return 0;
-                };
-                b.cookies
-                    .iter()
-                    .enumerate()
-                    .filter(|&(k, c)| {
-                        program.cookie_at(b.first() + k as u32).ok().flatten() == Some(*c)
-                    })
-                    .count()
-            })
-            .collect()
-    }
-
-    /// The service as `status` shows it.
-    pub fn status(&mut self) -> Result<ServiceStatus, DiscoverError> {
-        self.reap();
-        let port = self.port();
-        let mut generations = Vec::with_capacity(self.generations.len());
-        for g in &self.generations {
-            let listeners = self.listening(g).iter().sum();
-            let connections = if g.state == GenerationState::Retired {
-                0
-            } else {
-                let pids: Vec<i32> = if g.leader.alive() {
-                    discover::process_tree(g.leader.pid)?
-                } else {
-                    g.members().filter(|m| m.alive()).map(|m| m.pid).collect()
-                };
-                discover::connections(port, &pids, &g.cookies().collect())?
-            };
-            generations.push(GenerationStatus {
-                id: g.id,
-                pid: g.leader.pid,
-                state: g.state,
-                listeners,
-                connections,
-            });
-        }
-        let mut steering = Counters::default();
-        for program in self.groups.iter().filter_map(|g| g.program.as_ref()) {
-            match program.counters() {
-                Ok(c) => steering.merge(&c),
-                Err(e) => tracing::warn!(error = %e, "reading the program's counters failed"),
-            }
-        }
-        Ok(ServiceStatus {
-            name: self.config.name.clone(),
-            listen: self.config.listen.iter().map(|a| a.to_string()).collect(),
-            generations,
-            foreign_listeners: self.foreign_listeners()?,
-            steering,
-        })
-    }
-
-    /// LISTEN sockets on the service port outside its groups.
-    fn foreign_listeners(&self) -> Result<Vec<ForeignListener>, DiscoverError> {
-        let listeners = discover::listeners(self.port(), &[])?;
-        let mut out = Vec::new();
-        for l in listeners {
-            let key = GroupKey::of(&l.diag);
-            let inside = self
-                .config
-                .listen
-                .iter()
-                .zip(&self.groups)
-                .any(|(addr, g)| *addr == l.diag.local && g.key.is_none_or(|k| k == key));
-            if !inside {
-                out.push(ForeignListener {
-                    addr: l.diag.local.to_string(),
-                    group: key.to_string(),
-                    pid: discover::owner_of(u64::from(l.diag.inode)),
-                });
-            }
-        }
-        Ok(out)
     }
 }
 

@@ -1,0 +1,287 @@
+//! Draining: count a generation's connections in the kernel, retire it at zero, and
+//! enforce the drain timeout and kill-after.
+
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Generation, Service};
+use crate::config::Sig;
+use crate::discover;
+use crate::loader::DrainProgram;
+use crate::members::Member;
+
+/// What generations need beyond their own state: the drain programs, and the task that
+/// watches members' pidfds for their exit.
+#[derive(Debug)]
+pub struct DrainCtx {
+    /// The tag pass, the counts and the events.
+    pub program: DrainProgram,
+    /// Where a new member's pidfd goes to be watched (none in tests without a runtime).
+    watch: Option<UnboundedSender<OwnedFd>>,
+    /// The tag of the next drain; never 0 (0 means "not counted" in socket storage).
+    next_tag: u32,
+}
+
+impl DrainCtx {
+    /// A context over `program`, sending members' pidfds to `watch`.
+    pub fn new(program: DrainProgram, watch: Option<UnboundedSender<OwnedFd>>) -> Self {
+        Self {
+            program,
+            watch,
+            next_tag: 1,
+        }
+    }
+
+    fn tag(&mut self) -> u32 {
+        let tag = self.next_tag;
+        self.next_tag = self.next_tag.checked_add(1).unwrap_or(1);
+        tag
+    }
+
+    /// Has `member`'s exit watched.
+    pub fn watch(&self, member: &Member) {
+        if let (Some(tx), Ok(fd)) = (&self.watch, member.pidfd().try_clone_to_owned()) {
+            let _ = tx.send(fd);
+        }
+    }
+}
+
+/// Why a generation got its retire signal, or ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetireReason {
+    /// Its last connection closed.
+    Drained,
+    /// The drain timeout passed first.
+    Timeout,
+}
+
+/// A draining generation's progress.
+#[derive(Debug)]
+pub struct DrainState {
+    /// Its tag in the kernel's counts.
+    pub tag: u32,
+    /// When the drain started.
+    pub started: Instant,
+    /// When the drain timeout sends the retire signal anyway.
+    pub deadline: Instant,
+    /// When and why the retire signal was sent.
+    pub retire: Option<(Instant, RetireReason)>,
+    /// When every member still alive gets SIGKILL.
+    pub kill_at: Option<Instant>,
+    /// Whether SIGKILL was sent.
+    pub killed: bool,
+    /// When to count again (connections were still queued).
+    pub recheck_at: Option<Instant>,
+}
+
+impl DrainState {
+    /// Live count: sockets counted in the kernel plus connections queued on listeners.
+    pub fn connections(&self, ctx: &DrainCtx, queued: u64) -> u64 {
+        let counted = ctx.program.count(self.tag).unwrap_or(0).max(0);
+        counted.unsigned_abs() + queued
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let timeout = self.retire.is_none().then_some(self.deadline);
+        [timeout, self.kill_at, self.recheck_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+/// How long to wait before counting again while connections sit in an accept queue.
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
+
+impl Service {
+    /// Starts draining the generation at `index`: the drain signal, then a tag pass.
+    pub(super) fn start_drain(&mut self, index: usize, ctx: &mut DrainCtx) {
+        let settings = self.config.drain;
+        let tag = ctx.tag();
+        let now = Instant::now();
+        let g = &mut self.generations[index];
+        if let Err(e) = ctx.program.start(tag) {
+            tracing::error!(service = %self.config.name, generation = g.id, error = %e, "cannot count connections; the drain timeout will retire it");
+        }
+        g.drain = Some(DrainState {
+            tag,
+            started: now,
+            deadline: now + settings.drain_timeout,
+            retire: None,
+            kill_at: None,
+            killed: false,
+            recheck_at: None,
+        });
+        if let Some(sig) = settings.drain_signal {
+            signal(&self.config.name, g, sig, "drain", true);
+        }
+        self.count(index, ctx);
+    }
+
+    /// Stops draining the generation at `index` (it is active again).
+    pub(super) fn stop_drain(&mut self, index: usize, ctx: &mut DrainCtx) {
+        if let Some(d) = self.generations[index].drain.take() {
+            ctx.program.forget(d.tag);
+        }
+    }
+
+    /// Counts the generation at `index` again (members re-read, so processes forked since
+    /// are included) and sends the retire signal when nothing is left.
+    pub(super) fn count(&mut self, index: usize, ctx: &mut DrainCtx) {
+        let port = self.port();
+        self.adopt_descendants(index, ctx);
+        let g = &self.generations[index];
+        let Some(d) = &g.drain else { return };
+        if d.retire.is_some() {
+            return;
+        }
+        let pids: Vec<i32> = g.members().filter(|m| m.alive()).map(|m| m.pid).collect();
+        let counted = match ctx.program.pass(d.tag, port, &pids) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(service = %self.config.name, generation = g.id, error = %e, "the tag pass failed; the drain timeout will retire it");
+                return;
+            }
+        };
+        let queued = match self.queued(g) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(service = %self.config.name, error = %e, "reading accept queues failed");
+                1
+            }
+        };
+        tracing::debug!(service = %self.config.name, generation = g.id, counted, queued, "counted");
+        let d = self.generations[index]
+            .drain
+            .as_mut()
+            .expect("checked above");
+        if counted > 0 {
+            d.recheck_at = None;
+        } else if queued > 0 {
+            // Accepted soon (then counted), or migrated when the listener closes.
+            d.recheck_at = Some(Instant::now() + RECHECK);
+        } else {
+            self.retire(index, RetireReason::Drained);
+        }
+    }
+
+    /// Adds processes forked since the promote to the generation's members.
+    fn adopt_descendants(&mut self, index: usize, ctx: &DrainCtx) {
+        let g = &mut self.generations[index];
+        if !g.leader.alive() {
+            return;
+        }
+        let Ok(tree) = discover::process_tree(g.leader.pid) else {
+            return;
+        };
+        for pid in tree {
+            if g.members().any(|m| m.pid == pid) {
+                continue;
+            }
+            if let Ok(m) = Member::open(pid) {
+                ctx.watch(&m);
+                g.descendants.push(m);
+            }
+        }
+    }
+
+    /// Sends the retire signal: to the leader, or to every member if it is gone.
+    fn retire(&mut self, index: usize, reason: RetireReason) {
+        let settings = self.config.drain;
+        let g = &mut self.generations[index];
+        let now = Instant::now();
+        if let Some(d) = g.drain.as_mut() {
+            d.retire = Some((now, reason));
+            d.recheck_at = None;
+            d.kill_at = settings.kill_after.map(|k| now + k);
+        }
+        match reason {
+            RetireReason::Drained => {
+                tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, signal = %settings.retire_signal, "drained: no connection left, retiring")
+            }
+            RetireReason::Timeout => {
+                tracing::warn!(service = %self.config.name, generation = g.id, pid = g.leader.pid, signal = %settings.retire_signal, timeout = ?settings.drain_timeout, "drain timeout: retiring with connections left")
+            }
+        }
+        signal(&self.config.name, g, settings.retire_signal, "retire", true);
+    }
+
+    /// A tag's count reached zero in the kernel: count once more, retire if still zero.
+    pub fn on_zero(&mut self, tag: u32, ctx: &mut DrainCtx) {
+        if let Some(index) = self
+            .generations
+            .iter()
+            .position(|g| g.drain.as_ref().is_some_and(|d| d.tag == tag))
+        {
+            self.count(index, ctx);
+        }
+    }
+
+    /// Acts on every deadline that has passed: drain timeouts, kill-after, rechecks.
+    pub fn tick(&mut self, now: Instant, ctx: &mut DrainCtx) {
+        for index in 0..self.generations.len() {
+            let Some(d) = &self.generations[index].drain else {
+                continue;
+            };
+            if d.retire.is_none() && d.deadline <= now {
+                self.retire(index, RetireReason::Timeout);
+            }
+            let d = self.generations[index]
+                .drain
+                .as_ref()
+                .expect("still draining");
+            if d.kill_at.is_some_and(|k| k <= now) {
+                self.adopt_descendants(index, ctx);
+                let g = &mut self.generations[index];
+                tracing::warn!(service = %self.config.name, generation = g.id, pid = g.leader.pid, "kill-after passed: SIGKILL to every member still alive");
+                signal(
+                    &self.config.name,
+                    g,
+                    crate::config::Sig(libc::SIGKILL),
+                    "kill",
+                    false,
+                );
+                if let Some(d) = g.drain.as_mut() {
+                    d.kill_at = None;
+                    d.killed = true;
+                }
+            }
+            let d = self.generations[index]
+                .drain
+                .as_ref()
+                .expect("still draining");
+            if d.recheck_at.is_some_and(|r| r <= now) {
+                self.count(index, ctx);
+            }
+        }
+    }
+
+    /// The earliest deadline of any draining generation.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.generations
+            .iter()
+            .filter_map(|g| g.drain.as_ref()?.next_deadline())
+            .min()
+    }
+}
+
+/// Signals the leader (or, with `leader_only` false or the leader gone, every live member).
+fn signal(service: &str, g: &Generation, sig: Sig, why: &str, leader_only: bool) {
+    let targets: Vec<&Member> = if leader_only && g.leader.alive() {
+        vec![&g.leader]
+    } else {
+        g.members().filter(|m| m.alive()).collect()
+    };
+    for m in targets {
+        match m.signal(sig.0) {
+            Ok(()) => {
+                tracing::info!(service, generation = g.id, pid = m.pid, signal = %sig, why, "signal sent")
+            }
+            Err(e) => {
+                tracing::warn!(service, generation = g.id, pid = m.pid, signal = %sig, error = %e, "signal failed")
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The drain accounting programs: one set per daemon, attached at the cgroup v2 root.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use aya::Btf;
+use aya::Ebpf;
+use aya::maps::{HashMap, MapData, MapError, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Iter, ProgramError};
+use handoff_common::maps::{
+    DrainEventRaw, EV_BIND, EV_ZERO, MAP_COUNTS, MAP_EVENTS, MAP_MEMBERS, MAP_PORTS, PROG_BIND4,
+    PROG_BIND6, PROG_RELEASE, PROG_TAG,
+};
+
+use super::{LoaderError, take};
+
+/// What the ring buffer reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEvent {
+    /// The count of this tag dropped to zero.
+    Zero(u32),
+    /// Someone bound this watched port.
+    Bind(u16),
+}
+
+impl DrainEvent {
+    /// Decodes one ring buffer record.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        let word = |i: usize| Some(u32::from_ne_bytes(bytes.get(i..i + 4)?.try_into().ok()?));
+        let raw = DrainEventRaw {
+            kind: word(0)?,
+            value: word(4)?,
+        };
+        match raw.kind {
+            EV_ZERO => Some(DrainEvent::Zero(raw.value)),
+            EV_BIND => u16::try_from(raw.value).ok().map(DrainEvent::Bind),
+            _ => None,
+        }
+    }
+}
+
+/// The loaded and attached drain programs and their maps.
+pub struct DrainProgram {
+    /// Owns the programs and their cgroup links (dropped: detached).
+    ebpf: Ebpf,
+    counts: HashMap<MapData, u32, i64>,
+    members: HashMap<MapData, u32, [u32; 2]>,
+    ports: HashMap<MapData, u32, u32>,
+    /// Taken by the task that waits on it.
+    events: Option<RingBuf<MapData>>,
+}
+
+impl std::fmt::Debug for DrainProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrainProgram").finish_non_exhaustive()
+    }
+}
+
+fn program_err(name: &'static str) -> impl Fn(ProgramError) -> LoaderError {
+    move |source| LoaderError::Program { name, source }
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> LoaderError {
+    move |source| LoaderError::Map { name, source }
+}
+
+/// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on a unified system,
+/// `/sys/fs/cgroup/unified` on a hybrid one).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+impl DrainProgram {
+    /// Loads the programs and attaches the release countdown and bind watch at the root
+    /// of the cgroup v2 hierarchy, so they see every socket (accepted sockets belong to
+    /// their listener's cgroup).
+    pub fn load() -> Result<Self, LoaderError> {
+        let root = cgroup2_root().ok_or(LoaderError::NoCgroup2)?;
+        let cgroup = File::open(&root).map_err(|source| LoaderError::Io {
+            op: "opening",
+            path: root.clone(),
+            source,
+        })?;
+        let mut ebpf = Ebpf::load(handoff_ebpf::DRAIN_BPF).map_err(|source| LoaderError::Load {
+            what: "the drain accounting programs",
+            source,
+        })?;
+        let btf = Btf::from_sys_fs().map_err(|e| LoaderError::Load {
+            what: "the kernel's BTF",
+            source: e.into(),
+        })?;
+        let tag: &mut Iter = program(&mut ebpf, PROG_TAG)?;
+        tag.load("task_file", &btf).map_err(program_err(PROG_TAG))?;
+        let release: &mut CgroupSock = program(&mut ebpf, PROG_RELEASE)?;
+        release.load().map_err(program_err(PROG_RELEASE))?;
+        release
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(program_err(PROG_RELEASE))?;
+        for name in [PROG_BIND4, PROG_BIND6] {
+            let bind: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            bind.load().map_err(program_err(name))?;
+            bind.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(program_err(name))?;
+        }
+        let counts =
+            HashMap::try_from(take(&mut ebpf, MAP_COUNTS)?).map_err(map_err(MAP_COUNTS))?;
+        let members =
+            HashMap::try_from(take(&mut ebpf, MAP_MEMBERS)?).map_err(map_err(MAP_MEMBERS))?;
+        let ports = HashMap::try_from(take(&mut ebpf, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?;
+        let events =
+            RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
+        Ok(Self {
+            ebpf,
+            counts,
+            members,
+            ports,
+            events: Some(events),
+        })
+    }
+
+    /// The ring buffer of events, for the task that waits on it (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Reports binds of `port` from now on.
+    pub fn watch_port(&mut self, port: u16) -> Result<(), LoaderError> {
+        self.ports
+            .insert(u32::from(port), 1, 0)
+            .map_err(map_err(MAP_PORTS))
+    }
+
+    /// Starts counting for `tag` from zero.
+    pub fn start(&mut self, tag: u32) -> Result<(), LoaderError> {
+        self.counts.insert(tag, 0, 0).map_err(map_err(MAP_COUNTS))
+    }
+
+    /// Stops counting for `tag`; its sockets' releases no longer count.
+    pub fn forget(&mut self, tag: u32) {
+        let _ = self.counts.remove(&tag);
+    }
+
+    /// The count of `tag`.
+    pub fn count(&self, tag: u32) -> Result<i64, LoaderError> {
+        self.counts.get(&tag, 0).map_err(map_err(MAP_COUNTS))
+    }
+
+    /// Tags and counts for `tag` every TCP socket on `port` that `pids` hold and that is
+    /// not counted yet; returns the count after the pass.
+    pub fn pass(&mut self, tag: u32, port: u16, pids: &[i32]) -> Result<i64, LoaderError> {
+        for &pid in pids {
+            self.members
+                .insert(pid as u32, [tag, u32::from(port)], 0)
+                .map_err(map_err(MAP_MEMBERS))?;
+        }
+        let result = self.run_iter();
+        for &pid in pids {
+            let _ = self.members.remove(&(pid as u32));
+        }
+        result?;
+        self.count(tag)
+    }
+
+    /// One run of the task_file iterator: a link, a file, read to its end.
+    fn run_iter(&mut self) -> Result<(), LoaderError> {
+        let tag: &mut Iter = program(&mut self.ebpf, PROG_TAG)?;
+        let link_id = tag.attach().map_err(program_err(PROG_TAG))?;
+        let link = tag.take_link(link_id).map_err(program_err(PROG_TAG))?;
+        let mut file = link.into_file().map_err(LoaderError::Iter)?;
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink)
+            .map_err(|source| LoaderError::Io {
+                op: "running the tag pass on",
+                path: Path::new("iter/task_file").to_path_buf(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::MissingMap(name))?
+        .try_into()
+        .map_err(program_err(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_decode() {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&EV_ZERO.to_ne_bytes());
+        b[4..].copy_from_slice(&7u32.to_ne_bytes());
+        assert_eq!(DrainEvent::parse(&b), Some(DrainEvent::Zero(7)));
+        b[..4].copy_from_slice(&EV_BIND.to_ne_bytes());
+        b[4..].copy_from_slice(&8080u32.to_ne_bytes());
+        assert_eq!(DrainEvent::parse(&b), Some(DrainEvent::Bind(8080)));
+        assert_eq!(DrainEvent::parse(&b[..4]), None);
+    }
+}

@@ -1,0 +1,81 @@
+//! The only module that touches aya: the steering program (one instance per reuseport
+//! group) and the drain accounting programs (one set per daemon).
+
+mod drain;
+mod steer;
+
+use aya::maps::{Map, MapError};
+use aya::programs::ProgramError;
+use aya::{Ebpf, EbpfError};
+
+pub use drain::{DrainEvent, DrainProgram};
+pub use steer::GroupProgram;
+
+/// Errors of loading and driving the steering program.
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    /// The object could not be loaded (no BPF, or a kernel without the features).
+    #[error("loading {what} failed (needs Linux >= 5.14 with BPF and BTF, and root)")]
+    Load {
+        /// Which object.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: EbpfError,
+    },
+    /// A program was refused by the verifier or could not be attached.
+    #[error("program {name}: {source}")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map of the object is missing or has another shape than common/maps.rs says.
+    #[error("map {name}: {source}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// What went wrong.
+        #[source]
+        source: MapError,
+    },
+    /// No cgroup v2 hierarchy is mounted (the drain programs attach at its root).
+    #[error(
+        "no cgroup2 file system is mounted: drain accounting needs one (mount -t cgroup2 none /sys/fs/cgroup/unified)"
+    )]
+    NoCgroup2,
+    /// A file could not be used.
+    #[error("{op} {path} failed")]
+    Io {
+        /// What was done.
+        op: &'static str,
+        /// On what.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tag pass could not be started.
+    #[error("starting the tag pass failed")]
+    Iter(#[source] aya::programs::links::LinkError),
+    /// A map the object must have is absent or of the wrong type.
+    #[error("the object has no {0} map of the expected type")]
+    MissingMap(&'static str),
+    /// A syscall on a map failed.
+    #[error("{op} on map {name} failed")]
+    Sys {
+        /// What was done.
+        op: &'static str,
+        /// The map.
+        name: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, LoaderError> {
+    ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))
+}

@@ -1,0 +1,78 @@
+//! The daemon's event loop beside the control socket: kernel drain events, members'
+//! exits (pidfds), and deadlines. Idle, it sleeps in epoll: no timer runs while nothing
+//! drains.
+
+use std::future::pending;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use aya::maps::{MapData, RingBuf};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinSet;
+
+use crate::daemon::Daemon;
+use crate::loader::DrainEvent;
+use crate::sys;
+
+/// Runs `f` on the daemon off the runtime thread (it may scan /proc or run a tag pass).
+async fn with_daemon<T: Send + 'static>(
+    daemon: &Arc<Mutex<Daemon>>,
+    f: impl FnOnce(&mut Daemon) -> T + Send + 'static,
+) -> Option<T> {
+    let daemon = Arc::clone(daemon);
+    tokio::task::spawn_blocking(move || daemon.lock().ok().map(|mut d| f(&mut d)))
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Waits on the drain ring buffer, the pidfds sent on `watch`, and the daemon's next
+/// deadline, and hands each to the daemon. Returns when `watch` closes.
+pub async fn supervise(
+    daemon: Arc<Mutex<Daemon>>,
+    events: RingBuf<MapData>,
+    mut watch: UnboundedReceiver<OwnedFd>,
+) -> std::io::Result<()> {
+    let mut events = sys::async_ringbuf(events)?;
+    let mut exits = JoinSet::new();
+    loop {
+        let deadline = with_daemon(&daemon, |d| d.next_deadline()).await.flatten();
+        let sleep = async move {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => pending().await,
+            }
+        };
+        tokio::select! {
+            ready = events.readable_mut() => {
+                let mut guard = ready?;
+                let mut batch = Vec::new();
+                while let Some(item) = guard.get_inner_mut().next() {
+                    batch.extend(DrainEvent::parse(&item));
+                }
+                guard.clear_ready();
+                if !batch.is_empty() {
+                    with_daemon(&daemon, move |d| d.on_events(&batch)).await;
+                }
+            }
+            fd = watch.recv() => match fd {
+                Some(fd) => {
+                    exits.spawn(async move {
+                        // A pidfd polls readable once its process has exited.
+                        if let Ok(fd) = sys::async_pidfd(fd) {
+                            let _ = fd.readable().await;
+                        }
+                    });
+                }
+                None => return Ok(()),
+            },
+            Some(_) = exits.join_next() => {
+                with_daemon(&daemon, Daemon::reap).await;
+            }
+            () = sleep => {
+                with_daemon(&daemon, |d| d.tick(Instant::now())).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * handoff's drain accounting: counts the connections each draining generation holds and
+ * wakes the daemon the moment a count reaches zero, without rescanning anything.
+ *
+ * - iter/task_file (run once when a drain starts, and again to confirm a zero): tags each
+ *   TCP socket on the service port held by a member of the draining generation, once, in
+ *   socket storage, and counts it for that generation.
+ * - cgroup/sock_release (attached at the cgroup v2 root; runs when the last file
+ *   reference of a socket goes: close, exit, a child's close): untags the socket and
+ *   decrements its generation's count; at zero it writes an event to the ring buffer.
+ * - cgroup/bind4, cgroup/bind6: report a bind() to a watched port, so the daemon looks
+ *   for a new listener (a respawned worker) of a generation it steers.
+ *
+ * Kernel types are declared here minimally, with preserve_access_index: field offsets
+ * are relocated against the running kernel's BTF at load time (CO-RE).
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "drain.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define TCP_LISTEN 10
+
+struct sock_common {
+	unsigned short skc_family;
+	volatile unsigned char skc_state;
+	__u16 skc_num;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+	__u16 sk_protocol;
+} __attribute__((preserve_access_index));
+
+struct socket {
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	int tgid;
+} __attribute__((preserve_access_index));
+
+struct file;
+struct bpf_iter_meta;
+
+/* The iterator's context: offsets fixed by the kernel's bpf_iter__task_file. */
+struct bpf_iter__task_file {
+	struct bpf_iter_meta *meta;
+	struct task_struct *task;
+	__u32 fd;
+	struct file *file;
+};
+
+/* Per socket: the tag of the generation it was counted for (0: not counted). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u32);
+} tags SEC(".maps");
+
+/* Connections counted per tag. Signed: a release may run between a pass's tag and count. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HANDOFF_MAX_TAGS);
+	__type(key, __u32);
+	__type(value, __s64);
+} counts SEC(".maps");
+
+/* The processes the next pass tags for, by tgid. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HANDOFF_MAX_MEMBERS);
+	__type(key, __u32);
+	__type(value, struct handoff_member);
+} members SEC(".maps");
+
+/* Ports whose bind() wakes the daemon. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HANDOFF_MAX_PORTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} events SEC(".maps");
+
+static __always_inline void emit(__u32 kind, __u32 value)
+{
+	struct handoff_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+
+	/* A full ring: the daemon is behind and rechecks every count when it catches up. */
+	if (!ev)
+		return;
+	ev->kind = kind;
+	ev->value = value;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+SEC("iter/task_file")
+int handoff_tag(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+	struct handoff_member *m;
+	struct socket *socket;
+	struct sock *sk;
+	__u32 tgid, *tag;
+	__s64 *count;
+
+	if (!task || !file)
+		return 0;
+	tgid = task->tgid;
+	m = bpf_map_lookup_elem(&members, &tgid);
+	if (!m)
+		return 0;
+	socket = bpf_sock_from_file(file);
+	if (!socket)
+		return 0;
+	sk = socket->sk;
+	if (!sk)
+		return 0;
+	if (sk->__sk_common.skc_family != AF_INET && sk->__sk_common.skc_family != AF_INET6)
+		return 0;
+	if (sk->sk_protocol != IPPROTO_TCP || sk->__sk_common.skc_state == TCP_LISTEN)
+		return 0;
+	if (sk->__sk_common.skc_num != m->port)
+		return 0;
+	tag = bpf_sk_storage_get(&tags, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	/*
+	 * Already counted for this drain (a shared fd, an earlier pass): count each socket
+	 * once. A tag of an earlier drain of the same process tree (a generation rolled back
+	 * to and draining again) is stale: its count is gone, so take the socket over.
+	 */
+	if (!tag || *tag == m->tag)
+		return 0;
+	count = bpf_map_lookup_elem(&counts, &m->tag);
+	if (!count)
+		return 0;
+	*tag = m->tag;
+	__sync_fetch_and_add(count, 1);
+	return 0;
+}
+
+SEC("cgroup/sock_release")
+int handoff_release(struct bpf_sock *ctx)
+{
+	__u32 *tag, t;
+	__s64 *count;
+
+	tag = bpf_sk_storage_get(&tags, ctx, 0, 0);
+	/* Not a socket we counted. Always 1: this hook only observes, it never vetoes. */
+	if (!tag || !*tag)
+		return 1;
+	t = *tag;
+	*tag = 0;
+	count = bpf_map_lookup_elem(&counts, &t);
+	if (count && __sync_fetch_and_add(count, -1) == 1)
+		emit(HANDOFF_EV_ZERO, t);
+	return 1;
+}
+
+static __always_inline int watch_bind(struct bpf_sock_addr *ctx)
+{
+	__u32 port = bpf_ntohs((__u16)ctx->user_port);
+
+	if (bpf_map_lookup_elem(&ports, &port))
+		emit(HANDOFF_EV_BIND, port);
+	/* 1: let the bind proceed; handoff never refuses one. */
+	return 1;
+}
+
+SEC("cgroup/bind4")
+int handoff_bind4(struct bpf_sock_addr *ctx)
+{
+	return watch_bind(ctx);
+}
+
+SEC("cgroup/bind6")
+int handoff_bind6(struct bpf_sock_addr *ctx)
+{
+	return watch_bind(ctx);
+}
