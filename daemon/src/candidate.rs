@@ -11,7 +11,7 @@ use handoff_common::maps::GEN_SLOTS;
 use handoff_common::proto::ErrorKind;
 use nix::sys::socket::{getsockopt, sockopt};
 
-use crate::discover::{self, DiscoverError};
+use crate::discover::{self, DiscoverError, FdRef};
 use crate::group::GroupKey;
 use crate::members::{Member, MemberError};
 use crate::sys;
@@ -237,29 +237,7 @@ pub fn take(pid: i32, target: &Target<'_>) -> Result<Candidate, CandidateError> 
                     ),
                 }
             };
-            let fd = sys::pidfd_getfd(owner.pidfd(), at.fd).map_err(|source| {
-                match source.raw_os_error() {
-                    Some(libc::EBADF) | Some(libc::ESRCH) => {
-                        CandidateError::Raced { pid: at.pid, addr }
-                    }
-                    _ => CandidateError::GetFd {
-                        pid: at.pid,
-                        fd: at.fd,
-                        source,
-                    },
-                }
-            })?;
-            // The fd number may have been reused since /proc was read: check the cookie.
-            if sys::socket_cookie(fd.as_fd()).ok() != Some(cookie) {
-                return Err(CandidateError::Raced { pid: at.pid, addr });
-            }
-            if !getsockopt(&fd, sockopt::ReusePort).unwrap_or(false) {
-                return Err(CandidateError::NotReuseport {
-                    pid: at.pid,
-                    fd: at.fd,
-                    addr,
-                });
-            }
+            let fd = duplicate(owner, at, cookie, addr)?;
             taken.push(TakenListener { key, cookie, fd });
         }
         listeners.push(taken);
@@ -274,6 +252,37 @@ pub fn take(pid: i32, target: &Target<'_>) -> Result<Candidate, CandidateError> 
         descendants,
         listeners,
     })
+}
+
+/// Duplicates the listener `at` (with `cookie`, on `addr`) of `owner` into the daemon,
+/// checking that it is still that socket and that it has SO_REUSEPORT.
+pub fn duplicate(
+    owner: &Member,
+    at: FdRef,
+    cookie: u64,
+    addr: SocketAddr,
+) -> Result<OwnedFd, CandidateError> {
+    let fd =
+        sys::pidfd_getfd(owner.pidfd(), at.fd).map_err(|source| match source.raw_os_error() {
+            Some(libc::EBADF) | Some(libc::ESRCH) => CandidateError::Raced { pid: at.pid, addr },
+            _ => CandidateError::GetFd {
+                pid: at.pid,
+                fd: at.fd,
+                source,
+            },
+        })?;
+    // The fd number may have been reused since /proc was read: check the cookie.
+    if sys::socket_cookie(fd.as_fd()).ok() != Some(cookie) {
+        return Err(CandidateError::Raced { pid: at.pid, addr });
+    }
+    if !getsockopt(&fd, sockopt::ReusePort).unwrap_or(false) {
+        return Err(CandidateError::NotReuseport {
+            pid: at.pid,
+            fd: at.fd,
+            addr,
+        });
+    }
+    Ok(fd)
 }
 
 /// The service's addresses as one comma-separated string.

@@ -40,7 +40,12 @@ impl Daemon {
                         s.on_zero(tag, &mut self.ctx);
                     }
                 }
-                DrainEvent::Bind(_) => {}
+                DrainEvent::Bind(port) => {
+                    let now = Instant::now();
+                    for s in self.services.iter_mut().filter(|s| s.port() == port) {
+                        s.on_bind(now);
+                    }
+                }
             }
         }
     }

@@ -3,10 +3,12 @@
 //! Every accepted connection gets one line `NAME PID\n` (PID: the process that accepted it),
 //! then the server reads until the client closes, so the client decides how long a connection
 //! lives. With `--workers N` a master forks N workers like nginx does; the listener layout
-//! follows `--mode`.
+//! follows `--mode`. With `--no-accept` it listens but never accepts: connections complete
+//! the handshake and stay queued in the accept queue (for tests of what happens to them when
+//! the listener closes).
 //!
 //! Lines on stderr, each `KIND NAME key=value...`, for tests to wait on:
-//! `term NAME pid=PID` (SIGTERM arrived), `worker-exit NAME pid=PID status=STATUS`,
+//! `term NAME pid=PID ns=NS` (SIGTERM arrived, CLOCK_MONOTONIC; ` ignored` with --ignore-term), `worker-exit NAME pid=PID status=STATUS`,
 //! `respawn NAME old=PID new=PID`.
 
 use std::io::{self, PipeReader, PipeWriter, Read, Write};
@@ -63,6 +65,12 @@ pub struct ServerConfig {
     /// Fork a replacement when a worker dies.
     #[arg(long)]
     pub respawn: bool,
+    /// Listen but never accept: connections stay queued on the listeners.
+    #[arg(long)]
+    pub no_accept: bool,
+    /// Log SIGTERM but keep running (a server that ignores its retire signal).
+    #[arg(long)]
+    pub ignore_term: bool,
 }
 
 /// Listener layout of a master with workers.
@@ -183,17 +191,27 @@ fn bind_all(cfg: &ServerConfig) -> Result<Vec<TcpListener>, ServerError> {
 }
 
 /// Starts one accepting thread per listener; answers carry the pid of the calling process.
+/// With `--no-accept` each thread only holds its copy of the listener open.
 fn start_acceptors(cfg: &ServerConfig, listeners: &[TcpListener]) -> Result<(), ServerError> {
     let answer: Arc<[u8]> = format!("{} {}\n", cfg.name, std::process::id())
         .into_bytes()
         .into();
     let delay = Duration::from_millis(cfg.delay_ms);
+    let no_accept = cfg.no_accept;
     for listener in listeners {
         let listener = listener.try_clone().map_err(sys_err("dup of a listener"))?;
         let answer = Arc::clone(&answer);
         thread::Builder::new()
             .name("accept".to_owned())
-            .spawn(move || accept_loop(&listener, &answer, delay))
+            .spawn(move || {
+                if no_accept {
+                    // Holds `listener` open for good; the queue only grows.
+                    loop {
+                        thread::park();
+                    }
+                }
+                accept_loop(&listener, &answer, delay)
+            })
             .map_err(sys_err("starting an accept thread"))?;
     }
     Ok(())
@@ -238,14 +256,27 @@ fn serve_connection(mut stream: TcpStream, answer: &[u8], delay: Duration) {
     }
 }
 
+/// Logs a SIGTERM: `term NAME pid=PID ns=CLOCK_MONOTONIC` (plus ` ignored` when ignored).
+fn log_term(cfg: &ServerConfig) {
+    let ignored = if cfg.ignore_term { " ignored" } else { "" };
+    eprintln!(
+        "term {} pid={} ns={}{ignored}",
+        cfg.name,
+        std::process::id(),
+        crate::load::monotonic_ns()
+    );
+}
+
 /// Waits for SIGTERM or SIGINT (blocked in all threads, so taken here synchronously).
 fn wait_for_term(cfg: &ServerConfig) {
     let set = sys::handled_signals();
     loop {
         match set.wait() {
             Ok(Signal::SIGTERM) => {
-                eprintln!("term {} pid={}", cfg.name, std::process::id());
-                return;
+                log_term(cfg);
+                if !cfg.ignore_term {
+                    return;
+                }
             }
             Ok(Signal::SIGINT) => return,
             _ => {}
@@ -317,8 +348,10 @@ impl<'a> Master<'a> {
             match set.wait() {
                 Ok(Signal::SIGCHLD) => self.reap_and_respawn()?,
                 Ok(Signal::SIGTERM) => {
-                    eprintln!("term {} pid={}", self.cfg.name, std::process::id());
-                    break;
+                    log_term(self.cfg);
+                    if !self.cfg.ignore_term {
+                        break;
+                    }
                 }
                 Ok(Signal::SIGINT) => break,
                 _ => {}
@@ -487,6 +520,7 @@ mod tests {
             "--delay-ms",
             "5",
             "--respawn",
+            "--no-accept",
         ])
         .expect("valid command line");
         assert_eq!(
@@ -497,12 +531,12 @@ mod tests {
             (cfg.workers, cfg.mode, cfg.v6only),
             (3, Mode::PerWorker, Some(false))
         );
-        assert!(cfg.no_reuseport && cfg.respawn && cfg.delay_ms == 5);
+        assert!(cfg.no_reuseport && cfg.respawn && cfg.no_accept && cfg.delay_ms == 5);
 
         let cfg = ServerConfig::try_parse_from(["testsrv", "--name", "B", "--listen", "[::]:9"])
             .expect("defaults");
         assert_eq!((cfg.workers, cfg.mode, cfg.v6only), (0, Mode::Shared, None));
-        assert!(!cfg.no_reuseport && !cfg.respawn && cfg.delay_ms == 0);
+        assert!(!cfg.no_reuseport && !cfg.respawn && !cfg.no_accept && cfg.delay_ms == 0);
     }
 
     #[test]
@@ -730,6 +764,28 @@ mod tests {
         assert!(
             srv.lines(Stream::Stdout).is_empty(),
             "ready printed despite the failure"
+        );
+    }
+
+    #[test]
+    fn no_accept_leaves_connections_queued() {
+        let addr = loopback();
+        let _srv =
+            Proc::spawn_testsrv(&["--name", "Q", "--listen", &addr.to_string(), "--no-accept"]);
+        // The kernel completes the handshake; nobody accepts, so no answer ever comes.
+        let mut stream = std::net::TcpStream::connect(addr).expect("the handshake completes");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("read timeout");
+        let err = stream
+            .read(&mut [0u8; 16])
+            .expect_err("no answer from a server that never accepts");
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{err}"
         );
     }
 

@@ -4,6 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
+use handoff_common::proto::GenerationState;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Generation, Service};
@@ -134,7 +135,7 @@ impl Service {
         self.adopt_descendants(index, ctx);
         let g = &self.generations[index];
         let Some(d) = &g.drain else { return };
-        if d.retire.is_some() {
+        if d.retire.is_some() || g.state != GenerationState::Draining {
             return;
         }
         let pids: Vec<i32> = g.members().filter(|m| m.alive()).map(|m| m.pid).collect();
@@ -142,6 +143,9 @@ impl Service {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(service = %self.config.name, generation = g.id, error = %e, "the tag pass failed; the drain timeout will retire it");
+                if let Some(d) = self.generations[index].drain.as_mut() {
+                    d.recheck_at = None;
+                }
                 return;
             }
         };
@@ -168,7 +172,7 @@ impl Service {
     }
 
     /// Adds processes forked since the promote to the generation's members.
-    fn adopt_descendants(&mut self, index: usize, ctx: &DrainCtx) {
+    pub(super) fn adopt_descendants(&mut self, index: usize, ctx: &DrainCtx) {
         let g = &mut self.generations[index];
         if !g.leader.alive() {
             return;
@@ -219,10 +223,17 @@ impl Service {
         }
     }
 
-    /// Acts on every deadline that has passed: drain timeouts, kill-after, rechecks.
+    /// Acts on every deadline that has passed: drain timeouts, kill-after, rechecks, and
+    /// looks for new listeners.
     pub fn tick(&mut self, now: Instant, ctx: &mut DrainCtx) {
+        self.rescan_due(now, ctx);
         for index in 0..self.generations.len() {
-            let Some(d) = &self.generations[index].drain else {
+            let g = &self.generations[index];
+            let Some(d) = g
+                .drain
+                .as_ref()
+                .filter(|_| g.state == GenerationState::Draining)
+            else {
                 continue;
             };
             if d.retire.is_none() && d.deadline <= now {
@@ -262,7 +273,9 @@ impl Service {
     pub fn next_deadline(&self) -> Option<Instant> {
         self.generations
             .iter()
+            .filter(|g| g.state == GenerationState::Draining)
             .filter_map(|g| g.drain.as_ref()?.next_deadline())
+            .chain(self.rescan.map(|r| r.next))
             .min()
     }
 }

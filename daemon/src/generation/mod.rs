@@ -2,6 +2,7 @@
 //! rollback, retirement.
 
 mod drain;
+mod listeners;
 mod status;
 
 use std::collections::HashSet;
@@ -178,6 +179,8 @@ pub struct Service {
     groups: Vec<Group>,
     generations: Vec<Generation>,
     next_id: u64,
+    /// A pending look for new listeners, after a bind on the port.
+    rescan: Option<listeners::Rescan>,
 }
 
 impl Service {
@@ -196,6 +199,7 @@ impl Service {
             groups,
             generations: Vec::new(),
             next_id: 1,
+            rescan: None,
         }
     }
 
@@ -204,7 +208,8 @@ impl Service {
         &self.config.name
     }
 
-    fn port(&self) -> u16 {
+    /// The service's port.
+    pub fn port(&self) -> u16 {
         self.config.listen.first().map_or(0, |a| a.port())
     }
 

@@ -1,6 +1,8 @@
 //! What every real-kernel test needs: the root check, a handoffd of its own, handoffctl.
 #![allow(dead_code)] // each test file uses a different part of this module
 
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
