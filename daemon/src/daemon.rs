@@ -1,10 +1,10 @@
 //! The daemon's state and its answer to each control request.
 
-use handoff_common::proto::{ErrorKind, ErrorReply, Request, Response, Status};
+use handoff_common::proto::{ErrorKind, ErrorReply, Promoted, Request, Response, Status};
 
 use std::time::Instant;
 
-use crate::generation::{DrainCtx, Service, ServiceConfig};
+use crate::generation::{Ctx, PromoteError, Service, ServiceConfig};
 use crate::loader::DrainEvent;
 
 /// Every service of the daemon.
@@ -12,12 +12,12 @@ use crate::loader::DrainEvent;
 pub struct Daemon {
     services: Vec<Service>,
     /// The drain accounting shared by all services.
-    ctx: DrainCtx,
+    ctx: Ctx,
 }
 
 impl Daemon {
     /// A daemon steering `services`; no steering program is loaded until a promote.
-    pub fn new(services: Vec<ServiceConfig>, mut ctx: DrainCtx) -> Self {
+    pub fn new(services: Vec<ServiceConfig>, mut ctx: Ctx) -> Self {
         for s in &services {
             if let Some(port) = s.listen.first().map(|a| a.port())
                 && let Err(e) = ctx.program.watch_port(port)
@@ -76,15 +76,11 @@ impl Daemon {
     pub fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::Promote { pid, service } => match self.service(service.as_deref()) {
-                Ok(i) => self.services[i]
-                    .promote(pid, &mut self.ctx)
-                    .map_or_else(|e| error(e.kind(), &one_line(&e)), Response::Promoted),
+                Ok(i) => self.change(i, |s, ctx| s.promote(pid, ctx)),
                 Err(e) => e,
             },
             Request::Rollback { service } => match self.service(service.as_deref()) {
-                Ok(i) => self.services[i]
-                    .rollback(&mut self.ctx)
-                    .map_or_else(|e| error(e.kind(), &one_line(&e)), Response::Promoted),
+                Ok(i) => self.change(i, Service::rollback),
                 Err(e) => e,
             },
             Request::Status {} => {
@@ -98,6 +94,42 @@ impl Daemon {
                 Response::Status(status)
             }
         }
+    }
+
+    /// Runs a promote or rollback on service `i`, counting it in the metrics.
+    fn change(
+        &mut self,
+        i: usize,
+        f: impl FnOnce(&mut Service, &mut Ctx) -> Result<Promoted, PromoteError>,
+    ) -> Response {
+        let started = Instant::now();
+        let result = f(&mut self.services[i], &mut self.ctx);
+        let name = self.services[i].name();
+        match result {
+            Ok(p) => {
+                let seconds = started.elapsed().as_secs_f64();
+                self.ctx.metrics.promotion(name, "ok", Some(seconds));
+                Response::Promoted(p)
+            }
+            Err(e) => {
+                let kind = e.kind();
+                let result = match kind {
+                    ErrorKind::Kernel | ErrorKind::Internal => "failed",
+                    _ => "refused",
+                };
+                self.ctx.metrics.promotion(name, result, None);
+                error(kind, &one_line(&e))
+            }
+        }
+    }
+
+    /// Metrics in the Prometheus text format, read now.
+    pub fn render_metrics(&mut self) -> String {
+        let status = match self.handle(Request::Status {}) {
+            Response::Status(s) => s,
+            _ => Status::default(),
+        };
+        self.ctx.metrics.render(&status)
     }
 
     /// The index of the service a request names (or the only one).

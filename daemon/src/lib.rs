@@ -14,6 +14,7 @@
 //! - [`loader`]: the steering program and its maps (the only module using aya).
 //! - [`probe`]: the probe connection that shows what the kernel chooses.
 //! - [`discover`], [`diag`]: /proc and sock_diag.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`supervise`]: the event loop for drain events, member exits and deadlines.
 //! - `sys`: every raw syscall and `unsafe` block.
 
@@ -27,6 +28,7 @@ pub mod generation;
 pub mod group;
 pub mod loader;
 pub mod members;
+pub mod metrics;
 pub mod probe;
 pub mod supervise;
 mod sys;

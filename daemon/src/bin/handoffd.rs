@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use handoff::config::{self, DEFAULT_STATE_DIR, DrainSettings, Paths, Sig};
-use handoff::generation::DrainCtx;
+use handoff::generation::Ctx;
 use handoff::loader::DrainProgram;
-use handoff::{control, daemon::Daemon, supervise};
+use handoff::{control, daemon::Daemon, metrics, supervise};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Zero-downtime restarts for any Linux network service, steered in the kernel.
@@ -47,6 +47,9 @@ struct Args {
     /// SIGKILL every member still alive this long after the retire signal [default: never].
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     kill_after: Option<Duration>,
+    /// Where to serve Prometheus metrics (`/metrics`), or `off`.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9464")]
+    metrics_addr: metrics::MetricsAddr,
     /// Remove the state of a stopped daemon and exit.
     #[arg(long, conflicts_with = "listen")]
     cleanup: bool,
@@ -93,8 +96,18 @@ fn main() -> anyhow::Result<()> {
         let mut program = DrainProgram::load().context("loading the drain accounting programs")?;
         let events = program.take_events().context("the drain ring buffer")?;
         let (watch_tx, watch_rx) = tokio::sync::mpsc::unbounded_channel();
-        let daemon = Arc::new(Mutex::new(Daemon::new(vec![service], DrainCtx::new(program, Some(watch_tx)))));
+        let daemon = Arc::new(Mutex::new(Daemon::new(vec![service], Ctx::new(program, Some(watch_tx)))));
         let supervisor = tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx));
+        let metrics_task = match args.metrics_addr.0 {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                    format!("serving metrics on {addr} (another handoffd? choose --metrics-addr ADDR:PORT or off)")
+                })?;
+                tracing::info!(%addr, "metrics on /metrics");
+                Some(tokio::spawn(metrics::serve(listener, Arc::clone(&daemon))))
+            }
+            None => None,
+        };
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let shutdown = async move {
@@ -107,6 +120,9 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(service = %args.service, listen = ?args.listen, control = %paths.control_socket.display(), "handoffd ready");
         control::serve(listener, paths.control_socket.clone(), daemon, shutdown).await;
         supervisor.abort();
+        if let Some(task) = metrics_task {
+            task.abort();
+        }
         anyhow::Ok(())
     })
 }

@@ -12,26 +12,30 @@ use crate::config::Sig;
 use crate::discover;
 use crate::loader::DrainProgram;
 use crate::members::Member;
+use crate::metrics::Metrics;
 
-/// What generations need beyond their own state: the drain programs, and the task that
-/// watches members' pidfds for their exit.
+/// What generations need beyond their own state: the drain programs, the task that
+/// watches members' pidfds for their exit, and the metrics.
 #[derive(Debug)]
-pub struct DrainCtx {
+pub struct Ctx {
     /// The tag pass, the counts and the events.
     pub program: DrainProgram,
     /// Where a new member's pidfd goes to be watched (none in tests without a runtime).
     watch: Option<UnboundedSender<OwnedFd>>,
     /// The tag of the next drain; never 0 (0 means "not counted" in socket storage).
     next_tag: u32,
+    /// Promotions, retirements and their durations.
+    pub metrics: Metrics,
 }
 
-impl DrainCtx {
+impl Ctx {
     /// A context over `program`, sending members' pidfds to `watch`.
     pub fn new(program: DrainProgram, watch: Option<UnboundedSender<OwnedFd>>) -> Self {
         Self {
             program,
             watch,
             next_tag: 1,
+            metrics: Metrics::new(),
         }
     }
 
@@ -79,7 +83,7 @@ pub struct DrainState {
 
 impl DrainState {
     /// Live count: sockets counted in the kernel plus connections queued on listeners.
-    pub fn connections(&self, ctx: &DrainCtx, queued: u64) -> u64 {
+    pub fn connections(&self, ctx: &Ctx, queued: u64) -> u64 {
         let counted = ctx.program.count(self.tag).unwrap_or(0).max(0);
         counted.unsigned_abs() + queued
     }
@@ -98,7 +102,7 @@ const RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Service {
     /// Starts draining the generation at `index`: the drain signal, then a tag pass.
-    pub(super) fn start_drain(&mut self, index: usize, ctx: &mut DrainCtx) {
+    pub(super) fn start_drain(&mut self, index: usize, ctx: &mut Ctx) {
         let settings = self.config.drain;
         let tag = ctx.tag();
         let now = Instant::now();
@@ -122,7 +126,7 @@ impl Service {
     }
 
     /// Stops draining the generation at `index` (it is active again).
-    pub(super) fn stop_drain(&mut self, index: usize, ctx: &mut DrainCtx) {
+    pub(super) fn stop_drain(&mut self, index: usize, ctx: &mut Ctx) {
         if let Some(d) = self.generations[index].drain.take() {
             ctx.program.forget(d.tag);
         }
@@ -130,7 +134,7 @@ impl Service {
 
     /// Counts the generation at `index` again (members re-read, so processes forked since
     /// are included) and sends the retire signal when nothing is left.
-    pub(super) fn count(&mut self, index: usize, ctx: &mut DrainCtx) {
+    pub(super) fn count(&mut self, index: usize, ctx: &mut Ctx) {
         let port = self.port();
         self.adopt_descendants(index, ctx);
         let g = &self.generations[index];
@@ -172,7 +176,7 @@ impl Service {
     }
 
     /// Adds processes forked since the promote to the generation's members.
-    pub(super) fn adopt_descendants(&mut self, index: usize, ctx: &DrainCtx) {
+    pub(super) fn adopt_descendants(&mut self, index: usize, ctx: &Ctx) {
         let g = &mut self.generations[index];
         if !g.leader.alive() {
             return;
@@ -213,7 +217,7 @@ impl Service {
     }
 
     /// A tag's count reached zero in the kernel: count once more, retire if still zero.
-    pub fn on_zero(&mut self, tag: u32, ctx: &mut DrainCtx) {
+    pub fn on_zero(&mut self, tag: u32, ctx: &mut Ctx) {
         if let Some(index) = self
             .generations
             .iter()
@@ -225,7 +229,7 @@ impl Service {
 
     /// Acts on every deadline that has passed: drain timeouts, kill-after, rechecks, and
     /// looks for new listeners.
-    pub fn tick(&mut self, now: Instant, ctx: &mut DrainCtx) {
+    pub fn tick(&mut self, now: Instant, ctx: &mut Ctx) {
         self.rescan_due(now, ctx);
         for index in 0..self.generations.len() {
             let g = &self.generations[index];

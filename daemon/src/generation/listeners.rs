@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use handoff_common::maps::GEN_SLOTS;
 use handoff_common::proto::GenerationState;
 
-use super::{Service, drain::DrainCtx};
+use super::{Service, drain::Ctx};
 use crate::candidate;
 use crate::discover;
 use crate::group::GroupKey;
@@ -37,7 +37,7 @@ impl Service {
     }
 
     /// Runs a scheduled look for new listeners, if due.
-    pub(super) fn rescan_due(&mut self, now: Instant, ctx: &mut DrainCtx) {
+    pub(super) fn rescan_due(&mut self, now: Instant, ctx: &mut Ctx) {
         let Some(r) = self.rescan else { return };
         if r.next > now {
             return;
@@ -52,7 +52,7 @@ impl Service {
 
     /// Puts listeners that the active generation's processes opened since its promote into
     /// its block: in a slot whose listener has closed, or after the last one.
-    fn adopt_listeners(&mut self, ctx: &mut DrainCtx) {
+    fn adopt_listeners(&mut self, ctx: &mut Ctx) {
         let Some(index) = self
             .generations
             .iter()

@@ -13,7 +13,7 @@ use handoff_common::maps::{BLOCKS, GEN_SLOTS, SteerRecord};
 use handoff_common::proto::{ErrorKind, GenerationState, Promoted};
 
 use drain::DrainState;
-pub use drain::{DrainCtx, RetireReason};
+pub use drain::{Ctx, RetireReason};
 
 use crate::candidate::{self, Candidate, CandidateError, Target};
 use crate::config::DrainSettings;
@@ -221,7 +221,7 @@ impl Service {
 
     /// Marks generations whose members have all exited as retired, and takes their
     /// slots and counts out of the kernel's maps.
-    pub fn reap(&mut self, ctx: &mut DrainCtx) {
+    pub fn reap(&mut self, ctx: &mut Ctx) {
         for g in &mut self.generations {
             if g.state == GenerationState::Retired || g.members().any(Member::alive) {
                 continue;
@@ -235,7 +235,10 @@ impl Service {
                 },
                 None => "exited",
             };
-            let drained_ms = g.drain.as_ref().map(|d| d.started.elapsed().as_millis());
+            let drained = g.drain.as_ref().map(|d| d.started.elapsed());
+            let drained_ms = drained.map(|d| d.as_millis());
+            ctx.metrics
+                .retirement(&self.config.name, how, drained.map(|d| d.as_secs_f64()));
             tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, how, drained_ms, "generation retired: every member exited");
             g.state = GenerationState::Retired;
             if let Some(d) = &g.drain {
@@ -263,7 +266,7 @@ impl Service {
     }
 
     /// Makes `pid` the active generation, verified by a probe in every group.
-    pub fn promote(&mut self, pid: i32, ctx: &mut DrainCtx) -> Result<Promoted, PromoteError> {
+    pub fn promote(&mut self, pid: i32, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
         self.reap(ctx);
         // A pid that already leads a live generation: the active one is a no-op refused,
         // a draining one is made active again (its listeners are still in the map).
@@ -329,7 +332,7 @@ impl Service {
     }
 
     /// Makes the newest draining generation with live listeners active again.
-    pub fn rollback(&mut self, ctx: &mut DrainCtx) -> Result<Promoted, PromoteError> {
+    pub fn rollback(&mut self, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
         self.reap(ctx);
         let back = self
             .generations
@@ -347,7 +350,7 @@ impl Service {
 
     /// Makes the draining generation at `index` active again: one flip per group back to
     /// its listeners, which never left the map. Verified by a probe like a promote.
-    fn reactivate(&mut self, index: usize, ctx: &mut DrainCtx) -> Result<Promoted, PromoteError> {
+    fn reactivate(&mut self, index: usize, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
         let g = &self.generations[index];
         if g.drain.as_ref().is_some_and(|d| d.retire.is_some()) {
             return Err(PromoteError::Retiring {
@@ -391,7 +394,7 @@ impl Service {
     }
 
     /// Every active generation but the one at `keep` starts draining.
-    fn demote_active(&mut self, keep: usize, ctx: &mut DrainCtx) {
+    fn demote_active(&mut self, keep: usize, ctx: &mut Ctx) {
         for index in 0..self.generations.len() {
             if index != keep && self.generations[index].state == GenerationState::Active {
                 self.generations[index].state = GenerationState::Draining;

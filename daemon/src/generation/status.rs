@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use handoff_common::maps::Counters;
 use handoff_common::proto::{ForeignListener, GenerationState, GenerationStatus, ServiceStatus};
 
-use super::drain::DrainCtx;
+use super::drain::Ctx;
 use super::{Generation, Service};
 use crate::discover::{self, DiscoverError};
 use crate::group::GroupKey;
@@ -36,7 +36,7 @@ impl Service {
     }
 
     /// The service as `status` shows it.
-    pub fn status(&mut self, ctx: &mut DrainCtx) -> Result<ServiceStatus, DiscoverError> {
+    pub fn status(&mut self, ctx: &mut Ctx) -> Result<ServiceStatus, DiscoverError> {
         self.reap(ctx);
         let port = self.port();
         let now = Instant::now();

@@ -76,9 +76,16 @@ impl Handoffd {
             .arg(&self.socket)
             .args(extra)
             .env("RUST_LOG", "debug");
+        // Tests run many daemons at once: no metrics endpoint unless the test asks.
+        if !extra.iter().any(|a| a.starts_with("--metrics-addr")) {
+            cmd.args(["--metrics-addr", "off"]);
+        }
         self.proc = Some(Proc::spawn(&mut cmd));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.ctl(&["status"]).status.success() {
+            if let Some(status) = self.proc().wait_exit(Duration::ZERO) {
+                panic!("handoffd exited at start ({status})");
+            }
             assert!(
                 Instant::now() < deadline,
                 "handoffd did not answer status within 10 s"

@@ -1,0 +1,350 @@
+//! Prometheus metrics: events counted as they happen, the rest (connections per
+//! generation, the kernel program's per-CPU counters, foreign listeners) read at scrape
+//! time, so that an idle daemon does no work for them.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::daemon::Daemon;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GenerationLabels {
+    service: String,
+    generation: String,
+    pid: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    service: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    service: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    service: String,
+    target: String,
+}
+
+/// 0.5 ms to ~4 s: a promote is a few milliseconds.
+fn promote_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+/// 10 ms to ~40 min: a drain lasts as long as the longest connection.
+fn drain_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 18))
+}
+
+/// Every metric of the daemon, and the registry that encodes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<GenerationLabels, Gauge>,
+    promotions: Family<ResultLabels, Counter>,
+    retirements: Family<ReasonLabels, Counter>,
+    steered: Family<TargetLabels, Counter>,
+    promote_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    drain_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    foreign: Family<ServiceLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric. prometheus-client appends `_total` to counters itself.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let connections = Family::default();
+        registry.register(
+            "handoff_generation_connections",
+            "Connections a generation holds (established and queued on its listeners)",
+            connections.clone(),
+        );
+        let promotions = Family::default();
+        registry.register(
+            "handoff_promotions",
+            "Promote and rollback requests by result",
+            promotions.clone(),
+        );
+        let retirements = Family::default();
+        registry.register(
+            "handoff_retirements",
+            "Generations retired, by how: drained, timeout, exited, killed",
+            retirements.clone(),
+        );
+        let steered = Family::default();
+        registry.register(
+            "handoff_steered_connections",
+            "Decisions of the kernel program by target: active, active_retry, fallback, kernel_hash, migrated, probe",
+            steered.clone(),
+        );
+        let promote_duration: Family<_, _, fn() -> Histogram> =
+            Family::new_with_constructor(promote_buckets);
+        registry.register(
+            "handoff_promote_duration_seconds",
+            "Promote request to its verified return",
+            promote_duration.clone(),
+        );
+        let drain_duration: Family<_, _, fn() -> Histogram> =
+            Family::new_with_constructor(drain_buckets);
+        registry.register(
+            "handoff_drain_duration_seconds",
+            "Start of a drain to the generation's retirement",
+            drain_duration.clone(),
+        );
+        let foreign = Family::default();
+        registry.register(
+            "handoff_foreign_listeners",
+            "LISTEN sockets on a service's port outside its groups",
+            foreign.clone(),
+        );
+        Self {
+            registry,
+            connections,
+            promotions,
+            retirements,
+            steered,
+            promote_duration,
+            drain_duration,
+            foreign,
+        }
+    }
+
+    /// Counts a promote or rollback: `ok`, `refused` (nothing changed) or `failed`.
+    pub fn promotion(&self, service: &str, result: &str, seconds: Option<f64>) {
+        self.promotions
+            .get_or_create(&ResultLabels {
+                service: service.into(),
+                result: result.into(),
+            })
+            .inc();
+        if let Some(s) = seconds {
+            self.promote_duration
+                .get_or_create(&ServiceLabels {
+                    service: service.into(),
+                })
+                .observe(s);
+        }
+    }
+
+    /// Counts a retirement, with how long its drain took if it drained.
+    pub fn retirement(&self, service: &str, reason: &str, drain_seconds: Option<f64>) {
+        self.retirements
+            .get_or_create(&ReasonLabels {
+                service: service.into(),
+                reason: reason.into(),
+            })
+            .inc();
+        if let Some(s) = drain_seconds {
+            self.drain_duration
+                .get_or_create(&ServiceLabels {
+                    service: service.into(),
+                })
+                .observe(s);
+        }
+    }
+
+    /// Refreshes the scrape-time metrics from a status and encodes everything.
+    pub fn render(&self, status: &handoff_common::proto::Status) -> String {
+        self.connections.clear();
+        for s in &status.services {
+            for g in &s.generations {
+                self.connections
+                    .get_or_create(&GenerationLabels {
+                        service: s.name.clone(),
+                        generation: g.id.to_string(),
+                        pid: g.pid.to_string(),
+                        state: g.state.as_str().into(),
+                    })
+                    .set(i64::try_from(g.connections).unwrap_or(i64::MAX));
+            }
+            let c = &s.steering;
+            for (target, value) in [
+                ("active", c.active),
+                ("active_retry", c.active_retry),
+                ("fallback", c.fallback),
+                ("kernel_hash", c.kernel_hash),
+                ("migrated", c.migrated),
+                ("probe", c.probe),
+            ] {
+                // The kernel's counters are the source; the metric mirrors them.
+                self.steered
+                    .get_or_create(&TargetLabels {
+                        service: s.name.clone(),
+                        target: target.into(),
+                    })
+                    .inner()
+                    .store(value, Ordering::Relaxed);
+            }
+            self.foreign
+                .get_or_create(&ServiceLabels {
+                    service: s.name.clone(),
+                })
+                .set(s.foreign_listeners.len() as i64);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, daemon: Arc<Mutex<Daemon>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let daemon = Arc::clone(&daemon);
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, daemon).await {
+                tracing::debug!(error = %e, "metrics client");
+            }
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, daemon: Arc<Mutex<Daemon>>) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    // The request head only; a scraper sends no body. Bounded in size and time.
+    let read = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        std::io::Result::Ok(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), read)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
+        let body =
+            tokio::task::spawn_blocking(move || daemon.lock().map(|mut d| d.render_metrics()).ok())
+                .await
+                .ok()
+                .flatten();
+        match body {
+            Some(b) => ("200 OK", b),
+            None => (
+                "500 Internal Server Error",
+                "daemon state unavailable\n".to_string(),
+            ),
+        }
+    } else {
+        (
+            "404 Not Found",
+            "only /metrics is served here\n".to_string(),
+        )
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// `--metrics-addr`: where to serve `/metrics`, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(MetricsAddr(None));
+        }
+        s.parse()
+            .map(|a| MetricsAddr(Some(a)))
+            .map_err(|_| format!("{s:?} is not ADDR:PORT or off"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_common::proto::{GenerationState, GenerationStatus, ServiceStatus, Status};
+
+    #[test]
+    fn exposes_the_documented_names() {
+        let m = Metrics::new();
+        m.promotion("web", "ok", Some(0.002));
+        m.retirement("web", "drained", Some(1.5));
+        let steering = handoff_common::maps::Counters {
+            active: 300,
+            ..Default::default()
+        };
+        let status = Status {
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                listen: vec!["127.0.0.1:80".into()],
+                generations: vec![GenerationStatus {
+                    id: 2,
+                    pid: 42,
+                    state: GenerationState::Active,
+                    listeners: 1,
+                    connections: 7,
+                    drain_age_ms: None,
+                    drain_deadline_ms: None,
+                }],
+                foreign_listeners: vec![],
+                steering,
+            }],
+        };
+        let text = m.render(&status);
+        for needle in [
+            "handoff_generation_connections{service=\"web\",generation=\"2\",pid=\"42\",state=\"active\"} 7",
+            "handoff_promotions_total{service=\"web\",result=\"ok\"} 1",
+            "handoff_retirements_total{service=\"web\",reason=\"drained\"} 1",
+            "handoff_steered_connections_total{service=\"web\",target=\"active\"} 300",
+            "handoff_promote_duration_seconds_count{service=\"web\"} 1",
+            "handoff_drain_duration_seconds_count{service=\"web\"} 1",
+            "handoff_foreign_listeners{service=\"web\"} 0",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn metrics_addr_may_be_off() {
+        assert_eq!("off".parse(), Ok(MetricsAddr(None)));
+        assert_eq!(
+            "127.0.0.1:9464".parse(),
+            Ok(MetricsAddr(Some("127.0.0.1:9464".parse().unwrap())))
+        );
+        assert!("nine".parse::<MetricsAddr>().is_err());
+    }
+}
