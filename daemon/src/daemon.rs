@@ -2,10 +2,12 @@
 
 use handoff_common::proto::{ErrorKind, ErrorReply, Promoted, Request, Response, Status};
 
+use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::generation::{Ctx, PromoteError, Service, ServiceConfig};
 use crate::loader::DrainEvent;
+use crate::state::{SavedService, SavedState};
 
 /// Every service of the daemon.
 #[derive(Debug)]
@@ -13,21 +15,71 @@ pub struct Daemon {
     services: Vec<Service>,
     /// The drain accounting shared by all services.
     ctx: Ctx,
+    /// Where the generation table is kept (none: not kept).
+    state_file: Option<PathBuf>,
+    /// Saved services that are not configured now: kept as they were.
+    orphans: Vec<SavedService>,
+    /// What was last written, to write only changes.
+    last_saved: String,
 }
 
 impl Daemon {
-    /// A daemon steering `services`; no steering program is loaded until a promote.
-    pub fn new(services: Vec<ServiceConfig>, mut ctx: Ctx) -> Self {
-        for s in &services {
-            if let Some(port) = s.listen.first().map(|a| a.port())
+    /// A daemon steering `services`, taking up what `saved` says a previous daemon
+    /// steered; no steering program is loaded for a new service until its first promote.
+    pub fn new(
+        services: Vec<ServiceConfig>,
+        mut ctx: Ctx,
+        saved: SavedState,
+        state_file: Option<PathBuf>,
+    ) -> Self {
+        let mut saved = saved.services;
+        let mut table = Vec::with_capacity(services.len());
+        for config in services {
+            if let Some(port) = config.listen.first().map(|a| a.port())
                 && let Err(e) = ctx.program.watch_port(port)
             {
-                tracing::warn!(service = %s.name, error = %e, "cannot watch binds of the service port");
+                tracing::warn!(service = %config.name, error = %e, "cannot watch binds of the service port");
             }
+            table.push(match saved.iter().position(|s| s.name == config.name) {
+                Some(i) => Service::recover(config, saved.remove(i), &mut ctx),
+                None => Service::new(config),
+            });
         }
-        Self {
-            services: services.into_iter().map(Service::new).collect(),
+        for orphan in &saved {
+            tracing::warn!(service = %orphan.name, "saved state of a service that is not configured: kept as it is (handoffd --cleanup --service NAME removes it)");
+        }
+        let mut daemon = Self {
+            services: table,
             ctx,
+            state_file,
+            orphans: saved,
+            last_saved: String::new(),
+        };
+        daemon.persist();
+        daemon
+    }
+
+    /// Writes the generation table if it changed.
+    fn persist(&mut self) {
+        let Some(path) = &self.state_file else { return };
+        let state = SavedState {
+            version: crate::state::VERSION,
+            services: self
+                .services
+                .iter()
+                .map(Service::save)
+                .chain(self.orphans.iter().cloned())
+                .collect(),
+        };
+        let text = serde_json::to_string_pretty(&state).unwrap_or_default();
+        if text == self.last_saved {
+            return;
+        }
+        match crate::state::save(path, &text) {
+            Ok(()) => self.last_saved = text,
+            Err(e) => {
+                tracing::error!(error = %one_line(&e), "saving the generation table failed; a restarted daemon would not know the generations")
+            }
         }
     }
 
@@ -48,6 +100,7 @@ impl Daemon {
                 }
             }
         }
+        self.persist();
     }
 
     /// Retires generations whose members have all exited.
@@ -55,6 +108,7 @@ impl Daemon {
         for s in &mut self.services {
             s.reap(&mut self.ctx);
         }
+        self.persist();
     }
 
     /// Acts on passed deadlines.
@@ -62,6 +116,7 @@ impl Daemon {
         for s in &mut self.services {
             s.tick(now, &mut self.ctx);
         }
+        self.persist();
     }
 
     /// The earliest deadline of any service.
@@ -74,6 +129,12 @@ impl Daemon {
 
     /// Answers one request.
     pub fn handle(&mut self, request: Request) -> Response {
+        let response = self.answer(request);
+        self.persist();
+        response
+    }
+
+    fn answer(&mut self, request: Request) -> Response {
         match request {
             Request::Promote { pid, service } => match self.service(service.as_deref()) {
                 Ok(i) => self.change(i, |s, ctx| s.promote(pid, ctx)),

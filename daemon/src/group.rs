@@ -8,7 +8,7 @@ use crate::diag::DiagSocket;
 /// What makes two listening sockets share a reuseport group (besides the network
 /// namespace, which is always the daemon's): exact address and port, IPV6_V6ONLY, bound
 /// device, owner uid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct GroupKey {
     /// Bound address and port.
     pub addr: SocketAddr,

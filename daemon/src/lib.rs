@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - [`config`]: services and paths, checked before anything starts.
+//! - [`cleanup`]: `handoffd --cleanup`.
 //! - [`daemon`]: the daemon's table of services and its answer to each request.
 //! - [`control`]: the Unix control socket: binding it safely, peer credentials, framing.
 //! - [`generation`]: services and generations; the only place that changes them
@@ -14,11 +15,14 @@
 //! - [`loader`]: the steering program and its maps (the only module using aya).
 //! - [`probe`]: the probe connection that shows what the kernel chooses.
 //! - [`discover`], [`diag`]: /proc and sock_diag.
+//! - [`state`], [`pins`]: what survives the daemon: the generation table in the state
+//!   directory, the maps pinned on the host's bpffs.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`supervise`]: the event loop for drain events, member exits and deadlines.
 //! - `sys`: every raw syscall and `unsafe` block.
 
 pub mod candidate;
+pub mod cleanup;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -29,6 +33,8 @@ pub mod group;
 pub mod loader;
 pub mod members;
 pub mod metrics;
+pub mod pins;
 pub mod probe;
+pub mod state;
 pub mod supervise;
 mod sys;

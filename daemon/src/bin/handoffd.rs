@@ -11,7 +11,7 @@ use clap::Parser;
 use handoff::config::{self, DEFAULT_STATE_DIR, DrainSettings, Paths, Sig};
 use handoff::generation::Ctx;
 use handoff::loader::DrainProgram;
-use handoff::{control, daemon::Daemon, metrics, supervise};
+use handoff::{cleanup, control, daemon::Daemon, metrics, pins, state, supervise};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Zero-downtime restarts for any Linux network service, steered in the kernel.
@@ -25,9 +25,9 @@ struct Args {
         required_unless_present = "cleanup"
     )]
     listen: Vec<SocketAddr>,
-    /// The service's name.
-    #[arg(long, default_value = "default")]
-    service: String,
+    /// The service's name [default: default]; with --cleanup, the one service to clean up.
+    #[arg(long)]
+    service: Option<String>,
     /// The control socket [default: STATE_DIR/handoffd.sock].
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     }
     let paths = Paths::new(args.state_dir.clone(), args.control_socket.clone());
     if args.cleanup {
-        return cleanup(&paths);
+        return Ok(cleanup::run(&paths, args.service.as_deref())?);
     }
     let drain = DrainSettings {
         drain_signal: args.drain_signal,
@@ -85,8 +85,12 @@ fn main() -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         kill_after: args.kill_after,
     };
-    let service = config::service(&args.service, &args.listen, drain)?;
+    let name = args.service.as_deref().unwrap_or("default");
+    let service = config::service(name, &args.listen, drain)?;
     let _lock = control::lock_state_dir(&paths)?;
+    pins::ensure_bpffs()?;
+    let state_file = state::file(&paths.state_dir);
+    let saved = state::load(&state_file)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -96,7 +100,12 @@ fn main() -> anyhow::Result<()> {
         let mut program = DrainProgram::load().context("loading the drain accounting programs")?;
         let events = program.take_events().context("the drain ring buffer")?;
         let (watch_tx, watch_rx) = tokio::sync::mpsc::unbounded_channel();
-        let daemon = Arc::new(Mutex::new(Daemon::new(vec![service], Ctx::new(program, Some(watch_tx)))));
+        let daemon = Arc::new(Mutex::new(Daemon::new(
+            vec![service],
+            Ctx::new(program, Some(watch_tx)),
+            saved,
+            Some(state_file),
+        )));
         let supervisor = tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx));
         let metrics_task = match args.metrics_addr.0 {
             Some(addr) => {
@@ -117,7 +126,7 @@ fn main() -> anyhow::Result<()> {
             }
             tracing::info!("stopping; the kernel keeps steering as it was");
         };
-        tracing::info!(service = %args.service, listen = ?args.listen, control = %paths.control_socket.display(), "handoffd ready");
+        tracing::info!(service = %name, listen = ?args.listen, control = %paths.control_socket.display(), "handoffd ready");
         control::serve(listener, paths.control_socket.clone(), daemon, shutdown).await;
         supervisor.abort();
         if let Some(task) = metrics_task {
@@ -125,17 +134,4 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
-}
-
-/// Removes what a stopped daemon left in its state directory.
-fn cleanup(paths: &Paths) -> anyhow::Result<()> {
-    let _lock = control::lock_state_dir(paths)?;
-    for path in [&paths.control_socket, &paths.lock_file()] {
-        match std::fs::remove_file(path) {
-            Ok(()) => println!("removed {}", path.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-        }
-    }
-    Ok(())
 }

@@ -125,6 +125,44 @@ impl Service {
         self.count(index, ctx);
     }
 
+    /// Takes up the drain of a generation a previous daemon started: its start, deadline
+    /// and retire signal as saved, its connections counted afresh (under a new tag).
+    pub(super) fn resume_drain(
+        &mut self,
+        index: usize,
+        saved: &crate::state::SavedDrain,
+        at: impl Fn(u64) -> Instant,
+        ctx: &mut Ctx,
+    ) {
+        let settings = self.config.drain;
+        let tag = ctx.tag();
+        if let Err(e) = ctx.program.start(tag) {
+            tracing::error!(service = %self.config.name, error = %e, "cannot count connections; the drain timeout will retire it");
+        }
+        let retire = saved.retired_ms.map(|ms| {
+            let reason = if saved.timed_out {
+                RetireReason::Timeout
+            } else {
+                RetireReason::Drained
+            };
+            (at(ms), reason)
+        });
+        let kill_at = match (retire, settings.kill_after) {
+            (Some((sent, _)), Some(k)) if !saved.killed => Some(sent + k),
+            _ => None,
+        };
+        self.generations[index].drain = Some(DrainState {
+            tag,
+            started: at(saved.started_ms),
+            deadline: at(saved.deadline_ms),
+            retire,
+            kill_at,
+            killed: saved.killed,
+            recheck_at: None,
+        });
+        self.count(index, ctx);
+    }
+
     /// Stops draining the generation at `index` (it is active again).
     pub(super) fn stop_drain(&mut self, index: usize, ctx: &mut Ctx) {
         if let Some(d) = self.generations[index].drain.take() {

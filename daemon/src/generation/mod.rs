@@ -3,6 +3,7 @@
 
 mod drain;
 mod listeners;
+mod persist;
 mod status;
 
 use std::collections::HashSet;
@@ -470,7 +471,10 @@ impl Service {
                 };
                 let group = &mut self.groups[i];
                 if group.program.is_none() {
-                    group.program = Some(GroupProgram::load()?);
+                    group.program = Some(GroupProgram::load(&crate::pins::group_dir(
+                        &self.config.name,
+                        i,
+                    ))?);
                 }
                 let program = group
                     .program

@@ -11,6 +11,14 @@ use aya::{Ebpf, EbpfError};
 pub use drain::{DrainEvent, DrainProgram};
 pub use steer::GroupProgram;
 
+/// Detaches whatever sk_reuseport program the group of `socket` has.
+pub fn detach(socket: &impl std::os::fd::AsFd) -> Result<(), LoaderError> {
+    aya::programs::SkReuseport::detach(socket).map_err(|source| LoaderError::Program {
+        name: handoff_common::maps::PROGRAM,
+        source,
+    })
+}
+
 /// Errors of loading and driving the steering program.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -56,6 +64,15 @@ pub enum LoaderError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// A map could not be pinned.
+    #[error("pinning {path} failed")]
+    Pin {
+        /// Where.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: aya::pin::PinError,
     },
     /// The tag pass could not be started.
     #[error("starting the tag pass failed")]

@@ -1,6 +1,7 @@
 //! The steering program: one instance, with its own maps, per reuseport group.
 
 use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
 
 use aya::Ebpf;
 use aya::maps::{Array, Map, MapData, PerCpuArray};
@@ -12,6 +13,18 @@ use handoff_common::maps::{
 
 use super::{LoaderError, take};
 
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoaderError {
+    move |source| LoaderError::Map { name, source }
+}
+
+/// The map data behind the map kinds this object has.
+fn map_data<'a>(map: &'a Map, name: &'static str) -> Result<&'a MapData, LoaderError> {
+    match map {
+        Map::Array(d) | Map::PerCpuArray(d) | Map::ReusePortSockArray(d) => Ok(d),
+        _ => Err(LoaderError::MissingMap(name)),
+    }
+}
+
 fn program_err(source: aya::programs::ProgramError) -> LoaderError {
     LoaderError::Program {
         name: maps::PROGRAM,
@@ -22,8 +35,9 @@ use crate::sys::{self, MappedIndex};
 
 /// The steering program of one group and its maps.
 pub struct GroupProgram {
-    /// Owns the program fd; the maps were taken out below.
-    ebpf: Ebpf,
+    /// Owns the program fd (the maps were taken out below); `None` when taken up from
+    /// pins, the program being attached already.
+    ebpf: Option<Ebpf>,
     /// The REUSEPORT_SOCKARRAY of the generations' listeners.
     socks: MapData,
     /// The record ring.
@@ -52,7 +66,7 @@ impl std::fmt::Debug for GroupProgram {
 impl GroupProgram {
     /// Loads a fresh instance: empty sockarray, record 0 in force and empty (every
     /// connection left to the kernel's hash until a generation is published).
-    pub fn load() -> Result<Self, LoaderError> {
+    pub fn load(pin_dir: &Path) -> Result<Self, LoaderError> {
         let mut ebpf =
             Ebpf::load(handoff_ebpf::HANDOFF_BPF).map_err(|source| LoaderError::Load {
                 what: "the steering program",
@@ -64,30 +78,61 @@ impl GroupProgram {
             .try_into()
             .map_err(program_err)?;
         program.load().map_err(program_err)?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::Io {
+            op: "creating",
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
+        let mut group = Self::assemble(|name| {
+            let map = take(&mut ebpf, name)?;
+            // Pinned, the maps outlive the daemon: a restarted one takes them up again.
+            let path = pin_dir.join(name);
+            let _ = std::fs::remove_file(&path);
+            map_data(&map, name)?
+                .pin(&path)
+                .map_err(|source| LoaderError::Pin { path, source })?;
+            Ok(map)
+        })?;
+        for i in 0..u32::from(maps::PROBE_PORTS) {
+            group
+                .probes
+                .set(i, PROBE_UNSET, 0)
+                .map_err(map_err(MAP_PROBES))?;
+        }
+        group.ebpf = Some(ebpf);
+        Ok(group)
+    }
 
-        let Map::ReusePortSockArray(socks) = take(&mut ebpf, MAP_SOCKS)? else {
+    /// Takes up the pinned maps of a group whose program a previous daemon attached.
+    pub fn from_pins(pin_dir: &Path) -> Result<Self, LoaderError> {
+        let mut group = Self::assemble(|name| {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        })?;
+        group.attached = true;
+        Ok(group)
+    }
+
+    fn assemble(
+        mut map: impl FnMut(&'static str) -> Result<Map, LoaderError>,
+    ) -> Result<Self, LoaderError> {
+        let Map::ReusePortSockArray(socks) = map(MAP_SOCKS)? else {
             return Err(LoaderError::MissingMap(MAP_SOCKS));
         };
-        let Map::Array(current_map) = take(&mut ebpf, MAP_CURRENT)? else {
+        let Map::Array(current_map) = map(MAP_CURRENT)? else {
             return Err(LoaderError::MissingMap(MAP_CURRENT));
         };
-        let map_err = |name| move |source| LoaderError::Map { name, source };
-        let records =
-            Array::try_from(take(&mut ebpf, MAP_RECORDS)?).map_err(map_err(MAP_RECORDS))?;
-        let counters =
-            PerCpuArray::try_from(take(&mut ebpf, MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
-        let mut probes: Array<MapData, u32> =
-            Array::try_from(take(&mut ebpf, MAP_PROBES)?).map_err(map_err(MAP_PROBES))?;
-        for i in 0..u32::from(maps::PROBE_PORTS) {
-            probes.set(i, PROBE_UNSET, 0).map_err(map_err(MAP_PROBES))?;
-        }
+        let records = Array::try_from(map(MAP_RECORDS)?).map_err(map_err(MAP_RECORDS))?;
+        let counters = PerCpuArray::try_from(map(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
+        let probes = Array::try_from(map(MAP_PROBES)?).map_err(map_err(MAP_PROBES))?;
         let current = MappedIndex::new(current_map.fd()).map_err(|source| LoaderError::Sys {
             op: "mmap",
             name: MAP_CURRENT,
             source,
         })?;
         Ok(Self {
-            ebpf,
+            ebpf: None,
             socks,
             records,
             current,
@@ -103,7 +148,8 @@ impl GroupProgram {
     pub fn attach(&mut self, socket: BorrowedFd<'_>) -> Result<(), LoaderError> {
         let program: &SkReuseport = self
             .ebpf
-            .program(maps::PROGRAM)
+            .as_ref()
+            .and_then(|e| e.program(maps::PROGRAM))
             .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
             .try_into()
             .map_err(program_err)?;

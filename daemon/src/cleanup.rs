@@ -1,0 +1,147 @@
+//! `handoffd --cleanup`: remove what a stopped daemon left — its pins, its generation
+//! table, its socket — and detach its programs where a generation still listens.
+
+use std::path::Path;
+
+use crate::config::Paths;
+use crate::control::{self, ControlError};
+use crate::members::Member;
+use crate::state::{self, SavedService, SavedState, StateError};
+use crate::{candidate, discover, loader, pins};
+
+/// Why a cleanup could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// A daemon holds the state directory.
+    #[error("a handoffd is running on {0}: stop it first")]
+    Running(std::path::PathBuf),
+    /// The state directory could not be locked.
+    #[error(transparent)]
+    Control(ControlError),
+    /// The state file could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A file could not be removed.
+    #[error("removing {path} failed")]
+    Remove {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Cleans up `service` (or every service of the state) and reports each step on stdout.
+pub fn run(paths: &Paths, service: Option<&str>) -> Result<(), CleanupError> {
+    if !paths.state_dir.exists() && service.is_none() {
+        println!("nothing to clean up in {}", paths.state_dir.display());
+        return Ok(());
+    }
+    let _lock = control::lock_state_dir(paths).map_err(|e| match e {
+        ControlError::Locked(dir) => CleanupError::Running(dir),
+        other => CleanupError::Control(other),
+    })?;
+    let file = state::file(&paths.state_dir);
+    let mut saved = state::load(&file)?;
+    let (gone, kept): (Vec<SavedService>, Vec<SavedService>) = saved
+        .services
+        .drain(..)
+        .partition(|s| service.is_none_or(|name| s.name == name));
+    for s in &gone {
+        detach(s);
+    }
+    let mut names: Vec<&str> = gone.iter().map(|s| s.name.as_str()).collect();
+    if let Some(name) = service
+        && !names.contains(&name)
+    {
+        names.push(name);
+    }
+    for name in names {
+        match pins::remove_service(name) {
+            Ok(true) => println!("removed the pins of service {name}"),
+            Ok(false) => {}
+            Err(source) => {
+                return Err(CleanupError::Remove {
+                    path: pins::service_dir(name),
+                    source,
+                });
+            }
+        }
+    }
+    if kept.is_empty() {
+        remove(&file)?;
+        remove(&paths.control_socket)?;
+        remove(&paths.lock_file())?;
+    } else {
+        let state = SavedState {
+            version: state::VERSION,
+            services: kept,
+        };
+        state::save(
+            &file,
+            &serde_json::to_string_pretty(&state).unwrap_or_default(),
+        )?;
+        println!("kept the state of {} other services", state.services.len());
+    }
+    Ok(())
+}
+
+/// Detaches the steering program from each group where a generation of `s` still
+/// listens: the kernel's hash decides again, as before handoff.
+fn detach(s: &SavedService) {
+    let port = s.listen.first().map_or(0, |a| a.port());
+    for g in &s.generations {
+        let Some(leader) = Member::open(g.leader.pid)
+            .ok()
+            .filter(|m| m.start_time == g.leader.start_time)
+        else {
+            continue;
+        };
+        let Ok(tree) = discover::process_tree(leader.pid) else {
+            continue;
+        };
+        let Ok(listeners) = discover::listeners(port, &tree) else {
+            continue;
+        };
+        for (group, block) in g.blocks.iter().enumerate() {
+            let found = listeners
+                .iter()
+                .find(|l| block.cookies.contains(&l.diag.cookie) && l.held_by.is_some());
+            let Some((l, at)) = found.and_then(|l| l.held_by.map(|at| (l, at))) else {
+                continue;
+            };
+            let Ok(owner) = Member::open(at.pid) else {
+                continue;
+            };
+            match candidate::duplicate(&owner, at, l.diag.cookie, l.diag.local)
+                .map_err(|e| e.to_string())
+                .and_then(|fd| loader::detach(&fd).map_err(|e| e.to_string()))
+            {
+                Ok(()) => println!(
+                    "detached the program of service {} from {} (group {group})",
+                    s.name, l.diag.local
+                ),
+                Err(e) => eprintln!(
+                    "could not detach service {} from {}: {e}",
+                    s.name, l.diag.local
+                ),
+            }
+        }
+        return; // one live generation reaches every group
+    }
+}
+
+fn remove(path: &Path) -> Result<(), CleanupError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            println!("removed {}", path.display());
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CleanupError::Remove {
+            path: path.into(),
+            source,
+        }),
+    }
+}
