@@ -59,6 +59,20 @@ impl Daemon {
         daemon
     }
 
+    /// One line for systemd's STATUS: services and generations by state.
+    pub fn summary(&self) -> String {
+        let (mut active, mut draining) = (0, 0);
+        for s in &self.services {
+            let (a, d) = s.counts();
+            active += a;
+            draining += d;
+        }
+        format!(
+            "{} services, {active} active and {draining} draining generations",
+            self.services.len()
+        )
+    }
+
     /// Writes the generation table if it changed.
     fn persist(&mut self) {
         let Some(path) = &self.state_file else { return };
@@ -76,7 +90,10 @@ impl Daemon {
             return;
         }
         match crate::state::save(path, &text) {
-            Ok(()) => self.last_saved = text,
+            Ok(()) => {
+                self.last_saved = text;
+                let _ = crate::notify::notify(&format!("STATUS={}", self.summary()));
+            }
             Err(e) => {
                 tracing::error!(error = %one_line(&e), "saving the generation table failed; a restarted daemon would not know the generations")
             }

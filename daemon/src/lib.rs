@@ -17,6 +17,7 @@
 //! - [`discover`], [`diag`]: /proc and sock_diag.
 //! - [`state`], [`pins`]: what survives the daemon: the generation table in the state
 //!   directory, the maps pinned on the host's bpffs.
+//! - [`notify`]: systemd's READY/STATUS notifications.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`supervise`]: the event loop for drain events, member exits and deadlines.
 //! - `sys`: every raw syscall and `unsafe` block.
@@ -33,6 +34,7 @@ pub mod group;
 pub mod loader;
 pub mod members;
 pub mod metrics;
+pub mod notify;
 pub mod pins;
 pub mod probe;
 pub mod state;

@@ -102,6 +102,35 @@ fn unauthorised_user_is_refused() {
     );
 }
 
+#[test]
+fn daemon_reports_ready_to_systemd() {
+    if !privileged("daemon_reports_ready_to_systemd") {
+        return;
+    }
+    let dir = tempdir("systemd");
+    let path = dir.join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path).expect("a notify socket");
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut d = Handoffd::new("notify");
+    d.env
+        .push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+    d.spawn(&[loopback()], &[]);
+    let mut buf = [0u8; 512];
+    // STATUS updates may come first; READY comes once the maps are loaded.
+    let msg = loop {
+        let n = systemd.recv(&mut buf).expect("READY within 10 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.contains("READY=1") {
+            break msg;
+        }
+        assert!(msg.starts_with("STATUS="), "{msg}");
+    };
+    assert!(msg.starts_with("READY=1\nSTATUS=1 services"), "{msg}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn tempdir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("handoff-test-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("creating a temp dir");

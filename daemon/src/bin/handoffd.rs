@@ -126,6 +126,12 @@ fn main() -> anyhow::Result<()> {
             }
             tracing::info!("stopping; the kernel keeps steering as it was");
         };
+        let summary = daemon.lock().map(|d| d.summary()).unwrap_or_default();
+        match handoff::notify::notify(&format!("READY=1\nSTATUS={summary}")) {
+            Ok(true) => tracing::debug!("told systemd we are ready"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "notifying systemd failed"),
+        }
         tracing::info!(service = %name, listen = ?args.listen, control = %paths.control_socket.display(), "handoffd ready");
         control::serve(listener, paths.control_socket.clone(), daemon, shutdown).await;
         supervisor.abort();

@@ -209,6 +209,12 @@ impl Service {
         &self.config.name
     }
 
+    /// Active and draining generations.
+    pub fn counts(&self) -> (usize, usize) {
+        let n = |s| self.generations.iter().filter(|g| g.state == s).count();
+        (n(GenerationState::Active), n(GenerationState::Draining))
+    }
+
     /// The service's port.
     pub fn port(&self) -> u16 {
         self.config.listen.first().map_or(0, |a| a.port())

@@ -36,6 +36,8 @@ pub struct Handoffd {
     pub socket: PathBuf,
     state: PathBuf,
     dir: PathBuf,
+    /// Extra environment of the daemon process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Handoffd {
@@ -46,21 +48,27 @@ impl Handoffd {
 
     /// As [`Handoffd::start`], with extra arguments.
     pub fn start_with(name: &str, listen: &[SocketAddr], extra: &[&str]) -> Self {
+        let mut d = Self::new(name);
+        d.spawn(listen, extra);
+        d
+    }
+
+    /// The guard of a daemon not started yet: its name, paths and environment.
+    pub fn new(name: &str) -> Self {
         let service = format!("{name}-{}", std::process::id());
         let dir = std::env::temp_dir().join(format!("handoff-test-{service}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the test's temp dir");
         let state = dir.join("state");
         let socket = dir.join("ctl.sock");
-        let mut d = Self {
+        Self {
             proc: None,
             service,
             socket,
             state,
             dir,
-        };
-        d.spawn(listen, extra);
-        d
+            env: Vec::new(),
+        }
     }
 
     /// (Re)starts the daemon process.
@@ -75,7 +83,8 @@ impl Handoffd {
             .arg("--control-socket")
             .arg(&self.socket)
             .args(extra)
-            .env("RUST_LOG", "debug");
+            .env("RUST_LOG", "debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         // Tests run many daemons at once: no metrics endpoint unless the test asks.
         if !extra.iter().any(|a| a.starts_with("--metrics-addr")) {
             cmd.args(["--metrics-addr", "off"]);
