@@ -1,5 +1,7 @@
 //! `loadgen`: the load client of handoff tests; prints one JSON report on stdout. SIGINT or
-//! SIGTERM ends the run early, still printing the report. See `handoff_tests::load`.
+//! SIGTERM ends the run early, still printing the report. By default it reads the `testsrv`
+//! answer line; `--http` speaks HTTP/1.1 (`--requests-per-connection N` for keep-alive). See
+//! `handoff_tests::load`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;

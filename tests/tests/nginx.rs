@@ -1,0 +1,700 @@
+//! nginx as it ships (Debian's `nginx-light`: a master and 2 workers, `listen … reuseport`),
+//! restarted again and again under HTTP load through handoff, losing nothing that handoff
+//! can keep: with keep-alive clients nginx itself drops the requests that race its close of
+//! idle connections (see `nginx_keepalive_drain_signal`).
+//!
+//! Each generation is a fresh nginx with a prefix directory of its own, answering `gN`. A
+//! handoff is: start generation N+1, wait until its workers listen, `handoffctl promote` its
+//! master; handoffd then steers every new connection to it and stops the old nginx with
+//! SIGQUIT (graceful quit), either as the retire signal once the old generation has no
+//! connection left, or as the drain signal at once (keep-alive clients: nginx closes idle
+//! connections only when told).
+//!
+//! Each test runs in a network namespace of its own: the kernel's TCP counters checked at the
+//! end (listen queue overflows and drops, failed migrations) are then this test's alone, and
+//! nothing else can listen on its port. The namespace lives as long as the test's thread and
+//! the processes it started; nothing needs removing afterwards.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use handoff_common::proto::GenerationState;
+use handoff_tests::load::{self, LoadConfig, LoadReport};
+use handoff_tests::{Proc, Stream, free_port};
+use nix::errno::Errno;
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::killpg;
+use nix::unistd::Pid;
+use support::{Handoffd, privileged};
+
+/// Handoffs per test.
+const HANDOFFS: usize = 12;
+/// Concurrent HTTP clients.
+const CLIENTS: u32 = 128;
+/// How long each generation serves the load before the next handoff.
+const DWELL: Duration = Duration::from_millis(400);
+/// A request slower than this is a failure.
+const REQUEST_TIMEOUT_MS: u64 = 3000;
+/// Deadline for a new nginx's workers to listen.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kernel counters (TcpExt in /proc/net/netstat) that must not grow: any of them means a
+/// connection was dropped or reset by the kernel.
+const LOSS_COUNTERS: [&str; 4] = [
+    "ListenOverflows",
+    "ListenDrops",
+    "TCPMigrateReqFailure",
+    "TCPReqQFullDrop",
+];
+
+#[test]
+fn nginx_close_per_request() {
+    if !privileged("nginx_close_per_request") {
+        return;
+    }
+    let run = handoffs_under_load(&Scenario {
+        tag: "nginx-close",
+        requests_per_connection: 1,
+        handoffd_args: &["--retire-signal", "SIGQUIT"],
+    });
+    // No drain signal: each old nginx quits when handoffd has counted its last connection.
+    // Nothing holds a connection long here, so that is soon after its promote.
+    run.assert_all_exited(Duration::from_secs(30));
+    // No connection is reused, so no request can be lost to the keep-alive race: 0 failures.
+    assert_eq!(run.report.failures.total(), 0, "{:?}", run.report.failures);
+}
+
+#[test]
+fn nginx_keepalive_drain_signal() {
+    if !privileged("nginx_keepalive_drain_signal") {
+        return;
+    }
+    let run = handoffs_under_load(&Scenario {
+        tag: "nginx-keepalive",
+        requests_per_connection: 20,
+        handoffd_args: &["--drain-signal", "SIGQUIT", "--drain-timeout", "60s"],
+    });
+    // SIGQUIT at the promote makes nginx close its idle keep-alive connections and finish the
+    // requests in progress: each drain ends long before the drain timeout.
+    run.assert_all_exited(Duration::from_secs(10));
+    assert!(
+        run.report.reopened > 0,
+        "the old generations closed idle keep-alive connections, and clients reopened them"
+    );
+    // What nginx cannot avoid on SIGQUIT: a connection it closes as idle may already hold
+    // the client's next request, unread (the kernel resets it: TCPAbortOnClose), or receive
+    // it just after the close (the kernel resets it, TCPAbortOnData, though the client may
+    // read the FIN first: EOF). Clients retry such requests (RFC 9112 §9.3.1); loadgen counts
+    // them as failures, and apart in `keepalive_race`. Every other request must succeed
+    // (checked in handoffs_under_load), and each of these must be a request the server never
+    // read, which the kernel counts.
+    assert!(
+        i128::from(run.report.failures.reset) <= run.abort_on_close
+            && i128::from(run.report.failures.eof) <= run.abort_on_data,
+        "{:?}: more than the sockets nginx closed with a request unread ({} with unread data, \
+         {} receiving data after the close)",
+        run.report.failures,
+        run.abort_on_close,
+        run.abort_on_data
+    );
+    if run.report.keepalive_race > 0 {
+        eprintln!(
+            "nginx-keepalive: NOTE {} requests lost to the keep-alive race (nginx closed an idle \
+             connection on SIGQUIT with the next request already on its way): {} reset, {} EOF; \
+             the kernel counted {} closes with unread data, {} data after close",
+            run.report.keepalive_race,
+            run.report.failures.reset,
+            run.report.failures.eof,
+            run.abort_on_close,
+            run.abort_on_data
+        );
+    }
+}
+
+/// One test's setup.
+struct Scenario {
+    tag: &'static str,
+    /// 1: `Connection: close` on every request; more: keep-alive.
+    requests_per_connection: u32,
+    handoffd_args: &'static [&'static str],
+}
+
+/// What a run measured, for the test's own assertions.
+struct RunResult {
+    report: LoadReport,
+    /// Per old generation: its name and how long after its promote its master exited
+    /// (`None`: still running when the run ended).
+    drains: Vec<(String, Option<Duration>)>,
+    /// Growth of TCPAbortOnClose: sockets closed with unread data (the kernel reset them).
+    abort_on_close: i128,
+    /// Growth of TCPAbortOnData: closed sockets that received data (the kernel reset them).
+    abort_on_data: i128,
+}
+
+impl RunResult {
+    /// Every old nginx master exited within `within` of the promote that replaced it.
+    fn assert_all_exited(&self, within: Duration) {
+        let late: Vec<_> = self
+            .drains
+            .iter()
+            .filter(|(_, took)| took.is_none_or(|t| t > within))
+            .collect();
+        assert!(
+            late.is_empty(),
+            "old generations that did not exit within {within:?} of their promote: {late:?}"
+        );
+    }
+}
+
+/// Runs the handoffs under load in a network namespace of its own, asserts what every
+/// scenario must hold (no failed request but those lost to the keep-alive race, which the
+/// scenario judges; no drain ended by its timeout; no generation left running; no kernel
+/// drop) and prints the figures.
+fn handoffs_under_load(s: &Scenario) -> RunResult {
+    handoff_tests::raise_fd_limit().expect("raising the fd limit");
+    let nginx = nginx_binary();
+    in_new_netns(|| {
+        let counters_before = tcp_ext();
+        let dir = TempDir::new(s.tag);
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+
+        let mut first = Nginx::start(&nginx, dir.path(), 1, addr);
+        first.wait_ready(addr);
+        assert_eq!(
+            load::http_once(addr, Duration::from_secs(2)).map(|a| a.0),
+            Ok("g1".to_owned()),
+            "g1 answers before handoffd steers"
+        );
+        let mut d = Handoffd::start_with(s.tag, &[addr], s.handoffd_args);
+        d.promote(first.proc.pid);
+
+        let mut cfg = LoadConfig::new(addr, CLIENTS);
+        cfg.http = true;
+        cfg.requests_per_connection = s.requests_per_connection;
+        cfg.timeout_ms = REQUEST_TIMEOUT_MS;
+        // Bounds in case the stop flag is never set; the run ends by the flag.
+        cfg.duration_ms = Some(load::MAX_DURATION_MS);
+        let stop = AtomicBool::new(false);
+        let started = Instant::now();
+        let mut current = first;
+        // The old generations, watched by a thread of their own for their exits.
+        let old: Mutex<Vec<Draining>> = Mutex::new(Vec::new());
+        let watched = AtomicBool::new(false);
+        let mut promote_times = Vec::new();
+        let mut ready_times = Vec::new();
+        let mut load_time = Duration::ZERO;
+        let report = std::thread::scope(|scope| {
+            // Stop the load and the watcher even when an assertion below fails, so that the
+            // scope can end (and the guards kill what is left).
+            let _stop = SetOnDrop(&stop);
+            let _watched = SetOnDrop(&watched);
+            scope.spawn(|| watch_exits(&old, &watched));
+            let load = scope.spawn(|| load::run(&cfg, Some(&stop)));
+            std::thread::sleep(DWELL);
+            for n in 2..=HANDOFFS + 1 {
+                let t = Instant::now();
+                let mut next = Nginx::start(&nginx, dir.path(), n, addr);
+                next.wait_ready(addr);
+                ready_times.push(t.elapsed());
+                let promoted = Instant::now();
+                d.promote(next.proc.pid);
+                promote_times.push(promoted.elapsed());
+                lock(&old).push(Draining {
+                    nginx: std::mem::replace(&mut current, next),
+                    promoted,
+                    exited: None,
+                });
+                std::thread::sleep(DWELL);
+            }
+            stop.store(true, Ordering::SeqCst);
+            let report = load.join().expect("load thread");
+            load_time = started.elapsed();
+            // Give the last drains time to finish: an exit later than any test's bound is a
+            // failure anyway, reported with how long it took.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while lock(&old).iter().any(|o| o.exited.is_none()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            report
+        });
+        let old = old.into_inner().unwrap_or_else(|p| p.into_inner());
+        let counters_after = tcp_ext();
+        let service = d.service();
+        let timeouts: Vec<String> = d
+            .proc()
+            .lines(Stream::Stderr)
+            .into_iter()
+            .filter(|l| l.contains("drain timeout"))
+            .collect();
+
+        eprintln!(
+            "\n{}: {} handoffs in {:.1} s, {} clients, {} request(s) per connection",
+            s.tag,
+            HANDOFFS,
+            load_time.as_secs_f64(),
+            CLIENTS,
+            s.requests_per_connection
+        );
+        eprintln!(
+            "{}: {} requests, {} ok, failures {:?} (keep-alive race {}), max latency {} ms, \
+             keep-alive connections found closed and reopened {}",
+            s.tag,
+            report.attempts,
+            report.ok,
+            report.failures,
+            report.keepalive_race,
+            report.max_latency_ms,
+            report.reopened
+        );
+        eprintln!("{}: per generation {:?}", s.tag, report.by_name);
+        // Answers per worker (X-Pid) of each generation: the program's `hash % n` spreads
+        // the connections over a generation's listeners, one per worker with nginx.
+        let generations: Vec<&Nginx> = old
+            .iter()
+            .map(|o| &o.nginx)
+            .chain(std::iter::once(&current))
+            .collect();
+        let per_worker: Vec<(usize, Vec<u64>)> = generations
+            .iter()
+            .map(|g| {
+                let counts = g.workers.iter();
+                let counts = counts.map(|w| report.by_pid.get(w).copied().unwrap_or(0));
+                (g.generation, counts.collect())
+            })
+            .collect();
+        eprintln!("{}: per generation and worker {per_worker:?}", s.tag);
+        let ms = |v: &[Duration]| v.iter().map(|t| t.as_millis()).collect::<Vec<_>>();
+        eprintln!(
+            "{}: new nginx ready after (ms) {:?}",
+            s.tag,
+            ms(&ready_times)
+        );
+        eprintln!("{}: promote took (ms) {:?}", s.tag, ms(&promote_times));
+        eprintln!(
+            "{}: old master exited after its promote (ms) {:?}",
+            s.tag,
+            old.iter()
+                .map(|o| o.exited.map(|t| t.as_millis()))
+                .collect::<Vec<_>>()
+        );
+        let names = [
+            "ListenOverflows",
+            "ListenDrops",
+            "TCPMigrateReqFailure",
+            "TCPReqQFullDrop",
+            "TCPMigrateReqSuccess",
+            "TCPAbortOnData",
+            "TCPAbortOnClose",
+        ];
+        let delta: BTreeMap<&str, i128> = names
+            .iter()
+            .map(|n| {
+                (
+                    *n,
+                    counter(&counters_after, n) - counter(&counters_before, n),
+                )
+            })
+            .collect();
+        eprintln!(
+            "{}: kernel counters, growth during the run: {delta:?}",
+            s.tag
+        );
+        eprintln!("{}: steering {:?}\n", s.tag, service.steering);
+
+        // Requests lost to the keep-alive race are the scenario's to judge; any other failure
+        // is a loss.
+        assert_eq!(
+            report.failures.total() - report.keepalive_race,
+            0,
+            "no request failed (other than by the keep-alive race, {}): {:?}",
+            report.keepalive_race,
+            report.failures
+        );
+        assert_eq!(report.ok + report.failures.total(), report.attempts);
+        for n in 1..=HANDOFFS + 1 {
+            assert!(
+                report.by_name.get(&format!("g{n}")).copied().unwrap_or(0) > 0,
+                "generation g{n} served requests: {:?}",
+                report.by_name
+            );
+        }
+        assert_eq!(
+            report.by_name.len(),
+            HANDOFFS + 1,
+            "only our generations answered: {:?}",
+            report.by_name
+        );
+        let workers: Vec<u32> = generations.iter().flat_map(|g| g.workers.clone()).collect();
+        assert!(
+            report.by_pid.keys().all(|pid| workers.contains(pid)),
+            "only our workers answered: {:?}",
+            report.by_pid
+        );
+        assert_eq!(
+            report.by_pid.values().sum::<u64>(),
+            report.ok,
+            "every answer named its worker"
+        );
+        assert!(
+            per_worker
+                .iter()
+                .all(|(_, counts)| counts.iter().all(|&n| n > 0)),
+            "both workers of every generation served: {per_worker:?}"
+        );
+        assert!(
+            timeouts.is_empty(),
+            "every drain ended by its count, none by the drain timeout: {timeouts:?}"
+        );
+        for name in LOSS_COUNTERS {
+            assert_eq!(
+                delta[name], 0,
+                "kernel counter {name} grew during the run: {delta:?}"
+            );
+        }
+        // No old generation is left running: its master has been reaped and no process of
+        // its group (the workers) lives.
+        for o in &old {
+            if o.exited.is_some() {
+                assert_eq!(
+                    killpg(Pid::from_raw(o.nginx.proc.pid as i32), None),
+                    Err(Errno::ESRCH),
+                    "g{}: a process of the old nginx (pgid {}) still lives",
+                    o.nginx.generation,
+                    o.nginx.proc.pid
+                );
+            }
+        }
+        // handoffd agrees: the exited generations it still lists are retired (it learns of an
+        // exit through a pidfd, so allow it a moment), the last one is the active one.
+        let expected = |pid: u32| {
+            if pid == current.proc.pid {
+                Some(GenerationState::Active)
+            } else if old
+                .iter()
+                .any(|o| o.exited.is_some() && o.nginx.proc.pid == pid)
+            {
+                Some(GenerationState::Retired)
+            } else {
+                None
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut service = service;
+        while !service
+            .generations
+            .iter()
+            .all(|g| expected(g.pid as u32).is_none_or(|want| g.state == want))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "handoffd's view of the generations: {service:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            service = d.service();
+        }
+        let active: Vec<u32> = service
+            .generations
+            .iter()
+            .filter(|g| g.state == GenerationState::Active)
+            .map(|g| g.pid as u32)
+            .collect();
+        assert_eq!(active, [current.proc.pid], "{service:?}");
+        RunResult {
+            abort_on_close: delta["TCPAbortOnClose"],
+            abort_on_data: delta["TCPAbortOnData"],
+            report,
+            drains: old
+                .iter()
+                .map(|o| (format!("g{}", o.nginx.generation), o.exited))
+                .collect(),
+        }
+    })
+}
+
+/// An old generation, from its promote on.
+struct Draining {
+    nginx: Nginx,
+    /// When `handoffctl promote` of its successor started.
+    promoted: Instant,
+    /// How long after `promoted` its master had exited, once it has (seen within 5 ms; an
+    /// exit during the promote call is seen when the call returns).
+    exited: Option<Duration>,
+}
+
+/// Notes every 5 ms which old nginx masters have exited (and reaps them), until `done`.
+fn watch_exits(old: &Mutex<Vec<Draining>>, done: &AtomicBool) {
+    while !done.load(Ordering::SeqCst) {
+        for o in lock(old).iter_mut().filter(|o| o.exited.is_none()) {
+            if o.nginx.proc.wait_exit(Duration::ZERO).is_some() {
+                o.exited = Some(o.promoted.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sets the flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Runs `f` on a thread in a new network namespace with loopback up. The processes started
+/// there (nginx, handoffd, handoffctl) and the threads it starts (the load) live in it too.
+fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    for tool in ["ip", "ss"] {
+        assert!(
+            Command::new(tool).arg("-V").output().is_ok(),
+            "`{tool}` not found: this test needs iproute2 (apt-get install -y iproute2)"
+        );
+    }
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("netns".to_owned())
+            .spawn_scoped(s, || {
+                unshare(CloneFlags::CLONE_NEWNET).expect("a network namespace for this test");
+                let up = Command::new("ip")
+                    .args(["link", "set", "lo", "up"])
+                    .output()
+                    .expect("running ip");
+                assert!(
+                    up.status.success(),
+                    "ip link set lo up: {}",
+                    String::from_utf8_lossy(&up.stderr)
+                );
+                f()
+            })
+            .expect("starting the netns thread")
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// TcpExt counters of the calling thread's network namespace.
+fn tcp_ext() -> BTreeMap<String, u64> {
+    // /proc/net is the netns of the process's main thread; thread-self is this thread's.
+    let text = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("reading netstat");
+    let mut rows = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
+        panic!("no TcpExt rows in netstat:\n{text}");
+    };
+    names
+        .split_whitespace()
+        .skip(1)
+        .zip(values.split_whitespace().skip(1))
+        .map(|(n, v)| (n.to_owned(), v.parse().expect("a counter is a number")))
+        .collect()
+}
+
+fn counter(counters: &BTreeMap<String, u64>, name: &str) -> i128 {
+    i128::from(
+        *counters
+            .get(name)
+            .unwrap_or_else(|| panic!("no TcpExt counter {name}")),
+    )
+}
+
+/// The nginx binary (from Debian's `nginx`, which `nginx-light` pulls in).
+fn nginx_binary() -> PathBuf {
+    let path = PathBuf::from("/usr/sbin/nginx");
+    assert!(
+        path.is_file(),
+        "{} not found: this test needs nginx (apt-get install -y nginx-light)",
+        path.display()
+    );
+    path
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("handoff-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("creating the test's temp dir");
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One nginx generation: master and workers in a process group of their own, killed when
+/// dropped (the [`Proc`] guard). On a failing test its error log is printed.
+struct Nginx {
+    generation: usize,
+    proc: Proc,
+    /// Worker pids, once ready.
+    workers: Vec<u32>,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    /// Starts generation `n` (answering `gN`) on `addr`, in `root/gN`.
+    fn start(binary: &Path, root: &Path, n: usize, addr: SocketAddr) -> Nginx {
+        let dir = root.join(format!("g{n}"));
+        std::fs::create_dir_all(&dir).expect("creating the nginx prefix dir");
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\n\
+             master_process on;\n\
+             worker_processes 2;\n\
+             pid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n\
+             \x20   access_log off;\n\
+             \x20   keepalive_timeout 65s;\n\
+             \x20   server {{\n\
+             \x20       listen {addr} reuseport;\n\
+             \x20       location / {{ add_header X-Pid $pid; return 200 \"g{n}\\n\"; }}\n\
+             \x20   }}\n\
+             }}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("writing nginx.conf");
+        let proc = Proc::spawn(
+            Command::new(binary)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .arg("-p")
+                .arg(&dir)
+                .arg("-c")
+                .arg(&conf_path),
+        );
+        Nginx {
+            generation: n,
+            proc,
+            workers: Vec::new(),
+            dir,
+        }
+    }
+
+    /// Waits until both workers have the listener of `addr` in their epoll set: they accept.
+    /// (nginx 1.22 workers hold every worker's reuseport socket but poll their own only.)
+    fn wait_ready(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let listeners = listening_inodes(addr);
+            let workers = children(self.proc.pid);
+            let polling = workers
+                .iter()
+                .filter(|&&w| {
+                    polled_sockets(w)
+                        .iter()
+                        .any(|inode| listeners.contains(inode))
+                })
+                .count();
+            if workers.len() == 2 && polling == 2 {
+                self.workers = workers;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx g{} (pid {}) not ready within {READY_TIMEOUT:?}: workers {workers:?}, \
+                 {polling} polling a listener of {addr}; error.log:\n{}",
+                self.generation,
+                self.proc.pid,
+                self.error_log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- nginx g{} (pid {}) error.log:\n{}",
+                self.generation,
+                self.proc.pid,
+                self.error_log()
+            );
+        }
+    }
+}
+
+/// Inodes of the TCP LISTEN sockets on `addr` in this thread's network namespace, from
+/// sock_diag (`ss`): /proc/net/tcp lists every socket, tens of thousands of TIME_WAIT ones
+/// under this load, and is too slow to poll.
+fn listening_inodes(addr: SocketAddr) -> Vec<u64> {
+    let Ok(out) = Command::new("ss")
+        .args(["-Hltne", &format!("src {addr}")])
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|field| field.strip_prefix("ino:")?.parse().ok())
+        .collect()
+}
+
+/// Child pids of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Inodes of the sockets in the epoll sets of process `pid`.
+fn polled_sockets(pid: u32) -> Vec<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let link = |fd: &str| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let mut inodes = Vec::new();
+    for fd in fds.flatten() {
+        let fd = fd.file_name().to_string_lossy().into_owned();
+        if link(&fd) != "anon_inode:[eventpoll]" {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        // "tfd:        5 events:     2019 data: …": fd 5 of this process is polled.
+        for target in info.lines().filter_map(|l| {
+            l.strip_prefix("tfd:")
+                .and_then(|rest| rest.split_whitespace().next())
+        }) {
+            if let Some(inode) = link(target)
+                .strip_prefix("socket:[")
+                .and_then(|rest| rest.strip_suffix(']'))
+                .and_then(|n| n.parse().ok())
+            {
+                inodes.push(inode);
+            }
+        }
+    }
+    inodes
+}
