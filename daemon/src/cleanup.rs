@@ -49,7 +49,9 @@ pub fn run(paths: &Paths, service: Option<&str>) -> Result<(), CleanupError> {
         .drain(..)
         .partition(|s| service.is_none_or(|name| s.name == name));
     for s in &gone {
-        detach(s);
+        for line in detach(s) {
+            println!("{line}");
+        }
     }
     let mut names: Vec<&str> = gone.iter().map(|s| s.name.as_str()).collect();
     if let Some(name) = service
@@ -88,8 +90,9 @@ pub fn run(paths: &Paths, service: Option<&str>) -> Result<(), CleanupError> {
 }
 
 /// Detaches the steering program from each group where a generation of `s` still
-/// listens: the kernel's hash decides again, as before handoff.
-fn detach(s: &SavedService) {
+/// listens: the kernel's hash decides again, as before handoff. Returns what it did.
+pub fn detach(s: &SavedService) -> Vec<String> {
+    let mut done = Vec::new();
     let port = s.listen.first().map_or(0, |a| a.port());
     for g in &s.generations {
         let Some(leader) = Member::open(g.leader.pid)
@@ -118,18 +121,19 @@ fn detach(s: &SavedService) {
                 .map_err(|e| e.to_string())
                 .and_then(|fd| loader::detach(&fd).map_err(|e| e.to_string()))
             {
-                Ok(()) => println!(
+                Ok(()) => done.push(format!(
                     "detached the program of service {} from {} (group {group})",
                     s.name, l.diag.local
-                ),
-                Err(e) => eprintln!(
+                )),
+                Err(e) => done.push(format!(
                     "could not detach service {} from {}: {e}",
                     s.name, l.diag.local
-                ),
+                )),
             }
         }
-        return; // one live generation reaches every group
+        break; // one live generation reaches every group
     }
+    done
 }
 
 fn remove(path: &Path) -> Result<(), CleanupError> {

@@ -49,6 +49,11 @@ pub enum ConfigError {
     /// Not a duration, or not a positive one.
     #[error("{0:?} is not a positive duration (e.g. 500ms, 90s, 5m, 1h)")]
     Duration(String),
+    /// Flags override a config file of one service only.
+    #[error(
+        "flags override the service of a config file with one service; this one has {0} (set them in the file)"
+    )]
+    Overrides(usize),
     /// Names end up in paths and metrics labels.
     #[error("service name {0:?} is not 1-64 characters of letters, digits, '-' or '_'")]
     Name(String),
@@ -133,6 +138,68 @@ impl Default for DrainSettings {
             drain_timeout: Duration::from_secs(300),
             kill_after: None,
         }
+    }
+}
+
+/// Settings given as flags: they make the one service when there is no `--config`, and
+/// override the single service of a config file otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Vec<SocketAddr>,
+    /// `--service`.
+    pub service: Option<String>,
+    /// `--drain-signal`.
+    pub drain_signal: Option<Sig>,
+    /// `--retire-signal`.
+    pub retire_signal: Option<Sig>,
+    /// `--drain-timeout`.
+    pub drain_timeout: Option<Duration>,
+    /// `--kill-after`.
+    pub kill_after: Option<Duration>,
+}
+
+impl Overrides {
+    fn any(&self) -> bool {
+        *self != Overrides::default()
+    }
+
+    fn drain(&self, base: DrainSettings) -> DrainSettings {
+        DrainSettings {
+            drain_signal: self.drain_signal.or(base.drain_signal),
+            retire_signal: self.retire_signal.unwrap_or(base.retire_signal),
+            drain_timeout: self.drain_timeout.unwrap_or(base.drain_timeout),
+            kill_after: self.kill_after.or(base.kill_after),
+        }
+    }
+
+    /// The services to run: those of the file (if any) with the flags applied.
+    pub fn apply(
+        &self,
+        file: Option<Vec<ServiceConfig>>,
+    ) -> Result<Vec<ServiceConfig>, ConfigError> {
+        let Some(mut services) = file else {
+            let name = self.service.as_deref().unwrap_or("default");
+            return Ok(vec![service(
+                name,
+                &self.listen,
+                self.drain(DrainSettings::default()),
+            )?]);
+        };
+        if !self.any() {
+            return Ok(services);
+        }
+        if services.len() != 1 {
+            return Err(ConfigError::Overrides(services.len()));
+        }
+        let base = services.remove(0);
+        let name = self.service.clone().unwrap_or(base.name);
+        let listen = if self.listen.is_empty() {
+            base.listen
+        } else {
+            self.listen.clone()
+        };
+        Ok(vec![service(&name, &listen, self.drain(base.drain))?])
     }
 }
 
@@ -268,6 +335,42 @@ mod tests {
             service("web", &[]),
             Err(ConfigError::NoListen("web".into()))
         );
+    }
+
+    #[test]
+    fn flags_make_or_override_a_single_service() {
+        let listen = addrs(&["127.0.0.1:80"]);
+        let flags = Overrides {
+            listen: listen.clone(),
+            retire_signal: Some(Sig(libc::SIGQUIT)),
+            ..Default::default()
+        };
+        let made = flags.apply(None).unwrap();
+        assert_eq!(made[0].name, "default");
+        assert_eq!(made[0].drain.retire_signal, Sig(libc::SIGQUIT));
+        assert_eq!(made[0].drain.drain_timeout, Duration::from_secs(300));
+
+        let file =
+            vec![super::service("web", &addrs(&["[::1]:81"]), DrainSettings::default()).unwrap()];
+        let over = Overrides {
+            drain_timeout: Some(Duration::from_secs(9)),
+            ..Default::default()
+        };
+        let got = over.apply(Some(file.clone())).unwrap();
+        assert_eq!(
+            (got[0].name.as_str(), got[0].drain.drain_timeout),
+            ("web", Duration::from_secs(9))
+        );
+        assert_eq!(got[0].listen, file[0].listen);
+        assert_eq!(
+            Overrides::default().apply(Some(file.clone())).unwrap(),
+            file
+        );
+        let two = vec![
+            file[0].clone(),
+            super::service("b", &addrs(&["[::1]:82"]), DrainSettings::default()).unwrap(),
+        ];
+        assert_eq!(over.apply(Some(two)), Err(ConfigError::Overrides(2)));
     }
 
     #[test]

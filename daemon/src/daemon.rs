@@ -100,6 +100,69 @@ impl Daemon {
         }
     }
 
+    /// Applies a new configuration (SIGHUP): new services start, changed drain settings
+    /// apply (also to drains under way), unchanged services are not touched. A removed
+    /// service keeps being steered until it has one live generation left; then its
+    /// program is detached and its pins removed. Changing the addresses of a service
+    /// with live generations is refused for that service (it keeps its old ones).
+    pub fn reload(&mut self, configs: Vec<ServiceConfig>) {
+        for config in &configs {
+            match self.services.iter().position(|s| s.name() == config.name) {
+                Some(i) if self.services[i].listen() != config.listen.as_slice() => {
+                    if self.services[i].live() == 0 {
+                        tracing::info!(service = %config.name, listen = ?config.listen, "service addresses changed");
+                        self.services[i] = Service::new(config.clone());
+                        self.watch_port(config);
+                    } else {
+                        tracing::error!(service = %config.name, "the addresses of a service with live generations cannot change: keeping the old ones (retire its generations, or use a new service name)");
+                    }
+                }
+                Some(i) => {
+                    self.services[i].set_drain(config.drain);
+                    self.services[i].removing = false;
+                }
+                None => {
+                    tracing::info!(service = %config.name, listen = ?config.listen, "service added");
+                    self.watch_port(config);
+                    self.services.push(Service::new(config.clone()));
+                }
+            }
+        }
+        for s in &mut self.services {
+            if !configs.iter().any(|c| c.name == s.name()) && !s.removing {
+                tracing::info!(service = %s.name(), "service removed from the configuration: steered until one generation is left");
+                s.removing = true;
+            }
+        }
+        self.drop_removed();
+        self.persist();
+    }
+
+    /// Detaches and forgets removed services that have at most one live generation.
+    fn drop_removed(&mut self) {
+        let (done, kept): (Vec<Service>, Vec<Service>) = std::mem::take(&mut self.services)
+            .into_iter()
+            .partition(|s| s.removing && s.live() <= 1);
+        self.services = kept;
+        for s in done {
+            for line in crate::cleanup::detach(&s.save()) {
+                tracing::info!(service = %s.name(), "{line}");
+            }
+            if let Err(e) = crate::pins::remove_service(s.name()) {
+                tracing::warn!(service = %s.name(), error = %e, "removing its pins failed");
+            }
+            tracing::info!(service = %s.name(), "removed service detached and forgotten");
+        }
+    }
+
+    fn watch_port(&mut self, config: &ServiceConfig) {
+        if let Some(port) = config.listen.first().map(|a| a.port())
+            && let Err(e) = self.ctx.program.watch_port(port)
+        {
+            tracing::warn!(service = %config.name, error = %e, "cannot watch binds of the service port");
+        }
+    }
+
     /// Acts on what the kernel reported.
     pub fn on_events(&mut self, events: &[DrainEvent]) {
         for e in events {
@@ -125,6 +188,7 @@ impl Daemon {
         for s in &mut self.services {
             s.reap(&mut self.ctx);
         }
+        self.drop_removed();
         self.persist();
     }
 

@@ -2,16 +2,18 @@
 //! and retires older generations when their last connection closes.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use handoff::config::{self, DEFAULT_STATE_DIR, DrainSettings, Paths, Sig};
-use handoff::generation::Ctx;
+use handoff::config::{self, DEFAULT_STATE_DIR, Overrides, Paths, Sig};
+use handoff::generation::{Ctx, ServiceConfig};
 use handoff::loader::DrainProgram;
-use handoff::{cleanup, control, daemon::Daemon, metrics, pins, state, supervise};
+use handoff::{
+    cleanup, config_file, control, daemon::Daemon, metrics, notify, pins, state, supervise,
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Zero-downtime restarts for any Linux network service, steered in the kernel.
@@ -19,39 +21,40 @@ use tokio::signal::unix::{SignalKind, signal};
 #[command(version, about)]
 struct Args {
     /// An address of the service (repeat for IPv4 and IPv6), e.g. 0.0.0.0:8080 or [::]:8080.
-    #[arg(
-        long = "listen",
-        value_name = "ADDR:PORT",
-        required_unless_present = "cleanup"
-    )]
+    #[arg(long = "listen", value_name = "ADDR:PORT", required_unless_present_any = ["cleanup", "config"])]
     listen: Vec<SocketAddr>,
     /// The service's name [default: default]; with --cleanup, the one service to clean up.
     #[arg(long)]
     service: Option<String>,
+    /// A TOML file of services (see dist/handoffd.toml); SIGHUP reloads it. Flags override
+    /// its service when it has exactly one.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The control socket [default: STATE_DIR/handoffd.sock].
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
-    /// Where the daemon keeps its lock, control socket and state.
+    /// Where the daemon keeps its lock, control socket and generation table.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     /// Signal sent to a generation when it starts draining (e.g. SIGQUIT for nginx,
     /// SIGTERM for a Go server that shuts down gracefully) [default: none].
     #[arg(long, value_name = "SIG")]
     drain_signal: Option<Sig>,
-    /// Signal sent to a drained generation once its last connection has closed.
-    #[arg(long, value_name = "SIG", default_value = "SIGTERM")]
-    retire_signal: Sig,
-    /// Send the retire signal anyway after this long (e.g. 90s, 5m).
-    #[arg(long, value_name = "DUR", default_value = "300s", value_parser = config::parse_duration)]
-    drain_timeout: Duration,
+    /// Signal sent to a drained generation once its last connection has closed
+    /// [default: SIGTERM].
+    #[arg(long, value_name = "SIG")]
+    retire_signal: Option<Sig>,
+    /// Send the retire signal anyway after this long (e.g. 90s, 5m) [default: 300s].
+    #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
+    drain_timeout: Option<Duration>,
     /// SIGKILL every member still alive this long after the retire signal [default: never].
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     kill_after: Option<Duration>,
     /// Where to serve Prometheus metrics (`/metrics`), or `off`.
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9464")]
     metrics_addr: metrics::MetricsAddr,
-    /// Remove the state of a stopped daemon and exit.
-    #[arg(long, conflicts_with = "listen")]
+    /// Remove what a stopped daemon left (pins, state, socket) and exit.
+    #[arg(long, conflicts_with_all = ["listen", "config"])]
     cleanup: bool,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -79,14 +82,15 @@ fn main() -> anyhow::Result<()> {
     if args.cleanup {
         return Ok(cleanup::run(&paths, args.service.as_deref())?);
     }
-    let drain = DrainSettings {
+    let overrides = Overrides {
+        listen: args.listen.clone(),
+        service: args.service.clone(),
         drain_signal: args.drain_signal,
         retire_signal: args.retire_signal,
         drain_timeout: args.drain_timeout,
         kill_after: args.kill_after,
     };
-    let name = args.service.as_deref().unwrap_or("default");
-    let service = config::service(name, &args.listen, drain)?;
+    let services = load_services(args.config.as_deref(), &overrides)?;
     let _lock = control::lock_state_dir(&paths)?;
     pins::ensure_bpffs()?;
     let state_file = state::file(&paths.state_dir);
@@ -100,23 +104,19 @@ fn main() -> anyhow::Result<()> {
         let mut program = DrainProgram::load().context("loading the drain accounting programs")?;
         let events = program.take_events().context("the drain ring buffer")?;
         let (watch_tx, watch_rx) = tokio::sync::mpsc::unbounded_channel();
-        let daemon = Arc::new(Mutex::new(Daemon::new(
-            vec![service],
-            Ctx::new(program, Some(watch_tx)),
-            saved,
-            Some(state_file),
-        )));
-        let supervisor = tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx));
-        let metrics_task = match args.metrics_addr.0 {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                    format!("serving metrics on {addr} (another handoffd? choose --metrics-addr ADDR:PORT or off)")
-                })?;
-                tracing::info!(%addr, "metrics on /metrics");
-                Some(tokio::spawn(metrics::serve(listener, Arc::clone(&daemon))))
-            }
-            None => None,
-        };
+        let ctx = Ctx::new(program, Some(watch_tx));
+        let daemon = Arc::new(Mutex::new(Daemon::new(services, ctx, saved, Some(state_file))));
+        let mut tasks = vec![
+            tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx)).abort_handle(),
+            tokio::spawn(reload_on_hup(Arc::clone(&daemon), args.config.clone(), overrides)).abort_handle(),
+        ];
+        if let Some(addr) = args.metrics_addr.0 {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("serving metrics on {addr} (another handoffd? choose --metrics-addr ADDR:PORT or off)")
+            })?;
+            tracing::info!(%addr, "metrics on /metrics");
+            tasks.push(tokio::spawn(metrics::serve(listener, Arc::clone(&daemon))).abort_handle());
+        }
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let shutdown = async move {
@@ -127,17 +127,52 @@ fn main() -> anyhow::Result<()> {
             tracing::info!("stopping; the kernel keeps steering as it was");
         };
         let summary = daemon.lock().map(|d| d.summary()).unwrap_or_default();
-        match handoff::notify::notify(&format!("READY=1\nSTATUS={summary}")) {
-            Ok(true) => tracing::debug!("told systemd we are ready"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "notifying systemd failed"),
+        if let Err(e) = notify::notify(&format!("READY=1\nSTATUS={summary}")) {
+            tracing::warn!(error = %e, "notifying systemd failed");
         }
-        tracing::info!(service = %name, listen = ?args.listen, control = %paths.control_socket.display(), "handoffd ready");
+        tracing::info!(control = %paths.control_socket.display(), "handoffd ready: {summary}");
         control::serve(listener, paths.control_socket.clone(), daemon, shutdown).await;
-        supervisor.abort();
-        if let Some(task) = metrics_task {
+        for task in tasks {
             task.abort();
         }
         anyhow::Ok(())
     })
+}
+
+/// The services to run: the config file's, if any, with the flags applied.
+fn load_services(
+    config: Option<&Path>,
+    overrides: &Overrides,
+) -> anyhow::Result<Vec<ServiceConfig>> {
+    let file = config.map(config_file::load).transpose()?;
+    Ok(overrides.apply(file)?)
+}
+
+/// Reloads the config file on SIGHUP; a bad file is refused and the running one stays.
+async fn reload_on_hup(
+    daemon: Arc<Mutex<Daemon>>,
+    config: Option<PathBuf>,
+    overrides: Overrides,
+) -> std::io::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    while hup.recv().await.is_some() {
+        let Some(path) = &config else {
+            tracing::warn!("SIGHUP ignored: handoffd runs without --config");
+            continue;
+        };
+        match load_services(Some(path), &overrides) {
+            Ok(services) => {
+                tracing::info!(file = %path.display(), "reloading the configuration");
+                let daemon = Arc::clone(&daemon);
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Ok(mut d) = daemon.lock() {
+                        d.reload(services);
+                    }
+                })
+                .await;
+            }
+            Err(e) => tracing::error!("configuration refused, the running one stays: {e:#}"),
+        }
+    }
+    Ok(())
 }

@@ -182,6 +182,8 @@ pub struct Service {
     next_id: u64,
     /// A pending look for new listeners, after a bind on the port.
     rescan: Option<listeners::Rescan>,
+    /// Removed from the configuration: forgotten once one generation is left.
+    pub removing: bool,
 }
 
 impl Service {
@@ -201,12 +203,38 @@ impl Service {
             generations: Vec::new(),
             next_id: 1,
             rescan: None,
+            removing: false,
         }
     }
 
     /// The service's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Its addresses.
+    pub fn listen(&self) -> &[SocketAddr] {
+        &self.config.listen
+    }
+
+    /// Generations not retired.
+    pub fn live(&self) -> usize {
+        self.generations
+            .iter()
+            .filter(|g| g.state != GenerationState::Retired)
+            .count()
+    }
+
+    /// New drain settings; drains under way keep their start and take the new timeout.
+    pub fn set_drain(&mut self, settings: crate::config::DrainSettings) {
+        if settings == self.config.drain {
+            return;
+        }
+        tracing::info!(service = %self.config.name, ?settings, "drain settings changed");
+        self.config.drain = settings;
+        for d in self.generations.iter_mut().filter_map(|g| g.drain.as_mut()) {
+            d.deadline = d.started + settings.drain_timeout;
+        }
     }
 
     /// Active and draining generations.

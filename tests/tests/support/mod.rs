@@ -77,8 +77,11 @@ impl Handoffd {
         for a in listen {
             cmd.arg("--listen").arg(a.to_string());
         }
-        cmd.args(["--service", &self.service])
-            .arg("--state-dir")
+        // With no --listen the test passes a --config naming its services.
+        if !listen.is_empty() {
+            cmd.args(["--service", &self.service]);
+        }
+        cmd.arg("--state-dir")
             .arg(&self.state)
             .arg("--control-socket")
             .arg(&self.socket)
@@ -177,7 +180,8 @@ impl Drop for Handoffd {
     fn drop(&mut self) {
         drop(self.proc.take());
         let _ = Command::new(bin_path("handoffd"))
-            .args(["--cleanup", "--service", &self.service])
+            // Every service of this test's state dir (a --config may name several).
+            .arg("--cleanup")
             .arg("--state-dir")
             .arg(&self.state)
             .output();

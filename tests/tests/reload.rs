@@ -1,0 +1,136 @@
+//! `--config` and SIGHUP: added services start, removed ones are steered until one
+//! generation is left, unchanged ones are not disturbed, a bad file changes nothing.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use handoff_tests::load::{self, LoadConfig};
+use nix::sys::signal::Signal;
+use support::{Handoffd, answers, loopback, only, privileged, testsrv};
+
+fn write_config(path: &Path, services: &[(&str, SocketAddr)]) {
+    let mut text = String::from("[defaults]\ndrain_timeout = \"60s\"\n");
+    for (name, addr) in services {
+        text.push_str(&format!(
+            "\n[[service]]\nname = \"{name}\"\nlisten = [\"{addr}\"]\n"
+        ));
+    }
+    std::fs::write(path, text).expect("writing the config");
+}
+
+fn names(d: &Handoffd) -> Vec<String> {
+    d.status().services.into_iter().map(|s| s.name).collect()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_adds_and_removes_services_without_disturbing_the_others() {
+    if !privileged("sighup_adds_and_removes_services_without_disturbing_the_others") {
+        return;
+    }
+    let (keep, gone, added) = (loopback(), loopback(), loopback());
+    let mut d = Handoffd::new("reload");
+    let tag = std::process::id();
+    let (k, g, a) = (
+        format!("keep-{tag}"),
+        format!("gone-{tag}"),
+        format!("added-{tag}"),
+    );
+    let config = std::env::temp_dir().join(format!("handoff-reload-{tag}.toml"));
+    write_config(&config, &[(&k, keep), (&g, gone)]);
+    let config_arg = config.display().to_string();
+    d.spawn(&[], &["--config", &config_arg]);
+    assert_eq!(names(&d), vec![k.clone(), g.clone()]);
+
+    let k1 = testsrv("K1", &[keep], &[]);
+    assert!(
+        d.ctl(&["promote", &k1.pid.to_string(), "--service", &k])
+            .status
+            .success()
+    );
+    let g1 = testsrv("G1", &[gone], &[]);
+    assert!(
+        d.ctl(&["promote", &g1.pid.to_string(), "--service", &g])
+            .status
+            .success()
+    );
+    let held = load::hold(gone).expect("a connection to G1");
+    let g2 = testsrv("G2", &[gone], &[]);
+    assert!(
+        d.ctl(&["promote", &g2.pid.to_string(), "--service", &g])
+            .status
+            .success()
+    );
+
+    let mut cfg = LoadConfig::new(keep, 64);
+    cfg.duration_ms = Some(30_000);
+    let stop = AtomicBool::new(false);
+    let report = std::thread::scope(|s| {
+        let load = s.spawn(|| load::run(&cfg, Some(&stop)));
+        std::thread::sleep(Duration::from_millis(300));
+        // The new file: `gone` removed, `added` added, `keep` unchanged.
+        write_config(&config, &[(&k, keep), (&a, added)]);
+        d.proc().signal(Signal::SIGHUP);
+        wait_until("the added service", || names(&d).contains(&a));
+        // `gone` still has two live generations: still steered.
+        assert!(
+            names(&d).contains(&g),
+            "a removed service with two generations is kept"
+        );
+        assert_eq!(answers(gone, 20), only("G2", 20), "still steered to G2");
+        // A bad file changes nothing.
+        std::fs::write(
+            &config,
+            "[[service]]\nname = \"x\"\nlisten = [\"not an address\"]\n",
+        )
+        .expect("writing");
+        d.proc().signal(Signal::SIGHUP);
+        assert!(
+            d.proc()
+                .wait_line(
+                    handoff_tests::Stream::Stderr,
+                    "configuration refused",
+                    Duration::from_secs(5)
+                )
+                .is_some_and(|l| l.contains(".toml:3:")),
+            "the refusal names file:line"
+        );
+        assert_eq!(names(&d), vec![k.clone(), g.clone(), a.clone()]);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        load.join().expect("load")
+    });
+    assert_eq!(
+        report.failures.total(),
+        0,
+        "the unchanged service lost connections: {:?}",
+        report.failures
+    );
+    assert_eq!(report.by_name.keys().collect::<Vec<_>>(), vec!["K1"]);
+
+    // G1 drains; with one generation left, `gone` is detached and forgotten.
+    drop(held);
+    wait_until("the removed service to go", || !names(&d).contains(&g));
+    assert_eq!(answers(gone, 20), only("G2", 20), "G2 serves on, unsteered");
+    drop(g1);
+    let _ = std::fs::remove_file(&config);
+    // The added service works like any other.
+    let a1 = testsrv("A1", &[added], &[]);
+    assert!(
+        d.ctl(&["promote", &a1.pid.to_string(), "--service", &a])
+            .status
+            .success()
+    );
+    assert_eq!(answers(added, 20), only("A1", 20));
+}
