@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::Paths;
-use crate::daemon::{Daemon, error};
+use crate::daemon::{Daemon, error, finish_status};
 
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,12 +131,20 @@ async fn client(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> io::Resul
             Ok(request) => {
                 tracing::debug!(?request, pid = ?cred.pid(), "control request");
                 let daemon = Arc::clone(&daemon);
-                tokio::task::spawn_blocking(move || match daemon.lock() {
-                    Ok(mut d) => d.handle(request),
-                    Err(_) => error(
-                        ErrorKind::Internal,
-                        &"daemon state poisoned by an earlier panic",
-                    ),
+                tokio::task::spawn_blocking(move || {
+                    let Ok(mut d) = daemon.lock() else {
+                        return error(
+                            ErrorKind::Internal,
+                            &"daemon state poisoned by an earlier panic",
+                        );
+                    };
+                    if request == (Request::Status {}) {
+                        // The socket dumps run after the lock is released.
+                        let plans = d.status_plans();
+                        drop(d);
+                        return finish_status(plans);
+                    }
+                    d.handle(request)
                 })
                 .await
                 .unwrap_or_else(|e| error(ErrorKind::Internal, &e))

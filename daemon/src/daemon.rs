@@ -5,7 +5,7 @@ use handoff_common::proto::{ErrorKind, ErrorReply, Promoted, Request, Response, 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::generation::{Ctx, PromoteError, Service, ServiceConfig};
+use crate::generation::{Ctx, PromoteError, Service, ServiceConfig, StatusPlan};
 use crate::loader::DrainEvent;
 use crate::state::{SavedService, SavedState};
 
@@ -225,16 +225,8 @@ impl Daemon {
                 Ok(i) => self.change(i, Service::rollback),
                 Err(e) => e,
             },
-            Request::Status {} => {
-                let mut status = Status::default();
-                for s in &mut self.services {
-                    match s.status(&mut self.ctx) {
-                        Ok(st) => status.services.push(st),
-                        Err(e) => return error(ErrorKind::Internal, &one_line(&e)),
-                    }
-                }
-                Response::Status(status)
-            }
+            // Callers that can should use `status_plans` and finish outside the lock.
+            Request::Status {} => finish_status(self.status_plans()),
         }
     }
 
@@ -265,13 +257,21 @@ impl Daemon {
         }
     }
 
-    /// Metrics in the Prometheus text format, read now.
-    pub fn render_metrics(&mut self) -> String {
-        let status = match self.handle(Request::Status {}) {
-            Response::Status(s) => s,
-            _ => Status::default(),
-        };
-        self.ctx.metrics.render(&status)
+    /// The first step of a status: what needs the daemon's state (see
+    /// [`StatusPlan`]); finish it with [`finish_status`] without holding the daemon.
+    pub fn status_plans(&mut self) -> Vec<StatusPlan> {
+        let plans = self
+            .services
+            .iter_mut()
+            .map(|s| s.status_plan(&mut self.ctx))
+            .collect();
+        self.persist();
+        plans
+    }
+
+    /// Metrics in the Prometheus text format, from a finished status.
+    pub fn render_metrics(&self, status: &Status) -> String {
+        self.ctx.metrics.render(status)
     }
 
     /// The index of the service a request names (or the only one).
@@ -298,6 +298,18 @@ impl Daemon {
             )),
         }
     }
+}
+
+/// Completes status plans from socket dumps: the answer to a status request.
+pub fn finish_status(plans: Vec<StatusPlan>) -> Response {
+    let mut status = Status::default();
+    for plan in plans {
+        match plan.finish() {
+            Ok(s) => status.services.push(s),
+            Err(e) => return error(ErrorKind::Internal, &one_line(&e)),
+        }
+    }
+    Response::Status(status)
 }
 
 fn self_names(services: &[Service]) -> String {

@@ -15,7 +15,8 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, finish_status};
+use handoff_common::proto::Response;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GenerationLabels {
@@ -250,11 +251,17 @@ async fn answer(mut stream: TcpStream, daemon: Arc<Mutex<Daemon>>) -> std::io::R
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
-        let body =
-            tokio::task::spawn_blocking(move || daemon.lock().map(|mut d| d.render_metrics()).ok())
-                .await
-                .ok()
-                .flatten();
+        let body = tokio::task::spawn_blocking(move || {
+            // The socket dumps run between the two short holds of the daemon.
+            let plans = daemon.lock().ok()?.status_plans();
+            let Response::Status(status) = finish_status(plans) else {
+                return None;
+            };
+            daemon.lock().ok().map(|d| d.render_metrics(&status))
+        })
+        .await
+        .ok()
+        .flatten();
         match body {
             Some(b) => ("200 OK", b),
             None => (

@@ -47,9 +47,8 @@ fn unpromoted_generation_gets_nothing_then_everything() {
         "after promote every connection goes to B"
     );
     let s = d.service();
-    assert_eq!(
-        s.steering.active - after_promote.active,
-        300,
+    assert!(
+        s.steering.active - after_promote.active >= 300,
         "the program chose B each time"
     );
     assert_eq!(

@@ -15,6 +15,7 @@ use handoff_common::proto::{ErrorKind, GenerationState, Promoted};
 
 use drain::DrainState;
 pub use drain::{Ctx, RetireReason};
+pub use status::StatusPlan;
 
 use crate::candidate::{self, Candidate, CandidateError, Target};
 use crate::config::DrainSettings;

@@ -1,5 +1,7 @@
 //! What `status` reports of a service.
 
+use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use handoff_common::maps::Counters;
@@ -35,33 +37,36 @@ impl Service {
             .collect()
     }
 
-    /// The service as `status` shows it.
-    pub fn status(&mut self, ctx: &mut Ctx) -> Result<ServiceStatus, DiscoverError> {
+    /// The service as `status` shows it, in two steps: what needs the daemon's state is
+    /// read now (under its lock); the socket dumps, which cost in proportion to every
+    /// socket of the host, are left to [`StatusPlan::finish`], run without the lock so
+    /// that status and metrics never hold up a drain.
+    pub fn status_plan(&mut self, ctx: &mut Ctx) -> StatusPlan {
         self.reap(ctx);
-        let port = self.port();
         let now = Instant::now();
         let mut generations = Vec::with_capacity(self.generations.len());
+        let mut pending = Vec::with_capacity(self.generations.len());
         for g in &self.generations {
-            let listeners = self.listening(g).iter().sum();
-            let connections = if g.state == GenerationState::Retired {
-                0
-            } else if let Some(d) = &g.drain {
+            let cookies = g.cookies().collect();
+            pending.push(match (&g.drain, g.state) {
+                (_, GenerationState::Retired) => Pending::None,
                 // What the drain accounting counts, live: the number retirement waits on.
-                d.connections(ctx, self.queued(g)?)
-            } else {
-                let pids: Vec<i32> = if g.leader.alive() {
-                    discover::process_tree(g.leader.pid)?
-                } else {
-                    g.members().filter(|m| m.alive()).map(|m| m.pid).collect()
-                };
-                discover::connections(port, &pids, &g.cookies().collect())?
-            };
+                (Some(d), _) => Pending::Queued {
+                    counted: d.connections(ctx, 0),
+                    cookies,
+                },
+                (None, _) => Pending::Held {
+                    leader: g.leader.alive().then_some(g.leader.pid),
+                    members: g.members().filter(|m| m.alive()).map(|m| m.pid).collect(),
+                    cookies,
+                },
+            });
             generations.push(GenerationStatus {
                 id: g.id,
                 pid: g.leader.pid,
                 state: g.state,
-                listeners,
-                connections,
+                listeners: self.listening(g).iter().sum(),
+                connections: 0,
                 drain_age_ms: g.drain.as_ref().map(|d| millis(now - d.started)),
                 drain_deadline_ms: g
                     .drain
@@ -76,45 +81,104 @@ impl Service {
                 Err(e) => tracing::warn!(error = %e, "reading the program's counters failed"),
             }
         }
-        Ok(ServiceStatus {
-            name: self.config.name.clone(),
-            listen: self.config.listen.iter().map(|a| a.to_string()).collect(),
-            generations,
-            foreign_listeners: self.foreign_listeners()?,
-            steering,
-        })
-    }
-
-    /// LISTEN sockets on the service port outside its groups.
-    fn foreign_listeners(&self) -> Result<Vec<ForeignListener>, DiscoverError> {
-        let listeners = discover::listeners(self.port(), &[])?;
-        let mut out = Vec::new();
-        for l in listeners {
-            let key = GroupKey::of(&l.diag);
-            let inside = self
+        StatusPlan {
+            status: ServiceStatus {
+                name: self.config.name.clone(),
+                listen: self.config.listen.iter().map(|a| a.to_string()).collect(),
+                generations,
+                foreign_listeners: Vec::new(),
+                steering,
+            },
+            port: self.port(),
+            pending,
+            groups: self
                 .config
                 .listen
                 .iter()
-                .zip(&self.groups)
-                .any(|(addr, g)| *addr == l.diag.local && g.key.is_none_or(|k| k == key));
+                .copied()
+                .zip(self.groups.iter().map(|g| g.key))
+                .collect(),
+        }
+    }
+
+    /// Connections waiting in the accept queues of `g`'s listeners.
+    pub(super) fn queued(&self, g: &Generation) -> Result<u64, DiscoverError> {
+        let listeners = discover::listeners(self.port(), &[])?;
+        Ok(queued_on(&listeners, &g.cookies().collect()))
+    }
+}
+
+/// Connections waiting in the accept queues of the listeners with `cookies`.
+fn queued_on(listeners: &[discover::Listener], cookies: &HashSet<u64>) -> u64 {
+    listeners
+        .iter()
+        .filter(|l| cookies.contains(&l.diag.cookie))
+        .map(|l| u64::from(l.diag.recv_queue))
+        .sum()
+}
+
+/// What a generation's connection count still needs from the kernel.
+#[derive(Debug)]
+enum Pending {
+    /// Retired: none.
+    None,
+    /// Draining: counted already; add what waits in its listeners' accept queues.
+    Queued { counted: u64, cookies: HashSet<u64> },
+    /// Active: the connections its processes hold, and its queues.
+    Held {
+        leader: Option<i32>,
+        members: Vec<i32>,
+        cookies: HashSet<u64>,
+    },
+}
+
+/// A status read from the daemon's state, to be completed from socket dumps.
+#[derive(Debug)]
+pub struct StatusPlan {
+    status: ServiceStatus,
+    port: u16,
+    pending: Vec<Pending>,
+    /// Each address with its group tuple, once fixed.
+    groups: Vec<(SocketAddr, Option<GroupKey>)>,
+}
+
+impl StatusPlan {
+    /// Counts connections and finds foreign listeners: one LISTEN dump for the service
+    /// port, and a dump of its connections when a generation is active.
+    pub fn finish(mut self) -> Result<ServiceStatus, DiscoverError> {
+        let listeners = discover::listeners(self.port, &[])?;
+        for (g, pending) in self.status.generations.iter_mut().zip(&self.pending) {
+            g.connections = match pending {
+                Pending::None => 0,
+                Pending::Queued { counted, cookies } => counted + queued_on(&listeners, cookies),
+                Pending::Held {
+                    leader,
+                    members,
+                    cookies,
+                } => {
+                    // Processes forked since the promote belong to it too.
+                    let pids = match leader {
+                        Some(pid) => discover::process_tree(*pid)?,
+                        None => members.clone(),
+                    };
+                    discover::connections(self.port, &pids, cookies)?
+                }
+            };
+        }
+        for l in &listeners {
+            let key = GroupKey::of(&l.diag);
+            let inside = self
+                .groups
+                .iter()
+                .any(|(addr, k)| *addr == l.diag.local && k.is_none_or(|k| k == key));
             if !inside {
-                out.push(ForeignListener {
+                self.status.foreign_listeners.push(ForeignListener {
                     addr: l.diag.local.to_string(),
                     group: key.to_string(),
                     pid: discover::owner_of(u64::from(l.diag.inode)),
                 });
             }
         }
-        Ok(out)
-    }
-
-    /// Connections waiting in the accept queues of `g`'s listeners.
-    pub(super) fn queued(&self, g: &Generation) -> Result<u64, DiscoverError> {
-        let cookies: std::collections::HashSet<u64> = g.cookies().collect();
-        Ok(discover::listeners(self.port(), &[])?
-            .iter()
-            .filter(|l| cookies.contains(&l.diag.cookie))
-            .map(|l| u64::from(l.diag.recv_queue))
-            .sum())
+        Ok(self.status)
     }
 }
