@@ -33,9 +33,10 @@ fn unpromoted_generation_gets_nothing_then_everything() {
         "B was started, not promoted"
     );
     let mid = d.service().steering;
-    assert_eq!(
-        mid.active - before.active,
-        300,
+    // Counters count decisions: a retransmitted SYN (or a SYN cookie's ACK, on a loaded
+    // machine) is decided again, so at least one per connection.
+    assert!(
+        mid.active - before.active >= 300,
         "the program chose A for each connection"
     );
 
