@@ -13,19 +13,7 @@ use handoff_tests::load::{self, LoadConfig, LoadReport};
 use handoff_tests::{Proc, Stream};
 use nix::sys::signal::Signal;
 use support::netns::{Netns, tcp_ext};
-use support::{Handoffd, answers, loopback, only, privileged, testsrv};
-
-/// Polls `f` every 10 ms until it is true; panics with `what` after `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
 
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

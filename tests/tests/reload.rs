@@ -6,11 +6,11 @@ mod support;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use handoff_tests::load::{self, LoadConfig};
 use nix::sys::signal::Signal;
-use support::{Handoffd, answers, loopback, only, privileged, testsrv};
+use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
 
 fn write_config(path: &Path, services: &[(&str, SocketAddr)]) {
     let mut text = String::from("[defaults]\ndrain_timeout = \"60s\"\n");
@@ -24,14 +24,6 @@ fn write_config(path: &Path, services: &[(&str, SocketAddr)]) {
 
 fn names(d: &Handoffd) -> Vec<String> {
     d.status().services.into_iter().map(|s| s.name).collect()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -82,7 +74,9 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
         // The new file: `gone` removed, `added` added, `keep` unchanged.
         write_config(&config, &[(&k, keep), (&a, added)]);
         d.proc().signal(Signal::SIGHUP);
-        wait_until("the added service", || names(&d).contains(&a));
+        wait_until("the added service", Duration::from_secs(10), || {
+            names(&d).contains(&a)
+        });
         // `gone` still has two live generations: still steered.
         assert!(
             names(&d).contains(&g),
@@ -121,7 +115,9 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
 
     // G1 drains; with one generation left, `gone` is detached and forgotten.
     drop(held);
-    wait_until("the removed service to go", || !names(&d).contains(&g));
+    wait_until("the removed service to go", Duration::from_secs(10), || {
+        !names(&d).contains(&g)
+    });
     assert_eq!(answers(gone, 20), only("G2", 20), "G2 serves on, unsteered");
     drop(g1);
     let _ = std::fs::remove_file(&config);

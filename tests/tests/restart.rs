@@ -5,12 +5,12 @@ mod support;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::load::{self, LoadConfig};
 use nix::sys::signal::Signal;
-use support::{Handoffd, answers, loopback, only, privileged, testsrv};
+use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
 
 #[test]
 fn killed_daemon_keeps_steering_and_a_restarted_one_takes_over() {
@@ -68,14 +68,11 @@ fn killed_daemon_keeps_steering_and_a_restarted_one_takes_over() {
     );
     // A still drains on its own count: retired when its connection closes.
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while d.state_of(a.pid) != Some(GenerationState::Retired) {
-        assert!(
-            Instant::now() < deadline,
-            "A not retired after its last connection closed"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        "A to retire after its last connection closed",
+        Duration::from_secs(5),
+        || d.state_of(a.pid) == Some(GenerationState::Retired),
+    );
     // And the taken-up maps still steer a new promote.
     let c = testsrv("C", &[addr], &[]);
     d.promote(c.pid);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::load::{self, LoadConfig};
-use support::{Handoffd, answers, answers_by_pid, loopback, only, privileged, testsrv};
+use support::{Handoffd, answers, answers_by_pid, loopback, only, privileged, testsrv, wait_until};
 
 #[test]
 fn unpromoted_generation_gets_nothing_then_everything() {
@@ -105,7 +105,9 @@ fn promote_under_load_loses_nothing() {
     let (report, promoted_at) = std::thread::scope(|s| {
         let load = s.spawn(|| load::run(&cfg, Some(&stop)));
         // Let the load reach full speed on A first.
-        wait_for_answers(&log, 2000);
+        wait_until("the load to reach A", Duration::from_secs(10), || {
+            std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) >= 2000
+        });
         d.promote(b.pid);
         let promoted_at = load::monotonic_ns();
         std::thread::sleep(Duration::from_millis(1500));
@@ -150,22 +152,6 @@ fn promote_under_load_loses_nothing() {
         report.by_name.get("A").copied().unwrap_or(0) > 0,
         "A served before the promote"
     );
-}
-
-/// Polls the load log until it has `n` lines (deadline 10 s).
-fn wait_for_answers(log: &std::path::Path, n: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(log)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < n
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the load made no progress"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Every worker of a promoted master answers, for each way of making listeners.

@@ -244,3 +244,15 @@ pub fn answers_by_pid(addr: SocketAddr, n: usize) -> std::collections::BTreeMap<
 pub fn only(name: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
     std::collections::BTreeMap::from([(name.to_string(), n)])
 }
+
+/// Polls `f` every 10 ms until it is true; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
