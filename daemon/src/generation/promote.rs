@@ -1,0 +1,389 @@
+//! Promote and rollback: take a candidate's listeners into a free block of slots, flip
+//! every group to them, and verify with a probe; on any failure, put everything back.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+
+use handoff_common::maps::{BLOCKS, GEN_SLOTS, SteerRecord};
+use handoff_common::proto::{ErrorKind, GenerationState, Promoted};
+
+use super::drain::Ctx;
+use super::{Block, Generation, Service};
+use crate::candidate::{self, Candidate, CandidateError, Target};
+use crate::group::GroupKey;
+use crate::loader::{GroupProgram, LoaderError};
+use crate::probe::{self, ProbeError, ProbeResult};
+
+/// Why a promote or rollback was refused. Nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    /// The candidate does not qualify.
+    #[error(transparent)]
+    Candidate(#[from] CandidateError),
+    /// The generation got its retire signal and is exiting.
+    #[error(
+        "generation {id} (pid {pid}) is retiring (its retire signal was sent): start a new process instead"
+    )]
+    Retiring {
+        /// The generation.
+        id: u64,
+        /// Its pid.
+        pid: i32,
+    },
+    /// It is the active generation already.
+    #[error("pid {pid} is already the active generation ({id}) of service {service}")]
+    AlreadyActive {
+        /// The pid.
+        pid: i32,
+        /// The generation.
+        id: u64,
+        /// The service.
+        service: String,
+    },
+    /// A listener is already a socket of another generation.
+    #[error(
+        "listener {addr} of pid {pid} already belongs to generation {id} (pid {owner}); a socket can be in one generation only (a server's own upgrade that hands its sockets to a child cannot be steered)"
+    )]
+    SharedSocket {
+        /// The candidate.
+        pid: i32,
+        /// The listener.
+        addr: SocketAddr,
+        /// The generation holding it.
+        id: u64,
+        /// That generation's pid.
+        owner: i32,
+    },
+    /// No generation to roll back to.
+    #[error("service {service} has no draining generation with live listeners to roll back to")]
+    NothingToRollBack {
+        /// The service.
+        service: String,
+    },
+    /// Every block of slots is taken by live generations.
+    #[error("service {service} has {BLOCKS} generations with listeners; let some retire first")]
+    NoFreeBlock {
+        /// The service.
+        service: String,
+    },
+    /// The kernel program could not be loaded or driven.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// The probe did not see the kernel steer to the new generation.
+    #[error("{0}")]
+    Probe(#[from] ProbeError),
+    /// The probe saw another choice than the new generation.
+    #[error(
+        "the probe to {group} chose {chosen} instead of the new generation: steering left as it was"
+    )]
+    ProbeMismatch {
+        /// The group probed.
+        group: GroupKey,
+        /// What the program chose.
+        chosen: String,
+    },
+}
+
+impl PromoteError {
+    /// The protocol kind of this refusal.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            PromoteError::Candidate(e) => e.kind(),
+            PromoteError::AlreadyActive { .. } => ErrorKind::AlreadyActive,
+            PromoteError::Retiring { .. } => ErrorKind::NothingToRollBack,
+            PromoteError::SharedSocket { .. } => ErrorKind::SharedSocket,
+            PromoteError::NothingToRollBack { .. } => ErrorKind::NothingToRollBack,
+            PromoteError::NoFreeBlock { .. } => ErrorKind::Internal,
+            PromoteError::Loader(_)
+            | PromoteError::Probe(_)
+            | PromoteError::ProbeMismatch { .. } => ErrorKind::Kernel,
+        }
+    }
+}
+
+impl Service {
+    /// Makes `pid` the active generation, verified by a probe in every group.
+    pub fn promote(&mut self, pid: i32, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
+        self.reap(ctx);
+        // A pid that already leads a live generation: the active one is a no-op refused,
+        // a draining one is made active again (its listeners are still in the map).
+        let known = self.generations.iter().position(|g| {
+            g.state != GenerationState::Retired && g.leader.pid == pid && g.leader.alive()
+        });
+        if let Some(index) = known {
+            let g = &self.generations[index];
+            if g.state == GenerationState::Active {
+                return Err(PromoteError::AlreadyActive {
+                    pid,
+                    id: g.id,
+                    service: self.config.name.clone(),
+                });
+            }
+            return self.reactivate(index, ctx);
+        }
+        let target = Target {
+            listen: &self.config.listen,
+            groups: self.groups.iter().map(|g| g.key).collect(),
+        };
+        let candidate = candidate::take(pid, &target)?;
+        self.check_not_shared(&candidate)?;
+        let blocks = self.allocate_blocks()?;
+        let id = self.next_id;
+        let previous = self.active().map(|g| (g.id, g.blocks.clone()));
+        let blocks = self.install(
+            &candidate,
+            &blocks,
+            previous.as_ref().map(|p| p.1.as_slice()),
+        )?;
+
+        self.next_id += 1;
+        for (group, taken) in self.groups.iter_mut().zip(&candidate.listeners) {
+            group.key = Some(taken[0].key);
+        }
+        let listeners = blocks.iter().map(|b| b.cookies.len()).sum();
+        let Candidate {
+            leader,
+            descendants,
+            ..
+        } = candidate;
+        for m in std::iter::once(&leader).chain(&descendants) {
+            ctx.watch(m);
+        }
+        tracing::info!(service = %self.config.name, generation = id, pid, listeners, draining = ?previous.as_ref().map(|p| p.0), "promoted");
+        self.generations.push(Generation {
+            id,
+            state: GenerationState::Active,
+            leader,
+            descendants,
+            blocks,
+            drain: None,
+        });
+        self.demote_active(self.generations.len() - 1, ctx);
+        Ok(Promoted {
+            service: self.config.name.clone(),
+            generation: id,
+            pid,
+            listeners,
+            draining: previous.map(|p| p.0),
+        })
+    }
+
+    /// Makes the newest draining generation with live listeners active again.
+    pub fn rollback(&mut self, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
+        self.reap(ctx);
+        let back = self
+            .generations
+            .iter()
+            .rposition(|g| {
+                g.state == GenerationState::Draining
+                    && g.drain.as_ref().is_none_or(|d| d.retire.is_none())
+                    && self.listening(g).iter().all(|&n| n > 0)
+            })
+            .ok_or_else(|| PromoteError::NothingToRollBack {
+                service: self.config.name.clone(),
+            })?;
+        self.reactivate(back, ctx)
+    }
+
+    /// Makes the draining generation at `index` active again: one flip per group back to
+    /// its listeners, which never left the map. Verified by a probe like a promote.
+    fn reactivate(&mut self, index: usize, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
+        let g = &self.generations[index];
+        if g.drain.as_ref().is_some_and(|d| d.retire.is_some()) {
+            return Err(PromoteError::Retiring {
+                id: g.id,
+                pid: g.leader.pid,
+            });
+        }
+        let current = self.active().map(|g| g.blocks.clone());
+        let target = self.generations[index].blocks.clone();
+        let mut flipped = Vec::new();
+        let result = (|| {
+            for (i, group) in self.groups.iter_mut().enumerate() {
+                let Some(program) = group.program.as_mut() else {
+                    continue;
+                };
+                flipped.push((i, program.record()?));
+                program.publish(record_for(&target[i], current.as_ref().map(|c| &c[i])))?;
+                verify(program, group.key, &target[i])?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (i, old) in flipped {
+                self.restore(i, old);
+            }
+            return Err(e);
+        }
+        let draining = self.active().map(|g| g.id);
+        self.stop_drain(index, ctx);
+        self.generations[index].state = GenerationState::Active;
+        self.demote_active(index, ctx);
+        let g = &self.generations[index];
+        tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, draining = ?draining, "reactivated");
+        Ok(Promoted {
+            service: self.config.name.clone(),
+            generation: g.id,
+            pid: g.leader.pid,
+            listeners: g.blocks.iter().map(|b| b.cookies.len()).sum(),
+            draining,
+        })
+    }
+
+    /// Every active generation but the one at `keep` starts draining.
+    fn demote_active(&mut self, keep: usize, ctx: &mut Ctx) {
+        for index in 0..self.generations.len() {
+            if index != keep && self.generations[index].state == GenerationState::Active {
+                self.generations[index].state = GenerationState::Draining;
+                self.start_drain(index, ctx);
+            }
+        }
+    }
+
+    fn check_not_shared(&self, candidate: &Candidate) -> Result<(), PromoteError> {
+        for (i, taken) in candidate.listeners.iter().enumerate() {
+            for t in taken {
+                if let Some(owner) = self
+                    .generations
+                    .iter()
+                    .filter(|g| g.state != GenerationState::Retired)
+                    .find(|g| g.cookies().any(|c| c == t.cookie))
+                {
+                    return Err(PromoteError::SharedSocket {
+                        pid: candidate.leader.pid,
+                        addr: self.config.listen[i],
+                        id: owner.id,
+                        owner: owner.leader.pid,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A free block per group: not held by a live generation, not named by the record
+    /// in force (the program may still fall back to it).
+    fn allocate_blocks(&self) -> Result<Vec<u32>, PromoteError> {
+        let mut out = Vec::with_capacity(self.groups.len());
+        for (i, group) in self.groups.iter().enumerate() {
+            let mut used: HashSet<u32> = self
+                .generations
+                .iter()
+                .filter(|g| g.state != GenerationState::Retired)
+                .map(|g| g.blocks[i].index)
+                .collect();
+            if let Some(program) = &group.program {
+                let r = program.record()?;
+                used.extend([r.active_first / GEN_SLOTS, r.prev_first / GEN_SLOTS]);
+            }
+            // Rotate through the blocks so a just-freed one is reused last.
+            let start = u32::try_from(self.next_id).unwrap_or(0) % BLOCKS;
+            let free = (0..BLOCKS)
+                .map(|k| (start + k) % BLOCKS)
+                .find(|b| !used.contains(b))
+                .ok_or_else(|| PromoteError::NoFreeBlock {
+                    service: self.config.name.clone(),
+                })?;
+            out.push(free);
+        }
+        Ok(out)
+    }
+
+    /// Puts the candidate's listeners into their blocks, flips every group to them and
+    /// probes. On any failure every group is put back as it was.
+    fn install(
+        &mut self,
+        candidate: &Candidate,
+        block_indexes: &[u32],
+        previous: Option<&[Block]>,
+    ) -> Result<Vec<Block>, PromoteError> {
+        let mut done: Vec<(usize, Option<SteerRecord>)> = Vec::new();
+        let mut blocks = Vec::with_capacity(self.groups.len());
+        let result = (|| {
+            for (i, taken) in candidate.listeners.iter().enumerate() {
+                let block = Block {
+                    index: block_indexes[i],
+                    cookies: taken.iter().map(|t| t.cookie).collect(),
+                };
+                let group = &mut self.groups[i];
+                if group.program.is_none() {
+                    group.program = Some(GroupProgram::load(&crate::pins::group_dir(
+                        &self.config.name,
+                        i,
+                    ))?);
+                }
+                let program = group
+                    .program
+                    .as_mut()
+                    .ok_or(LoaderError::MissingMap("program"))?;
+                let old = program.attached().then(|| program.record()).transpose()?;
+                done.push((i, old));
+                for (k, t) in taken.iter().enumerate() {
+                    program.insert(block.first() + k as u32, t.fd.as_fd())?;
+                }
+                program.publish(record_for(&block, previous.map(|p| &p[i])))?;
+                if !program.attached() {
+                    program.attach(taken[0].fd.as_fd())?;
+                }
+                verify(program, Some(taken[0].key), &block)?;
+                blocks.push(block);
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for (i, old) in done {
+                // A group attached by this promote goes back to an empty record: the
+                // kernel's hash, as before.
+                self.restore(i, old.unwrap_or_default());
+                if let Some(program) = &self.groups[i].program {
+                    for k in 0..GEN_SLOTS {
+                        let _ = program.remove(block_indexes[i] * GEN_SLOTS + k);
+                    }
+                }
+            }
+            return Err(e);
+        }
+        Ok(blocks)
+    }
+
+    /// Puts group `i`'s record `old` back in force after a failed change.
+    fn restore(&mut self, i: usize, old: SteerRecord) {
+        if let Some(program) = self.groups[i].program.as_mut()
+            && let Err(err) = program.publish(old)
+        {
+            tracing::error!(service = %self.config.name, error = %err, "restoring the previous steering failed");
+        }
+    }
+}
+
+/// The record that steers to `active`, falling back to `previous`.
+fn record_for(active: &Block, previous: Option<&Block>) -> SteerRecord {
+    SteerRecord {
+        active_first: active.first(),
+        active_len: active.cookies.len() as u32,
+        prev_first: previous.map_or(0, Block::first),
+        prev_len: previous.map_or(0, |p| p.cookies.len() as u32),
+    }
+}
+
+/// Probes the group and checks that the program chose a slot of `block`.
+fn verify(
+    program: &mut GroupProgram,
+    key: Option<GroupKey>,
+    block: &Block,
+) -> Result<(), PromoteError> {
+    let Some(key) = key else { return Ok(()) };
+    let range = block.first()..block.first() + block.cookies.len() as u32;
+    match probe::probe(program, key.probe_target())? {
+        ProbeResult::Slot(s) if range.contains(&s) => Ok(()),
+        ProbeResult::Slot(s) => Err(PromoteError::ProbeMismatch {
+            group: key,
+            chosen: format!("slot {s}"),
+        }),
+        ProbeResult::NoSocket => Err(PromoteError::ProbeMismatch {
+            group: key,
+            chosen: "no socket".into(),
+        }),
+    }
+}
