@@ -21,6 +21,17 @@ pub enum DiscoverError {
         #[source]
         source: std::io::Error,
     },
+    /// Another user's process may not be inspected without privileges.
+    #[error(
+        "reading {path} is not permitted: handoffd needs root, or CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"
+    )]
+    Denied {
+        /// The path.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The sock_diag dump failed.
     #[error(transparent)]
     Diag(#[from] DiagError),
@@ -93,11 +104,18 @@ pub fn read_stat(pid: i32) -> Option<Stat> {
     })
 }
 
-/// The socket inodes among `pid`'s fds, each with one fd that refers to it.
-pub fn socket_fds(pid: i32, out: &mut HashMap<u64, FdRef>) {
-    // A process that exits meanwhile, or a fd closed meanwhile, is simply not counted.
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return;
+/// The socket inodes among `pid`'s fds, each with one fd that refers to it. A process
+/// that has exited meanwhile has none; one the daemon may not inspect is an error (a
+/// missing capability must not read as "no listener").
+pub fn socket_fds(pid: i32, out: &mut HashMap<u64, FdRef>) -> Result<(), DiscoverError> {
+    let path = format!("/proc/{pid}/fd");
+    let dir = match fs::read_dir(&path) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(DiscoverError::Denied { path, source: e });
+        }
+        // Exited (or a zombie): nothing to count.
+        Err(_) => return Ok(()),
     };
     for entry in dir.flatten() {
         let Ok(link) = fs::read_link(entry.path()) else {
@@ -116,6 +134,7 @@ pub fn socket_fds(pid: i32, out: &mut HashMap<u64, FdRef>) {
         };
         out.entry(inode).or_insert(FdRef { pid, fd });
     }
+    Ok(())
 }
 
 /// The inode of `pid`'s network namespace.
@@ -139,7 +158,7 @@ pub struct Listener {
 pub fn listeners(port: u16, pids: &[i32]) -> Result<Vec<Listener>, DiscoverError> {
     let mut fds = HashMap::new();
     for &pid in pids {
-        socket_fds(pid, &mut fds);
+        socket_fds(pid, &mut fds)?;
     }
     Ok(diag::dump_tcp(StateFlags::LISTEN, port)?
         .into_iter()
@@ -159,7 +178,7 @@ pub fn connections(
 ) -> Result<u64, DiscoverError> {
     let mut fds = HashMap::new();
     for &pid in pids {
-        socket_fds(pid, &mut fds);
+        socket_fds(pid, &mut fds)?;
     }
     let states = StateFlags::all() - StateFlags::TIME_WAIT - StateFlags::CLOSE;
     let mut n = 0;
