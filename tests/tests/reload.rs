@@ -39,7 +39,8 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
         format!("gone-{tag}"),
         format!("added-{tag}"),
     );
-    let config = std::env::temp_dir().join(format!("handoff-reload-{tag}.toml"));
+    // In the daemon's own test directory, which its guard removes.
+    let config = d.socket.with_file_name("handoffd.toml");
     write_config(&config, &[(&k, keep), (&g, gone)]);
     let config_arg = config.display().to_string();
     d.spawn(&[], &["--config", &config_arg]);
@@ -120,7 +121,6 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
     });
     assert_eq!(answers(gone, 20), only("G2", 20), "G2 serves on, unsteered");
     drop(g1);
-    let _ = std::fs::remove_file(&config);
     // The added service works like any other.
     let a1 = testsrv("A1", &[added], &[]);
     assert!(
