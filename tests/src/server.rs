@@ -7,13 +7,23 @@
 //! the handshake and stay queued in the accept queue (for tests of what happens to them when
 //! the listener closes).
 //!
+//! For benchmarks: `--log-close` stamps every close of an accepted connection; `--warmup-ms`
+//! listens at once but accepts only later (a generation warming up); `--hold` keeps
+//! connections without a thread each (100 k of them would exceed `pid_max` as threads) until
+//! SIGUSR1 closes them all; `--drain-on-term` makes SIGTERM a graceful stop (close the
+//! listeners, finish the accepted connections, exit), as nginx's QUIT or Go's `Shutdown`.
+//!
 //! Lines on stderr, each `KIND NAME key=value...`, for tests to wait on:
 //! `term NAME pid=PID ns=NS` (SIGTERM arrived, CLOCK_MONOTONIC; ` ignored` with --ignore-term), `worker-exit NAME pid=PID status=STATUS`,
-//! `respawn NAME old=PID new=PID`.
+//! `respawn NAME old=PID new=PID`, `close NAME pid=PID ns=NS` (`--log-close`: NS just before
+//! the close), `closed NAME pid=PID count=N first_ns=NS last_ns=NS` (`--hold`, after SIGUSR1:
+//! NS just before the first and the last close).
 
 use std::io::{self, PipeReader, PipeWriter, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -33,6 +43,17 @@ const WORKER_EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// Stack of a connection thread: it only sleeps, writes a line and reads into a small buffer.
 const CONN_STACK: usize = 128 * 1024;
+
+/// How long `--drain-on-term` waits for accepted connections to finish after SIGTERM; below
+/// [`WORKER_EXIT_GRACE`] so that a worker finishes before its master gives up on it.
+const DRAIN_GRACE: Duration = Duration::from_millis(1500);
+
+/// Accepted connections being served (by a thread each) in this process.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// Set once `--drain-on-term` shut the listeners: accept errors are then the end, not a fault.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// `--hold`: the connections this process holds, closed by SIGUSR1.
+static HELD: Mutex<Vec<TcpStream>> = Mutex::new(Vec::new());
 
 /// Command line of `testsrv`.
 #[derive(Debug, Clone, PartialEq, Eq, Parser)]
@@ -71,6 +92,24 @@ pub struct ServerConfig {
     /// Log SIGTERM but keep running (a server that ignores its retire signal).
     #[arg(long)]
     pub ignore_term: bool,
+    /// Log `close NAME pid=PID ns=NS` on stderr when an accepted connection is closed (NS:
+    /// CLOCK_MONOTONIC just before the close).
+    #[arg(long)]
+    pub log_close: bool,
+    /// Listen at once, but start accepting only after this many milliseconds (a generation
+    /// warming up; connections sent to it meanwhile wait in its accept queue).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub warmup_ms: u64,
+    /// Hold accepted connections without a thread each: answer, keep open, never read.
+    /// SIGUSR1 (to the master: forwarded to every worker) closes them all and logs
+    /// `closed NAME pid=PID count=N first_ns=NS last_ns=NS`.
+    #[arg(long, conflicts_with = "no_accept")]
+    pub hold: bool,
+    /// Make SIGTERM a graceful stop: shut the listeners (queued connections are reset, or
+    /// migrated with net.ipv4.tcp_migrate_req=1), let accepted connections finish (at most
+    /// 1.5 s), then exit.
+    #[arg(long, conflicts_with = "ignore_term")]
+    pub drain_on_term: bool,
 }
 
 /// Listener layout of a master with workers.
@@ -159,7 +198,7 @@ pub fn run(cfg: &ServerConfig) -> Result<(), ServerError> {
         let listeners = bind_all(cfg)?;
         start_acceptors(cfg, &listeners)?;
         print_ready(std::process::id(), &[]);
-        wait_for_term(cfg);
+        wait_for_term(cfg, &listeners);
         return Ok(());
     }
     let mut master = Master::start(cfg)?;
@@ -190,17 +229,35 @@ fn bind_all(cfg: &ServerConfig) -> Result<Vec<TcpListener>, ServerError> {
         .collect()
 }
 
+/// What an accepting thread does with each connection.
+#[derive(Clone)]
+struct Serve {
+    /// `NAME PID\n`, PID of the accepting process.
+    answer: Arc<[u8]>,
+    /// `--delay-ms`.
+    delay: Duration,
+    /// `--log-close`: the name to log closes under.
+    log_close: Option<Arc<str>>,
+    /// `--hold`.
+    hold: bool,
+}
+
 /// Starts one accepting thread per listener; answers carry the pid of the calling process.
 /// With `--no-accept` each thread only holds its copy of the listener open.
 fn start_acceptors(cfg: &ServerConfig, listeners: &[TcpListener]) -> Result<(), ServerError> {
-    let answer: Arc<[u8]> = format!("{} {}\n", cfg.name, std::process::id())
-        .into_bytes()
-        .into();
-    let delay = Duration::from_millis(cfg.delay_ms);
+    let serve = Serve {
+        answer: format!("{} {}\n", cfg.name, std::process::id())
+            .into_bytes()
+            .into(),
+        delay: Duration::from_millis(cfg.delay_ms),
+        log_close: cfg.log_close.then(|| cfg.name.as_str().into()),
+        hold: cfg.hold,
+    };
+    let warmup = Duration::from_millis(cfg.warmup_ms);
     let no_accept = cfg.no_accept;
     for listener in listeners {
         let listener = listener.try_clone().map_err(sys_err("dup of a listener"))?;
-        let answer = Arc::clone(&answer);
+        let serve = serve.clone();
         thread::Builder::new()
             .name("accept".to_owned())
             .spawn(move || {
@@ -210,25 +267,41 @@ fn start_acceptors(cfg: &ServerConfig, listeners: &[TcpListener]) -> Result<(), 
                         thread::park();
                     }
                 }
-                accept_loop(&listener, &answer, delay)
+                thread::sleep(warmup);
+                accept_loop(&listener, &serve)
             })
             .map_err(sys_err("starting an accept thread"))?;
     }
     Ok(())
 }
 
-fn accept_loop(listener: &TcpListener, answer: &Arc<[u8]>, delay: Duration) {
+fn accept_loop(listener: &TcpListener, serve: &Serve) {
     loop {
         match listener.accept() {
+            Ok((mut stream, _)) if serve.hold => {
+                // Answer under the lock, so that a SIGUSR1 sent once the answer arrived finds
+                // the connection held. A fresh socket takes the short answer without blocking.
+                let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+                if stream.write_all(&serve.answer).is_ok() {
+                    held.push(stream);
+                }
+            }
             Ok((stream, _)) => {
-                let answer = Arc::clone(answer);
+                let serve = serve.clone();
+                LIVE.fetch_add(1, Ordering::SeqCst);
                 let spawned = thread::Builder::new()
                     .stack_size(CONN_STACK)
-                    .spawn(move || serve_connection(stream, &answer, delay));
+                    .spawn(move || {
+                        serve_connection(stream, &serve);
+                        LIVE.fetch_sub(1, Ordering::SeqCst);
+                    });
                 if let Err(e) = spawned {
+                    LIVE.fetch_sub(1, Ordering::SeqCst);
                     eprintln!("testsrv: cannot start a connection thread: {e}");
                 }
             }
+            // `--drain-on-term` shut the listener: accepting is over.
+            Err(_) if STOPPING.load(Ordering::SeqCst) => return,
             Err(e) => {
                 eprintln!("testsrv: accept: {e}");
                 // Out of descriptors or memory: back off instead of spinning.
@@ -238,47 +311,101 @@ fn accept_loop(listener: &TcpListener, answer: &Arc<[u8]>, delay: Duration) {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, answer: &[u8], delay: Duration) {
-    if !delay.is_zero() {
-        thread::sleep(delay);
+fn serve_connection(mut stream: TcpStream, serve: &Serve) {
+    if !serve.delay.is_zero() {
+        thread::sleep(serve.delay);
     }
-    if stream.write_all(answer).is_err() {
-        return;
-    }
-    let mut buf = [0u8; 512];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
+    if stream.write_all(&serve.answer).is_ok() {
+        let mut buf = [0u8; 512];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
         }
+    }
+    if let Some(name) = &serve.log_close {
+        // Stamped and written before the close: the retire signal that the close may bring
+        // can end the process before a line written after it.
+        let ns = crate::load::monotonic_ns();
+        log_line(&format!("close {name} pid={} ns={ns}", std::process::id()));
+    }
+    drop(stream);
+}
+
+/// `--hold`: closes every held connection and logs `closed ...` (nothing held: count=0).
+fn close_held(cfg: &ServerConfig) {
+    let held = std::mem::take(&mut *HELD.lock().unwrap_or_else(|p| p.into_inner()));
+    let count = held.len();
+    let first = crate::load::monotonic_ns();
+    let mut last = first;
+    for (i, stream) in held.into_iter().enumerate() {
+        if i + 1 == count {
+            last = crate::load::monotonic_ns();
+        }
+        drop(stream);
+    }
+    log_line(&format!(
+        "closed {} pid={} count={count} first_ns={first} last_ns={last}",
+        cfg.name,
+        std::process::id()
+    ));
+}
+
+/// `--drain-on-term`: shuts `listeners` (for every process holding them) and waits, at most
+/// [`DRAIN_GRACE`], until no accepted connection is being served.
+fn drain(listeners: &[TcpListener]) {
+    STOPPING.store(true, Ordering::SeqCst);
+    for l in listeners {
+        // Like close(2) for the queue, but it also wakes the thread blocked in accept(2). A
+        // listener that another process (the master, a worker) shut already gives ENOTCONN.
+        let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+    let deadline = Instant::now() + DRAIN_GRACE;
+    while LIVE.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(2));
     }
 }
 
 /// Logs a SIGTERM: `term NAME pid=PID ns=CLOCK_MONOTONIC` (plus ` ignored` when ignored).
 fn log_term(cfg: &ServerConfig) {
     let ignored = if cfg.ignore_term { " ignored" } else { "" };
-    eprintln!(
+    log_line(&format!(
         "term {} pid={} ns={}{ignored}",
         cfg.name,
         std::process::id(),
         crate::load::monotonic_ns()
-    );
+    ));
 }
 
-/// Waits for SIGTERM or SIGINT (blocked in all threads, so taken here synchronously).
-fn wait_for_term(cfg: &ServerConfig) {
+/// Writes one line to stderr with a single write(2): a master and its workers share the
+/// pipe, and `eprintln!` may split a line into several writes that interleave with theirs.
+fn log_line(line: &str) {
+    let mut buf = String::with_capacity(line.len() + 1);
+    buf.push_str(line);
+    buf.push('\n');
+    let _ = io::stderr().write_all(buf.as_bytes());
+}
+
+/// Waits for SIGTERM or SIGINT (blocked in all threads, so taken here synchronously); with
+/// `--drain-on-term`, SIGTERM then drains `listeners` first. SIGUSR1 closes held connections.
+fn wait_for_term(cfg: &ServerConfig, listeners: &[TcpListener]) {
     let set = sys::handled_signals();
     loop {
         match set.wait() {
             Ok(Signal::SIGTERM) => {
                 log_term(cfg);
+                if cfg.drain_on_term {
+                    drain(listeners);
+                }
                 if !cfg.ignore_term {
                     return;
                 }
             }
             Ok(Signal::SIGINT) => return,
+            Ok(Signal::SIGUSR1) if cfg.hold => close_held(cfg),
             _ => {}
         }
     }
@@ -354,6 +481,11 @@ impl<'a> Master<'a> {
                     }
                 }
                 Ok(Signal::SIGINT) => break,
+                Ok(Signal::SIGUSR1) => {
+                    for pid in self.workers.iter().flatten() {
+                        let _ = kill(*pid, Signal::SIGUSR1);
+                    }
+                }
                 _ => {}
             }
         }
@@ -374,7 +506,7 @@ impl<'a> Master<'a> {
                 _ => continue,
             };
             let name = &self.cfg.name;
-            eprintln!("worker-exit {name} pid={pid} status={how}");
+            log_line(&format!("worker-exit {name} pid={pid} status={how}"));
             let Some(slot) = self.workers.iter().position(|w| *w == Some(pid)) else {
                 continue;
             };
@@ -383,7 +515,7 @@ impl<'a> Master<'a> {
                 let (new, ready) = self.fork_worker(slot)?;
                 self.workers[slot] = Some(new);
                 match await_ready(new, ready) {
-                    Ok(()) => eprintln!("respawn {name} old={pid} new={new}"),
+                    Ok(()) => log_line(&format!("respawn {name} old={pid} new={new}")),
                     Err(e) => {
                         // Out of its slot, it is reaped on the next SIGCHLD but not respawned:
                         // a worker that cannot start would otherwise be respawned forever.
@@ -444,9 +576,9 @@ fn worker_main(
     own: Option<&[TcpListener]>,
     mut ready: PipeWriter,
 ) -> ! {
+    let mut created = Vec::new();
     let started = (|| {
         sys::die_with_parent(parent).map_err(sys_err("PR_SET_PDEATHSIG"))?;
-        let created;
         let listeners = match own {
             Some(listeners) => listeners,
             None => {
@@ -469,7 +601,7 @@ fn worker_main(
         std::process::exit(1);
     }
     drop(ready);
-    wait_for_term(cfg);
+    wait_for_term(cfg, own.unwrap_or(&created));
     std::process::exit(0);
 }
 
@@ -807,5 +939,154 @@ mod tests {
         ]);
         let (name, _) = load::connect_once(addr, Duration::from_secs(2)).expect("answer over IPv6");
         assert_eq!(name, "six");
+    }
+
+    #[test]
+    fn cli_parses_the_benchmark_flags() {
+        let cfg = ServerConfig::try_parse_from([
+            "testsrv",
+            "--name",
+            "A",
+            "--listen",
+            "127.0.0.1:1",
+            "--log-close",
+            "--warmup-ms",
+            "250",
+            "--hold",
+            "--drain-on-term",
+        ])
+        .expect("valid command line");
+        assert!(cfg.log_close && cfg.hold && cfg.drain_on_term && cfg.warmup_ms == 250);
+        let base = ["testsrv", "--name", "A", "--listen", "127.0.0.1:1"];
+        for extra in [
+            &["--hold", "--no-accept"],
+            &["--drain-on-term", "--ignore-term"],
+        ] {
+            let args = [&base[..], extra].concat();
+            assert!(
+                ServerConfig::try_parse_from(&args).is_err(),
+                "{args:?} accepted"
+            );
+        }
+    }
+
+    /// The `ns=` value of a stderr line.
+    fn ns_field(line: &str, key: &str) -> u64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(key)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+    }
+
+    #[test]
+    fn log_close_stamps_the_close() {
+        let addr = loopback();
+        let srv =
+            Proc::spawn_testsrv(&["--name", "L", "--listen", &addr.to_string(), "--log-close"]);
+        let (stream, name, pid) = load::hold(addr).expect("an answer");
+        assert_eq!((name.as_str(), pid), ("L", srv.pid));
+        let before = load::monotonic_ns();
+        drop(stream);
+        let line = srv
+            .wait_line(
+                Stream::Stderr,
+                &format!("close L pid={} ", srv.pid),
+                Duration::from_secs(5),
+            )
+            .expect("the close is logged");
+        let ns = ns_field(&line, "ns=");
+        assert!(
+            ns >= before,
+            "close stamped at {ns}, before the client closed at {before}"
+        );
+    }
+
+    #[test]
+    fn warmup_delays_accepting() {
+        let addr = loopback();
+        let _srv = Proc::spawn_testsrv(&[
+            "--name",
+            "W",
+            "--listen",
+            &addr.to_string(),
+            "--warmup-ms",
+            "400",
+        ]);
+        // Listening at once: the handshake completes, the answer waits for the warm-up.
+        let started = Instant::now();
+        let (name, _) = load::connect_once(addr, Duration::from_secs(5)).expect("answered");
+        assert_eq!(name, "W");
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200),
+            "answered after {waited:?}"
+        );
+    }
+
+    #[test]
+    fn hold_closes_every_connection_on_sigusr1() {
+        let addr = loopback();
+        let srv = Proc::spawn_testsrv(&[
+            "--name",
+            "H",
+            "--listen",
+            &addr.to_string(),
+            "--workers",
+            "2",
+            "--mode",
+            "per-worker",
+            "--hold",
+        ]);
+        let mut held: Vec<TcpStream> = (0..6)
+            .map(|_| load::hold(addr).expect("an answer").0)
+            .collect();
+        srv.signal(Signal::SIGUSR1);
+        let lines = srv
+            .wait_lines(Stream::Stderr, "closed H pid=", 2, Duration::from_secs(5))
+            .expect("each worker closes its connections");
+        let count: u64 = lines.iter().map(|l| ns_field(l, "count=")).sum();
+        assert_eq!(count, 6, "{lines:?}");
+        for line in &lines {
+            assert!(
+                ns_field(line, "last_ns=") >= ns_field(line, "first_ns="),
+                "{line}"
+            );
+        }
+        for stream in &mut held {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("read timeout");
+            assert_eq!(stream.read(&mut [0u8; 8]).expect("EOF"), 0, "not closed");
+        }
+    }
+
+    #[test]
+    fn drain_on_term_refuses_new_and_finishes_accepted_connections() {
+        let addr = loopback();
+        let mut srv = Proc::spawn_testsrv(&[
+            "--name",
+            "D",
+            "--listen",
+            &addr.to_string(),
+            "--drain-on-term",
+        ]);
+        let (stream, _, _) = load::hold(addr).expect("an answer");
+        srv.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match load::connect_once(addr, Duration::from_secs(1)) {
+                Err(load::FailureKind::Refused) => break,
+                other => assert!(Instant::now() < deadline, "still accepting: {other:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            srv.wait_exit(Duration::from_millis(100)).is_none(),
+            "exited with a connection still open"
+        );
+        drop(stream);
+        let status = srv
+            .wait_exit(Duration::from_secs(5))
+            .expect("exits once the connection is done");
+        assert!(status.success(), "{status}");
     }
 }

@@ -59,6 +59,8 @@ pub(crate) fn handled_signals() -> SigSet {
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.add(Signal::SIGCHLD);
+    // `--hold`: close the held connections.
+    set.add(Signal::SIGUSR1);
     set
 }
 

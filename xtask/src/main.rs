@@ -4,7 +4,9 @@
 //!   or check that the committed objects match their sources.
 //! - `test [-- ARGS]`: build the workspace binaries, then run `cargo test --workspace`.
 //! - `demo [--seconds N] [--concurrency N]`: a handoff under load on loopback (root).
+//! - `bench [--quick] [--only NAME]`: the benchmarks, a table and `BENCHMARKS.md` (root).
 
+mod bench;
 mod build_ebpf;
 mod children;
 mod demo;
@@ -53,6 +55,18 @@ enum Task {
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
         concurrency: u32,
     },
+    /// Run the benchmarks and write BENCHMARKS.md (needs root).
+    Bench {
+        /// Run each benchmark briefly and only check that it produces a number (CI).
+        #[arg(long)]
+        quick: bool,
+        /// Run only these benchmarks (repeatable); prints the table, leaves BENCHMARKS.md.
+        #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(bench::NAMES))]
+        only: Vec<String>,
+    },
+    /// The scale benchmark's client (started by `bench`, inside its network namespace).
+    #[command(hide = true)]
+    BenchHold(bench::HoldArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +93,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Task::Bench { quick, only } => {
+            // The table says what failed; a failure only sets the exit status.
+            if !bench::run(&root, quick, &only)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Task::BenchHold(args) => bench::hold(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -141,6 +162,12 @@ impl TempDir {
     fn path(&self) -> &Path {
         &self.0
     }
+
+    /// Keeps the directory and what is in it (for a post-mortem); returns its path.
+    fn keep(self) -> PathBuf {
+        let this = std::mem::ManuallyDrop::new(self);
+        this.0.clone()
+    }
 }
 
 impl Drop for TempDir {
@@ -148,5 +175,17 @@ impl Drop for TempDir {
         if let Err(e) = std::fs::remove_dir_all(&self.0) {
             eprintln!("warning: cannot remove {}: {e}", self.0.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

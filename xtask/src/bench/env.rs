@@ -1,0 +1,468 @@
+//! Where the benchmarks run: a network namespace per benchmark ([`Netns`]), children
+//! started in it and always stopped, and handles on handoffd, testsrv and loadgen.
+//!
+//! Every child runs in the benchmark's network namespace and in a process group of its own,
+//! so a Ctrl-C reaches only this process. An [`Env`] stops its children, runs `handoffd --cleanup` for its daemons and
+//! deletes its namespace when dropped, on every path.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub use super::netns::{Netns, remove_leftovers};
+use super::output::parse_ready;
+pub use super::output::{Captured, LoadReport, field};
+use crate::TempDir;
+use crate::children::{POLL, Proc, check_interrupted, pause_until, stop_all};
+
+/// How long handoffd and testsrv may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long children get between SIGTERM and SIGKILL at the end.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Ephemeral ports inside a namespace: wide, and above every service port the benches use.
+const PORT_RANGE: &str = "10000 65000";
+
+/// What every benchmark gets.
+pub struct Ctx {
+    /// handoffd, handoffctl, testsrv and loadgen (release; debug with `--quick`).
+    pub bin: PathBuf,
+    /// This executable: its hidden `bench-hold` task is the scale benchmark's client.
+    pub xtask: PathBuf,
+    /// `--quick`: every benchmark once and briefly; numbers, no verdicts.
+    pub quick: bool,
+    /// Logs and state directories of the run, removed at the end.
+    pub tmp: TempDir,
+}
+
+impl Ctx {
+    /// `full` in a full run, `quick` with `--quick`.
+    pub fn pick<T>(&self, full: T, quick: T) -> T {
+        if self.quick { quick } else { full }
+    }
+}
+
+/// One benchmark's namespace, children and daemons, all released on drop.
+pub struct Env<'a> {
+    /// The run's settings and binaries.
+    pub ctx: &'a Ctx,
+    /// Logs, state directories and config files of this environment.
+    dir: PathBuf,
+    /// Every child not known to be gone with its whole process group.
+    procs: Vec<Proc>,
+    /// State directories (and the service) of the daemons, for `handoffd --cleanup`.
+    daemons: Vec<(PathBuf, Option<String>)>,
+    /// Distinguishes log files and state directories.
+    seq: u32,
+    /// The namespace; declared last so that it is deleted after the children stopped.
+    pub ns: Netns,
+}
+
+impl<'a> Env<'a> {
+    /// A fresh namespace with loopback up and a wide ephemeral port range.
+    pub fn new(ctx: &'a Ctx, label: &str) -> Result<Self> {
+        let dir = ctx.tmp.path().join(label);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let ns = Netns::new(label)?;
+        ns.sysctl("net.ipv4.ip_local_port_range", PORT_RANGE)?;
+        Ok(Self {
+            ctx,
+            dir,
+            procs: Vec::new(),
+            daemons: Vec::new(),
+            seq: 0,
+            ns,
+        })
+    }
+
+    /// A new file `DIR/<name>-<n>.<ext>`.
+    pub fn file(&mut self, name: &str, ext: &str) -> Result<(PathBuf, File)> {
+        self.seq += 1;
+        let path = self.dir.join(format!("{name}-{}.{ext}", self.seq));
+        let file =
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok((path, file))
+    }
+
+    /// Spawns `cmd` in the namespace and a process group of its own; returns its pid.
+    pub fn spawn(&mut self, name: &str, cmd: Command, kill_group: bool) -> Result<u32> {
+        Ok(self.spawn_piped(name, cmd, kill_group, None)?.0)
+    }
+
+    /// [`Env::spawn`] with stdout piped and captured.
+    pub fn spawn_captured(&mut self, name: &str, mut cmd: Command) -> Result<(u32, Captured)> {
+        cmd.stdout(Stdio::piped());
+        let (pid, out, _) = self.spawn_piped(name, cmd, false, None)?;
+        Ok((pid, out.context("no stdout")?))
+    }
+
+    /// Spawns `cmd`; captures stdout if piped, and stderr into `stderr_log` if given.
+    fn spawn_piped(
+        &mut self,
+        name: &str,
+        mut cmd: Command,
+        kill_group: bool,
+        stderr_log: Option<File>,
+    ) -> Result<(u32, Option<Captured>, Option<Captured>)> {
+        check_interrupted()?;
+        if stderr_log.is_some() {
+            cmd.stderr(Stdio::piped());
+        }
+        self.ns.prepare(&mut cmd);
+        cmd.process_group(0);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", Path::new(cmd.get_program()).display()))?;
+        let pid = child.id();
+        let out = child.stdout.take().map(|p| Captured::start(p, None));
+        let err = match (child.stderr.take(), stderr_log) {
+            (Some(pipe), Some(log)) => Some(Captured::start(pipe, Some(log))),
+            _ => None,
+        };
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+            kill_group,
+        });
+        Ok((pid, out, err))
+    }
+
+    fn proc(&mut self, pid: u32) -> Result<&mut Proc> {
+        self.procs
+            .iter_mut()
+            .find(|p| p.child.id() == pid)
+            .with_context(|| format!("pid {pid} is no child of this bench"))
+    }
+
+    /// Sends `sig` to the child `pid` alone (not its group), if it has not exited.
+    pub fn kill(&mut self, pid: u32, sig: Signal) -> Result<()> {
+        let proc = self.proc(pid)?;
+        if proc.exit_status().is_none() {
+            kill(Pid::from_raw(pid as i32), sig)
+                .with_context(|| format!("cannot send {sig} to {}", proc.name))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the child `pid` has exited, at most until `deadline`.
+    pub fn wait_exit(&mut self, pid: u32, deadline: Instant) -> Result<ExitStatus> {
+        let status = self.proc(pid)?.wait_until(deadline)?;
+        self.prune();
+        Ok(status)
+    }
+
+    /// Forgets children that exited and whose process group is empty: their pid may be
+    /// reused, so they must never be signalled again.
+    pub fn prune(&mut self) {
+        self.procs.retain_mut(|p| {
+            p.exit_status().is_none()
+                || (p.kill_group
+                    && killpg(Pid::from_raw(p.child.id() as i32), None) != Err(Errno::ESRCH))
+        });
+    }
+
+    /// Starts handoffd for one service, [`service_name`]`(name)`, on the `listen`
+    /// addresses, with `extra` arguments (drain settings).
+    pub fn daemon(&mut self, name: &str, listen: &[&str], extra: &[&str]) -> Result<Daemon> {
+        let service = service_name(name);
+        let mut args = Vec::new();
+        for addr in listen {
+            args.extend(["--listen", addr]);
+        }
+        args.extend(["--service", service.as_str()]);
+        args.extend(extra);
+        self.start_daemon(&args, Some(&service))
+    }
+
+    /// Starts handoffd with the services of a `--config` file.
+    pub fn daemon_with_config(&mut self, config: &Path) -> Result<Daemon> {
+        let config = config.to_string_lossy();
+        self.start_daemon(&["--config", &config], None)
+    }
+
+    /// Starts handoffd with `args` and its own state directory and control socket, and
+    /// waits until it answers.
+    fn start_daemon(&mut self, args: &[&str], service: Option<&str>) -> Result<Daemon> {
+        self.seq += 1;
+        let state = self.dir.join(format!("state-{}", self.seq));
+        let socket = self.dir.join(format!("ctl-{}.sock", self.seq));
+        let (_, log) = self.file("handoffd", "log")?;
+        let mut cmd = Command::new(self.ctx.bin.join("handoffd"));
+        cmd.args(args)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--control-socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let pid = self.spawn("handoffd", cmd, false)?;
+        self.daemons.push((state, service.map(str::to_owned)));
+        let daemon = Daemon {
+            pid,
+            socket,
+            ctl: self.ctx.bin.join("handoffctl"),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let answered = daemon
+                .ctl(&["status"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .context("cannot run handoffctl")?
+                .success();
+            if answered {
+                return Ok(daemon);
+            }
+            if let Some(status) = self.proc(pid)?.exit_status() {
+                bail!(
+                    "handoffd exited ({status}) before it answered; its log is in {}",
+                    self.dir.display()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!("handoffd did not answer within {READY_TIMEOUT:?}");
+            }
+            pause_until(Instant::now() + POLL)?;
+        }
+    }
+
+    /// Starts `testsrv --name NAME ARGS` and waits for its ready line.
+    pub fn testsrv(&mut self, name: &str, args: &[&str]) -> Result<Server> {
+        let (_, log) = self.file(&format!("testsrv-{name}"), "log")?;
+        let mut cmd = Command::new(self.ctx.bin.join("testsrv"));
+        cmd.args(["--name", name])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let (spawned, stdout, stderr) =
+            self.spawn_piped(&format!("testsrv {name}"), cmd, true, Some(log))?;
+        let (stdout, stderr) = (stdout.context("no stdout")?, stderr.context("no stderr")?);
+        let line = stdout
+            .wait(
+                &format!("testsrv {name} to be ready"),
+                Instant::now() + READY_TIMEOUT,
+                |l| l.starts_with("ready "),
+            )
+            .with_context(|| format!("testsrv {name}: {}", stderr.tail()))?;
+        let (pid, workers) = parse_ready(&line)
+            .with_context(|| format!("testsrv {name}: bad ready line {line:?}"))?;
+        if pid != spawned {
+            bail!("testsrv {name}: ready line of pid {pid}, started {spawned}");
+        }
+        Ok(Server {
+            name: name.to_owned(),
+            pid,
+            workers,
+            stderr,
+        })
+    }
+
+    /// Starts `loadgen --connect ADDR ARGS` in the background.
+    pub fn loadgen(&mut self, addr: SocketAddr, args: &[&str]) -> Result<Load> {
+        let (_, log) = self.file("loadgen", "log")?;
+        let mut cmd = Command::new(self.ctx.bin.join("loadgen"));
+        cmd.args(["--connect", &addr.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(log);
+        let (pid, out) = self.spawn_captured("loadgen", cmd)?;
+        Ok(Load { pid, out })
+    }
+
+    /// Waits for loadgen to finish (at most until `deadline`) and reads its report.
+    pub fn finish_load(&mut self, load: Load, deadline: Instant) -> Result<LoadReport> {
+        let status = self.wait_exit(load.pid, deadline)?;
+        let text = load.out.all().join("\n");
+        let report: Value = serde_json::from_str(&text)
+            .with_context(|| format!("loadgen ({status}) printed no report: {text:?}"))?;
+        LoadReport::from_json(&report)
+    }
+
+    /// Stops loadgen (SIGTERM: it finishes the attempts under way) and reads its report.
+    pub fn stop_load(&mut self, load: Load) -> Result<LoadReport> {
+        self.kill(load.pid, Signal::SIGTERM)?;
+        self.finish_load(load, Instant::now() + Duration::from_secs(30))
+    }
+
+    /// Runs loadgen to its end (its arguments must bound it).
+    pub fn run_load(
+        &mut self,
+        addr: SocketAddr,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<LoadReport> {
+        let load = self.loadgen(addr, args)?;
+        self.finish_load(load, Instant::now() + limit)
+    }
+}
+
+impl Drop for Env<'_> {
+    fn drop(&mut self) {
+        self.prune();
+        stop_all(&mut self.procs, STOP_GRACE);
+        for (state, service) in &self.daemons {
+            let mut cmd = Command::new(self.ctx.bin.join("handoffd"));
+            cmd.arg("--cleanup").arg("--state-dir").arg(state);
+            if let Some(service) = service {
+                cmd.args(["--service", service]);
+            }
+            match cmd.stdin(Stdio::null()).output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!(
+                    "warning: handoffd --cleanup failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(e) => eprintln!("warning: cannot run handoffd --cleanup: {e}"),
+            }
+        }
+    }
+}
+
+/// The name of a benchmark's service: `hbench-<pid>-NAME`. handoffd pins its maps on the
+/// host's bpffs by service name, so a bench running at the same time, or a test, must not
+/// share it; [`remove_leftovers`] removes the pins of a bench that was killed.
+pub fn service_name(name: &str) -> String {
+    format!("{}{}-{name}", super::netns::NS_PREFIX, std::process::id())
+}
+
+/// A running handoffd.
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    /// Its pid (for `/proc` and BPF statistics).
+    pub pid: u32,
+    /// Its control socket.
+    socket: PathBuf,
+    /// The handoffctl binary.
+    ctl: PathBuf,
+}
+
+impl Daemon {
+    /// A handoffctl command talking to this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.ctl);
+        cmd.arg("--control-socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// `handoffctl promote PID [--service NAME]`; returns how long the call took, from its
+    /// start to its exit (it returns once the probe saw the kernel steer to `pid`).
+    pub fn promote(&self, pid: u32, service: Option<&str>) -> Result<Duration> {
+        let pid = pid.to_string();
+        let mut args = vec!["promote", pid.as_str()];
+        if let Some(service) = service {
+            args.extend(["--service", service]);
+        }
+        let mut cmd = self.ctl(&args);
+        let started = Instant::now();
+        let out = cmd.output().context("cannot run handoffctl promote")?;
+        let took = started.elapsed();
+        if !out.status.success() {
+            bail!(
+                "promote {pid} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(took)
+    }
+
+    /// `handoffctl status --json`.
+    pub fn status(&self) -> Result<Value> {
+        let out = self
+            .ctl(&["status", "--json"])
+            .output()
+            .context("cannot run handoffctl status")?;
+        if !out.status.success() {
+            bail!(
+                "handoffctl status failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("handoffctl status --json: not JSON")
+    }
+
+    /// The `connections` of the generation led by `pid`, from `status --json`.
+    pub fn connections(&self, pid: u32) -> Result<u64> {
+        let status = self.status()?;
+        status["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["generations"].as_array().into_iter().flatten())
+            .find(|g| g["pid"].as_u64() == Some(u64::from(pid)))
+            .and_then(|g| g["connections"].as_u64())
+            .with_context(|| format!("no generation of pid {pid} in status: {status}"))
+    }
+}
+
+/// A running testsrv.
+pub struct Server {
+    /// `--name`.
+    pub name: String,
+    /// The master (or only) process.
+    pub pid: u32,
+    /// Its workers, from the ready line.
+    pub workers: Vec<u32>,
+    /// Its stderr lines (`term`, `close`, `closed`, ...).
+    pub stderr: Captured,
+}
+
+impl Server {
+    /// Waits for a stderr line starting with `prefix`.
+    pub fn wait_line(&self, prefix: &str, deadline: Instant) -> Result<String> {
+        self.stderr.wait(
+            &format!("{prefix:?} from testsrv {}", self.name),
+            deadline,
+            |l| l.starts_with(prefix),
+        )
+    }
+
+    /// The `term` line of the master: when the retire signal arrived (CLOCK_MONOTONIC ns).
+    pub fn wait_term(&self, deadline: Instant) -> Result<u64> {
+        let line = self.wait_line(&format!("term {} pid={} ", self.name, self.pid), deadline)?;
+        field(&line, "ns=").with_context(|| format!("no ns= in {line:?}"))
+    }
+}
+
+/// A running loadgen.
+pub struct Load {
+    pid: u32,
+    out: Captured,
+}
+
+/// Connects to `addr` and reads the `NAME PID` answer; returns the stream and NAME.
+pub fn connect(addr: SocketAddr) -> Result<(TcpStream, String)> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .with_context(|| format!("no answer from {addr}"))?;
+    let name = line
+        .split_whitespace()
+        .next()
+        .with_context(|| format!("empty answer from {addr}"))?
+        .to_owned();
+    Ok((stream, name))
+}
+
+/// Sleeps `d`, ending early (with an error) on Ctrl-C.
+pub fn pause(d: Duration) -> Result<()> {
+    pause_until(Instant::now() + d)
+}
