@@ -7,7 +7,10 @@ use handoff_tests::bin_path;
 #[test]
 fn unit_passes_systemd_analyze_verify() {
     let unit = include_str!("../../dist/handoffd.service");
-    assert!(unit.contains("Type=notify"), "the daemon tells systemd when it is ready");
+    assert!(
+        unit.contains("Type=notify"),
+        "the daemon tells systemd when it is ready"
+    );
     // verify checks that ExecStart= is executable: point it at the built binary.
     let built = bin_path("handoffd");
     let unit = unit.replace("/usr/bin/handoffd", &built.display().to_string());
@@ -15,9 +18,15 @@ fn unit_passes_systemd_analyze_verify() {
     std::fs::create_dir_all(&dir).expect("a temp dir");
     let path = dir.join("handoffd.service");
     std::fs::write(&path, unit).expect("writing the unit");
-    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output();
     let _ = std::fs::remove_dir_all(&dir);
     let out = out.expect("systemd-analyze (apt-get install -y systemd) runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
 }
