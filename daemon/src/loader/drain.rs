@@ -5,9 +5,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use aya::Btf;
-use aya::Ebpf;
 use aya::maps::{HashMap, MapData, MapError, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Iter, ProgramError};
+use aya::{Ebpf, EbpfLoader};
 use handoff_common::maps::{
     DrainEventRaw, EV_BIND, EV_ZERO, MAP_COUNTS, MAP_EVENTS, MAP_MEMBERS, MAP_PORTS, PROG_BIND4,
     PROG_BIND6, PROG_RELEASE, PROG_TAG,
@@ -87,14 +87,19 @@ impl DrainProgram {
             path: root.clone(),
             source,
         })?;
-        let mut ebpf = Ebpf::load(handoff_ebpf::DRAIN_BPF).map_err(|source| LoaderError::Load {
-            what: "the drain accounting programs",
-            source,
-        })?;
+        // The kernel's BTF is parsed once, for both the CO-RE relocations and the
+        // iterator's attach point.
         let btf = Btf::from_sys_fs().map_err(|e| LoaderError::Load {
             what: "the kernel's BTF",
             source: e.into(),
         })?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .load(handoff_ebpf::DRAIN_BPF)
+            .map_err(|source| LoaderError::Load {
+                what: "the drain accounting programs",
+                source,
+            })?;
         let tag: &mut Iter = program(&mut ebpf, PROG_TAG)?;
         tag.load("task_file", &btf).map_err(program_err(PROG_TAG))?;
         let release: &mut CgroupSock = program(&mut ebpf, PROG_RELEASE)?;
@@ -115,6 +120,8 @@ impl DrainProgram {
         let ports = HashMap::try_from(take(&mut ebpf, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?;
         let events =
             RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
+        drop(btf);
+        crate::sys::release_free_memory();
         Ok(Self {
             ebpf,
             counts,

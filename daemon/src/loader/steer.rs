@@ -3,9 +3,9 @@
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
-use aya::Ebpf;
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use aya::programs::SkReuseport;
+use aya::{Ebpf, EbpfLoader};
 use handoff_common::maps::{
     self, Counter, Counters, MAP_COUNTERS, MAP_CURRENT, MAP_PROBES, MAP_RECORDS, MAP_SOCKS,
     PROBE_UNSET, RECORDS, SteerRecord,
@@ -68,7 +68,12 @@ impl GroupProgram {
     /// connection left to the kernel's hash until a generation is published).
     pub fn load(pin_dir: &Path) -> Result<Self, LoaderError> {
         let mut ebpf =
-            Ebpf::load(handoff_ebpf::HANDOFF_BPF).map_err(|source| LoaderError::Load {
+            // No kernel BTF: the steering object has no CO-RE relocation, and parsing the
+            // kernel's BTF for every group would cost megabytes of memory each.
+            EbpfLoader::new()
+                .btf(None)
+                .load(handoff_ebpf::HANDOFF_BPF)
+                .map_err(|source| LoaderError::Load {
                 what: "the steering program",
                 source,
             })?;
