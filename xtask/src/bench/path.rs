@@ -119,8 +119,10 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
             let row = Row::new(
                 "connection rate, program attached / plain kernel hash",
                 format!(
-                    "{mean:.3} ± {half:.3} (mean of {pairs} ABBA pairs, 95 % CI; range {:.3}–{:.3}); \
+                    "{mean:.3} ± {half:.3} (mean of {pairs} ABBA pair{}, 95 % CI; range \
+                     {:.3}–{:.3}); \
                      from the program's run time: {}",
+                    if pairs == 1 { "" } else { "s" },
                     ratio.min,
                     ratio.max,
                     per_decision.map_or("-".into(), |ns| format!(
