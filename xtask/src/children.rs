@@ -14,6 +14,36 @@ use nix::unistd::Pid;
 /// Poll interval while waiting for something.
 pub const POLL: Duration = Duration::from_millis(20);
 
+/// Waits until `status()` (a `handoffctl status` command) succeeds: handoffd answers on
+/// its control socket. Fails when `daemon` exits first or after `timeout`; `hint` ends
+/// the exit message (e.g. where the log is).
+pub fn wait_answering(
+    mut status: impl FnMut() -> std::process::Command,
+    daemon: &mut Proc,
+    timeout: Duration,
+    hint: &str,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let answered = status()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("cannot run handoffctl")?
+            .success();
+        if answered {
+            return Ok(());
+        }
+        if let Some(exit) = daemon.exit_status() {
+            bail!("handoffd exited ({exit}) before it answered{hint}");
+        }
+        if Instant::now() >= deadline {
+            bail!("handoffd did not answer `handoffctl status` within {timeout:?}");
+        }
+        pause_until(Instant::now() + POLL)?;
+    }
+}
+
 /// Set by SIGINT or SIGTERM; every wait checks it.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 

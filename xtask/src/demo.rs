@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::children::{Lines, POLL, Proc, catch_interrupts, pause_until, stop_all};
+use crate::children::{Lines, Proc, catch_interrupts, pause_until, stop_all, wait_answering};
 use crate::{TempDir, cargo, run_checked};
 
 /// How long a child may take to become ready (handoffd to answer, testsrv to listen).
@@ -134,27 +134,14 @@ impl Demo {
             .stdout(log.try_clone()?)
             .stderr(log);
         self.spawn("handoffd", cmd, false)?;
-
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let answered = self
-                .ctl(&["status"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .context("cannot run handoffctl")?
-                .success();
-            if answered {
-                return Ok(());
-            }
-            if let Some(status) = self.procs[0].exit_status() {
-                bail!("handoffd exited ({status}) before it answered");
-            }
-            if Instant::now() >= deadline {
-                bail!("handoffd did not answer `handoffctl status` within {READY_TIMEOUT:?}");
-            }
-            pause_until(Instant::now() + POLL)?;
-        }
+        let ctl = self.bin.join("handoffctl");
+        let socket = self.control_socket();
+        let status = || {
+            let mut cmd = Command::new(&ctl);
+            cmd.arg("--control-socket").arg(&socket).arg("status");
+            cmd
+        };
+        wait_answering(status, &mut self.procs[0], READY_TIMEOUT, "")
     }
 
     /// Starts generation `name` (testsrv, two workers) and returns its pid once ready.

@@ -23,7 +23,7 @@ pub use super::netns::{Netns, remove_leftovers};
 use super::output::parse_ready;
 pub use super::output::{Captured, LoadReport, field};
 use crate::TempDir;
-use crate::children::{POLL, Proc, check_interrupted, pause_until, stop_all};
+use crate::children::{Proc, check_interrupted, pause_until, stop_all, wait_answering};
 
 /// How long handoffd and testsrv may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -213,29 +213,14 @@ impl<'a> Env<'a> {
             socket,
             ctl: self.ctx.bin.join("handoffctl"),
         };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let answered = daemon
-                .ctl(&["status"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .context("cannot run handoffctl")?
-                .success();
-            if answered {
-                return Ok(daemon);
-            }
-            if let Some(status) = self.proc(pid)?.exit_status() {
-                bail!(
-                    "handoffd exited ({status}) before it answered; its log is in {}",
-                    self.dir.display()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!("handoffd did not answer within {READY_TIMEOUT:?}");
-            }
-            pause_until(Instant::now() + POLL)?;
-        }
+        let hint = format!("; its log is in {}", self.dir.display());
+        wait_answering(
+            || daemon.ctl(&["status"]),
+            self.proc(pid)?,
+            READY_TIMEOUT,
+            &hint,
+        )?;
+        Ok(daemon)
     }
 
     /// Starts `testsrv --name NAME ARGS` and waits for its ready line.
