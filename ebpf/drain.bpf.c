@@ -9,8 +9,10 @@
  * - cgroup/sock_release (attached at the cgroup v2 root; runs when the last file
  *   reference of a socket goes: close, exit, a child's close): untags the socket and
  *   decrements its generation's count; at zero it writes an event to the ring buffer.
- * - cgroup/bind4, cgroup/bind6: report a bind() to a watched port, so the daemon looks
- *   for a new listener (a respawned worker) of a generation it steers.
+ * - cgroup/bind4, cgroup/bind6: report a bind() to a watched port and who bound it, so
+ *   the daemon looks for a new listener (a respawned worker) of a generation it steers.
+ * - iter/task: writes the process table (tgid, parent) in one read, so finding a process
+ *   tree costs one pass in the kernel instead of a read of every /proc/PID/stat.
  *
  * Kernel types are declared here minimally, with preserve_access_index: field offsets
  * are relocated against the running kernel's BTF at load time (CO-RE).
@@ -44,11 +46,25 @@ struct socket {
 } __attribute__((preserve_access_index));
 
 struct task_struct {
+	int pid;
 	int tgid;
+	struct task_struct *real_parent;
 } __attribute__((preserve_access_index));
 
 struct file;
-struct bpf_iter_meta;
+struct seq_file;
+
+struct bpf_iter_meta {
+	struct seq_file *seq;
+	__u64 session_id;
+	__u64 seq_num;
+} __attribute__((preserve_access_index));
+
+/* The process table iterator's context: fixed by the kernel's bpf_iter__task. */
+struct bpf_iter__task {
+	struct bpf_iter_meta *meta;
+	struct task_struct *task;
+};
 
 /* The iterator's context: offsets fixed by the kernel's bpf_iter__task_file. */
 struct bpf_iter__task_file {
@@ -95,7 +111,7 @@ struct {
 	__uint(max_entries, 64 * 1024);
 } events SEC(".maps");
 
-static __always_inline void emit(__u32 kind, __u32 value)
+static __always_inline void emit(__u32 kind, __u32 value, __u32 pid)
 {
 	struct handoff_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 
@@ -104,6 +120,8 @@ static __always_inline void emit(__u32 kind, __u32 value)
 		return;
 	ev->kind = kind;
 	ev->value = value;
+	ev->pid = pid;
+	ev->reserved = 0;
 	bpf_ringbuf_submit(ev, 0);
 }
 
@@ -166,7 +184,7 @@ int handoff_release(struct bpf_sock *ctx)
 	*tag = 0;
 	count = bpf_map_lookup_elem(&counts, &t);
 	if (count && __sync_fetch_and_add(count, -1) == 1)
-		emit(HANDOFF_EV_ZERO, t);
+		emit(HANDOFF_EV_ZERO, t, 0);
 	return 1;
 }
 
@@ -175,7 +193,7 @@ static __always_inline int watch_bind(struct bpf_sock_addr *ctx)
 	__u32 port = bpf_ntohs((__u16)ctx->user_port);
 
 	if (bpf_map_lookup_elem(&ports, &port))
-		emit(HANDOFF_EV_BIND, port);
+		emit(HANDOFF_EV_BIND, port, bpf_get_current_pid_tgid() >> 32);
 	/* 1: let the bind proceed; handoff never refuses one. */
 	return 1;
 }
@@ -190,4 +208,21 @@ SEC("cgroup/bind6")
 int handoff_bind6(struct bpf_sock_addr *ctx)
 {
 	return watch_bind(ctx);
+}
+
+SEC("iter/task")
+int handoff_procs(struct bpf_iter__task *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct task_struct *parent;
+	struct handoff_proc p;
+
+	/* NULL once after the last task; threads other than the leader add nothing. */
+	if (!task || task->pid != task->tgid)
+		return 0;
+	parent = task->real_parent;
+	p.tgid = task->tgid;
+	p.ppid = parent ? parent->tgid : 0;
+	bpf_seq_write(ctx->meta->seq, &p, sizeof(p));
+	return 0;
 }

@@ -30,6 +30,16 @@ enum handoff_event_kind {
 struct handoff_event {
 	__u32 kind;
 	__u32 value;
+	/* HANDOFF_EV_BIND: the process (tgid) that bound the port; 0 otherwise. */
+	__u32 pid;
+	__u32 reserved;
+};
+
+/* What the process table iterator writes for each process. */
+struct handoff_proc {
+	__u32 tgid;
+	/* The parent's tgid (0 for the roots). */
+	__u32 ppid;
 };
 
 #endif

@@ -41,6 +41,8 @@ pub const PROG_RELEASE: &str = "handoff_release";
 pub const PROG_BIND4: &str = "handoff_bind4";
 /// The IPv6 bind watch.
 pub const PROG_BIND6: &str = "handoff_bind6";
+/// The process table iterator.
+pub const PROG_PROCS: &str = "handoff_procs";
 /// Per-tag connection counts.
 pub const MAP_COUNTS: &str = "counts";
 /// Processes the next pass tags for.
@@ -74,9 +76,25 @@ pub struct DrainEventRaw {
     pub kind: u32,
     /// The tag or the port.
     pub value: u32,
+    /// `EV_BIND`: the process (tgid) that bound the port; 0 otherwise.
+    pub pid: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
-const _: () = assert!(size_of::<DrainEventRaw>() == 8);
+const _: () = assert!(size_of::<DrainEventRaw>() == 16);
+
+/// `struct handoff_proc`: one process as the process table iterator writes it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcRaw {
+    /// The process (thread group) id.
+    pub tgid: u32,
+    /// Its parent's tgid; 0 for the roots.
+    pub ppid: u32,
+}
+
+const _: () = assert!(size_of::<ProcRaw>() == 8);
 
 /// `struct handoff_record`: one group's steering state, immutable while in force.
 #[repr(C)]

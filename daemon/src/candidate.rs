@@ -169,13 +169,17 @@ pub struct Target<'a> {
 }
 
 /// Finds `pid`'s listeners in the target's groups and duplicates them.
-pub fn take(pid: i32, target: &Target<'_>) -> Result<Candidate, CandidateError> {
+pub fn take(
+    pid: i32,
+    target: &Target<'_>,
+    procs: &mut impl discover::Processes,
+) -> Result<Candidate, CandidateError> {
     let leader = Member::open(pid)?;
     if discover::netns(pid)? != discover::netns(std::process::id() as i32)? {
         return Err(CandidateError::OtherNetns { pid });
     }
     let port = target.listen.first().map_or(0, |a| a.port());
-    let tree = discover::process_tree(pid)?;
+    let tree = procs.tree(pid)?;
     let held: Vec<_> = discover::listeners(port, &tree)?
         .into_iter()
         .filter_map(|l| l.held_by.map(|at| (l.diag, at)))

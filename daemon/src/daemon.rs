@@ -172,10 +172,10 @@ impl Daemon {
                         s.on_zero(tag, &mut self.ctx);
                     }
                 }
-                DrainEvent::Bind(port) => {
+                DrainEvent::Bind { port, pid } => {
                     let now = Instant::now();
                     for s in self.services.iter_mut().filter(|s| s.port() == port) {
-                        s.on_bind(now);
+                        s.on_bind(pid, now, &self.ctx);
                     }
                 }
             }

@@ -46,29 +46,45 @@ pub struct FdRef {
     pub fd: i32,
 }
 
-/// `pid` and every live descendant, `pid` first.
+/// Where process trees come from.
+pub trait Processes {
+    /// `pid` and every live descendant, `pid` first.
+    fn tree(&mut self, pid: i32) -> Result<Vec<i32>, DiscoverError>;
+}
+
+/// Process trees read from /proc: one read of every /proc/PID/stat per tree.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcFs;
+
+impl Processes for ProcFs {
+    fn tree(&mut self, pid: i32) -> Result<Vec<i32>, DiscoverError> {
+        process_tree(pid)
+    }
+}
+
+/// `pid` and every live descendant, `pid` first, from /proc.
 pub fn process_tree(pid: i32) -> Result<Vec<i32>, DiscoverError> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     let dir = fs::read_dir("/proc").map_err(|source| DiscoverError::Proc {
         path: "/proc".into(),
         source,
     })?;
-    for entry in dir.flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    let parents = dir.flatten().filter_map(|entry| {
+        let child = entry.file_name().to_str()?.parse::<i32>().ok()?;
         // A process may exit between readdir and read: skip it.
-        if let Some(stat) = read_stat(child) {
-            children.entry(stat.ppid).or_default().push(child);
-        }
+        Some((child, read_stat(child)?.ppid))
+    });
+    Ok(tree_of(pid, parents))
+}
+
+/// `root` and its descendants, `root` first, from (pid, parent pid) pairs.
+pub fn tree_of(root: i32, parents: impl IntoIterator<Item = (i32, i32)>) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for (pid, ppid) in parents {
+        children.entry(ppid).or_default().push(pid);
     }
-    let mut out = vec![pid];
-    let mut queue = VecDeque::from([pid]);
-    let mut seen = HashSet::from([pid]);
+    let mut out = vec![root];
+    let mut queue = VecDeque::from([root]);
+    let mut seen = HashSet::from([root]);
     while let Some(p) = queue.pop_front() {
         for &c in children.get(&p).into_iter().flatten() {
             if seen.insert(c) {
@@ -77,7 +93,7 @@ pub fn process_tree(pid: i32) -> Result<Vec<i32>, DiscoverError> {
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// The fields of /proc/PID/stat handoff uses.
@@ -156,11 +172,28 @@ pub struct Listener {
 
 /// TCP LISTEN sockets on `port`, each marked with the fd of `pids` that holds it, if any.
 pub fn listeners(port: u16, pids: &[i32]) -> Result<Vec<Listener>, DiscoverError> {
+    new_listeners(port, pids, &HashSet::new())
+}
+
+/// TCP LISTEN sockets on `port` whose cookie is not in `known`, each marked with the fd
+/// of `pids` that holds it, if any. `pids`' fds are read only when there is such a
+/// listener: the common case (no new one yet) costs one small sock_diag dump.
+pub fn new_listeners(
+    port: u16,
+    pids: &[i32],
+    known: &HashSet<u64>,
+) -> Result<Vec<Listener>, DiscoverError> {
+    let new: Vec<DiagSocket> = diag::dump_tcp(StateFlags::LISTEN, port)?
+        .into_iter()
+        .filter(|d| !known.contains(&d.cookie))
+        .collect();
     let mut fds = HashMap::new();
-    for &pid in pids {
-        socket_fds(pid, &mut fds)?;
+    if !new.is_empty() {
+        for &pid in pids {
+            socket_fds(pid, &mut fds)?;
+        }
     }
-    Ok(diag::dump_tcp(StateFlags::LISTEN, port)?
+    Ok(new
         .into_iter()
         .map(|diag| Listener {
             held_by: fds.get(&u64::from(diag.inode)).copied(),
@@ -208,4 +241,32 @@ pub fn owner_of(inode: u64) -> Option<i32> {
             .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == needle.as_str()))
             .then_some(pid)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_is_root_first_then_breadth_first() {
+        let parents = [(1, 0), (10, 1), (11, 10), (12, 10), (13, 11), (20, 1)];
+        assert_eq!(tree_of(10, parents), vec![10, 11, 12, 13]);
+        assert_eq!(tree_of(13, parents), vec![13]);
+        // A pid not in the table is its own tree (it may have exited meanwhile).
+        assert_eq!(tree_of(99, parents), vec![99]);
+    }
+
+    #[test]
+    fn proc_tree_of_this_process_holds_its_child() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let me = std::process::id() as i32;
+        let tree = ProcFs.tree(me).expect("read /proc");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&(child.id() as i32)), "{tree:?}");
+    }
 }

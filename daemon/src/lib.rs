@@ -41,3 +41,10 @@ pub mod probe;
 pub mod state;
 pub mod supervise;
 mod sys;
+
+/// Keeps the allocator compact (one malloc arena, freed memory returned): the daemon's
+/// memory then follows its live data, not the peak of a tag pass or a status dump. Call
+/// first thing in `main`, before any thread starts.
+pub fn compact_malloc() {
+    sys::compact_malloc();
+}

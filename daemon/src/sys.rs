@@ -246,6 +246,94 @@ pub fn async_ringbuf(
     }?)
 }
 
+/// Keeps glibc to one malloc arena that gives freed memory back: the daemon's threads
+/// are few and mostly idle, and an arena per thread would each keep the high-water mark
+/// of a tag pass or a status dump. Call first thing in `main`, before any thread starts.
+pub fn compact_malloc() {
+    // SAFETY: mallopt only sets glibc's tuning parameters; it takes no pointer, and it
+    // runs before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024);
+    }
+}
+
+#[repr(C)]
+struct LinkCreateIterAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    iter_info: u64,
+    iter_info_len: u32,
+    _pad: u32,
+}
+
+/// `union bpf_iter_link_info`, its `task` member (the union is 16 bytes).
+#[repr(C)]
+struct IterTaskInfo {
+    tid: u32,
+    pid: u32,
+    pid_fd: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+struct IterCreateAttr {
+    link_fd: u32,
+    flags: u32,
+}
+
+const BPF_LINK_CREATE: libc::c_int = 28;
+const BPF_ITER_CREATE: libc::c_int = 33;
+const BPF_TRACE_ITER: u32 = 28;
+
+/// Opens a run of the task iterator program `prog` over the tasks of process `pid`
+/// only (Linux >= 6.1; older kernels refuse with EINVAL). Reading the returned fd to its
+/// end runs the program.
+pub fn iter_task_of(prog: BorrowedFd<'_>, pid: u32) -> io::Result<OwnedFd> {
+    let info = IterTaskInfo {
+        tid: 0,
+        pid,
+        pid_fd: 0,
+        _pad: 0,
+    };
+    let attr = LinkCreateIterAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: 0,
+        attach_type: BPF_TRACE_ITER,
+        flags: 0,
+        iter_info: (&raw const info) as u64,
+        iter_info_len: size_of::<IterTaskInfo>() as u32,
+        _pad: 0,
+    };
+    // SAFETY: `attr` is a fully initialised bpf_attr prefix of the size we pass, and its
+    // `iter_info` points at `info`, a live local of the size given, for the whole call.
+    // A link fd is returned on success and owned from here on.
+    let link = owned_fd(unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &raw const attr,
+            size_of::<LinkCreateIterAttr>() as libc::c_uint,
+        )
+    })?;
+    let attr = IterCreateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        flags: 0,
+    };
+    // SAFETY: as above, with a live link fd; the iterator takes its own reference to the
+    // link, so `link` may close when this returns.
+    owned_fd(unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ITER_CREATE,
+            &raw const attr,
+            size_of::<IterCreateAttr>() as libc::c_uint,
+        )
+    })
+}
+
 /// Gives memory freed after start-up (the kernel's BTF, parsed once to load the drain
 /// programs, is tens of megabytes) back to the system.
 pub fn release_free_memory() {

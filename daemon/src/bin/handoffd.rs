@@ -68,6 +68,7 @@ enum LogFormat {
 }
 
 fn main() -> anyhow::Result<()> {
+    handoff::compact_malloc();
     let args = Args::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());

@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Generation, Service};
 use crate::config::Sig;
-use crate::discover;
+use crate::discover::{self, Processes};
 use crate::loader::DrainProgram;
 use crate::members::Member;
 use crate::metrics::Metrics;
@@ -49,6 +49,20 @@ impl Ctx {
     pub fn watch(&self, member: &Member) {
         if let (Some(tx), Ok(fd)) = (&self.watch, member.pidfd().try_clone_to_owned()) {
             let _ = tx.send(fd);
+        }
+    }
+}
+
+impl discover::Processes for Ctx {
+    /// From the kernel's process table iterator: one pass, however many processes the
+    /// host runs; from /proc if the iterator fails.
+    fn tree(&mut self, pid: i32) -> Result<Vec<i32>, discover::DiscoverError> {
+        match self.program.processes() {
+            Ok(table) => Ok(discover::tree_of(pid, table)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the process table iterator failed; reading /proc");
+                discover::process_tree(pid)
+            }
         }
     }
 }
@@ -214,12 +228,12 @@ impl Service {
     }
 
     /// Adds processes forked since the promote to the generation's members.
-    pub(super) fn adopt_descendants(&mut self, index: usize, ctx: &Ctx) {
+    pub(super) fn adopt_descendants(&mut self, index: usize, ctx: &mut Ctx) {
         let g = &mut self.generations[index];
         if !g.leader.alive() {
             return;
         }
-        let Ok(tree) = discover::process_tree(g.leader.pid) else {
+        let Ok(tree) = ctx.tree(g.leader.pid) else {
             return;
         };
         for pid in tree {
@@ -268,7 +282,7 @@ impl Service {
     /// Acts on every deadline that has passed: drain timeouts, kill-after, rechecks, and
     /// looks for new listeners.
     pub fn tick(&mut self, now: Instant, ctx: &mut Ctx) {
-        self.rescan_due(now, ctx);
+        self.rescan_due(now);
         for index in 0..self.generations.len() {
             let g = &self.generations[index];
             let Some(d) = g
@@ -317,7 +331,7 @@ impl Service {
             .iter()
             .filter(|g| g.state == GenerationState::Draining)
             .filter_map(|g| g.drain.as_ref()?.next_deadline())
-            .chain(self.rescan.map(|r| r.next))
+            .chain(self.rescan.as_ref().map(|r| r.next))
             .min()
     }
 }

@@ -1,8 +1,11 @@
 //! The listener set stays live: a worker that is respawned, or a reload that changes the
-//! worker count, opens new listeners. A bind() on the service port (reported by the drain
-//! programs' bind watch) makes the daemon look for them for a short while, and each new
-//! listener of the active generation joins its block of slots.
+//! worker count, opens new listeners. A bind() on the service port by a process of the
+//! active generation (reported with its pid by the drain programs' bind watch) makes the
+//! daemon look at that process for a short while, and each new listener joins the
+//! generation's block of slots. Binds by anyone else (a candidate starting, a client)
+//! cost one map lookup in the kernel and one ancestry check here.
 
+use std::collections::HashSet;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
@@ -16,7 +19,7 @@ use crate::group::GroupKey;
 use crate::members::Member;
 
 /// Looking for new listeners after a bind: first soon, then less often, for a second.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Rescan {
     /// The next look.
     pub next: Instant,
@@ -24,35 +27,18 @@ pub(super) struct Rescan {
     step: Duration,
     /// When to stop looking.
     until: Instant,
+    /// The processes that bound the port: where the new listeners are.
+    pids: Vec<i32>,
 }
 
+/// How far up the parent chain a binding process may be from a member: a worker's
+/// worker is two.
+const MAX_DEPTH: usize = 16;
+
 impl Service {
-    /// Someone bound the service port: a new listener may follow (bind, then listen).
-    pub fn on_bind(&mut self, now: Instant) {
-        self.rescan = Some(Rescan {
-            next: now + Duration::from_millis(1),
-            step: Duration::from_millis(2),
-            until: now + Duration::from_secs(1),
-        });
-    }
-
-    /// Runs a scheduled look for new listeners, if due.
-    pub(super) fn rescan_due(&mut self, now: Instant, ctx: &mut Ctx) {
-        let Some(r) = self.rescan else { return };
-        if r.next > now {
-            return;
-        }
-        self.rescan = (now < r.until).then(|| Rescan {
-            next: now + r.step,
-            step: (r.step * 2).min(Duration::from_millis(250)),
-            until: r.until,
-        });
-        self.adopt_listeners(ctx);
-    }
-
-    /// Puts listeners that the active generation's processes opened since its promote into
-    /// its block: in a slot whose listener has closed, or after the last one.
-    fn adopt_listeners(&mut self, ctx: &mut Ctx) {
+    /// Process `pid` bound the service port: if it belongs to the active generation, a new
+    /// listener may follow (bind, then listen).
+    pub fn on_bind(&mut self, pid: i32, now: Instant, ctx: &Ctx) {
         let Some(index) = self
             .generations
             .iter()
@@ -60,11 +46,81 @@ impl Service {
         else {
             return;
         };
-        self.adopt_descendants(index, ctx);
+        if !self.adopt_process(index, pid, ctx) {
+            return;
+        }
+        let mut pids = self.rescan.take().map(|r| r.pids).unwrap_or_default();
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+        self.rescan = Some(Rescan {
+            next: now + Duration::from_millis(1),
+            step: Duration::from_millis(2),
+            until: now + Duration::from_secs(1),
+            pids,
+        });
+    }
+
+    /// Whether `pid` is a member of the generation at `index`, or a descendant of one
+    /// (then it becomes a member).
+    fn adopt_process(&mut self, index: usize, pid: i32, ctx: &Ctx) -> bool {
+        let g = &mut self.generations[index];
+        if g.members().any(|m| m.pid == pid) {
+            return true;
+        }
+        let mut at = pid;
+        for _ in 0..MAX_DEPTH {
+            let Some(stat) = discover::read_stat(at) else {
+                return false;
+            };
+            if stat.ppid <= 1 {
+                return false;
+            }
+            if g.members().any(|m| m.pid == stat.ppid) {
+                return match Member::open(pid) {
+                    Ok(m) => {
+                        ctx.watch(&m);
+                        g.descendants.push(m);
+                        true
+                    }
+                    Err(_) => false,
+                };
+            }
+            at = stat.ppid;
+        }
+        false
+    }
+
+    /// Runs a scheduled look for new listeners, if due.
+    pub(super) fn rescan_due(&mut self, now: Instant) {
+        let Some(r) = self.rescan.take() else { return };
+        if r.next > now {
+            self.rescan = Some(r);
+            return;
+        }
+        let pids = r.pids.clone();
+        self.rescan = (now < r.until).then(|| Rescan {
+            next: now + r.step,
+            step: (r.step * 2).min(Duration::from_millis(250)),
+            until: r.until,
+            pids: r.pids,
+        });
+        self.adopt_listeners(&pids);
+    }
+
+    /// Puts listeners that `pids` of the active generation opened since its promote into
+    /// its block: in a slot whose listener has closed, or after the last one.
+    fn adopt_listeners(&mut self, pids: &[i32]) {
+        let Some(index) = self
+            .generations
+            .iter()
+            .position(|g| g.state == GenerationState::Active)
+        else {
+            return;
+        };
         let port = self.port();
-        let g = &self.generations[index];
-        let pids: Vec<i32> = g.members().filter(|m| m.alive()).map(|m| m.pid).collect();
-        let Ok(found) = discover::listeners(port, &pids) else {
+        let known: HashSet<u64> = self.generations.iter().flat_map(|g| g.cookies()).collect();
+        let Ok(found) = discover::new_listeners(port, pids, &known) else {
             return;
         };
         for l in found {

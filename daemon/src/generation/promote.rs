@@ -126,7 +126,7 @@ impl Service {
             listen: &self.config.listen,
             groups: self.groups.iter().map(|g| g.key).collect(),
         };
-        let candidate = candidate::take(pid, &target)?;
+        let candidate = candidate::take(pid, &target, ctx)?;
         self.check_not_shared(&candidate)?;
         let blocks = self.allocate_blocks()?;
         let id = self.next_id;

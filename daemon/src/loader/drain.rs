@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::Btf;
@@ -10,7 +11,7 @@ use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Iter, ProgramE
 use aya::{Ebpf, EbpfLoader};
 use handoff_common::maps::{
     DrainEventRaw, EV_BIND, EV_ZERO, MAP_COUNTS, MAP_EVENTS, MAP_MEMBERS, MAP_PORTS, PROG_BIND4,
-    PROG_BIND6, PROG_RELEASE, PROG_TAG,
+    PROG_BIND6, PROG_PROCS, PROG_RELEASE, PROG_TAG, ProcRaw,
 };
 
 use super::{LoaderError, take};
@@ -20,8 +21,13 @@ use super::{LoaderError, take};
 pub enum DrainEvent {
     /// The count of this tag dropped to zero.
     Zero(u32),
-    /// Someone bound this watched port.
-    Bind(u16),
+    /// Someone bound a watched port.
+    Bind {
+        /// The port.
+        port: u16,
+        /// The process that bound it.
+        pid: i32,
+    },
 }
 
 impl DrainEvent {
@@ -31,10 +37,15 @@ impl DrainEvent {
         let raw = DrainEventRaw {
             kind: word(0)?,
             value: word(4)?,
+            pid: word(8)?,
+            reserved: 0,
         };
         match raw.kind {
             EV_ZERO => Some(DrainEvent::Zero(raw.value)),
-            EV_BIND => u16::try_from(raw.value).ok().map(DrainEvent::Bind),
+            EV_BIND => Some(DrainEvent::Bind {
+                port: u16::try_from(raw.value).ok()?,
+                pid: i32::try_from(raw.pid).ok()?,
+            }),
             _ => None,
         }
     }
@@ -49,6 +60,9 @@ pub struct DrainProgram {
     ports: HashMap<MapData, u32, u32>,
     /// Taken by the task that waits on it.
     events: Option<RingBuf<MapData>>,
+    /// Whether the kernel runs the tag pass over one process (Linux >= 6.1); if not, each
+    /// pass walks every process on the host.
+    per_process: bool,
 }
 
 impl std::fmt::Debug for DrainProgram {
@@ -102,6 +116,8 @@ impl DrainProgram {
             })?;
         let tag: &mut Iter = program(&mut ebpf, PROG_TAG)?;
         tag.load("task_file", &btf).map_err(program_err(PROG_TAG))?;
+        let procs: &mut Iter = program(&mut ebpf, PROG_PROCS)?;
+        procs.load("task", &btf).map_err(program_err(PROG_PROCS))?;
         let release: &mut CgroupSock = program(&mut ebpf, PROG_RELEASE)?;
         release.load().map_err(program_err(PROG_RELEASE))?;
         release
@@ -128,6 +144,7 @@ impl DrainProgram {
             members,
             ports,
             events: Some(events),
+            per_process: true,
         })
     }
 
@@ -166,7 +183,7 @@ impl DrainProgram {
                 .insert(pid as u32, [tag, u32::from(port)], 0)
                 .map_err(map_err(MAP_MEMBERS))?;
         }
-        let result = self.run_iter();
+        let result = self.run_tag(pids);
         for &pid in pids {
             let _ = self.members.remove(&(pid as u32));
         }
@@ -174,21 +191,78 @@ impl DrainProgram {
         self.count(tag)
     }
 
-    /// One run of the task_file iterator: a link, a file, read to its end.
-    fn run_iter(&mut self) -> Result<(), LoaderError> {
-        let tag: &mut Iter = program(&mut self.ebpf, PROG_TAG)?;
-        let link_id = tag.attach().map_err(program_err(PROG_TAG))?;
-        let link = tag.take_link(link_id).map_err(program_err(PROG_TAG))?;
-        let mut file = link.into_file().map_err(LoaderError::Iter)?;
-        let mut sink = Vec::new();
-        file.read_to_end(&mut sink)
-            .map_err(|source| LoaderError::Io {
-                op: "running the tag pass on",
-                path: Path::new("iter/task_file").to_path_buf(),
-                source,
-            })?;
-        Ok(())
+    /// Runs the tag pass over each of `pids`, or once over the whole host on a kernel
+    /// that cannot iterate one process.
+    fn run_tag(&mut self, pids: &[i32]) -> Result<(), LoaderError> {
+        if self.per_process {
+            if self.run_each(pids)? {
+                return Ok(());
+            }
+            tracing::info!(
+                "this kernel cannot run the tag pass over one process; every pass walks the whole host"
+            );
+            self.per_process = false;
+        }
+        self.run_whole(PROG_TAG).map(drop)
     }
+
+    /// Runs the tag pass over each of `pids` alone; `false` if the kernel cannot.
+    fn run_each(&mut self, pids: &[i32]) -> Result<bool, LoaderError> {
+        let prog = program::<Iter>(&mut self.ebpf, PROG_TAG)?
+            .fd()
+            .map_err(program_err(PROG_TAG))?;
+        for &pid in pids {
+            match crate::sys::iter_task_of(prog.as_fd(), pid as u32) {
+                Ok(fd) => read_iter(File::from(fd), PROG_TAG, &mut Vec::new())?,
+                // A process that has exited has nothing to count.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
+                Err(source) => {
+                    return Err(LoaderError::Io {
+                        op: "starting the tag pass on",
+                        path: PathBuf::from(format!("/proc/{pid}")),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Every process on the host as (pid, parent pid), from one run of the process
+    /// table iterator.
+    pub fn processes(&mut self) -> Result<Vec<(i32, i32)>, LoaderError> {
+        let bytes = self.run_whole(PROG_PROCS)?;
+        Ok(bytes
+            .chunks_exact(size_of::<ProcRaw>())
+            .map(|c| {
+                let word = |i: usize| i32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
+                (word(0), word(4))
+            })
+            .collect())
+    }
+
+    /// One run of iterator `name` over every task: a link, a file, read to its end.
+    fn run_whole(&mut self, name: &'static str) -> Result<Vec<u8>, LoaderError> {
+        let iter: &mut Iter = program(&mut self.ebpf, name)?;
+        let link_id = iter.attach().map_err(program_err(name))?;
+        let link = iter.take_link(link_id).map_err(program_err(name))?;
+        let file = link.into_file().map_err(LoaderError::Iter)?;
+        let mut out = Vec::new();
+        read_iter(file, name, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Reads iterator `name`'s file to its end, which runs the program.
+fn read_iter(mut file: File, name: &'static str, out: &mut Vec<u8>) -> Result<(), LoaderError> {
+    file.read_to_end(out)
+        .map(drop)
+        .map_err(|source| LoaderError::Io {
+            op: "running",
+            path: Path::new(name).to_path_buf(),
+            source,
+        })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
@@ -207,13 +281,20 @@ mod tests {
 
     #[test]
     fn events_decode() {
-        let mut b = [0u8; 8];
+        let mut b = [0u8; 16];
         b[..4].copy_from_slice(&EV_ZERO.to_ne_bytes());
-        b[4..].copy_from_slice(&7u32.to_ne_bytes());
+        b[4..8].copy_from_slice(&7u32.to_ne_bytes());
         assert_eq!(DrainEvent::parse(&b), Some(DrainEvent::Zero(7)));
         b[..4].copy_from_slice(&EV_BIND.to_ne_bytes());
-        b[4..].copy_from_slice(&8080u32.to_ne_bytes());
-        assert_eq!(DrainEvent::parse(&b), Some(DrainEvent::Bind(8080)));
-        assert_eq!(DrainEvent::parse(&b[..4]), None);
+        b[4..8].copy_from_slice(&8080u32.to_ne_bytes());
+        b[8..12].copy_from_slice(&4242u32.to_ne_bytes());
+        assert_eq!(
+            DrainEvent::parse(&b),
+            Some(DrainEvent::Bind {
+                port: 8080,
+                pid: 4242
+            })
+        );
+        assert_eq!(DrainEvent::parse(&b[..8]), None);
     }
 }
