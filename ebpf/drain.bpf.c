@@ -11,6 +11,8 @@
  *   decrements its generation's count; at zero it writes an event to the ring buffer.
  * - cgroup/bind4, cgroup/bind6: report a bind() to a watched port and who bound it, so
  *   the daemon looks for a new listener (a respawned worker) of a generation it steers.
+ * - iter/task_file (run over the processes of a candidate): writes the fd and inode of
+ *   each of their TCP listeners on the service port, without a readlink per fd.
  * - iter/task: writes the process table (tgid, parent) in one read, so finding a process
  *   tree costs one pass in the kernel instead of a read of every /proc/PID/stat.
  *
@@ -51,7 +53,14 @@ struct task_struct {
 	struct task_struct *real_parent;
 } __attribute__((preserve_access_index));
 
-struct file;
+struct inode {
+	unsigned long i_ino;
+} __attribute__((preserve_access_index));
+
+struct file {
+	struct inode *f_inode;
+} __attribute__((preserve_access_index));
+
 struct seq_file;
 
 struct bpf_iter_meta {
@@ -125,13 +134,32 @@ static __always_inline void emit(__u32 kind, __u32 value, __u32 pid)
 	bpf_ringbuf_submit(ev, 0);
 }
 
+/* The TCP socket behind `file` if it is on `port`, in state LISTEN or not as `listen` says. */
+static __always_inline struct sock *tcp_on_port(struct file *file, __u32 port, int listen)
+{
+	struct socket *socket = bpf_sock_from_file(file);
+	struct sock *sk;
+
+	if (!socket)
+		return 0;
+	sk = socket->sk;
+	if (!sk)
+		return 0;
+	if (sk->__sk_common.skc_family != AF_INET && sk->__sk_common.skc_family != AF_INET6)
+		return 0;
+	if (sk->sk_protocol != IPPROTO_TCP || sk->__sk_common.skc_num != port)
+		return 0;
+	if ((sk->__sk_common.skc_state == TCP_LISTEN) != listen)
+		return 0;
+	return sk;
+}
+
 SEC("iter/task_file")
 int handoff_tag(struct bpf_iter__task_file *ctx)
 {
 	struct task_struct *task = ctx->task;
 	struct file *file = ctx->file;
 	struct handoff_member *m;
-	struct socket *socket;
 	struct sock *sk;
 	__u32 tgid, *tag;
 	__s64 *count;
@@ -142,17 +170,8 @@ int handoff_tag(struct bpf_iter__task_file *ctx)
 	m = bpf_map_lookup_elem(&members, &tgid);
 	if (!m)
 		return 0;
-	socket = bpf_sock_from_file(file);
-	if (!socket)
-		return 0;
-	sk = socket->sk;
+	sk = tcp_on_port(file, m->port, 0);
 	if (!sk)
-		return 0;
-	if (sk->__sk_common.skc_family != AF_INET && sk->__sk_common.skc_family != AF_INET6)
-		return 0;
-	if (sk->sk_protocol != IPPROTO_TCP || sk->__sk_common.skc_state == TCP_LISTEN)
-		return 0;
-	if (sk->__sk_common.skc_num != m->port)
 		return 0;
 	tag = bpf_sk_storage_get(&tags, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	/*
@@ -167,6 +186,28 @@ int handoff_tag(struct bpf_iter__task_file *ctx)
 		return 0;
 	*tag = m->tag;
 	__sync_fetch_and_add(count, 1);
+	return 0;
+}
+
+SEC("iter/task_file")
+int handoff_listeners(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+	struct handoff_listener l;
+	struct handoff_member *m;
+	__u32 tgid;
+
+	if (!task || !file)
+		return 0;
+	tgid = task->tgid;
+	m = bpf_map_lookup_elem(&members, &tgid);
+	if (!m || !tcp_on_port(file, m->port, 1))
+		return 0;
+	l.tgid = tgid;
+	l.fd = ctx->fd;
+	l.inode = file->f_inode ? file->f_inode->i_ino : 0;
+	bpf_seq_write(ctx->meta->seq, &l, sizeof(l));
 	return 0;
 }
 

@@ -35,6 +35,14 @@ struct handoff_event {
 	__u32 reserved;
 };
 
+/* What the listener iterator writes for each listening socket it finds. */
+struct handoff_listener {
+	__u32 tgid;
+	__u32 fd;
+	/* The socket's inode, as sock_diag reports it. */
+	__u64 inode;
+};
+
 /* What the process table iterator writes for each process. */
 struct handoff_proc {
 	__u32 tgid;

@@ -43,6 +43,8 @@ pub const PROG_BIND4: &str = "handoff_bind4";
 pub const PROG_BIND6: &str = "handoff_bind6";
 /// The process table iterator.
 pub const PROG_PROCS: &str = "handoff_procs";
+/// The listener iterator.
+pub const PROG_LISTENERS: &str = "handoff_listeners";
 /// Per-tag connection counts.
 pub const MAP_COUNTS: &str = "counts";
 /// Processes the next pass tags for.
@@ -83,6 +85,20 @@ pub struct DrainEventRaw {
 }
 
 const _: () = assert!(size_of::<DrainEventRaw>() == 16);
+
+/// `struct handoff_listener`: a listening socket as the listener iterator writes it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenerRaw {
+    /// The process holding it.
+    pub tgid: u32,
+    /// The fd number in that process.
+    pub fd: u32,
+    /// The socket's inode.
+    pub inode: u64,
+}
+
+const _: () = assert!(size_of::<ListenerRaw>() == 16);
 
 /// `struct handoff_proc`: one process as the process table iterator writes it.
 #[repr(C)]

@@ -180,7 +180,7 @@ pub fn take(
     }
     let port = target.listen.first().map_or(0, |a| a.port());
     let tree = procs.tree(pid)?;
-    let held: Vec<_> = discover::listeners(port, &tree)?
+    let held: Vec<_> = discover::listeners(port, &tree, procs)?
         .into_iter()
         .filter_map(|l| l.held_by.map(|at| (l.diag, at)))
         .collect();
@@ -247,9 +247,10 @@ pub fn take(
         listeners.push(taken);
     }
 
+    // The owners of listeners are open already; the other descendants are opened now.
     let descendants = tree[1..]
         .iter()
-        .filter_map(|&p| Member::open(p).ok())
+        .filter_map(|p| pidfds.remove(p).or_else(|| Member::open(*p).ok()))
         .collect();
     Ok(Candidate {
         leader,

@@ -104,7 +104,7 @@ pub fn detach(s: &SavedService) -> Vec<String> {
         let Ok(tree) = discover::process_tree(leader.pid) else {
             continue;
         };
-        let Ok(listeners) = discover::listeners(port, &tree) else {
+        let Ok(listeners) = discover::listeners(port, &tree, &mut discover::ProcFs) else {
             continue;
         };
         for (group, block) in g.blocks.iter().enumerate() {

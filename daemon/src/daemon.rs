@@ -183,6 +183,11 @@ impl Daemon {
         self.persist();
     }
 
+    /// Notified when a deadline is brought forward: the supervisor's wake-up.
+    pub fn waker(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.ctx.waker()
+    }
+
     /// Retires generations whose members have all exited.
     pub fn reap(&mut self) {
         for s in &mut self.services {

@@ -46,19 +46,40 @@ pub struct FdRef {
     pub fd: i32,
 }
 
-/// Where process trees come from.
+/// Where process trees and the fds of listeners come from.
 pub trait Processes {
     /// `pid` and every live descendant, `pid` first.
     fn tree(&mut self, pid: i32) -> Result<Vec<i32>, DiscoverError>;
+
+    /// An fd of `pids` for each socket inode they hold; at least every TCP listener on
+    /// `port` (other sockets may be included).
+    fn listener_fds(
+        &mut self,
+        port: u16,
+        pids: &[i32],
+    ) -> Result<HashMap<u64, FdRef>, DiscoverError>;
 }
 
-/// Process trees read from /proc: one read of every /proc/PID/stat per tree.
+/// Read from /proc: a process tree is a read of every /proc/PID/stat, a process's fds a
+/// readlink of each.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcFs;
 
 impl Processes for ProcFs {
     fn tree(&mut self, pid: i32) -> Result<Vec<i32>, DiscoverError> {
         process_tree(pid)
+    }
+
+    fn listener_fds(
+        &mut self,
+        _port: u16,
+        pids: &[i32],
+    ) -> Result<HashMap<u64, FdRef>, DiscoverError> {
+        let mut fds = HashMap::new();
+        for &pid in pids {
+            socket_fds(pid, &mut fds)?;
+        }
+        Ok(fds)
     }
 }
 
@@ -171,8 +192,12 @@ pub struct Listener {
 }
 
 /// TCP LISTEN sockets on `port`, each marked with the fd of `pids` that holds it, if any.
-pub fn listeners(port: u16, pids: &[i32]) -> Result<Vec<Listener>, DiscoverError> {
-    new_listeners(port, pids, &HashSet::new())
+pub fn listeners(
+    port: u16,
+    pids: &[i32],
+    procs: &mut impl Processes,
+) -> Result<Vec<Listener>, DiscoverError> {
+    new_listeners(port, pids, &HashSet::new(), procs)
 }
 
 /// TCP LISTEN sockets on `port` whose cookie is not in `known`, each marked with the fd
@@ -182,17 +207,17 @@ pub fn new_listeners(
     port: u16,
     pids: &[i32],
     known: &HashSet<u64>,
+    procs: &mut impl Processes,
 ) -> Result<Vec<Listener>, DiscoverError> {
     let new: Vec<DiagSocket> = diag::dump_tcp(StateFlags::LISTEN, port)?
         .into_iter()
         .filter(|d| !known.contains(&d.cookie))
         .collect();
-    let mut fds = HashMap::new();
-    if !new.is_empty() {
-        for &pid in pids {
-            socket_fds(pid, &mut fds)?;
-        }
-    }
+    let fds = if new.is_empty() || pids.is_empty() {
+        HashMap::new()
+    } else {
+        procs.listener_fds(port, pids)?
+    };
     Ok(new
         .into_iter()
         .map(|diag| Listener {

@@ -1,5 +1,5 @@
 //! The daemon's event loop beside the control socket: kernel drain events, members'
-//! exits (pidfds), and deadlines. Idle, it sleeps in epoll: no timer runs while nothing
+//! exits (pidfds), deadlines, and wake-ups when a request brought a deadline forward. Idle, it sleeps in epoll: no timer runs while nothing
 //! drains.
 
 use std::future::pending;
@@ -36,6 +36,9 @@ pub async fn supervise(
 ) -> std::io::Result<()> {
     let mut events = sys::async_ringbuf(events)?;
     let mut exits = JoinSet::new();
+    let Some(wake) = with_daemon(&daemon, |d| d.waker()).await else {
+        return Ok(());
+    };
     loop {
         let deadline = with_daemon(&daemon, |d| d.next_deadline()).await.flatten();
         let sleep = async move {
@@ -73,6 +76,8 @@ pub async fn supervise(
             () = sleep => {
                 with_daemon(&daemon, |d| d.tick(Instant::now())).await;
             }
+            // A deadline was brought forward (a drain started): look again.
+            () = wake.notified() => {}
         }
     }
 }

@@ -139,8 +139,12 @@ struct TempDir(PathBuf);
 impl TempDir {
     /// Creates `$TMPDIR/handoff-<label>-<pid>-<n>` with mode 0700.
     fn new(label: &str) -> Result<Self> {
+        Self::new_in(&std::env::temp_dir(), label)
+    }
+
+    /// Creates `BASE/handoff-<label>-<pid>-<n>` with mode 0700.
+    fn new_in(base: &Path, label: &str) -> Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
-        let base = std::env::temp_dir();
         let pid = std::process::id();
         for n in 0..100 {
             let path = base.join(format!("handoff-{label}-{pid}-{n}"));

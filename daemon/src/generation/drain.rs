@@ -1,10 +1,13 @@
 //! Draining: count a generation's connections in the kernel, retire it at zero, and
 //! enforce the drain timeout and kill-after.
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Instant;
 
 use handoff_common::proto::GenerationState;
+use tokio::sync::Notify;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Generation, Service};
@@ -24,6 +27,8 @@ pub struct Ctx {
     watch: Option<UnboundedSender<OwnedFd>>,
     /// The tag of the next drain; never 0 (0 means "not counted" in socket storage).
     next_tag: u32,
+    /// Wakes the supervisor to look at deadlines again (one was brought forward).
+    wake: Arc<Notify>,
     /// Promotions, retirements and their durations.
     pub metrics: Metrics,
 }
@@ -35,6 +40,7 @@ impl Ctx {
             program,
             watch,
             next_tag: 1,
+            wake: Arc::new(Notify::new()),
             metrics: Metrics::new(),
         }
     }
@@ -43,6 +49,12 @@ impl Ctx {
         let tag = self.next_tag;
         self.next_tag = self.next_tag.checked_add(1).unwrap_or(1);
         tag
+    }
+
+    /// What the supervisor waits on besides its deadline: notified when a deadline is
+    /// brought forward.
+    pub fn waker(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
     }
 
     /// Has `member`'s exit watched.
@@ -61,7 +73,25 @@ impl discover::Processes for Ctx {
             Ok(table) => Ok(discover::tree_of(pid, table)),
             Err(e) => {
                 tracing::warn!(error = %e, "the process table iterator failed; reading /proc");
-                discover::process_tree(pid)
+                discover::ProcFs.tree(pid)
+            }
+        }
+    }
+
+    /// From the listener iterator run over each process: no readlink per fd.
+    fn listener_fds(
+        &mut self,
+        port: u16,
+        pids: &[i32],
+    ) -> Result<HashMap<u64, discover::FdRef>, discover::DiscoverError> {
+        match self.program.listeners(port, pids) {
+            Ok(found) => Ok(found
+                .into_iter()
+                .map(|(pid, fd, inode)| (inode, discover::FdRef { pid, fd }))
+                .collect()),
+            Err(e) => {
+                tracing::warn!(error = %e, "the listener iterator failed; reading /proc");
+                discover::ProcFs.listener_fds(port, pids)
             }
         }
     }
@@ -91,7 +121,7 @@ pub struct DrainState {
     pub kill_at: Option<Instant>,
     /// Whether SIGKILL was sent.
     pub killed: bool,
-    /// When to count again (connections were still queued).
+    /// When to count (again): at the start, or while connections are still queued.
     pub recheck_at: Option<Instant>,
 }
 
@@ -115,7 +145,9 @@ impl DrainState {
 const RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Service {
-    /// Starts draining the generation at `index`: the drain signal, then a tag pass.
+    /// Starts draining the generation at `index`: the drain signal now; the tag pass as
+    /// soon as the supervisor gets the lock, after the promote that demoted it has
+    /// answered (a socket closed meanwhile was never counted, so nothing is missed).
     pub(super) fn start_drain(&mut self, index: usize, ctx: &mut Ctx) {
         let settings = self.config.drain;
         let tag = ctx.tag();
@@ -131,12 +163,12 @@ impl Service {
             retire: None,
             kill_at: None,
             killed: false,
-            recheck_at: None,
+            recheck_at: Some(now),
         });
         if let Some(sig) = settings.drain_signal {
             signal(&self.config.name, g, sig, "drain", true);
         }
-        self.count(index, ctx);
+        ctx.wake.notify_one();
     }
 
     /// Takes up the drain of a generation a previous daemon started: its start, deadline
@@ -282,7 +314,7 @@ impl Service {
     /// Acts on every deadline that has passed: drain timeouts, kill-after, rechecks, and
     /// looks for new listeners.
     pub fn tick(&mut self, now: Instant, ctx: &mut Ctx) {
-        self.rescan_due(now);
+        self.rescan_due(now, ctx);
         for index in 0..self.generations.len() {
             let g = &self.generations[index];
             let Some(d) = g

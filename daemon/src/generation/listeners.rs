@@ -92,7 +92,7 @@ impl Service {
     }
 
     /// Runs a scheduled look for new listeners, if due.
-    pub(super) fn rescan_due(&mut self, now: Instant) {
+    pub(super) fn rescan_due(&mut self, now: Instant, ctx: &mut Ctx) {
         let Some(r) = self.rescan.take() else { return };
         if r.next > now {
             self.rescan = Some(r);
@@ -105,12 +105,12 @@ impl Service {
             until: r.until,
             pids: r.pids,
         });
-        self.adopt_listeners(&pids);
+        self.adopt_listeners(&pids, ctx);
     }
 
     /// Puts listeners that `pids` of the active generation opened since its promote into
     /// its block: in a slot whose listener has closed, or after the last one.
-    fn adopt_listeners(&mut self, pids: &[i32]) {
+    fn adopt_listeners(&mut self, pids: &[i32], ctx: &mut Ctx) {
         let Some(index) = self
             .generations
             .iter()
@@ -120,7 +120,7 @@ impl Service {
         };
         let port = self.port();
         let known: HashSet<u64> = self.generations.iter().flat_map(|g| g.cookies()).collect();
-        let Ok(found) = discover::new_listeners(port, pids, &known) else {
+        let Ok(found) = discover::new_listeners(port, pids, &known, ctx) else {
             return;
         };
         for l in found {

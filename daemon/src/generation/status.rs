@@ -103,7 +103,7 @@ impl Service {
 
     /// Connections waiting in the accept queues of `g`'s listeners.
     pub(super) fn queued(&self, g: &Generation) -> Result<u64, DiscoverError> {
-        let listeners = discover::listeners(self.port(), &[])?;
+        let listeners = discover::listeners(self.port(), &[], &mut discover::ProcFs)?;
         Ok(queued_on(&listeners, &g.cookies().collect()))
     }
 }
@@ -146,7 +146,7 @@ impl StatusPlan {
     /// Counts connections and finds foreign listeners: one LISTEN dump for the service
     /// port, and a dump of its connections when a generation is active.
     pub fn finish(mut self) -> Result<ServiceStatus, DiscoverError> {
-        let listeners = discover::listeners(self.port, &[])?;
+        let listeners = discover::listeners(self.port, &[], &mut discover::ProcFs)?;
         for (g, pending) in self.status.generations.iter_mut().zip(&self.pending) {
             g.connections = match pending {
                 Pending::None => 0,

@@ -10,8 +10,8 @@ use aya::maps::{HashMap, MapData, MapError, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Iter, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use handoff_common::maps::{
-    DrainEventRaw, EV_BIND, EV_ZERO, MAP_COUNTS, MAP_EVENTS, MAP_MEMBERS, MAP_PORTS, PROG_BIND4,
-    PROG_BIND6, PROG_PROCS, PROG_RELEASE, PROG_TAG, ProcRaw,
+    DrainEventRaw, EV_BIND, EV_ZERO, ListenerRaw, MAP_COUNTS, MAP_EVENTS, MAP_MEMBERS, MAP_PORTS,
+    PROG_BIND4, PROG_BIND6, PROG_LISTENERS, PROG_PROCS, PROG_RELEASE, PROG_TAG, ProcRaw,
 };
 
 use super::{LoaderError, take};
@@ -116,6 +116,10 @@ impl DrainProgram {
             })?;
         let tag: &mut Iter = program(&mut ebpf, PROG_TAG)?;
         tag.load("task_file", &btf).map_err(program_err(PROG_TAG))?;
+        let listeners: &mut Iter = program(&mut ebpf, PROG_LISTENERS)?;
+        listeners
+            .load("task_file", &btf)
+            .map_err(program_err(PROG_LISTENERS))?;
         let procs: &mut Iter = program(&mut ebpf, PROG_PROCS)?;
         procs.load("task", &btf).map_err(program_err(PROG_PROCS))?;
         let release: &mut CgroupSock = program(&mut ebpf, PROG_RELEASE)?;
@@ -178,48 +182,86 @@ impl DrainProgram {
     /// Tags and counts for `tag` every TCP socket on `port` that `pids` hold and that is
     /// not counted yet; returns the count after the pass.
     pub fn pass(&mut self, tag: u32, port: u16, pids: &[i32]) -> Result<i64, LoaderError> {
+        self.over_members(PROG_TAG, tag, port, pids)?;
+        self.count(tag)
+    }
+
+    /// The TCP listeners on `port` that `pids` hold: (pid, fd, socket inode) for each fd.
+    pub fn listeners(
+        &mut self,
+        port: u16,
+        pids: &[i32],
+    ) -> Result<Vec<(i32, i32, u64)>, LoaderError> {
+        let bytes = self.over_members(PROG_LISTENERS, 0, port, pids)?;
+        Ok(bytes
+            .chunks_exact(size_of::<ListenerRaw>())
+            .map(|c| {
+                let raw = ListenerRaw {
+                    tgid: u32::from_ne_bytes([c[0], c[1], c[2], c[3]]),
+                    fd: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+                    inode: u64::from_ne_bytes(c[8..16].try_into().expect("16-byte chunk")),
+                };
+                (raw.tgid as i32, raw.fd as i32, raw.inode)
+            })
+            .collect())
+    }
+
+    /// Runs the task_file iterator `name` over `pids` (entered in the members map with
+    /// `tag` and `port` for the run) and returns what it wrote.
+    fn over_members(
+        &mut self,
+        name: &'static str,
+        tag: u32,
+        port: u16,
+        pids: &[i32],
+    ) -> Result<Vec<u8>, LoaderError> {
         for &pid in pids {
             self.members
                 .insert(pid as u32, [tag, u32::from(port)], 0)
                 .map_err(map_err(MAP_MEMBERS))?;
         }
-        let result = self.run_tag(pids);
+        let result = self.run_over(name, pids);
         for &pid in pids {
             let _ = self.members.remove(&(pid as u32));
         }
-        result?;
-        self.count(tag)
+        result
     }
 
-    /// Runs the tag pass over each of `pids`, or once over the whole host on a kernel
+    /// Runs iterator `name` over each of `pids`, or once over the whole host on a kernel
     /// that cannot iterate one process.
-    fn run_tag(&mut self, pids: &[i32]) -> Result<(), LoaderError> {
+    fn run_over(&mut self, name: &'static str, pids: &[i32]) -> Result<Vec<u8>, LoaderError> {
         if self.per_process {
-            if self.run_each(pids)? {
-                return Ok(());
+            let mut out = Vec::new();
+            if self.run_each(name, pids, &mut out)? {
+                return Ok(out);
             }
             tracing::info!(
-                "this kernel cannot run the tag pass over one process; every pass walks the whole host"
+                "this kernel cannot iterate over one process; each pass walks the whole host"
             );
             self.per_process = false;
         }
-        self.run_whole(PROG_TAG).map(drop)
+        self.run_whole(name)
     }
 
-    /// Runs the tag pass over each of `pids` alone; `false` if the kernel cannot.
-    fn run_each(&mut self, pids: &[i32]) -> Result<bool, LoaderError> {
-        let prog = program::<Iter>(&mut self.ebpf, PROG_TAG)?
+    /// Runs iterator `name` over each of `pids` alone; `false` if the kernel cannot.
+    fn run_each(
+        &mut self,
+        name: &'static str,
+        pids: &[i32],
+        out: &mut Vec<u8>,
+    ) -> Result<bool, LoaderError> {
+        let prog = program::<Iter>(&mut self.ebpf, name)?
             .fd()
-            .map_err(program_err(PROG_TAG))?;
+            .map_err(program_err(name))?;
         for &pid in pids {
             match crate::sys::iter_task_of(prog.as_fd(), pid as u32) {
-                Ok(fd) => read_iter(File::from(fd), PROG_TAG, &mut Vec::new())?,
-                // A process that has exited has nothing to count.
+                Ok(fd) => read_iter(File::from(fd), name, out)?,
+                // A process that has exited has nothing to report.
                 Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
                 Err(source) => {
                     return Err(LoaderError::Io {
-                        op: "starting the tag pass on",
+                        op: "starting an iterator over",
                         path: PathBuf::from(format!("/proc/{pid}")),
                         source,
                     });

@@ -40,8 +40,12 @@ pub struct Ctx {
     pub xtask: PathBuf,
     /// `--quick`: every benchmark once and briefly; numbers, no verdicts.
     pub quick: bool,
-    /// Logs and state directories of the run, removed at the end.
+    /// Logs and config files of the run, removed at the end.
     pub tmp: TempDir,
+    /// The daemons' state directories, on tmpfs when the host has `/dev/shm`: handoffd's
+    /// default, `/run/handoff`, is on tmpfs under systemd, where a state write is a page
+    /// cache copy and not a file system journal entry.
+    pub state: TempDir,
 }
 
 impl Ctx {
@@ -194,7 +198,13 @@ impl<'a> Env<'a> {
     /// waits until it answers.
     fn start_daemon(&mut self, args: &[&str], service: Option<&str>) -> Result<Daemon> {
         self.seq += 1;
-        let state = self.dir.join(format!("state-{}", self.seq));
+        // Named after this environment's directory: environments share `ctx.state`.
+        let label = self.dir.file_name().unwrap_or_default().to_string_lossy();
+        let state = self
+            .ctx
+            .state
+            .path()
+            .join(format!("{label}-state-{}", self.seq));
         let socket = self.dir.join(format!("ctl-{}.sock", self.seq));
         let (_, log) = self.file("handoffd", "log")?;
         let mut cmd = Command::new(self.ctx.bin.join("handoffd"));
@@ -361,6 +371,24 @@ impl Daemon {
             bail!(
                 "promote {pid} failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(took)
+    }
+
+    /// `handoffctl promote PID` of the active generation's pid, which the daemon refuses at
+    /// once; returns how long the call took.
+    pub fn refused_promote(&self, pid: u32) -> Result<Duration> {
+        let pid = pid.to_string();
+        let mut cmd = self.ctl(&["promote", &pid]);
+        let started = Instant::now();
+        let out = cmd.output().context("cannot run handoffctl promote")?;
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() || !stderr.contains("already the active generation") {
+            bail!(
+                "promote {pid} again was not refused as already active: {}",
+                stderr.trim()
             );
         }
         Ok(took)

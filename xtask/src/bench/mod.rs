@@ -127,11 +127,18 @@ pub fn run(root: &Path, quick: bool, only: &[String]) -> Result<bool> {
     )?;
     let built = started.elapsed();
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or(root.join("target"), |t| root.join(t));
+    let shm = Path::new("/dev/shm");
+    let state = if shm.is_dir() {
+        TempDir::new_in(shm, "bench-state")?
+    } else {
+        TempDir::new("bench-state")?
+    };
     let ctx = Ctx {
         bin: target.join(profile),
         xtask,
         quick,
         tmp,
+        state,
     };
     let mut sections = Vec::new();
     for bench in BENCHES
