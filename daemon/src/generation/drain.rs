@@ -123,6 +123,8 @@ pub struct DrainState {
     pub killed: bool,
     /// When to count (again): at the start, or while connections are still queued.
     pub recheck_at: Option<Instant>,
+    /// Whether the first tag pass has run.
+    pub counted: bool,
 }
 
 impl DrainState {
@@ -164,6 +166,7 @@ impl Service {
             kill_at: None,
             killed: false,
             recheck_at: Some(now),
+            counted: false,
         });
         if let Some(sig) = settings.drain_signal {
             signal(&self.config.name, g, sig, "drain", true);
@@ -205,6 +208,7 @@ impl Service {
             kill_at,
             killed: saved.killed,
             recheck_at: None,
+            counted: false,
         });
         self.count(index, ctx);
     }
@@ -219,6 +223,7 @@ impl Service {
     /// Counts the generation at `index` again (members re-read, so processes forked since
     /// are included) and sends the retire signal when nothing is left.
     pub(super) fn count(&mut self, index: usize, ctx: &mut Ctx) {
+        let started = Instant::now();
         let port = self.port();
         self.adopt_descendants(index, ctx);
         let g = &self.generations[index];
@@ -244,11 +249,18 @@ impl Service {
                 1
             }
         };
-        tracing::debug!(service = %self.config.name, generation = g.id, counted, queued, "counted");
+        let (id, pid) = (g.id, g.leader.pid);
         let d = self.generations[index]
             .drain
             .as_mut()
             .expect("checked above");
+        if d.counted {
+            tracing::debug!(service = %self.config.name, generation = id, counted, queued, "counted");
+        } else {
+            d.counted = true;
+            let took_ms = started.elapsed().as_secs_f64() * 1e3;
+            tracing::info!(service = %self.config.name, generation = id, pid, connections = counted, queued, took_ms, "drain counted");
+        }
         if counted > 0 {
             d.recheck_at = None;
         } else if queued > 0 {

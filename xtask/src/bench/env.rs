@@ -206,9 +206,10 @@ impl<'a> Env<'a> {
             .path()
             .join(format!("{label}-state-{}", self.seq));
         let socket = self.dir.join(format!("ctl-{}.sock", self.seq));
-        let (_, log) = self.file("handoffd", "log")?;
+        let (log_path, log) = self.file("handoffd", "log")?;
         let mut cmd = Command::new(self.ctx.bin.join("handoffd"));
         cmd.args(args)
+            .args(["--log-format", "json"])
             .arg("--state-dir")
             .arg(&state)
             .arg("--control-socket")
@@ -222,6 +223,7 @@ impl<'a> Env<'a> {
             pid,
             socket,
             ctl: self.ctx.bin.join("handoffctl"),
+            log: log_path,
         };
         let hint = format!("; its log is in {}", self.dir.display());
         wait_answering(
@@ -342,6 +344,8 @@ pub struct Daemon {
     socket: PathBuf,
     /// The handoffctl binary.
     ctl: PathBuf,
+    /// Its log (JSON lines).
+    log: PathBuf,
 }
 
 impl Daemon {
@@ -374,6 +378,39 @@ impl Daemon {
             );
         }
         Ok(took)
+    }
+
+    /// The daemon's own measure of a drain start: its `drain counted` event for the
+    /// generation led by `pid`, once logged: (the first tag pass's wall time in ms, the
+    /// connections it counted).
+    pub fn drain_counted(&self, pid: u32, deadline: Instant) -> Result<(f64, u64)> {
+        loop {
+            let text = std::fs::read_to_string(&self.log)
+                .with_context(|| format!("cannot read {}", self.log.display()))?;
+            let found = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|v| v["fields"].clone())
+                .find(|f| {
+                    f["message"] == "drain counted" && f["pid"].as_u64() == Some(u64::from(pid))
+                });
+            if let Some(f) = found {
+                let took = f["took_ms"]
+                    .as_f64()
+                    .context("drain counted without took_ms")?;
+                let n = f["connections"]
+                    .as_u64()
+                    .context("drain counted without connections")?;
+                return Ok((took, n));
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "handoffd logged no drain count for pid {pid} in {}",
+                    self.log.display()
+                );
+            }
+            crate::children::pause_until(Instant::now() + Duration::from_millis(5))?;
+        }
     }
 
     /// `handoffctl promote PID` of the active generation's pid, which the daemon refuses at

@@ -6,9 +6,10 @@
 //! keeps connections without a thread each) and clients (`bench-hold`, ≤ 12.5 k
 //! connections per process under the 20 k fd cap, each from a loopback address of its own).
 //! Per size: the clients connect to the active generation; a new generation is promoted,
-//! which starts the old one's drain (the tag pass) inside the promote; its cost is that
-//! promote's time minus a promote with no connection (same daemon, same run), and the
-//! daemon's CPU time during it. Then every worker of the old generation closes all its
+//! which starts the old one's drain: the tag pass, run just after the promote's reply. Its
+//! wall time is the daemon's own measure (its `drain counted` log event, against the same
+//! with no connection, same daemon, same run), its CPU the daemon's from the promote to
+//! that event, above the same with no connection. Then every worker of the old generation closes all its
 //! connections at once (SIGUSR1), stamping the last close; the retire signal's stamp ends
 //! the latency. The countdown's cost per close is the `cgroup/sock_release` program's run
 //! time per run over that phase (BPF statistics on).
@@ -51,8 +52,12 @@ struct Point {
     rescan_cpu_ms: f64,
     /// The promote that started the drain, ms.
     promote_ms: f64,
-    /// The daemon's CPU time during that promote, ms.
-    promote_cpu_ms: f64,
+    /// The first tag pass of the drain, as the daemon timed it, ms.
+    start_ms: f64,
+    /// The daemon's CPU time from the promote to the end of that pass, ms.
+    start_cpu_ms: f64,
+    /// What that pass counted.
+    pass_counted: u64,
     /// What `status --json` counted for the draining generation.
     counted: u64,
     /// How long that `handoffctl status --json` took, ms.
@@ -98,17 +103,19 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         let (next, rescan) = start_quietly(&mut env, &mut start, daemon.pid)?;
         let cpu0 = cpu_ns(daemon.pid)?;
         let took = ms(daemon.promote(next.pid, None)?);
-        empty.push((took, cpu_ms_since(daemon.pid, cpu0)?, rescan));
+        let (start, _) = daemon.drain_counted(active.pid, Instant::now() + STEP)?;
+        empty.push([took, start, cpu_ms_since(daemon.pid, cpu0)?, rescan]);
         env.wait_exit(active.pid, Instant::now() + STEP)?;
         active = next;
     }
-    let median = |f: fn(&(f64, f64, f64)) -> f64| {
-        Stats::of(&empty.iter().map(f).collect::<Vec<_>>()).map_or(0.0, |s| s.p50)
+    let median = |i: usize| {
+        Stats::of(&empty.iter().map(|e| e[i]).collect::<Vec<_>>()).map_or(0.0, |s| s.p50)
     };
     let base = Base {
-        promote_ms: median(|e| e.0),
-        promote_cpu_ms: median(|e| e.1),
-        rescan_cpu_ms: median(|e| e.2),
+        promote_ms: median(0),
+        start_ms: median(1),
+        start_cpu_ms: median(2),
+        rescan_cpu_ms: median(3),
     };
 
     let mut points = Vec::new();
@@ -120,7 +127,8 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         let (next, rescan_cpu_ms) = start_quietly(&mut env, &mut start, daemon.pid)?;
         let cpu0 = cpu_ns(daemon.pid)?;
         let promote_ms = ms(daemon.promote(next.pid, None)?);
-        let promote_cpu_ms = cpu_ms_since(daemon.pid, cpu0)?;
+        let (start_ms, pass_counted) = daemon.drain_counted(active.pid, Instant::now() + STEP)?;
+        let start_cpu_ms = cpu_ms_since(daemon.pid, cpu0)?;
         let t = Instant::now();
         let counted = daemon.connections(active.pid)?;
         let status_ms = ms(t.elapsed());
@@ -164,7 +172,9 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
             connect_s,
             rescan_cpu_ms,
             promote_ms,
-            promote_cpu_ms,
+            start_ms,
+            start_cpu_ms,
+            pass_counted,
             counted,
             status_ms,
             close_ms: ns_to_ms(first, last),
@@ -186,7 +196,8 @@ fn cpu_ms_since(pid: u32, earlier: u64) -> Result<f64> {
 /// The same figures with no connection held.
 struct Base {
     promote_ms: f64,
-    promote_cpu_ms: f64,
+    start_ms: f64,
+    start_cpu_ms: f64,
     rescan_cpu_ms: f64,
 }
 
@@ -242,23 +253,20 @@ fn connect_clients(env: &mut Env, addr: SocketAddr, n: u32) -> Result<Vec<u32>> 
 fn outcome(points: &[Point], base: &Base) -> Outcome {
     let mut rows = Vec::new();
     let baseline = format!(
-        "promote with no connection: {} ({} CPU)",
+        "no connection: {} (promote {}; {} CPU for both)",
+        fmt_ms(base.start_ms),
         fmt_ms(base.promote_ms),
-        fmt_ms(base.promote_cpu_ms)
+        fmt_ms(base.start_cpu_ms)
     );
     for p in points {
-        let start = p.promote_ms - base.promote_ms;
+        let start = p.start_ms;
         let row = Row::new(
             format!("drain start (tag pass), {} connections", thousands(p.n)),
             format!(
-                "{} ({} daemon CPU; counted {})",
-                if start > 0.0 {
-                    fmt_ms(start)
-                } else {
-                    "≈ 0 (within the baseline's noise)".to_owned()
-                },
-                fmt_ms((p.promote_cpu_ms - base.promote_cpu_ms).max(0.0)),
-                p.counted
+                "{} ({} daemon CPU above the baseline; counted {})",
+                fmt_ms(start),
+                fmt_ms((p.start_cpu_ms - base.start_cpu_ms).max(0.0)),
+                p.pass_counted
             ),
             Some(start),
         )
@@ -330,11 +338,12 @@ fn outcome(points: &[Point], base: &Base) -> Outcome {
         .baseline(format!("no connection: {}", fmt_ms(base.rescan_cpu_ms))),
     );
     let mut details = vec![
-        "The tag pass is an `iter/task_file` run: it visits every open file of every process \
-         on the host and tags the draining generation's sockets, so its cost grows with all \
-         open files, not only the generation's: here the N client sockets are on the same \
-         host and are visited too (2 N sockets, plus the rest of the host). `counted` is what \
-         `handoffctl status --json` then shows for the draining generation (it must be N). \
+        "The tag pass is an `iter/task_file` run over each process of the draining \
+         generation (Linux ≥ 6.1): it visits their open files only, and tags the sockets on \
+         the service port. It runs just after the promote has answered; its wall time is the \
+         daemon's own measure (`took_ms` of its `drain counted` event). `counted` is what \
+         the pass counted, and what `handoffctl status --json` then shows for the draining \
+         generation (both must be N). \
          Before each promote the bench waits until the daemon is idle again after the new \
          generation's bind() (it looks for new listeners of the active generation for up to \
          1 s after a bind on the service port): that CPU time is the rescan row."
@@ -342,15 +351,17 @@ fn outcome(points: &[Point], base: &Base) -> Outcome {
     ];
     for p in points {
         details.push(format!(
-            "- {}: clients connected in {:.1} s; rescan after the bind {} CPU; promote {} \
-             (daemon CPU {}), counted {} (`status --json` took {}); closing took {} over \
+            "- {}: clients connected in {:.1} s; rescan after the bind {} CPU; promote {}, \
+             then the tag pass {} (daemon CPU for both {}), counted {} (`status --json` took \
+             {}); closing took {} over \
              {WORKERS} workers, {} countdown runs at {}; daemon CPU from the first close to the \
              retire signal {}; last close → retire {}",
             thousands(p.n),
             p.connect_s,
             fmt_ms(p.rescan_cpu_ms),
             fmt_ms(p.promote_ms),
-            fmt_ms(p.promote_cpu_ms),
+            fmt_ms(p.start_ms),
+            fmt_ms(p.start_cpu_ms),
             p.counted,
             fmt_ms(p.status_ms),
             fmt_ms(p.close_ms),
@@ -364,11 +375,11 @@ fn outcome(points: &[Point], base: &Base) -> Outcome {
 }
 
 /// Whether the drain start grows linearly or better: the daemon's CPU time for it (above
-/// the promote with no connection) per connection at the largest size against 10 k.
+/// the same with no connection) per connection at the largest size against 10 k.
 fn growth(points: &[Point], base: &Base) -> Option<Row> {
     let small = points.iter().find(|p| p.n == 10_000)?;
     let large = points.last().filter(|p| p.n > small.n)?;
-    let per = |p: &Point| (p.promote_cpu_ms - base.promote_cpu_ms) / f64::from(p.n) * 1e6;
+    let per = |p: &Point| (p.start_cpu_ms - base.start_cpu_ms) / f64::from(p.n) * 1e6;
     let (a, b) = (per(small), per(large));
     Some(
         Row::new(
