@@ -13,5 +13,6 @@ pub static HANDOFF_BPF: &[u8] = &AlignedObject(*include_bytes!("../handoff.bpf.o
 struct AlignedObject<T: ?Sized>(T);
 
 /// The ELF object holding the drain accounting programs (`iter/task_file` tag pass,
-/// `cgroup/sock_release` countdown, `cgroup/bind4`/`bind6` watch) and their maps.
+/// `cgroup/sock_release` countdown, `cgroup/bind4`/`bind6` watch), the discovery
+/// iterators (`iter/task` process table, `iter/task_file` listeners) and their maps.
 pub static DRAIN_BPF: &[u8] = &AlignedObject(*include_bytes!("../drain.bpf.o")).0;
