@@ -46,7 +46,9 @@ pub struct FdRef {
     pub fd: i32,
 }
 
-/// Where process trees and the fds of listeners come from.
+/// Where process trees and the fds of listeners come from. Pids are the host's: the
+/// kernel's iterators and the bind watch report init-namespace pids, so handoffd runs in
+/// the host's pid namespace (as pidfds of the services need anyway).
 pub trait Processes {
     /// `pid` and every live descendant, `pid` first.
     fn tree(&mut self, pid: i32) -> Result<Vec<i32>, DiscoverError>;

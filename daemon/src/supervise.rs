@@ -1,6 +1,6 @@
 //! The daemon's event loop beside the control socket: kernel drain events, members'
-//! exits (pidfds), deadlines, and wake-ups when a request brought a deadline forward. Idle, it sleeps in epoll: no timer runs while nothing
-//! drains.
+//! exits (pidfds), deadlines, and wake-ups when a request brought a deadline forward.
+//! Idle, it sleeps in epoll: no timer runs while nothing drains.
 
 use std::future::pending;
 use std::os::fd::OwnedFd;
@@ -37,7 +37,9 @@ pub async fn supervise(
     let mut events = sys::async_ringbuf(events)?;
     let mut exits = JoinSet::new();
     let Some(wake) = with_daemon(&daemon, |d| d.waker()).await else {
-        return Ok(());
+        return Err(std::io::Error::other(
+            "the daemon's state is poisoned by an earlier panic",
+        ));
     };
     loop {
         let deadline = with_daemon(&daemon, |d| d.next_deadline()).await.flatten();

@@ -147,13 +147,17 @@ impl DrainState {
 const RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Service {
-    /// Starts draining the generation at `index`: the drain signal now; the tag pass as
-    /// soon as the supervisor gets the lock, after the promote that demoted it has
-    /// answered (a socket closed meanwhile was never counted, so nothing is missed).
+    /// Starts draining the generation at `index`: its members read again and the drain
+    /// signal now; the tag pass as soon as the supervisor gets the lock, after the promote
+    /// that demoted it has answered (a socket closed meanwhile was never counted, so
+    /// nothing is missed).
     pub(super) fn start_drain(&mut self, index: usize, ctx: &mut Ctx) {
         let settings = self.config.drain;
         let tag = ctx.tag();
         let now = Instant::now();
+        // Members are read before the drain signal: a leader that exits on it must not
+        // take the knowledge of its workers with it.
+        self.adopt_descendants(index, ctx);
         let g = &mut self.generations[index];
         if let Err(e) = ctx.program.start(tag) {
             tracing::error!(service = %self.config.name, generation = g.id, error = %e, "cannot count connections; the drain timeout will retire it");
@@ -259,7 +263,9 @@ impl Service {
         } else {
             d.counted = true;
             let took_ms = started.elapsed().as_secs_f64() * 1e3;
-            tracing::info!(service = %self.config.name, generation = id, pid, connections = counted, queued, took_ms, "drain counted");
+            // From the drain's start (the promote) to the count: the pass and its wait.
+            let since_start_ms = d.started.elapsed().as_secs_f64() * 1e3;
+            tracing::info!(service = %self.config.name, generation = id, pid, connections = counted, queued, took_ms, since_start_ms, "drain counted");
         }
         if counted > 0 {
             d.recheck_at = None;

@@ -27,6 +27,9 @@ pub(super) struct Rescan {
     step: Duration,
     /// When to stop looking.
     until: Instant,
+    /// The generation the binding processes belong to: the look ends if it is no longer
+    /// the active one, so a listener never joins another generation.
+    generation: u64,
     /// The processes that bound the port: where the new listeners are.
     pids: Vec<i32>,
 }
@@ -49,7 +52,11 @@ impl Service {
         if !self.adopt_process(index, pid, ctx) {
             return;
         }
-        let mut pids = self.rescan.take().map(|r| r.pids).unwrap_or_default();
+        let generation = self.generations[index].id;
+        let mut pids = match self.rescan.take() {
+            Some(r) if r.generation == generation => r.pids,
+            _ => Vec::new(),
+        };
         if !pids.contains(&pid) {
             pids.push(pid);
         }
@@ -57,38 +64,36 @@ impl Service {
             next: now + Duration::from_millis(1),
             step: Duration::from_millis(2),
             until: now + Duration::from_secs(1),
+            generation,
             pids,
         });
     }
 
-    /// Whether `pid` is a member of the generation at `index`, or a descendant of one
-    /// (then it becomes a member).
+    /// Whether `pid` is a member of the generation at `index`, or a descendant of one:
+    /// then it, and every process between it and that member, become members.
     fn adopt_process(&mut self, index: usize, pid: i32, ctx: &Ctx) -> bool {
         let g = &mut self.generations[index];
-        if g.members().any(|m| m.pid == pid) {
-            return true;
-        }
+        let mut chain = Vec::new();
         let mut at = pid;
-        for _ in 0..MAX_DEPTH {
+        while !g.members().any(|m| m.pid == at) {
+            // Reparented to init (or a subreaper), gone, or too far: not this generation's.
+            if at <= 1 || chain.len() >= MAX_DEPTH {
+                return false;
+            }
+            chain.push(at);
             let Some(stat) = discover::read_stat(at) else {
                 return false;
             };
-            if stat.ppid <= 1 {
-                return false;
-            }
-            if g.members().any(|m| m.pid == stat.ppid) {
-                return match Member::open(pid) {
-                    Ok(m) => {
-                        ctx.watch(&m);
-                        g.descendants.push(m);
-                        true
-                    }
-                    Err(_) => false,
-                };
-            }
             at = stat.ppid;
         }
-        false
+        for p in chain {
+            // One that exited meanwhile has no listener to give.
+            if let Ok(m) = Member::open(p) {
+                ctx.watch(&m);
+                g.descendants.push(m);
+            }
+        }
+        true
     }
 
     /// Runs a scheduled look for new listeners, if due.
@@ -98,31 +103,44 @@ impl Service {
             self.rescan = Some(r);
             return;
         }
+        let Some(index) = self
+            .generations
+            .iter()
+            .position(|g| g.id == r.generation && g.state == GenerationState::Active)
+        else {
+            return; // promoted or rolled back meanwhile: the look is over
+        };
         let pids = r.pids.clone();
         self.rescan = (now < r.until).then(|| Rescan {
             next: now + r.step,
             step: (r.step * 2).min(Duration::from_millis(250)),
-            until: r.until,
             pids: r.pids,
+            ..r
         });
-        self.adopt_listeners(&pids, ctx);
+        self.adopt_listeners(index, &pids, ctx);
     }
 
-    /// Puts listeners that `pids` of the active generation opened since its promote into
-    /// its block: in a slot whose listener has closed, or after the last one.
-    fn adopt_listeners(&mut self, pids: &[i32], ctx: &mut Ctx) {
-        let Some(index) = self
-            .generations
-            .iter()
-            .position(|g| g.state == GenerationState::Active)
-        else {
-            return;
-        };
+    /// Puts listeners that the active generation (at `index`) opened since its promote
+    /// into its block: in a slot whose listener has closed, or after the last one. Looks
+    /// in `pids` first; if a new listener is held by none of them (a binder that handed
+    /// it to a child), in every member.
+    fn adopt_listeners(&mut self, index: usize, pids: &[i32], ctx: &mut Ctx) {
         let port = self.port();
         let known: HashSet<u64> = self.generations.iter().flat_map(|g| g.cookies()).collect();
-        let Ok(found) = discover::new_listeners(port, pids, &known, ctx) else {
+        let Ok(mut found) = discover::new_listeners(port, pids, &known, ctx) else {
             return;
         };
+        if found.iter().any(|l| l.held_by.is_none()) {
+            let all: Vec<i32> = self.generations[index]
+                .members()
+                .filter(|m| m.alive())
+                .map(|m| m.pid)
+                .collect();
+            let Ok(again) = discover::new_listeners(port, &all, &known, ctx) else {
+                return;
+            };
+            found = again;
+        }
         for l in found {
             let Some(at) = l.held_by else { continue };
             let g = &self.generations[index];
@@ -133,17 +151,9 @@ impl Service {
             let Some(i) = self.groups.iter().position(|group| group.key == Some(key)) else {
                 continue; // outside the service's groups: status reports it
             };
-            let owner = g.members().find(|m| m.pid == at.pid);
-            let opened;
-            let owner = match owner {
-                Some(m) => m,
-                None => match Member::open(at.pid) {
-                    Ok(m) => {
-                        opened = m;
-                        &opened
-                    }
-                    Err(_) => continue,
-                },
+            // Held by a member only: a candidate starting, or anyone else, is not adopted.
+            let Some(owner) = g.members().find(|m| m.pid == at.pid) else {
+                continue;
             };
             let fd = match candidate::duplicate(owner, at, l.diag.cookie, l.diag.local) {
                 Ok(fd) => fd,

@@ -33,7 +33,7 @@ pub enum DrainEvent {
 impl DrainEvent {
     /// Decodes one ring buffer record.
     pub fn parse(bytes: &[u8]) -> Option<Self> {
-        let word = |i: usize| Some(u32::from_ne_bytes(bytes.get(i..i + 4)?.try_into().ok()?));
+        let word = |i| u32_at(bytes, i);
         let raw = DrainEventRaw {
             kind: word(0)?,
             value: word(4)?,
@@ -60,8 +60,8 @@ pub struct DrainProgram {
     ports: HashMap<MapData, u32, u32>,
     /// Taken by the task that waits on it.
     events: Option<RingBuf<MapData>>,
-    /// Whether the kernel runs the tag pass over one process (Linux >= 6.1); if not, each
-    /// pass walks every process on the host.
+    /// Whether the kernel runs an iterator over one process (Linux >= 6.1); if not, each
+    /// tag pass and listener search walks every process on the host.
     per_process: bool,
 }
 
@@ -142,13 +142,14 @@ impl DrainProgram {
             RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
         drop(btf);
         crate::sys::release_free_memory();
+        let per_process = per_process_supported(&mut ebpf)?;
         Ok(Self {
             ebpf,
             counts,
             members,
             ports,
             events: Some(events),
-            per_process: true,
+            per_process,
         })
     }
 
@@ -195,13 +196,17 @@ impl DrainProgram {
         let bytes = self.over_members(PROG_LISTENERS, 0, port, pids)?;
         Ok(bytes
             .chunks_exact(size_of::<ListenerRaw>())
-            .map(|c| {
+            .filter_map(|c| {
                 let raw = ListenerRaw {
-                    tgid: u32::from_ne_bytes([c[0], c[1], c[2], c[3]]),
-                    fd: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
-                    inode: u64::from_ne_bytes(c[8..16].try_into().expect("16-byte chunk")),
+                    tgid: u32_at(c, 0)?,
+                    fd: u32_at(c, 4)?,
+                    inode: u64::from_ne_bytes(c.get(8..16)?.try_into().ok()?),
                 };
-                (raw.tgid as i32, raw.fd as i32, raw.inode)
+                Some((
+                    i32::try_from(raw.tgid).ok()?,
+                    i32::try_from(raw.fd).ok()?,
+                    raw.inode,
+                ))
             })
             .collect())
     }
@@ -230,45 +235,25 @@ impl DrainProgram {
     /// Runs iterator `name` over each of `pids`, or once over the whole host on a kernel
     /// that cannot iterate one process.
     fn run_over(&mut self, name: &'static str, pids: &[i32]) -> Result<Vec<u8>, LoaderError> {
-        if self.per_process {
-            let mut out = Vec::new();
-            if self.run_each(name, pids, &mut out)? {
-                return Ok(out);
-            }
-            tracing::info!(
-                "this kernel cannot iterate over one process; each pass walks the whole host"
-            );
-            self.per_process = false;
+        if !self.per_process {
+            return self.run_whole(name);
         }
-        self.run_whole(name)
-    }
-
-    /// Runs iterator `name` over each of `pids` alone; `false` if the kernel cannot.
-    fn run_each(
-        &mut self,
-        name: &'static str,
-        pids: &[i32],
-        out: &mut Vec<u8>,
-    ) -> Result<bool, LoaderError> {
         let prog = program::<Iter>(&mut self.ebpf, name)?
             .fd()
             .map_err(program_err(name))?;
+        let mut out = Vec::new();
         for &pid in pids {
-            match crate::sys::iter_task_of(prog.as_fd(), pid as u32) {
-                Ok(fd) => read_iter(File::from(fd), name, out)?,
-                // A process that has exited has nothing to report.
-                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
-                Err(source) => {
-                    return Err(LoaderError::Io {
-                        op: "starting an iterator over",
-                        path: PathBuf::from(format!("/proc/{pid}")),
-                        source,
-                    });
+            // An exited pid is no error to the kernel: it has no task to visit.
+            let fd = crate::sys::iter_task_of(prog.as_fd(), pid as u32).map_err(|source| {
+                LoaderError::Io {
+                    op: "starting an iterator over",
+                    path: PathBuf::from(format!("/proc/{pid}")),
+                    source,
                 }
-            }
+            })?;
+            read_iter(File::from(fd), name, &mut out)?;
         }
-        Ok(true)
+        Ok(out)
     }
 
     /// Every process on the host as (pid, parent pid), from one run of the process
@@ -294,6 +279,36 @@ impl DrainProgram {
         read_iter(file, name, &mut out)?;
         Ok(out)
     }
+}
+
+/// Whether the kernel runs an iterator over one process (`bpf_iter_link_info.task`, Linux
+/// 6.1): tried once, over the daemon itself, with the listener iterator (which writes
+/// nothing while the members map is empty). Older kernels refuse the larger link info
+/// with E2BIG, or EINVAL.
+fn per_process_supported(ebpf: &mut Ebpf) -> Result<bool, LoaderError> {
+    let prog = program::<Iter>(ebpf, PROG_LISTENERS)?
+        .fd()
+        .map_err(program_err(PROG_LISTENERS))?;
+    match crate::sys::iter_task_of(prog.as_fd(), std::process::id()) {
+        Ok(fd) => {
+            read_iter(File::from(fd), PROG_LISTENERS, &mut Vec::new())?;
+            Ok(true)
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::EINVAL)) => {
+            tracing::info!(error = %e, "this kernel cannot run an iterator over one process (Linux < 6.1): each tag pass and listener search walks every process on the host");
+            Ok(false)
+        }
+        Err(source) => Err(LoaderError::Io {
+            op: "trying an iterator over one process on",
+            path: PathBuf::from("/proc/self"),
+            source,
+        }),
+    }
+}
+
+/// The native-endian `u32` at byte `i` of `bytes`.
+fn u32_at(bytes: &[u8], i: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(bytes.get(i..i + 4)?.try_into().ok()?))
 }
 
 /// Reads iterator `name`'s file to its end, which runs the program.
