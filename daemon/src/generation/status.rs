@@ -51,11 +51,13 @@ impl Service {
             pending.push(match (&g.drain, g.state) {
                 (_, GenerationState::Retired) => Pending::None,
                 // What the drain accounting counts, live: the number retirement waits on.
-                (Some(d), _) => Pending::Queued {
+                // Before its first tag pass (just after the promote), counted like an
+                // active generation.
+                (Some(d), _) if d.counted => Pending::Queued {
                     counted: d.connections(ctx, 0),
                     cookies,
                 },
-                (None, _) => Pending::Held {
+                _ => Pending::Held {
                     leader: g.leader.alive().then_some(g.leader.pid),
                     members: g.members().filter(|m| m.alive()).map(|m| m.pid).collect(),
                     cookies,
