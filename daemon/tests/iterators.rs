@@ -63,8 +63,9 @@ fn iterators_agree_with_proc() {
     from_proc.sort_unstable();
     assert_eq!(from_bpf, from_proc);
 
-    // The listeners: two on one port, one on another port, and a connection on the first
-    // port, all held by this process; only the first two may be reported.
+    // The listeners: one on `port`, an IPv6 one and another IPv4 one on ports of their
+    // own, and a connection (both ends) on `port`, all held by this process: for `port`
+    // only the first may be reported.
     let a = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = a.local_addr().expect("addr").port();
     let b = TcpListener::bind("[::1]:0").expect("bind v6");
