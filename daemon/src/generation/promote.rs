@@ -105,6 +105,7 @@ impl PromoteError {
 impl Service {
     /// Makes `pid` the active generation, verified by a probe in every group.
     pub fn promote(&mut self, pid: i32, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
+        let started = std::time::Instant::now();
         self.reap(ctx);
         // A pid that already leads a live generation: the active one is a no-op refused,
         // a draining one is made active again (its listeners are still in the map).
@@ -150,7 +151,6 @@ impl Service {
         for m in std::iter::once(&leader).chain(&descendants) {
             ctx.watch(m);
         }
-        tracing::info!(service = %self.config.name, generation = id, pid, listeners, draining = ?previous.as_ref().map(|p| p.0), "promoted");
         self.generations.push(Generation {
             id,
             state: GenerationState::Active,
@@ -160,6 +160,9 @@ impl Service {
             drain: None,
         });
         self.demote_active(self.generations.len() - 1, ctx);
+        // Discovery, map writes, flip, probe and drain signal; not the state write.
+        let took_ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(service = %self.config.name, generation = id, pid, listeners, draining = ?previous.as_ref().map(|p| p.0), took_ms, "promoted");
         Ok(Promoted {
             service: self.config.name.clone(),
             generation: id,

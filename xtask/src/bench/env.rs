@@ -380,20 +380,27 @@ impl Daemon {
         Ok(took)
     }
 
+    /// The fields of every event with `message` in the daemon's log so far.
+    pub fn events(&self, message: &str) -> Result<Vec<Value>> {
+        let text = std::fs::read_to_string(&self.log)
+            .with_context(|| format!("cannot read {}", self.log.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|mut v| v["fields"].take())
+            .filter(|f| f["message"] == message)
+            .collect())
+    }
+
     /// The daemon's own measure of a drain start: its `drain counted` event for the
     /// generation led by `pid`, once logged: (the first tag pass's wall time in ms, the
     /// connections it counted).
     pub fn drain_counted(&self, pid: u32, deadline: Instant) -> Result<(f64, u64)> {
         loop {
-            let text = std::fs::read_to_string(&self.log)
-                .with_context(|| format!("cannot read {}", self.log.display()))?;
-            let found = text
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .map(|v| v["fields"].clone())
-                .find(|f| {
-                    f["message"] == "drain counted" && f["pid"].as_u64() == Some(u64::from(pid))
-                });
+            let found = self
+                .events("drain counted")?
+                .into_iter()
+                .find(|f| f["pid"].as_u64() == Some(u64::from(pid)));
             if let Some(f) = found {
                 let took = f["took_ms"]
                     .as_f64()

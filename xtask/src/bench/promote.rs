@@ -29,7 +29,9 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
          the process tree and its listeners (BPF iterators over the candidate's processes), \
          the map writes, the flip, the probe, the drain signal to the replaced generation, \
          the state write and the reply. The replaced generation's tag pass runs just after \
-         the reply. The baseline, just before each promote, is a `handoffctl promote` of the \
+         the reply. \"inside handoffd\" is the daemon's own measure of each promote (`took_ms` \
+         of its `promoted` event): the same steps without the client, the socket round \
+         trip and the state write. The baseline, just before each promote, is a `handoffctl promote` of the \
          active pid, which the daemon refuses at once (already active): the cost of starting \
          the client process and one round trip, which no work in the daemon can remove."
     )];
@@ -59,8 +61,18 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
             env.wait_exit(active.pid, Instant::now() + Duration::from_secs(10))?;
             active = next;
         }
+        // handoffd's own measure of each (the first, which loads the program, left out).
+        let inside: Vec<f64> = daemon
+            .events("promoted")?
+            .iter()
+            .skip(1)
+            .filter_map(|f| f["took_ms"].as_f64())
+            .collect();
         let s = Stats::of(&times).expect("at least one promote");
         let f = Stats::of(&floor).expect("at least one refused promote");
+        let inside = Stats::of(&inside).map_or("not logged".to_owned(), |i| {
+            format!("p50 {} · p99 {}", fmt_ms(i.p50), fmt_ms(i.p99))
+        });
         rows.push(
             Row::new(
                 format!(
@@ -68,7 +80,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
                     if workers == 1 { "" } else { "es" }
                 ),
                 format!(
-                    "p50 {} · p99 {} ({} promotes)",
+                    "p50 {} · p99 {} ({} promotes); inside handoffd: {inside}",
                     fmt_ms(s.p50),
                     fmt_ms(s.p99),
                     s.n
