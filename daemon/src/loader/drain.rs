@@ -262,9 +262,12 @@ impl DrainProgram {
         let bytes = self.run_whole(PROG_PROCS)?;
         Ok(bytes
             .chunks_exact(size_of::<ProcRaw>())
-            .map(|c| {
-                let word = |i: usize| i32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
-                (word(0), word(4))
+            .filter_map(|c| {
+                let raw = ProcRaw {
+                    tgid: u32_at(c, 0)?,
+                    ppid: u32_at(c, 4)?,
+                };
+                Some((i32::try_from(raw.tgid).ok()?, i32::try_from(raw.ppid).ok()?))
             })
             .collect())
     }
