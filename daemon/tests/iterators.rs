@@ -10,21 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use handoff::discover::{FdRef, ProcFs, Processes};
 use handoff::generation::Ctx;
 use handoff::loader::DrainProgram;
-
-/// True when the test may run: root, or a loud skip (a failure with
-/// `HANDOFF_REQUIRE_PRIVILEGED=1`).
-fn privileged(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    let why = format!("{test}: SKIPPED, needs root (BPF iterators)");
-    assert!(
-        std::env::var("HANDOFF_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
-        "{why}, and HANDOFF_REQUIRE_PRIVILEGED=1 forbids skipping"
-    );
-    eprintln!("\n!!! {why}\n");
-    false
-}
+use handoff_tests::privileged;
 
 /// A child process, killed and reaped when dropped (also when the test fails).
 struct Child(std::process::Child);

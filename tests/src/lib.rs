@@ -7,8 +7,9 @@
 //! - [`load`]: `loadgen`, the load client, also callable in-process ([`load::run`]), plus
 //!   single-connection helpers ([`load::connect_once`], [`load::hold`]).
 //! - `sys`: fork, signals, sockets, rlimit; the only module with `unsafe`.
-//! - this file: finding the built binaries ([`bin_path`]), [`free_port`], and [`Proc`], a
-//!   child process guard that kills the child's whole process group when dropped.
+//! - this file: the root check of every privileged test ([`privileged`]), finding the
+//!   built binaries ([`bin_path`]), [`free_port`], and [`Proc`], a child process guard
+//!   that kills the child's whole process group when dropped.
 //! - `src/bin/{testsrv,loadgen}.rs`: thin binaries over [`server::run`] and [`load::try_run`].
 
 pub mod load;
@@ -26,6 +27,21 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+
+/// True when the privileged test `test` may run (as root). Otherwise it says loudly why it
+/// skips, and with `HANDOFF_REQUIRE_PRIVILEGED=1` a skip is a failure.
+pub fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let why = format!("{test}: SKIPPED, needs root (BPF, pidfd_getfd, probe ports < 1024)");
+    assert!(
+        std::env::var("HANDOFF_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
+        "{why}, and HANDOFF_REQUIRE_PRIVILEGED=1 forbids skipping"
+    );
+    eprintln!("\n!!! {why}\n");
+    false
+}
 
 /// How long [`Proc::spawn_testsrv`] waits for the `ready` line.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,20 +11,7 @@ use std::time::{Duration, Instant};
 use handoff_common::proto::{GenerationState, ServiceStatus, Status};
 use handoff_tests::{Proc, bin_path, free_port, load};
 
-/// True when the test may run. Without root it prints why it skips; with
-/// `HANDOFF_REQUIRE_PRIVILEGED=1` a skip is a failure.
-pub fn privileged(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    let why = format!("{test}: SKIPPED, needs root (BPF, pidfd_getfd, probe ports < 1024)");
-    assert!(
-        std::env::var("HANDOFF_REQUIRE_PRIVILEGED").as_deref() != Ok("1"),
-        "{why}, and HANDOFF_REQUIRE_PRIVILEGED=1 forbids skipping"
-    );
-    eprintln!("\n!!! {why}\n");
-    false
-}
+pub use handoff_tests::privileged;
 
 /// A handoffd of this test alone: its own service name, state dir and control socket.
 /// Dropping it kills it and removes its state.
