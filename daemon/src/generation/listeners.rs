@@ -123,7 +123,7 @@ impl Service {
     /// Puts listeners that the active generation (at `index`) opened since its promote
     /// into its block: in a slot whose listener has closed, or after the last one. Looks
     /// in `pids` first; if a new listener is held by none of them (a binder that handed
-    /// it to a child), in every member.
+    /// it to a child), in every member, descendants forked since included.
     fn adopt_listeners(&mut self, index: usize, pids: &[i32], ctx: &mut Ctx) {
         let port = self.port();
         let known: HashSet<u64> = self.generations.iter().flat_map(|g| g.cookies()).collect();
@@ -131,6 +131,8 @@ impl Service {
             return;
         };
         if found.iter().any(|l| l.held_by.is_none()) {
+            // A child forked since (it never bound) may hold it: members read again.
+            self.adopt_descendants(index, ctx);
             let all: Vec<i32> = self.generations[index]
                 .members()
                 .filter(|m| m.alive())
