@@ -1,8 +1,10 @@
-//! Children of the demo: stopping them, reading their output with a deadline, and
-//! waits that end early on SIGINT or SIGTERM.
+//! Children of the demo and the benchmarks: stopping them, reading their output with a
+//! deadline, waits that end early on SIGINT or SIGTERM, and `handoffd --cleanup` after a
+//! daemon.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdout, ExitStatus};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -84,6 +86,25 @@ impl Proc {
         } else if self.exit_status().is_none() {
             let _ = signal::kill(pid, sig);
         }
+    }
+}
+
+/// Runs `handoffd --cleanup` (binary in `bin`) on a stopped daemon's `state_dir`, for
+/// `service` if given: its pins and state go. A failure is a warning: cleanup runs on drop.
+pub fn cleanup_daemon(bin: &Path, state_dir: &Path, service: Option<&str>) {
+    let mut cmd = Command::new(bin.join("handoffd"));
+    cmd.arg("--cleanup").arg("--state-dir").arg(state_dir);
+    if let Some(service) = service {
+        cmd.args(["--service", service]);
+    }
+    match cmd.stdin(Stdio::null()).output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!(
+            "warning: handoffd --cleanup failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => eprintln!("warning: cannot run handoffd --cleanup: {e}"),
     }
 }
 

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::children::{Lines, Proc, catch_interrupts, pause_until, stop_all, wait_answering};
+use crate::children::{
+    Lines, Proc, catch_interrupts, cleanup_daemon, pause_until, stop_all, wait_answering,
+};
 use crate::{TempDir, cargo, run_checked};
 
 /// How long a child may take to become ready (handoffd to answer, testsrv to listen).
@@ -276,20 +278,7 @@ impl Demo {
 impl Drop for Demo {
     fn drop(&mut self) {
         stop_all(&mut self.procs, STOP_GRACE);
-        match Command::new(self.bin.join("handoffd"))
-            .args(["--cleanup", "--service", &self.service])
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .output()
-        {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "warning: handoffd --cleanup failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("warning: cannot run handoffd --cleanup: {e}"),
-        }
+        cleanup_daemon(&self.bin, &self.state_dir(), Some(&self.service));
         if self.show_logs {
             print_log_tails(self.dir.path());
         }

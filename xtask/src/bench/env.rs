@@ -23,7 +23,9 @@ pub use super::netns::{Netns, remove_leftovers};
 use super::output::parse_ready;
 pub use super::output::{Captured, LoadReport, field};
 use crate::TempDir;
-use crate::children::{Proc, check_interrupted, pause_until, stop_all, wait_answering};
+use crate::children::{
+    Proc, check_interrupted, cleanup_daemon, pause_until, stop_all, wait_answering,
+};
 
 /// How long handoffd and testsrv may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -310,20 +312,7 @@ impl Drop for Env<'_> {
         self.prune();
         stop_all(&mut self.procs, STOP_GRACE);
         for (state, service) in &self.daemons {
-            let mut cmd = Command::new(self.ctx.bin.join("handoffd"));
-            cmd.arg("--cleanup").arg("--state-dir").arg(state);
-            if let Some(service) = service {
-                cmd.args(["--service", service]);
-            }
-            match cmd.stdin(Stdio::null()).output() {
-                Ok(out) if out.status.success() => {}
-                Ok(out) => eprintln!(
-                    "warning: handoffd --cleanup failed ({}): {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-                Err(e) => eprintln!("warning: cannot run handoffd --cleanup: {e}"),
-            }
+            cleanup_daemon(&self.ctx.bin, state, service.as_deref());
         }
     }
 }
@@ -367,10 +356,7 @@ impl Daemon {
         if let Some(service) = service {
             args.extend(["--service", service]);
         }
-        let mut cmd = self.ctl(&args);
-        let started = Instant::now();
-        let out = cmd.output().context("cannot run handoffctl promote")?;
-        let took = started.elapsed();
+        let (took, out) = self.timed(&args)?;
         if !out.status.success() {
             bail!(
                 "promote {pid} failed: {}",
@@ -378,6 +364,17 @@ impl Daemon {
             );
         }
         Ok(took)
+    }
+
+    /// Runs `handoffctl ARGS`; returns how long it took, from its start to its exit, and
+    /// what it printed.
+    fn timed(&self, args: &[&str]) -> Result<(Duration, std::process::Output)> {
+        let mut cmd = self.ctl(args);
+        let started = Instant::now();
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot run handoffctl {}", args.join(" ")))?;
+        Ok((started.elapsed(), out))
     }
 
     /// The fields of every event with `message` in the daemon's log so far.
@@ -424,10 +421,7 @@ impl Daemon {
     /// once; returns how long the call took.
     pub fn refused_promote(&self, pid: u32) -> Result<Duration> {
         let pid = pid.to_string();
-        let mut cmd = self.ctl(&["promote", &pid]);
-        let started = Instant::now();
-        let out = cmd.output().context("cannot run handoffctl promote")?;
-        let took = started.elapsed();
+        let (took, out) = self.timed(&["promote", &pid])?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         if out.status.success() || !stderr.contains("already the active generation") {
             bail!(
