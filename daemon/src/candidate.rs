@@ -114,6 +114,22 @@ pub enum CandidateError {
     /// /proc or sock_diag failed.
     #[error(transparent)]
     Discover(#[from] DiscoverError),
+    /// The confused-deputy shape: the promoted process holds no listener itself, and a
+    /// descendant of another uid does (a pid file written by that uid could name any
+    /// process above its own).
+    #[error(
+        "pid {pid} (uid {uid}) holds no listener itself; pid {holder} of uid {holder_uid} does, and that uid is neither pid {pid}'s nor the service's user: promote the process that holds the listeners, or name that uid in the service's `user` setting (--user) if it is the service's"
+    )]
+    ForeignHolder {
+        /// The promoted pid.
+        pid: i32,
+        /// Its effective uid.
+        uid: u32,
+        /// The descendant holding a listener.
+        holder: i32,
+        /// That descendant's (first untrusted) uid.
+        holder_uid: u32,
+    },
 }
 
 impl CandidateError {
@@ -129,9 +145,10 @@ impl CandidateError {
             | CandidateError::TooMany { .. } => ErrorKind::WrongGroup,
             CandidateError::NotReuseport { .. } => ErrorKind::NotReuseport,
             CandidateError::Raced { .. } | CandidateError::GetFd { .. } => ErrorKind::Kernel,
-            CandidateError::Member(MemberError::Pidfd { .. }) | CandidateError::Discover(_) => {
-                ErrorKind::Internal
-            }
+            CandidateError::Member(MemberError::Excluded { .. })
+            | CandidateError::ForeignHolder { .. } => ErrorKind::NoListener,
+            CandidateError::Member(MemberError::Pidfd { .. } | MemberError::FdLimit { .. })
+            | CandidateError::Discover(_) => ErrorKind::Internal,
         }
     }
 }
@@ -157,6 +174,10 @@ pub struct Candidate {
     pub descendants: Vec<Member>,
     /// Its listeners, per service address (same order as the service's `listen`).
     pub listeners: Vec<Vec<TakenListener>>,
+    /// The uids whose processes in its tree are members (and may be signalled): the
+    /// service's `user`, and the leader's own when it holds a listener (or a descendant
+    /// of its uid does). Descendants holding one of its listeners are members too.
+    pub trusted: Vec<u32>,
 }
 
 /// What a candidate is checked against.
@@ -166,6 +187,8 @@ pub struct Target<'a> {
     pub listen: &'a [SocketAddr],
     /// The group each address is steered in, once known (after the first promote).
     pub groups: Vec<Option<GroupKey>>,
+    /// The service's configured `user`, if any.
+    pub user: Option<u32>,
 }
 
 /// Finds `pid`'s listeners in the target's groups and duplicates them.
@@ -174,13 +197,13 @@ pub fn take(
     target: &Target<'_>,
     procs: &mut impl discover::Processes,
 ) -> Result<Candidate, CandidateError> {
+    // Member::open refuses pid 1, handoffd and its ancestors, kernel threads, and other
+    // pid and network namespaces.
     let leader = Member::open(pid)?;
-    if discover::netns(pid)? != discover::netns(std::process::id() as i32)? {
-        return Err(CandidateError::OtherNetns { pid });
-    }
     let port = target.listen.first().map_or(0, |a| a.port());
     let tree = procs.tree(pid)?;
-    let held: Vec<_> = discover::listeners(port, &tree, procs)?
+    let (found, holding) = discover::held_listeners(port, &tree, pid, None, procs)?;
+    let held: Vec<_> = found
         .into_iter()
         .filter_map(|l| l.held_by.map(|at| (l.diag, at)))
         .collect();
@@ -214,7 +237,26 @@ pub fn take(
         by_group[i].push((key, diag.cookie, at));
     }
 
+    // Every holder opened (pinned) before anything is taken from it.
     let mut pidfds: HashMap<i32, Member> = HashMap::new();
+    for group in &by_group {
+        for (_, _, at) in group {
+            if at.pid == pid || pidfds.contains_key(&at.pid) {
+                continue;
+            }
+            let owner = Member::open(at.pid).map_err(|e| match e {
+                MemberError::NoSuchProcess { .. } => CandidateError::Raced {
+                    pid: at.pid,
+                    addr: target.listen[0],
+                },
+                e => CandidateError::Member(e),
+            })?;
+            pidfds.insert(at.pid, owner);
+        }
+    }
+    let leader_holds = holding.contains(&pid);
+    let trusted = trusted_uids(&leader, leader_holds, pidfds.values(), target.user)?;
+
     let mut listeners = Vec::with_capacity(by_group.len());
     for (i, group) in by_group.into_iter().enumerate() {
         let addr = target.listen[i];
@@ -233,13 +275,9 @@ pub fn take(
             let owner = if at.pid == pid {
                 &leader
             } else {
-                match pidfds.entry(at.pid) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                        Member::open(at.pid)
-                            .map_err(|_| CandidateError::Raced { pid: at.pid, addr })?,
-                    ),
-                }
+                pidfds
+                    .get(&at.pid)
+                    .ok_or(CandidateError::Raced { pid: at.pid, addr })?
             };
             let fd = duplicate(owner, at, cookie, addr)?;
             taken.push(TakenListener { key, cookie, fd });
@@ -247,16 +285,79 @@ pub fn take(
         listeners.push(taken);
     }
 
-    // The owners of listeners are open already; the other descendants are opened now.
-    let descendants = tree[1..]
-        .iter()
-        .filter_map(|p| pidfds.remove(p).or_else(|| Member::open(*p).ok()))
-        .collect();
+    // The owners of listeners are members already; the other descendants are members if
+    // their uids are trusted. Every one must be tracked: running out of descriptors
+    // refuses the promote rather than leaving members untracked.
+    let mut descendants = Vec::with_capacity(tree.len().saturating_sub(1));
+    for p in &tree[1..] {
+        if let Some(m) = pidfds.remove(p) {
+            descendants.push(m);
+            continue;
+        }
+        match Member::open(*p) {
+            // Holding a service listener ties it to the service, whatever its uid.
+            Ok(m) if (leader_holds && holding.contains(p)) || m.uids.within(&trusted) => {
+                descendants.push(m)
+            }
+            Ok(m) => {
+                tracing::info!(pid = m.pid, uids = ?m.uids, ?trusted, "a descendant of another uid holding no listener is not a member (never signalled)");
+            }
+            Err(e @ MemberError::FdLimit { .. }) => return Err(e.into()),
+            Err(MemberError::Excluded { pid, why }) => {
+                tracing::info!(pid, %why, "a descendant is not a member");
+            }
+            // Exited meanwhile.
+            Err(_) => {}
+        }
+    }
     Ok(Candidate {
         leader,
         descendants,
         listeners,
+        trusted,
     })
+}
+
+/// The uids a generation trusts (see [`Candidate::trusted`]), or the confused-deputy
+/// refusal: a leader holding no listener whose holders have uids that are neither its
+/// own nor the configured one.
+fn trusted_uids<'a>(
+    leader: &Member,
+    leader_holds: bool,
+    holders: impl Iterator<Item = &'a Member>,
+    user: Option<u32>,
+) -> Result<Vec<u32>, CandidateError> {
+    let mine = leader.uids.effective;
+    let mut trusted: Vec<u32> = user.into_iter().collect();
+    if leader_holds {
+        // nginx, gunicorn: the promoted process holds the listeners; its workers (of any
+        // uid) are members because they hold them too.
+        trusted.push(mine);
+        return Ok(trusted);
+    }
+    let with_mine = [trusted.as_slice(), &[mine]].concat();
+    let mut mine_holds = false;
+    for h in holders {
+        if !h.uids.within(&with_mine) {
+            let holder_uid = [h.uids.real, h.uids.effective, h.uids.saved]
+                .into_iter()
+                .find(|u| !with_mine.contains(u))
+                .unwrap_or(h.uids.effective);
+            return Err(CandidateError::ForeignHolder {
+                pid: leader.pid,
+                uid: mine,
+                holder: h.pid,
+                holder_uid,
+            });
+        }
+        mine_holds |= h.uids.within(&[mine]);
+    }
+    // Listeners only in descendants of the configured uid: the leader's own uid earns
+    // nothing (an unrelated child of its uid is no member).
+    if mine_holds {
+        trusted.push(mine);
+    }
+    Ok(trusted)
 }
 
 /// Duplicates the listener `at` (with `cookie`, on `addr`) of `owner` into the daemon,

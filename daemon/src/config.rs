@@ -57,6 +57,9 @@ pub enum ConfigError {
     /// Names end up in paths and metrics labels.
     #[error("service name {0:?} is not 1-64 characters of letters, digits, '-' or '_'")]
     Name(String),
+    /// Not a user of this host.
+    #[error("user {0:?} is neither a user name of this host nor a uid (0-4294967294)")]
+    User(String),
 }
 
 /// A signal, by number; parsed from a name (`SIGTERM`, `term`) or a number.
@@ -157,6 +160,8 @@ pub struct Overrides {
     pub drain_timeout: Option<Duration>,
     /// `--kill-after`.
     pub kill_after: Option<Duration>,
+    /// `--user`, resolved to a uid.
+    pub user: Option<u32>,
 }
 
 impl Overrides {
@@ -180,11 +185,11 @@ impl Overrides {
     ) -> Result<Vec<ServiceConfig>, ConfigError> {
         let Some(mut services) = file else {
             let name = self.service.as_deref().unwrap_or("default");
-            return Ok(vec![service(
-                name,
-                &self.listen,
-                self.drain(DrainSettings::default()),
-            )?]);
+            let made = service(name, &self.listen, self.drain(DrainSettings::default()))?;
+            return Ok(vec![ServiceConfig {
+                user: self.user,
+                ..made
+            }]);
         };
         if !self.any() {
             return Ok(services);
@@ -199,7 +204,11 @@ impl Overrides {
         } else {
             self.listen.clone()
         };
-        Ok(vec![service(&name, &listen, self.drain(base.drain))?])
+        let made = service(&name, &listen, self.drain(base.drain))?;
+        Ok(vec![ServiceConfig {
+            user: self.user.or(base.user),
+            ..made
+        }])
     }
 }
 
@@ -276,7 +285,26 @@ pub fn service(
         name: name.to_string(),
         listen: listen.to_vec(),
         drain,
+        user: None,
     })
+}
+
+/// Resolves a service's `user` (a name of this host's user database, or a uid) to a uid.
+pub fn resolve_user(s: &str) -> Result<u32, ConfigError> {
+    let bad = || ConfigError::User(s.to_string());
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        // (uid_t)-1 means "no change" to the kernel: never a process's uid.
+        return t
+            .parse::<u32>()
+            .ok()
+            .filter(|&u| u != u32::MAX)
+            .ok_or_else(bad);
+    }
+    match nix::unistd::User::from_name(t) {
+        Ok(Some(user)) => Ok(user.uid.as_raw()),
+        _ => Err(bad()),
+    }
 }
 
 #[cfg(test)]
@@ -371,6 +399,21 @@ mod tests {
             super::service("b", &addrs(&["[::1]:82"]), DrainSettings::default()).unwrap(),
         ];
         assert_eq!(over.apply(Some(two)), Err(ConfigError::Overrides(2)));
+    }
+
+    #[test]
+    fn users_are_names_or_uids() {
+        assert_eq!(resolve_user("root"), Ok(0));
+        assert_eq!(resolve_user("65534"), Ok(65534));
+        for bad in ["", "no-such-user-here", "4294967295", "99999999999", "-1"] {
+            assert!(resolve_user(bad).is_err(), "{bad:?} accepted");
+        }
+        let flags = Overrides {
+            listen: addrs(&["127.0.0.1:80"]),
+            user: Some(33),
+            ..Default::default()
+        };
+        assert_eq!(flags.apply(None).unwrap()[0].user, Some(33));
     }
 
     #[test]

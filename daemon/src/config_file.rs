@@ -14,6 +14,8 @@
 //! name = "web"                  # letters, digits, '-', '_'; 1-64 characters
 //! listen = ["0.0.0.0:8080", "[::]:8080"]   # every address of the service, one port
 //! drain_signal = "SIGQUIT"      # any of the four settings, for this service only
+//! user = "www-data"             # optional: the uid its processes run as, if not the
+//!                               # promoted process's own (a name or a number)
 //! ```
 //!
 //! Signals are names (`SIGQUIT`, `QUIT`, `quit`) or numbers 1-64 given as strings;
@@ -168,6 +170,7 @@ struct RawService {
     retire_signal: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
     kill_after: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
 }
 
 impl RawService {
@@ -276,7 +279,12 @@ impl Source<'_> {
                 service: raw.name.get_ref().clone(),
             });
         }
-        config::service(raw.name.get_ref(), &listen, drain).map_err(|reason| {
+        let user = raw
+            .user
+            .as_ref()
+            .map(|u| config::resolve_user(u.get_ref()).map_err(|reason| self.invalid(u, reason)))
+            .transpose()?;
+        let service = config::service(raw.name.get_ref(), &listen, drain).map_err(|reason| {
             let entries = raw.listen.get_ref();
             let entry = |i: Option<usize>| i.and_then(|i| entries.get(i)).map(Spanned::span);
             let span = match &reason {
@@ -300,7 +308,8 @@ impl Source<'_> {
                 at: self.span(span.unwrap_or_else(|| raw.listen.span())),
                 reason: Box::new(reason),
             }
-        })
+        })?;
+        Ok(ServiceConfig { user, ..service })
     }
 }
 
@@ -454,6 +463,7 @@ kill_after = "off"
                         drain_timeout: Duration::from_secs(90),
                         kill_after: Some(Duration::from_secs(30)),
                     },
+                    user: None,
                 },
                 ServiceConfig {
                     name: "api_2".into(),
@@ -464,9 +474,22 @@ kill_after = "off"
                         drain_timeout: Duration::from_millis(500),
                         kill_after: None,
                     },
+                    user: None,
                 },
             ]
         );
+    }
+
+    #[test]
+    fn a_service_may_name_its_user() {
+        let base = "[[service]]\nname = \"web\"\nlisten = [\"[::1]:80\"]\n";
+        let by_name = parse(&format!("{base}user = \"root\"\n")).unwrap();
+        assert_eq!(by_name[0].user, Some(0));
+        let by_uid = parse(&format!("{base}user = \"65534\"\n")).unwrap();
+        assert_eq!(by_uid[0].user, Some(65534));
+        let (line, message) = line_of(&format!("{base}user = \"no-such-user-here\"\n"));
+        assert_eq!(line, 4, "{message}");
+        assert!(message.contains("no-such-user-here"), "{message}");
     }
 
     #[test]

@@ -60,6 +60,23 @@ pub trait Processes {
         port: u16,
         pids: &[i32],
     ) -> Result<HashMap<u64, FdRef>, DiscoverError>;
+
+    /// Every (socket inode, fd) of `pids`: at least every TCP listener on `port`, with
+    /// each process that holds one (a listener shared by a master and its workers is
+    /// listed once per holder).
+    fn socket_holders(
+        &mut self,
+        port: u16,
+        pids: &[i32],
+    ) -> Result<Vec<(u64, FdRef)>, DiscoverError> {
+        let mut out = Vec::new();
+        for &pid in pids {
+            for (inode, at) in self.listener_fds(port, &[pid])? {
+                out.push((inode, at));
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Read from /proc: a process tree is a read of every /proc/PID/stat, a process's fds a
@@ -227,6 +244,43 @@ pub fn new_listeners(
             diag,
         })
         .collect())
+}
+
+/// TCP LISTEN sockets on `port` (only those with a cookie in `only`, if given), each
+/// marked with the fd of `pids` that holds it (`prefer`'s own when it holds it), and the
+/// set of `pids` holding at least one of them.
+pub fn held_listeners(
+    port: u16,
+    pids: &[i32],
+    prefer: i32,
+    only: Option<&HashSet<u64>>,
+    procs: &mut impl Processes,
+) -> Result<(Vec<Listener>, HashSet<i32>), DiscoverError> {
+    let dump: Vec<DiagSocket> = diag::dump_tcp(StateFlags::LISTEN, port)?
+        .into_iter()
+        .filter(|d| only.is_none_or(|o| o.contains(&d.cookie)))
+        .collect();
+    let inodes: HashSet<u64> = dump.iter().map(|d| u64::from(d.inode)).collect();
+    let mut by_inode: HashMap<u64, FdRef> = HashMap::new();
+    let mut holders = HashSet::new();
+    for (inode, at) in procs.socket_holders(port, pids)? {
+        if !inodes.contains(&inode) {
+            continue;
+        }
+        holders.insert(at.pid);
+        let slot = by_inode.entry(inode).or_insert(at);
+        if at.pid == prefer {
+            *slot = at;
+        }
+    }
+    let listeners = dump
+        .into_iter()
+        .map(|diag| Listener {
+            held_by: by_inode.get(&u64::from(diag.inode)).copied(),
+            diag,
+        })
+        .collect();
+    Ok((listeners, holders))
 }
 
 /// Established (and closing) connections on `port` held by `pids`, plus connections

@@ -48,3 +48,9 @@ mod sys;
 pub fn compact_malloc() {
     sys::compact_malloc();
 }
+
+/// Raises the soft open-file limit to the hard one (a pidfd per member, sockets of every
+/// generation); returns (soft limit before, soft limit now).
+pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    sys::raise_nofile_limit()
+}

@@ -1,12 +1,45 @@
 //! Processes of a generation, held as pidfds so that a recycled pid is never mistaken
-//! for a member.
+//! for a member, and the rule of who may be one at all.
+//!
+//! Never a member, whatever asks: pid 1, handoffd itself or any of its ancestors, kernel
+//! threads, processes this daemon's /proc cannot name (another pid namespace), and
+//! processes in another network namespace. Every fact is read after the pidfd is open
+//! and checked against the start time, so it belongs to the pinned process.
 
+use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, OnceLock};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::discover::{self, Stat};
+use crate::discover;
 use crate::sys;
+
+/// `PF_KTHREAD` in /proc/PID/stat's flags: a kernel thread.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// How far up the parent chain handoffd's ancestors are looked for.
+const MAX_ANCESTORS: usize = 64;
+
+/// A process's real, effective and saved uids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uids {
+    /// Real uid.
+    pub real: u32,
+    /// Effective uid.
+    pub effective: u32,
+    /// Saved set-user-id.
+    pub saved: u32,
+}
+
+impl Uids {
+    /// Whether every one of the three is in `trusted`.
+    pub fn within(&self, trusted: &[u32]) -> bool {
+        [self.real, self.effective, self.saved]
+            .iter()
+            .all(|u| trusted.contains(u))
+    }
+}
 
 /// One process of a generation.
 #[derive(Debug)]
@@ -15,8 +48,45 @@ pub struct Member {
     pub pid: i32,
     /// Its start time (clock ticks after boot), which with the pid names it for good.
     pub start_time: u64,
-    /// A pidfd on it: readable once it has exited.
-    pidfd: OwnedFd,
+    /// Its uids when it became a member.
+    pub uids: Uids,
+    /// Its parent pid when it was opened.
+    pub ppid: i32,
+    /// A pidfd on it: readable once it has exited. Shared with the supervisor, which
+    /// waits on this same descriptor (one fd per member, not two).
+    pidfd: Arc<OwnedFd>,
+}
+
+/// Why a process may never be a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Excluded {
+    /// pid 1.
+    Init,
+    /// handoffd itself.
+    Daemon,
+    /// An ancestor of handoffd (the shell or service manager that started it).
+    Ancestor,
+    /// A kernel thread.
+    KernelThread,
+    /// Its pidfd names no pid in this daemon's pid namespace.
+    OtherPidNamespace,
+    /// It lives in another network namespace.
+    OtherNetns,
+}
+
+impl std::fmt::Display for Excluded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Excluded::Init => "it is init (pid 1)",
+            Excluded::Daemon => "it is handoffd itself",
+            Excluded::Ancestor => "it is an ancestor of handoffd (the process that started it)",
+            Excluded::KernelThread => "it is a kernel thread",
+            Excluded::OtherPidNamespace => "it is not visible in handoffd's pid namespace",
+            Excluded::OtherNetns => {
+                "it is in another network namespace: handoffd steers only listeners of its own"
+            }
+        })
+    }
 }
 
 /// Why a process could not be taken as a member.
@@ -28,8 +98,27 @@ pub enum MemberError {
         /// The pid asked for.
         pid: i32,
     },
-    /// pidfd_open failed otherwise.
-    #[error("pidfd_open({pid}) failed")]
+    /// The rule excludes it.
+    #[error("pid {pid} can never be part of a generation: {why}")]
+    Excluded {
+        /// The pid.
+        pid: i32,
+        /// Which part of the rule.
+        why: Excluded,
+    },
+    /// The daemon is out of file descriptors: the process may well be alive.
+    #[error(
+        "out of file descriptors while opening pid {pid}: raise handoffd's LimitNOFILE (RLIMIT_NOFILE)"
+    )]
+    FdLimit {
+        /// The pid.
+        pid: i32,
+        /// The OS error (EMFILE or ENFILE).
+        #[source]
+        source: std::io::Error,
+    },
+    /// pidfd_open or /proc failed otherwise.
+    #[error("pidfd_open({pid}) or reading its /proc entry failed")]
     Pidfd {
         /// The pid.
         pid: i32,
@@ -39,24 +128,165 @@ pub enum MemberError {
     },
 }
 
+/// Whether `e` says the daemon ran out of descriptors (not that the process is gone).
+pub fn is_fd_limit(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// What /proc says of a process, read after its pidfd was opened.
+#[derive(Debug, Clone, Copy)]
+struct Facts {
+    ppid: i32,
+    start_time: u64,
+    zombie: bool,
+    kthread: bool,
+    uids: Uids,
+}
+
+fn read_facts(pid: i32) -> Result<Facts, MemberError> {
+    let map = |source: std::io::Error| {
+        if is_fd_limit(&source) {
+            MemberError::FdLimit { pid, source }
+        } else if matches!(
+            source.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
+        ) || source.raw_os_error() == Some(libc::ESRCH)
+        {
+            MemberError::NoSuchProcess { pid }
+        } else {
+            MemberError::Pidfd { pid, source }
+        }
+    };
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(map)?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(map)?;
+    let gone = || MemberError::NoSuchProcess { pid };
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .ok_or_else(gone)?
+        .1
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| fields.get(i).copied().ok_or_else(gone);
+    let flags: u64 = field(6)?.parse().map_err(|_| gone())?;
+    let uid_line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .ok_or_else(gone)?;
+    let uids: Vec<u32> = uid_line
+        .split_whitespace()
+        .filter_map(|u| u.parse().ok())
+        .collect();
+    let [real, effective, saved, ..] = uids[..] else {
+        return Err(gone());
+    };
+    Ok(Facts {
+        zombie: field(0)?.starts_with('Z'),
+        ppid: field(1)?.parse().map_err(|_| gone())?,
+        start_time: field(19)?.parse().map_err(|_| gone())?,
+        kthread: flags & PF_KTHREAD != 0,
+        uids: Uids {
+            real,
+            effective,
+            saved,
+        },
+    })
+}
+
+/// handoffd's pid, its ancestors' pids, and its network namespace, read once (they do
+/// not change while it runs; a reparented ancestor is still refused through the pid).
+struct SelfView {
+    me: i32,
+    ancestors: Vec<i32>,
+    netns: Option<u64>,
+}
+
+fn self_view() -> &'static SelfView {
+    static VIEW: OnceLock<SelfView> = OnceLock::new();
+    VIEW.get_or_init(|| {
+        let me = std::process::id() as i32;
+        let mut ancestors = Vec::new();
+        let mut at = me;
+        while ancestors.len() < MAX_ANCESTORS {
+            match discover::read_stat(at) {
+                Some(s) if s.ppid > 0 => {
+                    ancestors.push(s.ppid);
+                    at = s.ppid;
+                }
+                _ => break,
+            }
+        }
+        SelfView {
+            me,
+            ancestors,
+            netns: discover::netns(me).ok(),
+        }
+    })
+}
+
+/// The pid the pidfd names in this daemon's /proc (`Pid:` of its fdinfo; -1 or missing
+/// when the process is not visible in this pid namespace).
+fn pidfd_pid(pidfd: &OwnedFd) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// Checks the rule against the process `pid` (pinned by `pidfd`) with `facts`.
+fn check_rule(pid: i32, pidfd: &OwnedFd, facts: &Facts) -> Result<(), MemberError> {
+    let view = self_view();
+    let why = if pid == 1 {
+        Some(Excluded::Init)
+    } else if pid == view.me {
+        Some(Excluded::Daemon)
+    } else if view.ancestors.contains(&pid) {
+        Some(Excluded::Ancestor)
+    } else if facts.kthread || pid == 2 || facts.ppid == 2 {
+        Some(Excluded::KernelThread)
+    } else if pidfd_pid(pidfd) != Some(pid) {
+        Some(Excluded::OtherPidNamespace)
+    } else {
+        match (view.netns, discover::netns(pid)) {
+            (Some(ours), Ok(theirs)) if ours != theirs => Some(Excluded::OtherNetns),
+            (_, Err(discover::DiscoverError::Proc { source, .. })) if is_fd_limit(&source) => {
+                return Err(MemberError::FdLimit { pid, source });
+            }
+            // Unreadable: it cannot be shown to share ours.
+            (None, _) | (_, Err(_)) => Some(Excluded::OtherNetns),
+            _ => None,
+        }
+    };
+    match why {
+        Some(why) => Err(MemberError::Excluded { pid, why }),
+        None => Ok(()),
+    }
+}
+
 impl Member {
-    /// Opens a pidfd on `pid`, then reads its start time (in that order: the pidfd pins the
-    /// process, so the start time read after it belongs to the same process).
+    /// Opens a pidfd on `pid`, then reads its start time, parent and uids (in that order:
+    /// the pidfd pins the process, so what is read after it belongs to the same process),
+    /// and checks the rule of who may be a member.
     pub fn open(pid: i32) -> Result<Self, MemberError> {
         if pid <= 0 {
             return Err(MemberError::NoSuchProcess { pid });
         }
         let pidfd = sys::pidfd_open(pid).map_err(|source| match source.raw_os_error() {
             Some(libc::ESRCH) | Some(libc::EINVAL) => MemberError::NoSuchProcess { pid },
+            Some(libc::EMFILE) | Some(libc::ENFILE) => MemberError::FdLimit { pid, source },
             _ => MemberError::Pidfd { pid, source },
         })?;
-        let stat = discover::read_stat(pid).ok_or(MemberError::NoSuchProcess { pid })?;
+        let facts = read_facts(pid)?;
+        check_rule(pid, &pidfd, &facts)?;
         let member = Self {
             pid,
-            start_time: stat.start_time,
-            pidfd,
+            start_time: facts.start_time,
+            uids: facts.uids,
+            ppid: facts.ppid,
+            pidfd: Arc::new(pidfd),
         };
-        if stat.state == 'Z' || !member.alive() {
+        if facts.zombie || !member.alive() {
             return Err(MemberError::NoSuchProcess { pid });
         }
         Ok(member)
@@ -70,8 +300,31 @@ impl Member {
             Ok(0) => true,
             Ok(_) => false,
             Err(_) => {
-                matches!(discover::read_stat(self.pid), Some(Stat { start_time, state, .. }) if start_time == self.start_time && state != 'Z')
+                matches!(discover::read_stat(self.pid), Some(s) if s.start_time == self.start_time && s.state != 'Z')
             }
+        }
+    }
+
+    /// Whether it may be signalled now: alive, still the process that was opened (same
+    /// start time, read while the pidfd pins it), still outside what the rule excludes,
+    /// and its uids either all in `trusted` or unchanged since it became a member (a
+    /// member that has since run a set-user-id program is left alone).
+    pub fn may_signal(&self, trusted: &[u32]) -> Result<(), String> {
+        if !self.alive() {
+            return Err("it has exited".into());
+        }
+        let facts = read_facts(self.pid).map_err(|e| e.to_string())?;
+        if facts.start_time != self.start_time || facts.zombie {
+            return Err("it has exited (its pid names another process now)".into());
+        }
+        check_rule(self.pid, &self.pidfd, &facts).map_err(|e| e.to_string())?;
+        if facts.uids.within(trusted) || facts.uids == self.uids {
+            Ok(())
+        } else {
+            Err(format!(
+                "its uids changed to {:?} since it became a member, none of the generation's ({trusted:?})",
+                facts.uids
+            ))
         }
     }
 
@@ -83,5 +336,74 @@ impl Member {
     /// The pidfd, for fd duplication and signals.
     pub fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.pidfd.as_fd()
+    }
+
+    /// The same pidfd, shared (for the supervisor, which waits for the exit on it).
+    pub fn shared_pidfd(&self) -> Arc<OwnedFd> {
+        Arc::clone(&self.pidfd)
+    }
+}
+
+/// Whether `pid`'s parent chain reaches `ancestor` (with `start_time`) within `depth`
+/// steps, each step read while `pid` is pinned by an open pidfd of the caller.
+pub fn descends_from(pid: i32, ancestor: &Member, depth: usize) -> bool {
+    let mut at = pid;
+    for _ in 0..depth {
+        let Some(stat) = discover::read_stat(at) else {
+            return false;
+        };
+        if stat.ppid == ancestor.pid {
+            // The ancestor's pidfd is open and it is alive: its pid is not reused.
+            return ancestor.alive()
+                && discover::read_stat(ancestor.pid)
+                    .is_some_and(|s| s.start_time == ancestor.start_time);
+        }
+        if stat.ppid <= 1 {
+            return false;
+        }
+        at = stat.ppid;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule_refuses_init_self_ancestors_and_kernel_threads() {
+        let me = std::process::id() as i32;
+        let parent = nix::unistd::getppid().as_raw();
+        for (pid, why) in [
+            (1, Excluded::Init),
+            (me, Excluded::Daemon),
+            (parent, Excluded::Ancestor),
+            (2, Excluded::KernelThread),
+        ] {
+            match Member::open(pid) {
+                Err(MemberError::Excluded { why: got, .. }) => assert_eq!(got, why, "pid {pid}"),
+                other => panic!("pid {pid}: {other:?}"),
+            }
+        }
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let m = Member::open(child.id() as i32);
+        let _ = child.kill();
+        let _ = child.wait();
+        let m = m.expect("a child of ours is a possible member");
+        assert_eq!(m.ppid, me);
+    }
+
+    #[test]
+    fn uids_within_needs_all_three() {
+        let u = Uids {
+            real: 33,
+            effective: 0,
+            saved: 0,
+        };
+        assert!(!u.within(&[33]));
+        assert!(u.within(&[33, 0]));
     }
 }

@@ -32,7 +32,7 @@ async fn with_daemon<T: Send + 'static>(
 pub async fn supervise(
     daemon: Arc<Mutex<Daemon>>,
     events: RingBuf<MapData>,
-    mut watch: UnboundedReceiver<OwnedFd>,
+    mut watch: UnboundedReceiver<Arc<OwnedFd>>,
 ) -> std::io::Result<()> {
     let mut events = sys::async_ringbuf(events)?;
     let mut exits = JoinSet::new();
@@ -64,8 +64,9 @@ pub async fn supervise(
             fd = watch.recv() => match fd {
                 Some(fd) => {
                     exits.spawn(async move {
-                        // A pidfd polls readable once its process has exited.
-                        if let Ok(fd) = sys::async_pidfd(fd) {
+                        // A pidfd polls readable once its process has exited. The member's
+                        // own pidfd, shared: one descriptor per member.
+                        if let Ok(fd) = sys::async_shared_pidfd(fd) {
                             let _ = fd.readable().await;
                         }
                     });

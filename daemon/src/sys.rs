@@ -224,16 +224,6 @@ impl Drop for MappedIndex {
     }
 }
 
-/// Registers a pidfd with the tokio reactor, to wait for its process's exit.
-pub fn async_pidfd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    // SAFETY: the `OwnedFd` owns a valid open descriptor and is moved into the AsyncFd,
-    // so nothing else can close or replace it while registered; `as_raw_fd` always
-    // returns that descriptor.
-    Ok(unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    }?)
-}
-
 /// Registers the drain ring buffer with the tokio reactor.
 pub fn async_ringbuf(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
@@ -339,4 +329,42 @@ pub fn iter_task_of(prog: BorrowedFd<'_>, pid: u32) -> io::Result<OwnedFd> {
 pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own heap under its lock; no pointer is passed.
     unsafe { libc::malloc_trim(0) };
+}
+
+/// Registers a member's pidfd, shared with its [`crate::members::Member`], with the tokio
+/// reactor to wait for its process's exit: no duplicate descriptor per member.
+pub fn async_shared_pidfd(
+    fd: std::sync::Arc<OwnedFd>,
+) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>> {
+    // SAFETY: the Arc keeps the descriptor open for as long as the AsyncFd holds it (the
+    // member may drop its own reference first), nothing closes an `OwnedFd` behind its
+    // owners, and `as_raw_fd` always returns that descriptor.
+    Ok(unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }?)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns (soft before, soft now).
+/// A root daemon holding a pidfd per member and sockets of every generation needs more
+/// than the usual soft limit of 1024 (raising the soft limit up to the hard one needs no
+/// privilege).
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur >= lim.rlim_max {
+        return Ok((before, before));
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit read just above, with soft == hard.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((before, lim.rlim_cur))
 }

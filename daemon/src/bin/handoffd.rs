@@ -50,6 +50,11 @@ struct Args {
     /// SIGKILL every member still alive this long after the retire signal [default: never].
     #[arg(long, value_name = "DUR", value_parser = config::parse_duration)]
     kill_after: Option<Duration>,
+    /// The uid the service's processes run as when it is not the promoted process's own
+    /// (a name or a number): descendants of that uid are members, and may be the ones
+    /// holding the listeners. Like `user` in a service's table of --config.
+    #[arg(long, value_name = "NAME|UID", value_parser = config::resolve_user)]
+    user: Option<u32>,
     /// Where to serve Prometheus metrics (`/metrics`), or `off`.
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9464")]
     metrics_addr: metrics::MetricsAddr,
@@ -90,8 +95,13 @@ fn main() -> anyhow::Result<()> {
         retire_signal: args.retire_signal,
         drain_timeout: args.drain_timeout,
         kill_after: args.kill_after,
+        user: args.user,
     };
     let services = load_services(args.config.as_deref(), &overrides)?;
+    match handoff::raise_nofile_limit() {
+        Ok((before, now)) => tracing::info!(before, now, "open file limit (RLIMIT_NOFILE)"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
     let _lock = control::lock_state_dir(&paths)?;
     pins::ensure_bpffs()?;
     let state_file = state::file(&paths.state_dir);

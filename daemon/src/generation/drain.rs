@@ -1,7 +1,7 @@
 //! Draining: count a generation's connections in the kernel, retire it at zero, and
 //! enforce the drain timeout and kill-after.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +24,7 @@ pub struct Ctx {
     /// The tag pass, the counts and the events.
     pub program: DrainProgram,
     /// Where a new member's pidfd goes to be watched (none in tests without a runtime).
-    watch: Option<UnboundedSender<OwnedFd>>,
+    watch: Option<UnboundedSender<Arc<OwnedFd>>>,
     /// The tag of the next drain; never 0 (0 means "not counted" in socket storage).
     next_tag: u32,
     /// Wakes the supervisor to look at deadlines again (one was brought forward).
@@ -35,7 +35,7 @@ pub struct Ctx {
 
 impl Ctx {
     /// A context over `program`, sending members' pidfds to `watch`.
-    pub fn new(program: DrainProgram, watch: Option<UnboundedSender<OwnedFd>>) -> Self {
+    pub fn new(program: DrainProgram, watch: Option<UnboundedSender<Arc<OwnedFd>>>) -> Self {
         Self {
             program,
             watch,
@@ -57,10 +57,11 @@ impl Ctx {
         Arc::clone(&self.wake)
     }
 
-    /// Has `member`'s exit watched.
+    /// Has `member`'s exit watched, on its own pidfd (shared, not duplicated: one
+    /// descriptor per member).
     pub fn watch(&self, member: &Member) {
-        if let (Some(tx), Ok(fd)) = (&self.watch, member.pidfd().try_clone_to_owned()) {
-            let _ = tx.send(fd);
+        if let Some(tx) = &self.watch {
+            let _ = tx.send(member.shared_pidfd());
         }
     }
 }
@@ -92,6 +93,24 @@ impl discover::Processes for Ctx {
             Err(e) => {
                 tracing::warn!(error = %e, "the listener iterator failed; reading /proc");
                 discover::ProcFs.listener_fds(port, pids)
+            }
+        }
+    }
+
+    /// From the listener iterator: one run over every process, every holder listed.
+    fn socket_holders(
+        &mut self,
+        port: u16,
+        pids: &[i32],
+    ) -> Result<Vec<(u64, discover::FdRef)>, discover::DiscoverError> {
+        match self.program.listeners(port, pids) {
+            Ok(found) => Ok(found
+                .into_iter()
+                .map(|(pid, fd, inode)| (inode, discover::FdRef { pid, fd }))
+                .collect()),
+            Err(e) => {
+                tracing::warn!(error = %e, "the listener iterator failed; reading /proc");
+                discover::ProcFs.socket_holders(port, pids)
             }
         }
     }
@@ -277,8 +296,11 @@ impl Service {
         }
     }
 
-    /// Adds processes forked since the promote to the generation's members.
+    /// Adds processes forked since the promote to the generation's members: those of a
+    /// trusted uid, and those holding one of its listeners. Others (a set-user-id helper a
+    /// worker ran, say) are not members and are never signalled.
     pub(super) fn adopt_descendants(&mut self, index: usize, ctx: &mut Ctx) {
+        let port = self.port();
         let g = &mut self.generations[index];
         if !g.leader.alive() {
             return;
@@ -286,13 +308,42 @@ impl Service {
         let Ok(tree) = ctx.tree(g.leader.pid) else {
             return;
         };
+        let mut others = Vec::new();
         for pid in tree {
             if g.members().any(|m| m.pid == pid) {
                 continue;
             }
-            if let Ok(m) = Member::open(pid) {
+            match Member::open(pid) {
+                Ok(m) if m.uids.within(&g.trusted) => {
+                    ctx.watch(&m);
+                    g.descendants.push(m);
+                }
+                Ok(m) => others.push(m),
+                Err(e @ crate::members::MemberError::FdLimit { .. }) => {
+                    tracing::error!(service = %self.config.name, generation = g.id, error = %e, "a new process of the generation cannot be tracked");
+                }
+                Err(_) => {}
+            }
+        }
+        if others.is_empty() {
+            return;
+        }
+        let cookies: HashSet<u64> = g.cookies().collect();
+        let pids: Vec<i32> = others.iter().map(|m| m.pid).collect();
+        let holders = match discover::held_listeners(port, &pids, 0, Some(&cookies), ctx) {
+            Ok((_, holders)) => holders,
+            Err(e) => {
+                tracing::warn!(service = %self.config.name, error = %e, "reading new processes' listeners failed");
+                HashSet::new()
+            }
+        };
+        let g = &mut self.generations[index];
+        for m in others {
+            if holders.contains(&m.pid) {
                 ctx.watch(&m);
                 g.descendants.push(m);
+            } else {
+                tracing::debug!(service = %self.config.name, generation = g.id, pid = m.pid, uids = ?m.uids, "a descendant of another uid holding none of the generation's listeners is not a member");
             }
         }
     }
@@ -387,6 +438,7 @@ impl Service {
 }
 
 /// Signals the leader (or, with `leader_only` false or the leader gone, every live member).
+/// Each target is checked again just before its signal (see [`Member::may_signal`]).
 fn signal(service: &str, g: &Generation, sig: Sig, why: &str, leader_only: bool) {
     let targets: Vec<&Member> = if leader_only && g.leader.alive() {
         vec![&g.leader]
@@ -394,6 +446,10 @@ fn signal(service: &str, g: &Generation, sig: Sig, why: &str, leader_only: bool)
         g.members().filter(|m| m.alive()).collect()
     };
     for m in targets {
+        if let Err(reason) = m.may_signal(&g.trusted) {
+            tracing::warn!(service, generation = g.id, pid = m.pid, signal = %sig, why, reason, "signal not sent");
+            continue;
+        }
         match m.signal(sig.0) {
             Ok(()) => {
                 tracing::info!(service, generation = g.id, pid = m.pid, signal = %sig, why, "signal sent")

@@ -86,12 +86,32 @@ impl Service {
             };
             at = stat.ppid;
         }
+        let mut adopted = Vec::with_capacity(chain.len());
         for p in chain {
-            // One that exited meanwhile has no listener to give.
-            if let Ok(m) = Member::open(p) {
-                ctx.watch(&m);
-                g.descendants.push(m);
+            match Member::open(p) {
+                // Only processes of the generation's uids join by binding: one of another
+                // uid (or one the rule excludes) is never a member, and its listener
+                // never joins.
+                Ok(m) if m.uids.within(&g.trusted) => adopted.push(m),
+                Ok(m) => {
+                    tracing::info!(service = %self.config.name, generation = g.id, pid = p, uids = ?m.uids, trusted = ?g.trusted, "a process of another uid bound the port: not a member");
+                    return false;
+                }
+                Err(e @ crate::members::MemberError::FdLimit { .. }) => {
+                    tracing::error!(service = %self.config.name, generation = g.id, error = %e, "a process of the generation cannot be tracked");
+                    return false;
+                }
+                Err(e @ crate::members::MemberError::Excluded { .. }) => {
+                    tracing::info!(service = %self.config.name, generation = g.id, error = %e, "not a member");
+                    return false;
+                }
+                // One that exited meanwhile has no listener to give.
+                Err(_) => {}
             }
+        }
+        for m in adopted {
+            ctx.watch(&m);
+            g.descendants.push(m);
         }
         true
     }

@@ -34,6 +34,9 @@ pub struct ServiceConfig {
     pub listen: Vec<SocketAddr>,
     /// Signals and deadlines of its drains.
     pub drain: DrainSettings,
+    /// The uid its processes run as when it is not the promoted process's own (`user`):
+    /// descendants of that uid are members, and may hold the listeners.
+    pub user: Option<u32>,
 }
 
 /// One of the service's groups: a listen address and the program steering it.
@@ -73,6 +76,9 @@ struct Generation {
     blocks: Vec<Block>,
     /// Set while it drains (and after, until it is retired).
     drain: Option<DrainState>,
+    /// Uids whose processes in the leader's tree are members (see
+    /// [`crate::candidate::Candidate::trusted`]).
+    trusted: Vec<u32>,
 }
 
 impl Generation {
@@ -170,6 +176,9 @@ impl Service {
     /// slots and counts out of the kernel's maps.
     pub fn reap(&mut self, ctx: &mut Ctx) {
         for g in &mut self.generations {
+            // An exited descendant's pidfd is closed now (the leader's stays: it names
+            // the generation until it retires).
+            g.descendants.retain(Member::alive);
             if g.state == GenerationState::Retired || g.members().any(Member::alive) {
                 continue;
             }

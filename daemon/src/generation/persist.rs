@@ -1,12 +1,16 @@
 //! A service to and from the state file: how a restarted daemon takes up the generations
 //! the previous one steered.
 
+use std::collections::HashSet;
+
+use handoff_common::maps::{BLOCKS, GEN_SLOTS};
 use handoff_common::proto::GenerationState;
 
 use super::drain::{Ctx, DrainState, RetireReason};
 use super::{Block, Generation, Group, Service, ServiceConfig};
+use crate::discover;
 use crate::loader::GroupProgram;
-use crate::members::Member;
+use crate::members::{self, Member};
 use crate::pins;
 use crate::state::{
     SavedBlock, SavedDrain, SavedGeneration, SavedMember, SavedService, from_wall, to_wall,
@@ -19,12 +23,21 @@ fn saved(m: &Member) -> SavedMember {
     }
 }
 
-/// The process a saved member names, if it still runs (same pid and start time).
-fn reopen(m: &SavedMember) -> Option<Member> {
-    Member::open(m.pid)
-        .ok()
-        .filter(|live| live.start_time == m.start_time)
+/// The process a saved member names, if it still runs (same pid and start time) and the
+/// rule allows it as a member at all.
+fn reopen(service: &str, m: &SavedMember) -> Option<Member> {
+    match Member::open(m.pid) {
+        Ok(live) if live.start_time == m.start_time => Some(live),
+        Ok(_) | Err(members::MemberError::NoSuchProcess { .. }) => None,
+        Err(e) => {
+            tracing::warn!(service, pid = m.pid, error = %e, "a member named by the state file is dropped; it is never signalled");
+            None
+        }
+    }
 }
+
+/// How far below the leader a saved member may be.
+const MAX_DEPTH: usize = 64;
 
 impl DrainState {
     fn save(&self) -> SavedDrain {
@@ -39,6 +52,27 @@ impl DrainState {
 }
 
 impl Service {
+    /// The cookies in the kernel's maps at the slots of `blocks` (what the state file
+    /// says is checked against the pinned maps; a block outside them counts nothing).
+    fn pinned_cookies(&self, blocks: &[SavedBlock]) -> HashSet<u64> {
+        let mut out = HashSet::new();
+        for (block, group) in blocks.iter().zip(&self.groups) {
+            let Some(program) = &group.program else {
+                continue;
+            };
+            if block.index >= BLOCKS {
+                continue;
+            }
+            let first = block.index * GEN_SLOTS;
+            for k in 0..GEN_SLOTS {
+                if let Ok(Some(cookie)) = program.cookie_at(first + k) {
+                    out.insert(cookie);
+                }
+            }
+        }
+        out
+    }
+
     /// What the state file keeps of this service: everything but retired generations.
     pub fn save(&self) -> SavedService {
         SavedService {
@@ -98,12 +132,56 @@ impl Service {
         {
             return service;
         }
+        let name = service.config.name.clone();
+        let port = service.port();
         for g in saved.generations {
-            let Some(leader) = reopen(&g.leader) else {
+            let Some(leader) = reopen(&name, &g.leader) else {
                 tracing::info!(service = %service.config.name, generation = g.id, pid = g.leader.pid, "generation ended while the daemon was away");
                 continue;
             };
-            let descendants: Vec<Member> = g.descendants.iter().filter_map(reopen).collect();
+            let saved_descendants: Vec<Member> = g
+                .descendants
+                .iter()
+                .filter_map(|m| reopen(&name, m))
+                .collect();
+            // The state file is not trusted to say who the members are: each is tied to
+            // the generation's sockets in the kernel, or to the verified leader's tree.
+            let pinned = service.pinned_cookies(&g.blocks);
+            let pids: Vec<i32> = std::iter::once(leader.pid)
+                .chain(saved_descendants.iter().map(|m| m.pid))
+                .collect();
+            let holders = if pinned.is_empty() {
+                HashSet::new()
+            } else {
+                match discover::held_listeners(port, &pids, 0, Some(&pinned), ctx) {
+                    Ok((_, holders)) => holders,
+                    Err(e) => {
+                        tracing::warn!(service = %name, error = %e, "reading the saved members' listeners failed");
+                        HashSet::new()
+                    }
+                }
+            };
+            if !holders.contains(&leader.pid) {
+                tracing::warn!(service = %name, generation = g.id, pid = leader.pid, "the state file names a leader that holds none of the generation's pinned sockets: generation dropped, its processes are never signalled");
+                continue;
+            }
+            let trusted: Vec<u32> = service
+                .config
+                .user
+                .into_iter()
+                .chain([leader.uids.effective])
+                .collect();
+            let mut descendants = Vec::with_capacity(saved_descendants.len());
+            for m in saved_descendants {
+                let tied = holders.contains(&m.pid)
+                    || (m.uids.within(&trusted)
+                        && members::descends_from(m.pid, &leader, MAX_DEPTH));
+                if tied {
+                    descendants.push(m);
+                } else {
+                    tracing::warn!(service = %name, generation = g.id, pid = m.pid, "the state file names a member tied neither to the generation's pinned sockets nor to its leader's tree: dropped, never signalled");
+                }
+            }
             for m in std::iter::once(&leader).chain(&descendants) {
                 ctx.watch(m);
             }
@@ -121,6 +199,7 @@ impl Service {
                     })
                     .collect(),
                 drain: None,
+                trusted,
             });
             if let Some(d) = g.drain {
                 let index = service.generations.len() - 1;

@@ -126,6 +126,7 @@ impl Service {
         let target = Target {
             listen: &self.config.listen,
             groups: self.groups.iter().map(|g| g.key).collect(),
+            user: self.config.user,
         };
         let candidate = candidate::take(pid, &target, ctx)?;
         self.check_not_shared(&candidate)?;
@@ -146,6 +147,7 @@ impl Service {
         let Candidate {
             leader,
             descendants,
+            trusted,
             ..
         } = candidate;
         for m in std::iter::once(&leader).chain(&descendants) {
@@ -158,6 +160,7 @@ impl Service {
             descendants,
             blocks,
             drain: None,
+            trusted,
         });
         self.demote_active(self.generations.len() - 1, ctx);
         // Discovery, map writes, flip, probe and drain signal; not the state write.
