@@ -371,6 +371,12 @@ pub fn duplicate(
     let fd =
         sys::pidfd_getfd(owner.pidfd(), at.fd).map_err(|source| match source.raw_os_error() {
             Some(libc::EBADF) | Some(libc::ESRCH) => CandidateError::Raced { pid: at.pid, addr },
+            Some(libc::EMFILE) | Some(libc::ENFILE) => {
+                CandidateError::Member(MemberError::FdLimit {
+                    pid: at.pid,
+                    source,
+                })
+            }
             _ => CandidateError::GetFd {
                 pid: at.pid,
                 fd: at.fd,

@@ -108,12 +108,38 @@ pub fn process_tree(pid: i32) -> Result<Vec<i32>, DiscoverError> {
         path: "/proc".into(),
         source,
     })?;
-    let parents = dir.flatten().filter_map(|entry| {
-        let child = entry.file_name().to_str()?.parse::<i32>().ok()?;
-        // A process may exit between readdir and read: skip it.
-        Some((child, read_stat(child)?.ppid))
-    });
+    let mut parents = Vec::new();
+    for entry in dir.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between readdir and read: skip it. Out of descriptors is an
+        // error: a tree missing members must not pass for the whole one.
+        match fs::read_to_string(format!("/proc/{child}/stat")) {
+            Ok(text) => {
+                if let Some(stat) = parse_stat(&text) {
+                    parents.push((child, stat.ppid));
+                }
+            }
+            Err(source) if fd_limit(&source) => {
+                return Err(DiscoverError::Proc {
+                    path: format!("/proc/{child}/stat"),
+                    source,
+                });
+            }
+            Err(_) => {}
+        }
+    }
     Ok(tree_of(pid, parents))
+}
+
+/// Whether `e` says the daemon ran out of file descriptors (EMFILE, ENFILE).
+fn fd_limit(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
 /// `root` and its descendants, `root` first, from (pid, parent pid) pairs.
@@ -149,7 +175,11 @@ pub struct Stat {
 
 /// Reads /proc/PID/stat; `None` if the process is gone.
 pub fn read_stat(pid: i32) -> Option<Stat> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The fields handoff uses of a /proc/PID/stat line.
+fn parse_stat(text: &str) -> Option<Stat> {
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = text.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -170,6 +200,8 @@ pub fn socket_fds(pid: i32, out: &mut HashMap<u64, FdRef>) -> Result<(), Discove
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             return Err(DiscoverError::Denied { path, source: e });
         }
+        // Out of descriptors is not "no socket".
+        Err(source) if fd_limit(&source) => return Err(DiscoverError::Proc { path, source }),
         // Exited (or a zombie): nothing to count.
         Err(_) => return Ok(()),
     };

@@ -8,7 +8,7 @@
 
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
@@ -193,11 +193,10 @@ fn read_facts(pid: i32) -> Result<Facts, MemberError> {
     })
 }
 
-/// handoffd's pid, its ancestors' pids, and its network namespace, read once (they do
-/// not change while it runs; a reparented ancestor is still refused through the pid).
+/// handoffd's pid and its network namespace, read once (they do not change while it
+/// runs).
 struct SelfView {
     me: i32,
-    ancestors: Vec<i32>,
     netns: Option<u64>,
 }
 
@@ -205,23 +204,32 @@ fn self_view() -> &'static SelfView {
     static VIEW: OnceLock<SelfView> = OnceLock::new();
     VIEW.get_or_init(|| {
         let me = std::process::id() as i32;
-        let mut ancestors = Vec::new();
-        let mut at = me;
-        while ancestors.len() < MAX_ANCESTORS {
-            match discover::read_stat(at) {
-                Some(s) if s.ppid > 0 => {
-                    ancestors.push(s.ppid);
-                    at = s.ppid;
-                }
-                _ => break,
-            }
-        }
         SelfView {
             me,
-            ancestors,
             netns: discover::netns(me).ok(),
         }
     })
+}
+
+/// handoffd's ancestors as (pid, start time), nearest first. Read again whenever the
+/// parent changed (reparented to a subreaper, say), so a new ancestor is refused too and
+/// a recycled pid of a former one is not.
+fn ancestors() -> Vec<(i32, u64)> {
+    static CACHE: Mutex<Vec<(i32, u64)>> = Mutex::new(Vec::new());
+    let parent = nix::unistd::getppid().as_raw();
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if cache.first().map(|a| a.0) != Some(parent) {
+        cache.clear();
+        let mut at = parent;
+        while at > 0 && cache.len() < MAX_ANCESTORS {
+            let Some(stat) = discover::read_stat(at) else {
+                break;
+            };
+            cache.push((at, stat.start_time));
+            at = stat.ppid;
+        }
+    }
+    cache.clone()
 }
 
 /// The pid the pidfd names in this daemon's /proc (`Pid:` of its fdinfo; -1 or missing
@@ -241,7 +249,7 @@ fn check_rule(pid: i32, pidfd: &OwnedFd, facts: &Facts) -> Result<(), MemberErro
         Some(Excluded::Init)
     } else if pid == view.me {
         Some(Excluded::Daemon)
-    } else if view.ancestors.contains(&pid) {
+    } else if ancestors().contains(&(pid, facts.start_time)) {
         Some(Excluded::Ancestor)
     } else if facts.kthread || pid == 2 || facts.ppid == 2 {
         Some(Excluded::KernelThread)
