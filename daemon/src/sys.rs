@@ -358,11 +358,22 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
         return Err(io::Error::last_os_error());
     }
     let before = lim.rlim_cur;
-    if lim.rlim_cur >= lim.rlim_max {
+    // An unlimited hard limit cannot be the soft one: the kernel caps descriptors at
+    // fs.nr_open.
+    let target = if lim.rlim_max == libc::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|n| n.trim().parse::<libc::rlim_t>().ok())
+            .unwrap_or(1 << 20)
+    } else {
+        lim.rlim_max
+    };
+    if lim.rlim_cur >= target {
         return Ok((before, before));
     }
-    lim.rlim_cur = lim.rlim_max;
-    // SAFETY: `lim` is a valid rlimit read just above, with soft == hard.
+    lim.rlim_cur = target;
+    // SAFETY: `lim` is a valid rlimit read just above, its soft limit raised to at most
+    // the hard one.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -3,8 +3,8 @@
 //! under a hard limit too small for it the promote is refused with one line, never
 //! silently partial.
 //!
-//! One test per binary: the tests change this process's own RLIMIT_NOFILE (inherited by
-//! the daemon they start) and put it back when done.
+//! One test per binary: it lowers this process's own soft RLIMIT_NOFILE (inherited by
+//! the daemon it starts) and puts it back when done.
 
 mod support;
 
@@ -62,8 +62,8 @@ fn big_generation(addr: SocketAddr, n: usize) -> (Proc, Vec<u32>) {
     (proc, kids)
 }
 
-/// Sets this process's RLIMIT_NOFILE with `prlimit` (children started meanwhile inherit
-/// it); puts the previous limits back when dropped.
+/// Sets this process's soft RLIMIT_NOFILE with `prlimit` (children started meanwhile
+/// inherit it); puts the previous limits back when dropped.
 struct NoFile {
     before: String,
 }
@@ -177,10 +177,15 @@ fn four_hundred_members_are_tracked_or_the_promote_is_refused() {
     // line naming the limit (not "no process"), and the daemon goes on.
     let addr = loopback();
     let (big, _kids) = big_generation(addr, CHILDREN);
-    let d = {
-        let _hard = NoFile::set("300:300");
-        Handoffd::start("fd-budget-small", &[addr])
-    };
+    let mut d = Handoffd::start("fd-budget-small", &[addr]);
+    // Lowered on the running daemon (raising a hard limit back needs CAP_SYS_RESOURCE,
+    // which this process may not have).
+    let daemon = d.proc().pid.to_string();
+    let lowered = Command::new("prlimit")
+        .args(["--pid", &daemon, "--nofile=300:300"])
+        .status()
+        .expect("running prlimit");
+    assert!(lowered.success(), "prlimit --nofile=300:300 on handoffd");
     let line = d.refused(&["promote", &big.pid.to_string()]);
     eprintln!("refusal: {line}");
     assert!(line.contains("file descriptors"), "{line}");
