@@ -102,3 +102,68 @@ fn forged_members_in_the_state_file_are_never_signalled() {
     );
     assert_eq!(d.state_of(b.pid), Some(GenerationState::Active));
 }
+
+#[test]
+fn a_forged_leader_drops_its_generation_and_is_never_signalled() {
+    if !privileged("a_forged_leader_drops_its_generation_and_is_never_signalled") {
+        return;
+    }
+    let addr = loopback();
+    let extra = ["--drain-timeout", "1s", "--kill-after", "1s"];
+    let mut a = testsrv("A", &[addr], &["--ignore-term"]);
+    let mut d = Handoffd::start_with("forged-leader", &[addr], &extra);
+    d.promote(a.pid);
+    let b = testsrv("B", &[addr], &["--ignore-term"]);
+    d.promote(b.pid);
+    d.proc().signal(Signal::SIGKILL);
+    d.proc()
+        .wait_exit(Duration::from_secs(5))
+        .expect("handoffd died");
+
+    // The draining generation's leader is replaced by an unrelated process.
+    let mut victim = Proc::spawn(Command::new("sleep").arg("300"));
+    let path = state_file(&d.service);
+    let text = std::fs::read_to_string(&path).expect("reading state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&text).expect("state.json is JSON");
+    let a_gen = state["services"][0]["generations"]
+        .as_array_mut()
+        .expect("generations")
+        .iter_mut()
+        .find(|g| g["leader"]["pid"] == a.pid)
+        .expect("A is saved");
+    a_gen["leader"] = serde_json::json!({"pid": victim.pid, "start_time": start_time(victim.pid)});
+    std::fs::write(&path, serde_json::to_vec(&state).expect("serialising"))
+        .expect("writing the forged state.json");
+
+    d.spawn(&[addr], &extra);
+    assert!(
+        d.proc()
+            .wait_line(Stream::Stderr, "generation dropped", Duration::from_secs(5))
+            .is_some(),
+        "the daemon logs the generation it dropped"
+    );
+    let gens: Vec<u32> = d
+        .service()
+        .generations
+        .iter()
+        .map(|g| g.pid as u32)
+        .collect();
+    assert_eq!(gens, vec![b.pid], "only B is taken up");
+    // B drains, gets its retire signal (ignored) and is killed one second later: past
+    // the drain timeout and kill-after the forged generation would have had.
+    let c = testsrv("C", &[addr], &[]);
+    d.promote(c.pid);
+    wait_until(
+        "B to be killed and retired",
+        Duration::from_secs(10),
+        || d.state_of(b.pid) == Some(GenerationState::Retired),
+    );
+    assert!(
+        victim.wait_exit(Duration::ZERO).is_none(),
+        "the process named as leader was never signalled"
+    );
+    assert!(
+        a.wait_exit(Duration::ZERO).is_none(),
+        "A, no longer known, was not signalled either (it finishes on its own)"
+    );
+}
