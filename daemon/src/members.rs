@@ -315,8 +315,10 @@ impl Member {
 
     /// Whether it may be signalled now: alive, still the process that was opened (same
     /// start time, read while the pidfd pins it), still outside what the rule excludes,
-    /// and its uids either all in `trusted` or unchanged since it became a member (a
-    /// member that has since run a set-user-id program is left alone).
+    /// and its uids all in `trusted`, or unchanged since it became a member, or `trusted`
+    /// holds root (a root generation may signal a worker that dropped its privileges
+    /// since). A member that has since gained another uid (it ran a set-user-id program)
+    /// is left alone.
     pub fn may_signal(&self, trusted: &[u32]) -> Result<(), String> {
         if !self.alive() {
             return Err("it has exited".into());
@@ -326,7 +328,7 @@ impl Member {
             return Err("it has exited (its pid names another process now)".into());
         }
         check_rule(self.pid, &self.pidfd, &facts).map_err(|e| e.to_string())?;
-        if facts.uids.within(trusted) || facts.uids == self.uids {
+        if facts.uids.within(trusted) || facts.uids == self.uids || trusted.contains(&0) {
             Ok(())
         } else {
             Err(format!(
