@@ -55,6 +55,9 @@ pub struct Member {
     /// A pidfd on it: readable once it has exited. Shared with the supervisor, which
     /// waits on this same descriptor (one fd per member, not two).
     pidfd: Arc<OwnedFd>,
+    /// Whether handoffd may signal it (and adopt its new children): false for a leader a
+    /// restarted daemon could not tie to its generation's sockets.
+    verified: bool,
 }
 
 /// Why a process may never be a member.
@@ -293,6 +296,7 @@ impl Member {
             uids: facts.uids,
             ppid: facts.ppid,
             pidfd: Arc::new(pidfd),
+            verified: true,
         };
         if facts.zombie || !member.alive() {
             return Err(MemberError::NoSuchProcess { pid });
@@ -320,6 +324,9 @@ impl Member {
     /// since). A member that has since gained another uid (it ran a set-user-id program)
     /// is left alone.
     pub fn may_signal(&self, trusted: &[u32]) -> Result<(), String> {
+        if !self.verified {
+            return Err("a restarted daemon could not tie it to its generation's sockets".into());
+        }
         if !self.alive() {
             return Err("it has exited".into());
         }
@@ -336,6 +343,19 @@ impl Member {
                 facts.uids
             ))
         }
+    }
+
+    /// Marks it as never to be signalled nor adopted from (see [`Member::verified`]).
+    pub fn unverified(self) -> Self {
+        Self {
+            verified: false,
+            ..self
+        }
+    }
+
+    /// Whether handoffd may signal it and adopt its new children.
+    pub fn verified(&self) -> bool {
+        self.verified
     }
 
     /// Sends `signal` to exactly this process (never to a later one with its pid).

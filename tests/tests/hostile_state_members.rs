@@ -167,3 +167,48 @@ fn a_forged_leader_drops_its_generation_and_is_never_signalled() {
         "A, no longer known, was not signalled either (it finishes on its own)"
     );
 }
+
+#[test]
+fn workers_that_listen_after_fork_are_taken_up_after_a_restart() {
+    if !privileged("workers_that_listen_after_fork_are_taken_up_after_a_restart") {
+        return;
+    }
+    let addr = loopback();
+    // The master holds no listener; its two workers do.
+    let a = testsrv("A", &[addr], &["--workers", "2", "--mode", "after-fork"]);
+    let mut d = Handoffd::start("after-fork-restart", &[addr]);
+    d.promote(a.pid);
+    d.proc().signal(Signal::SIGKILL);
+    d.proc()
+        .wait_exit(Duration::from_secs(5))
+        .expect("handoffd died");
+    d.spawn(&[addr], &[]);
+    assert!(
+        d.proc()
+            .wait_line(
+                Stream::Stderr,
+                "kept, never signalled",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "the master, holding none of the sockets, is kept but not trusted"
+    );
+    assert_eq!(d.state_of(a.pid), Some(GenerationState::Active));
+    // Its workers, which hold the sockets, get the retire signal and the generation
+    // retires when they have exited.
+    let b = testsrv("B", &[addr], &[]);
+    d.promote(b.pid);
+    wait_until(
+        "A's workers to get the retire signal and A to retire",
+        Duration::from_secs(10),
+        || d.state_of(a.pid) == Some(GenerationState::Retired),
+    );
+    for w in &a.workers {
+        assert!(
+            std::fs::read_to_string(format!("/proc/{w}/stat")).map_or(true, |s| s
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))),
+            "worker {w} exited"
+        );
+    }
+}

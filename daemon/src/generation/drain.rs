@@ -302,7 +302,8 @@ impl Service {
     pub(super) fn adopt_descendants(&mut self, index: usize, ctx: &mut Ctx) {
         let port = self.port();
         let g = &mut self.generations[index];
-        if !g.leader.alive() {
+        // A leader a restarted daemon could not verify is no ground for new members.
+        if !g.leader.alive() || !g.leader.verified() {
             return;
         }
         let Ok(tree) = ctx.tree(g.leader.pid) else {
@@ -437,10 +438,11 @@ impl Service {
     }
 }
 
-/// Signals the leader (or, with `leader_only` false or the leader gone, every live member).
+/// Signals the leader (or, with `leader_only` false or the leader gone or unverified,
+/// every live member).
 /// Each target is checked again just before its signal (see [`Member::may_signal`]).
 fn signal(service: &str, g: &Generation, sig: Sig, why: &str, leader_only: bool) {
-    let targets: Vec<&Member> = if leader_only && g.leader.alive() {
+    let targets: Vec<&Member> = if leader_only && g.leader.alive() && g.leader.verified() {
         vec![&g.leader]
     } else {
         g.members().filter(|m| m.alive()).collect()

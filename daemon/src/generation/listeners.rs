@@ -75,7 +75,8 @@ impl Service {
         let g = &mut self.generations[index];
         let mut chain = Vec::new();
         let mut at = pid;
-        while !g.members().any(|m| m.pid == at) {
+        // Up to a verified member: an unverified leader is no ground for new members.
+        while !g.members().any(|m| m.pid == at && m.verified()) {
             // Reparented to init (or a subreaper), gone, or too far: not this generation's.
             if at <= 1 || chain.len() >= MAX_DEPTH {
                 return false;

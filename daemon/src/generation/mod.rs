@@ -179,7 +179,11 @@ impl Service {
             // An exited descendant's pidfd is closed now (the leader's stays: it names
             // the generation until it retires).
             g.descendants.retain(Member::alive);
-            if g.state == GenerationState::Retired || g.members().any(Member::alive) {
+            // An unverified leader (see `Member::verified`) keeps nothing alive: it is
+            // not the daemon's to wait for.
+            if g.state == GenerationState::Retired
+                || g.members().filter(|m| m.verified()).any(Member::alive)
+            {
                 continue;
             }
             let how = match &g.drain {

@@ -161,10 +161,7 @@ impl Service {
                     }
                 }
             };
-            if !holders.contains(&leader.pid) {
-                tracing::warn!(service = %name, generation = g.id, pid = leader.pid, "the state file names a leader that holds none of the generation's pinned sockets: generation dropped, its processes are never signalled");
-                continue;
-            }
+            let leader_holds = holders.contains(&leader.pid);
             let trusted: Vec<u32> = service
                 .config
                 .user
@@ -174,7 +171,8 @@ impl Service {
             let mut descendants = Vec::with_capacity(saved_descendants.len());
             for m in saved_descendants {
                 let tied = holders.contains(&m.pid)
-                    || (m.uids.within(&trusted)
+                    || (leader_holds
+                        && m.uids.within(&trusted)
                         && members::descends_from(m.pid, &leader, MAX_DEPTH));
                 if tied {
                     descendants.push(m);
@@ -182,6 +180,17 @@ impl Service {
                     tracing::warn!(service = %name, generation = g.id, pid = m.pid, "the state file names a member tied neither to the generation's pinned sockets nor to its leader's tree: dropped, never signalled");
                 }
             }
+            let leader = if leader_holds {
+                leader
+            } else if descendants.is_empty() {
+                tracing::warn!(service = %name, generation = g.id, pid = leader.pid, "the state file names a leader that holds none of the generation's pinned sockets, nor does any of its members: generation dropped, its processes are never signalled");
+                continue;
+            } else {
+                // Workers that listen after fork hold the sockets, their parent none: it
+                // is kept as the leader, but neither signalled nor adopted from.
+                tracing::warn!(service = %name, generation = g.id, pid = leader.pid, members = descendants.len(), "the state file names a leader that holds none of the generation's pinned sockets: kept, never signalled; its members that hold them get its signals");
+                leader.unverified()
+            };
             for m in std::iter::once(&leader).chain(&descendants) {
                 ctx.watch(m);
             }
