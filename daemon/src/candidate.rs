@@ -22,12 +22,6 @@ pub enum CandidateError {
     /// The pid names no live process.
     #[error(transparent)]
     Member(#[from] MemberError),
-    /// The process lives in another network namespace.
-    #[error("pid {pid} is in another network namespace: handoffd steers only listeners of its own")]
-    OtherNetns {
-        /// The pid.
-        pid: i32,
-    },
     /// The process tree holds no listener on the service port.
     #[error("pid {pid} (and its {descendants} descendants) holds no TCP listener on port {port}")]
     NoListener {
@@ -138,13 +132,17 @@ impl CandidateError {
         match self {
             CandidateError::Member(MemberError::NoSuchProcess { .. }) => ErrorKind::NoSuchProcess,
             CandidateError::NoListener { .. } => ErrorKind::NoListener,
-            CandidateError::OtherNetns { .. }
-            | CandidateError::OutsideAddresses { .. }
+            CandidateError::OutsideAddresses { .. }
             | CandidateError::OtherGroup { .. }
             | CandidateError::MissingGroup { .. }
             | CandidateError::TooMany { .. } => ErrorKind::WrongGroup,
             CandidateError::NotReuseport { .. } => ErrorKind::NotReuseport,
             CandidateError::Raced { .. } | CandidateError::GetFd { .. } => ErrorKind::Kernel,
+            CandidateError::Member(MemberError::Excluded {
+                why: crate::members::Excluded::OtherNetns,
+                ..
+            }) => ErrorKind::WrongGroup,
+            // No listener it may be promoted for: the protocol has no closer kind.
             CandidateError::Member(MemberError::Excluded { .. })
             | CandidateError::ForeignHolder { .. } => ErrorKind::NoListener,
             CandidateError::Member(MemberError::Pidfd { .. } | MemberError::FdLimit { .. })

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::{Proc, Stream, bin_path};
+use support::netns::Netns;
 use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
 
 /// (state letter, start time) of `pid`, if it exists.
@@ -224,4 +225,24 @@ fn handoffd_ancestors_init_and_kernel_threads_are_refused() {
     );
     d.promote(a.pid);
     assert_eq!(answers(addr, 10), only("A", 10));
+}
+
+#[test]
+fn a_listener_in_another_network_namespace_is_refused() {
+    if !privileged("a_listener_in_another_network_namespace_is_refused") {
+        return;
+    }
+    let addr = loopback();
+    let ns = Netns::create("deputy-netns");
+    // The same address and port, on the other namespace's loopback.
+    let other = ns.run(|| testsrv("OTHER", &[addr], &[]));
+    let d = Handoffd::start("deputy-netns", &[addr]);
+    let line = d.refused(&["promote", &other.pid.to_string()]);
+    eprintln!("refusal: {line}");
+    assert!(line.contains("another network namespace"), "{line}");
+    assert!(d.service().generations.is_empty(), "nothing changed");
+    let a = testsrv("A", &[addr], &[]);
+    d.promote(a.pid);
+    assert_eq!(answers(addr, 10), only("A", 10));
+    drop(other);
 }
