@@ -310,8 +310,15 @@ impl Service {
             return;
         };
         let mut others = Vec::new();
+        let known: HashSet<i32> = g.members().map(|m| m.pid).collect();
         for pid in tree {
-            if g.members().any(|m| m.pid == pid) {
+            if known.contains(&pid) {
+                continue;
+            }
+            // One read instead of a pidfd, /proc and a socket lookup for what was judged.
+            if discover::read_stat(pid)
+                .is_some_and(|s| self.outsiders.contains(&(pid, s.start_time)))
+            {
                 continue;
             }
             match Member::open(pid) {
@@ -344,6 +351,7 @@ impl Service {
                 ctx.watch(&m);
                 g.descendants.push(m);
             } else {
+                self.outsiders.insert((m.pid, m.start_time));
                 tracing::debug!(service = %self.config.name, generation = g.id, pid = m.pid, uids = ?m.uids, "a descendant of another uid holding none of the generation's listeners is not a member");
             }
         }

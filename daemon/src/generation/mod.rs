@@ -100,6 +100,9 @@ pub struct Service {
     next_id: u64,
     /// A pending look for new listeners, after a bind on the port.
     rescan: Option<listeners::Rescan>,
+    /// Descendants found not to be members, by (pid, start time): not opened again on
+    /// every count. Forgotten once they exit.
+    outsiders: std::collections::HashSet<(i32, u64)>,
     /// Removed from the configuration: forgotten once one generation is left.
     pub removing: bool,
 }
@@ -121,6 +124,7 @@ impl Service {
             generations: Vec::new(),
             next_id: 1,
             rescan: None,
+            outsiders: std::collections::HashSet::new(),
             removing: false,
         }
     }
@@ -212,6 +216,9 @@ impl Service {
                 }
             }
         }
+        self.outsiders.retain(|&(pid, start)| {
+            crate::discover::read_stat(pid).is_some_and(|s| s.start_time == start && s.state != 'Z')
+        });
         let retired = self
             .generations
             .iter()
