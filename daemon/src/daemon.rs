@@ -2,6 +2,7 @@
 
 use handoff_common::proto::{ErrorKind, ErrorReply, Promoted, Request, Response, Status};
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -21,6 +22,10 @@ pub struct Daemon {
     orphans: Vec<SavedService>,
     /// What was last written, to write only changes.
     last_saved: String,
+    /// The services as configured, to rebuild the table after a panic.
+    configs: Vec<ServiceConfig>,
+    /// The table as of the end of the last operation that completed, written or not.
+    last_good: SavedState,
 }
 
 impl Daemon {
@@ -32,6 +37,7 @@ impl Daemon {
         saved: SavedState,
         state_file: Option<PathBuf>,
     ) -> Self {
+        let configs = services.clone();
         let mut saved = saved.services;
         let mut table = Vec::with_capacity(services.len());
         for config in services {
@@ -54,9 +60,64 @@ impl Daemon {
             state_file,
             orphans: saved,
             last_saved: String::new(),
+            configs,
+            last_good: SavedState::default(),
         };
         daemon.persist();
         daemon
+    }
+
+    /// Runs `f`, one operation on the table, so that a panic in it never escapes: it is
+    /// caught while the lock is still held (the daemon's Mutex is never poisoned) and the
+    /// table is rebuilt from the last one an operation completed, as a restarted daemon
+    /// takes it up (pinned maps, members by pid and start time, drains counted afresh).
+    /// The next request finds a working daemon. Panics are not expected: every number is
+    /// checked where it is parsed and the request paths have no `unwrap`; this is the
+    /// backstop. (A kernel change the failed operation made before panicking is not
+    /// undone; the rebuilt table is written, so `state.json` and `status` agree.)
+    fn guarded<T>(&mut self, what: &str, f: impl FnOnce(&mut Self) -> T) -> Option<T> {
+        match catch_unwind(AssertUnwindSafe(|| f(self))) {
+            Ok(out) => Some(out),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(what, panic = %why, "internal error: the table is rebuilt from the last consistent one");
+                self.rebuild();
+                None
+            }
+        }
+    }
+
+    /// Replaces the table with [`Self::last_good`], taken up as at start.
+    fn rebuild(&mut self) {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            let mut saved = std::mem::take(&mut self.last_good).services;
+            drop(std::mem::take(&mut self.services));
+            for config in self.configs.clone() {
+                let service = match saved.iter().position(|s| s.name == config.name) {
+                    Some(i) => Service::recover(config, saved.remove(i), &mut self.ctx),
+                    None => Service::new(config),
+                };
+                self.services.push(service);
+            }
+            self.persist();
+        }));
+    }
+
+    /// The table as [`SavedState`], every service and orphan.
+    fn snapshot(&self) -> SavedState {
+        SavedState {
+            version: crate::state::VERSION,
+            services: self
+                .services
+                .iter()
+                .map(Service::save)
+                .chain(self.orphans.iter().cloned())
+                .collect(),
+        }
     }
 
     /// One line for systemd's STATUS: services and generations by state.
@@ -75,16 +136,9 @@ impl Daemon {
 
     /// Writes the generation table if it changed.
     fn persist(&mut self) {
+        let state = self.snapshot();
+        self.last_good = state.clone();
         let Some(path) = &self.state_file else { return };
-        let state = SavedState {
-            version: crate::state::VERSION,
-            services: self
-                .services
-                .iter()
-                .map(Service::save)
-                .chain(self.orphans.iter().cloned())
-                .collect(),
-        };
         let text = serde_json::to_string_pretty(&state).unwrap_or_default();
         if text == self.last_saved {
             return;
@@ -106,6 +160,10 @@ impl Daemon {
     /// program is detached and its pins removed. Changing the addresses of a service
     /// with live generations is refused for that service (it keeps its old ones).
     pub fn reload(&mut self, configs: Vec<ServiceConfig>) {
+        self.guarded("reload", |d| d.reload_unguarded(configs));
+    }
+
+    fn reload_unguarded(&mut self, configs: Vec<ServiceConfig>) {
         for config in &configs {
             match self.services.iter().position(|s| s.name() == config.name) {
                 Some(i) if self.services[i].listen() != config.listen.as_slice() => {
@@ -135,7 +193,24 @@ impl Daemon {
             }
         }
         self.drop_removed();
+        self.remember(configs);
         self.persist();
+    }
+
+    /// Keeps the configuration of every service in the table, for [`Self::rebuild`]: the
+    /// new one, with the addresses the service kept, or the old one of a removed service
+    /// still steered.
+    fn remember(&mut self, configs: Vec<ServiceConfig>) {
+        let mut kept = Vec::with_capacity(self.services.len());
+        for s in &self.services {
+            let new = configs.iter().find(|c| c.name == s.name());
+            let old = self.configs.iter().find(|c| c.name == s.name());
+            if let Some(mut c) = new.or(old).cloned() {
+                c.listen = s.listen().to_vec();
+                kept.push(c);
+            }
+        }
+        self.configs = kept;
     }
 
     /// Detaches and forgets removed services that have at most one live generation.
@@ -165,6 +240,10 @@ impl Daemon {
 
     /// Acts on what the kernel reported.
     pub fn on_events(&mut self, events: &[DrainEvent]) {
+        self.guarded("drain events", |d| d.on_events_unguarded(events));
+    }
+
+    fn on_events_unguarded(&mut self, events: &[DrainEvent]) {
         for e in events {
             match *e {
                 DrainEvent::Zero(tag) => {
@@ -190,6 +269,10 @@ impl Daemon {
 
     /// Retires generations whose members have all exited.
     pub fn reap(&mut self) {
+        self.guarded("reaping", Self::reap_unguarded);
+    }
+
+    fn reap_unguarded(&mut self) {
         for s in &mut self.services {
             s.reap(&mut self.ctx);
         }
@@ -199,6 +282,10 @@ impl Daemon {
 
     /// Acts on passed deadlines.
     pub fn tick(&mut self, now: Instant) {
+        self.guarded("deadlines", |d| d.tick_unguarded(now));
+    }
+
+    fn tick_unguarded(&mut self, now: Instant) {
         for s in &mut self.services {
             s.tick(now, &mut self.ctx);
         }
@@ -215,6 +302,16 @@ impl Daemon {
 
     /// Answers one request.
     pub fn handle(&mut self, request: Request) -> Response {
+        self.guarded("request", |d| d.handle_unguarded(request))
+            .unwrap_or_else(|| {
+                error(
+                    ErrorKind::Internal,
+                    &"the request failed on an internal error (logged); the daemon took up its last consistent state and serves on: check `handoffctl status` and retry",
+                )
+            })
+    }
+
+    fn handle_unguarded(&mut self, request: Request) -> Response {
         let response = self.answer(request);
         self.persist();
         response
@@ -265,6 +362,11 @@ impl Daemon {
     /// The first step of a status: what needs the daemon's state (see
     /// [`StatusPlan`]); finish it with [`finish_status`] without holding the daemon.
     pub fn status_plans(&mut self) -> Vec<StatusPlan> {
+        self.guarded("status", Self::status_plans_unguarded)
+            .unwrap_or_default()
+    }
+
+    fn status_plans_unguarded(&mut self) -> Vec<StatusPlan> {
         let plans = self
             .services
             .iter_mut()
