@@ -57,6 +57,9 @@ pub enum DirError {
     /// Something that is not a directory (a symlink, a file) sits at the path.
     #[error("{0} is not a directory (a symlink or a file?); remove it and start again")]
     NotDir(PathBuf),
+    /// A symlink where handoffd keeps a file of its own.
+    #[error("{0} is a symlink; handoffd never follows one in its directories: remove it")]
+    Symlink(PathBuf),
     /// A file in the directory is not a regular file of root's (or the daemon's uid).
     #[error(
         "{path} is not a regular file owned by root (uid {uid}, mode {mode:o}); remove it and start again"
@@ -123,11 +126,18 @@ pub struct TrustedDir {
 pub fn ensure(path: &Path) -> Result<TrustedDir, DirError> {
     match std::fs::symlink_metadata(path) {
         Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .map_err(io_err("creating", path))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // Nothing is created below a directory another user could write.
+            let absolute = std::path::absolute(path).map_err(io_err("resolving", path))?;
+            if let Some(existing) = absolute.ancestors().skip(1).find(|a| a.exists()) {
+                check_parents(&existing.join("x"), path)?;
+            }
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(io_err("creating", path))?
+        }
         Err(e) => return Err(io_err("inspecting", path)(e)),
     }
     open(path)
@@ -157,18 +167,25 @@ pub fn open(path: &Path) -> Result<TrustedDir, DirError> {
             euid: euid(),
         });
     }
-    check_parents(path)?;
+    check_parents(path, path)?;
     Ok(TrustedDir {
         fd,
         path: path.to_path_buf(),
     })
 }
 
-/// Checks every directory above `path` (as the kernel resolves it): owned by root or the
-/// daemon's uid, and writable by no one else unless sticky.
-fn check_parents(path: &Path) -> Result<(), DirError> {
-    let real = std::fs::canonicalize(path).map_err(io_err("resolving", path))?;
-    for parent in real.ancestors().skip(1) {
+/// Checks every directory above `path` (`path` itself need not exist; its parent must):
+/// as the kernel resolves them, owned by root or the daemon's uid, and writable by no one
+/// else unless sticky. `dir` names the directory being checked in messages.
+fn check_parents(path: &Path, dir: &Path) -> Result<(), DirError> {
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let real = std::fs::canonicalize(parent).map_err(io_err("resolving", parent))?;
+    for parent in real.ancestors() {
         let meta: Metadata =
             std::fs::symlink_metadata(parent).map_err(io_err("inspecting", parent))?;
         let mode = meta.permissions().mode() & 0o7777;
@@ -176,7 +193,7 @@ fn check_parents(path: &Path) -> Result<(), DirError> {
         if !trusted_owner(meta.uid()) || (mode & GROUP_OTHER_WRITE != 0 && !sticky) {
             return Err(DirError::UntrustedParent {
                 path: parent.to_path_buf(),
-                dir: path.to_path_buf(),
+                dir: dir.to_path_buf(),
                 uid: meta.uid(),
                 mode,
             });
@@ -195,11 +212,22 @@ impl TrustedDir {
         self.path.join(name)
     }
 
-    fn open_at(&self, name: &str, flags: OFlag, mode: u32) -> io::Result<File> {
+    /// Opens `name` without following a symlink; `None` if absent (without `O_CREAT`).
+    fn open_at(
+        &self,
+        op: &'static str,
+        name: &str,
+        flags: OFlag,
+        mode: u32,
+    ) -> Result<Option<File>, DirError> {
         let flags = flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        openat(&self.fd, name, flags, Mode::from_bits_truncate(mode))
-            .map(File::from)
-            .map_err(errno)
+        match openat(&self.fd, name, flags, Mode::from_bits_truncate(mode)) {
+            Ok(fd) => Ok(Some(File::from(fd))),
+            Err(Errno::ENOENT) if !flags.contains(OFlag::O_CREAT) => Ok(None),
+            // O_NOFOLLOW met a symlink.
+            Err(Errno::ELOOP) => Err(DirError::Symlink(self.at(name))),
+            Err(e) => Err(io_err(op, &self.at(name))(errno(e))),
+        }
     }
 
     /// A file handoffd wrote: regular, owned by root or the daemon's uid.
@@ -221,17 +249,9 @@ impl TrustedDir {
     /// read); `None` if there is none.
     pub fn read(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>, DirError> {
         // O_NONBLOCK: a FIFO planted there must not hang the daemon (it is refused below).
-        let file = match self.open_at(name, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(DirError::UntrustedFile {
-                    path: self.at(name),
-                    uid: 0,
-                    mode: libc::S_IFLNK,
-                });
-            }
-            Err(e) => return Err(io_err("opening", &self.at(name))(e)),
+        let Some(file) = self.open_at("opening", name, OFlag::O_RDONLY | OFlag::O_NONBLOCK, 0)?
+        else {
+            return Ok(None);
         };
         let meta = self.check_file(name, &file)?;
         if meta.len() > max {
@@ -264,13 +284,10 @@ impl TrustedDir {
         let tmp = format!("{name}.new");
         // A stale temp file (or a symlink planted in its place): unlink never follows.
         self.remove(&tmp)?;
-        let mut file = self
-            .open_at(
-                &tmp,
-                OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
-                0o600,
-            )
-            .map_err(io_err("creating", &self.at(&tmp)))?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL;
+        let Some(mut file) = self.open_at("creating", &tmp, flags, 0o600)? else {
+            return Err(DirError::Symlink(self.at(&tmp)));
+        };
         // The umask may have taken bits away, never added any; 0600 whatever it was.
         fchmod(&file, Mode::from_bits_truncate(0o600))
             .map_err(|e| io_err("chmod", &self.at(&tmp))(errno(e)))?;
@@ -284,9 +301,10 @@ impl TrustedDir {
     /// Opens (creating it if absent) the file `name` for a lock: mode 0600, never
     /// through a symlink.
     pub fn lock_file(&self, name: &str) -> Result<File, DirError> {
-        let file = self
-            .open_at(name, OFlag::O_RDWR | OFlag::O_CREAT, 0o600)
-            .map_err(io_err("opening", &self.at(name)))?;
+        let Some(file) = self.open_at("opening", name, OFlag::O_RDWR | OFlag::O_CREAT, 0o600)?
+        else {
+            return Err(DirError::Symlink(self.at(name)));
+        };
         self.check_file(name, &file)?;
         fchmod(&file, Mode::from_bits_truncate(0o600))
             .map_err(|e| io_err("chmod", &self.at(name))(errno(e)))?;
@@ -326,10 +344,7 @@ mod tests {
         std::fs::write(&victim, "keep").unwrap();
         symlink(&victim, dir.join("f")).unwrap();
         symlink(&victim, dir.join("f.new")).unwrap();
-        assert!(matches!(
-            d.read("f", 100),
-            Err(DirError::UntrustedFile { .. })
-        ));
+        assert!(matches!(d.read("f", 100), Err(DirError::Symlink(_))));
         d.write("f", b"new").unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
         assert_eq!(d.read("f", 100).unwrap().unwrap(), b"new");
