@@ -28,7 +28,7 @@ const GROUP_OTHER_WRITE: u32 = 0o022;
 pub enum DirError {
     /// The directory itself may be written by someone else.
     #[error(
-        "{path} is owned by uid {uid} with mode {mode:04o}; handoffd only uses a directory owned by root (or its own uid {euid}) that no other user may write: remove it and let handoffd create it, or choose another"
+        "{path} is owned by uid {uid} with mode {mode:04o}; handoffd only uses a directory owned by root (or by the uid it runs as) that no other user may write: remove it and let handoffd create it, or choose another"
     )]
     Untrusted {
         /// The directory.

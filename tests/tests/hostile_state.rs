@@ -9,7 +9,7 @@ mod support;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use handoff_common::proto::{self, Promoted, Response};
@@ -75,23 +75,27 @@ fn assert_victim_intact(path: &Path) {
 
 /// Starts handoffd on `state` expecting it to refuse at once; returns its error line.
 fn refused_start(state: &Path, socket: &Path, needle: &str) -> String {
-    let out = Command::new(bin_path("handoffd"))
-        .args(["--listen", &loopback().to_string(), "--service"])
+    let mut cmd = Command::new(bin_path("handoffd"));
+    cmd.args(["--listen", &loopback().to_string(), "--service"])
         .arg(format!("hostile-{}", std::process::id()))
         .arg("--state-dir")
         .arg(state)
         .arg("--control-socket")
         .arg(socket)
-        .args(["--metrics-addr", "off"])
-        .output()
-        .expect("running handoffd");
-    refusal(&out, needle)
+        .args(["--metrics-addr", "off"]);
+    refusal(&mut cmd, needle)
 }
 
-/// The one error line of a failed handoffd, checked to contain `needle`.
-fn refusal(out: &Output, needle: &str) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "handoffd started: {stderr}");
+/// Runs handoffd expecting it to exit at once with one error line containing `needle`;
+/// returns the line. A daemon that starts instead is killed (by the guard) after 10 s.
+fn refusal(cmd: &mut Command, needle: &str) -> String {
+    let mut p = Proc::spawn(cmd);
+    let status = p.wait_exit(Duration::from_secs(10));
+    // Until stderr is closed: every line read.
+    let _ = p.wait_line(Stream::Stderr, "\0", Duration::from_secs(5));
+    let stderr = p.lines(Stream::Stderr).join("\n");
+    let status = status.unwrap_or_else(|| panic!("handoffd started: {stderr}"));
+    assert!(!status.success(), "handoffd exited 0: {stderr}");
     let errors: Vec<&str> = stderr
         .lines()
         .filter(|l| l.starts_with("Error:") || l.contains("Caused by"))
@@ -269,16 +273,14 @@ fn inconsistent_state_files_are_refused_whole() {
     ];
     for (text, needle) in &cases {
         std::fs::write(state.join("state.json"), text).expect("writing state.json");
-        let out = Command::new(bin_path("handoffd"))
-            .args(["--listen", &addr.to_string(), "--service", &d.service])
+        let mut cmd = Command::new(bin_path("handoffd"));
+        cmd.args(["--listen", &addr.to_string(), "--service", &d.service])
             .arg("--state-dir")
             .arg(&state)
             .arg("--control-socket")
             .arg(&d.socket)
-            .args(["--metrics-addr", "off"])
-            .output()
-            .expect("running handoffd");
-        let line = refusal(&out, needle);
+            .args(["--metrics-addr", "off"]);
+        let line = refusal(&mut cmd, needle);
         assert!(line.contains("state.json"), "names the file: {line}");
         assert_eq!(
             &std::fs::read_to_string(state.join("state.json")).expect("still there"),
