@@ -449,3 +449,52 @@ pub fn one_line(e: &dyn std::error::Error) -> String {
     }
     line
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::config::DrainSettings;
+    use crate::loader::DrainProgram;
+
+    #[test]
+    fn a_panic_in_an_operation_neither_poisons_nor_loses_the_table() {
+        if !handoff_tests::privileged("a_panic_in_an_operation_neither_poisons_nor_loses_the_table")
+        {
+            return;
+        }
+        let ctx = Ctx::new(DrainProgram::load().expect("loading the programs"), None);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], handoff_tests::free_port()));
+        let name = format!("panic-{}", std::process::id());
+        let config = crate::config::service(&name, &[addr], DrainSettings::default())
+            .expect("a valid service");
+        let daemon = Arc::new(Mutex::new(Daemon::new(
+            vec![config],
+            ctx,
+            SavedState::default(),
+            None,
+        )));
+        let held = Arc::clone(&daemon);
+        std::thread::spawn(move || {
+            let mut d = held.lock().expect("not poisoned");
+            // Half done, then a panic: the table must come back whole.
+            let out = d.guarded("test", |d| {
+                d.services.clear();
+                panic!("injected");
+            });
+            assert!(out.is_none());
+        })
+        .join()
+        .expect("the panic did not escape");
+        assert!(!daemon.is_poisoned());
+        let mut d = daemon.lock().expect("not poisoned");
+        match d.handle(Request::Status {}) {
+            Response::Status(s) => {
+                let names: Vec<&str> = s.services.iter().map(|s| s.name.as_str()).collect();
+                assert_eq!(names, [name.as_str()]);
+            }
+            other => panic!("status after a panic: {other:?}"),
+        }
+    }
+}
