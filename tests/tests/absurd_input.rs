@@ -7,7 +7,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -15,13 +15,30 @@ use handoff_common::proto::GenerationState;
 use handoff_tests::{Proc, Stream, bin_path};
 use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
 
+/// A test directory, removed when dropped (also when the test fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("handoff-test-absurd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a test dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs handoffd with `args` in a fresh directory, expecting it to exit with `code` at
 /// once, having created nothing; returns its stderr.
 fn refused(name: &str, args: &[&str], code: i32) -> String {
-    let dir =
-        std::env::temp_dir().join(format!("handoff-test-absurd-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("a test dir");
+    let tmp = TempDir::new(name);
+    let dir = &tmp.0;
     let state = dir.join("state");
     let mut cmd = Command::new(bin_path("handoffd"));
     cmd.args(args)
@@ -35,7 +52,6 @@ fn refused(name: &str, args: &[&str], code: i32) -> String {
     let _ = p.wait_line(Stream::Stderr, "\0", Duration::from_secs(5));
     let stderr = p.lines(Stream::Stderr).join("\n");
     let started = state.exists();
-    let _ = std::fs::remove_dir_all(&dir);
     let status = status.unwrap_or_else(|| panic!("handoffd {args:?} started: {stderr}"));
     assert_eq!(status.code(), Some(code), "handoffd {args:?}: {stderr}");
     assert!(!started, "handoffd {args:?} created its state dir");
@@ -72,9 +88,8 @@ fn absurd_numbers_in_the_config_file_are_refused_at_parse() {
     if !privileged("absurd_numbers_in_the_config_file_are_refused_at_parse") {
         return;
     }
-    let dir =
-        std::env::temp_dir().join(format!("handoff-test-absurd-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a test dir");
+    let tmp = TempDir::new("config");
+    let dir = &tmp.0;
     let port = loopback().port();
     let many: Vec<String> = (1..=65)
         .map(|i| format!("\"127.0.0.{i}:{port}\""))
@@ -117,7 +132,6 @@ fn absurd_numbers_in_the_config_file_are_refused_at_parse() {
         );
         assert!(line.contains(needle), "{line}");
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
