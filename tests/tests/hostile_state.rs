@@ -233,13 +233,15 @@ fn inconsistent_state_files_are_refused_whole() {
             r#"{{"id":1,"state":"{state}","leader":{{"pid":{pid},"start_time":{start_time}}},"descendants":[],"blocks":{blocks},"drain":{drain}}}"#
         )
     };
-    let file = |generations: &[String], next_id: u64| {
+    let key = format!(r#"{{"addr":"{addr}","v6only":null,"ifindex":0,"uid":0}}"#);
+    let file_in = |group: &str, generations: &[String], next_id: u64| {
         format!(
-            r#"{{"version":1,"services":[{{"name":"{}","listen":["{addr}"],"next_id":{next_id},"groups":[null],"generations":[{}]}}]}}"#,
+            r#"{{"version":1,"services":[{{"name":"{}","listen":["{addr}"],"next_id":{next_id},"groups":[{group}],"generations":[{}]}}]}}"#,
             d.service,
             generations.join(",")
         )
     };
+    let file = |generations: &[String], next_id: u64| file_in(&key, generations, next_id);
     let block = r#"[{"index":1,"cookies":[5]}]"#;
     let huge = r#"{"started_ms":1,"deadline_ms":18446744073709551615,"retired_ms":null,"timed_out":false,"killed":false}"#;
     let cases = [
@@ -265,6 +267,10 @@ fn inconsistent_state_files_are_refused_whole() {
                 2,
             ),
             "beyond the map",
+        ),
+        (
+            file_in("null", &[generation("active", block, "null")], 2),
+            "never fixed",
         ),
         (
             "{\"version\":1,\"services\":[".to_string(),

@@ -34,9 +34,10 @@ pub enum Inconsistent {
     /// Two services with one name.
     #[error("service {0} is listed twice")]
     DuplicateService(String),
-    /// Not one group per address, or a group on another port.
+    /// Not one group per address, a group on another port, or generations in a group
+    /// never fixed.
     #[error(
-        "service {service}: {groups} groups for {listen} addresses, or a group on another port"
+        "service {service}: {groups} groups for {listen} addresses, a group on another port, or generations in a group never fixed"
     )]
     Groups {
         /// The service.
@@ -100,6 +101,14 @@ impl SavedService {
             return Err(Inconsistent::Groups {
                 service: service(),
                 groups: self.groups.len(),
+                listen: self.listen.len(),
+            });
+        }
+        if !self.generations.is_empty() && self.groups.iter().any(Option::is_none) {
+            // The first promote fixes every group before a generation exists.
+            return Err(Inconsistent::Groups {
+                service: service(),
+                groups: self.groups.iter().flatten().count(),
                 listen: self.listen.len(),
             });
         }
@@ -209,6 +218,15 @@ mod tests {
         }
     }
 
+    fn key(port: u16) -> crate::group::GroupKey {
+        crate::group::GroupKey {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            v6only: None,
+            ifindex: 0,
+            uid: 0,
+        }
+    }
+
     fn good() -> SavedState {
         SavedState {
             version: VERSION,
@@ -216,7 +234,7 @@ mod tests {
                 name: "web".into(),
                 listen: vec!["127.0.0.1:8080".parse().unwrap()],
                 next_id: 3,
-                groups: vec![None],
+                groups: vec![Some(key(8080))],
                 generations: vec![
                     generation(1, GenerationState::Draining, 1),
                     generation(2, GenerationState::Active, 2),
@@ -269,17 +287,8 @@ mod tests {
             "port 0",
         );
         refused(|s| svc(s).groups.clear(), "0 groups for 1 addresses");
-        refused(
-            |s| {
-                svc(s).groups = vec![Some(crate::group::GroupKey {
-                    addr: "127.0.0.1:9".parse().unwrap(),
-                    v6only: None,
-                    ifindex: 0,
-                    uid: 0,
-                })]
-            },
-            "another port",
-        );
+        refused(|s| svc(s).groups = vec![Some(key(9))], "another port");
+        refused(|s| svc(s).groups = vec![None], "never fixed");
         refused(|s| svc(s).next_id = 2, "below next_id");
         refused(|s| gen_(s, 0).id = 0, "ids must increase");
         refused(|s| gen_(s, 1).id = 1, "ids must increase");
