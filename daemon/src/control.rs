@@ -142,12 +142,7 @@ async fn client(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> io::Resul
                 tracing::debug!(?request, pid = ?cred.pid(), "control request");
                 let daemon = Arc::clone(&daemon);
                 tokio::task::spawn_blocking(move || {
-                    let Ok(mut d) = daemon.lock() else {
-                        return error(
-                            ErrorKind::Internal,
-                            &"daemon state poisoned by an earlier panic",
-                        );
-                    };
+                    let mut d = Daemon::lock(&daemon);
                     if request == (Request::Status {}) {
                         // The socket dumps run after the lock is released.
                         let plans = d.status_plans();

@@ -4,6 +4,7 @@ use handoff_common::proto::{ErrorKind, ErrorReply, Promoted, Request, Response, 
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::generation::{Ctx, PromoteError, Service, ServiceConfig, StatusPlan};
@@ -87,6 +88,25 @@ impl Daemon {
                 tracing::error!(what, panic = %why, "internal error: the table is rebuilt from the last consistent one");
                 self.rebuild();
                 None
+            }
+        }
+    }
+
+    /// Locks `daemon`. A Mutex poisoned by a panic outside [`Self::guarded`] (code that
+    /// holds the lock without going through an operation of the daemon) is recovered the
+    /// same way: the table is rebuilt from the last consistent one and the poison
+    /// cleared, so one panic never disables later requests.
+    pub fn lock(daemon: &Mutex<Daemon>) -> MutexGuard<'_, Daemon> {
+        match daemon.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                let mut guard = poisoned.into_inner();
+                tracing::error!(
+                    "a panic interrupted work on the table: rebuilt from the last consistent one"
+                );
+                guard.rebuild();
+                daemon.clear_poison();
+                guard
             }
         }
     }
@@ -452,7 +472,7 @@ pub fn one_line(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     use super::*;
     use crate::config::DrainSettings;
@@ -488,7 +508,18 @@ mod tests {
         .join()
         .expect("the panic did not escape");
         assert!(!daemon.is_poisoned());
-        let mut d = daemon.lock().expect("not poisoned");
+        // A panic outside an operation, with the lock held, poisons the Mutex:
+        // Daemon::lock recovers it, and the table.
+        let held = Arc::clone(&daemon);
+        let _ = std::thread::spawn(move || {
+            let mut d = held.lock().expect("not poisoned");
+            d.services.clear();
+            panic!("injected while holding the lock");
+        })
+        .join();
+        assert!(daemon.is_poisoned());
+        let mut d = Daemon::lock(&daemon);
+        assert!(!daemon.is_poisoned());
         match d.handle(Request::Status {}) {
             Response::Status(s) => {
                 let names: Vec<&str> = s.services.iter().map(|s| s.name.as_str()).collect();
