@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::config::Paths;
 use crate::control::{self, ControlError};
+use crate::dirs::{self, DirError};
 use crate::members::Member;
 use crate::state::{self, SavedService, SavedState, StateError};
 use crate::{candidate, discover, loader, pins};
@@ -21,10 +22,13 @@ pub enum CleanupError {
     /// The state file could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
-    /// A file could not be removed.
+    /// A directory is not trusted, or a file in it could not be removed.
+    #[error(transparent)]
+    Dir(#[from] DirError),
+    /// The pins could not be removed.
     #[error("removing {path} failed")]
     Remove {
-        /// The file.
+        /// The pin directory.
         path: std::path::PathBuf,
         /// The OS error.
         #[source]
@@ -43,7 +47,18 @@ pub fn run(paths: &Paths, service: Option<&str>) -> Result<(), CleanupError> {
         other => CleanupError::Control(other),
     })?;
     let file = state::file(&paths.state_dir);
-    let mut saved = state::load(&file)?;
+    let mut saved = match state::load(&file) {
+        Ok(saved) => saved,
+        // A state no daemon can use is removed whole: nothing in it can be trusted to
+        // name services or processes (their pins, if any, stay under /sys/fs/bpf/handoff).
+        Err(e @ (StateError::Format { .. } | StateError::Inconsistent { .. }))
+            if service.is_none() =>
+        {
+            println!("{}", crate::daemon::one_line(&e));
+            SavedState::default()
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (gone, kept): (Vec<SavedService>, Vec<SavedService>) = saved
         .services
         .drain(..)
@@ -75,6 +90,7 @@ pub fn run(paths: &Paths, service: Option<&str>) -> Result<(), CleanupError> {
         remove(&file)?;
         remove(&paths.control_socket)?;
         remove(&paths.lock_file())?;
+        remove(&file.with_extension("json.new"))?;
     } else {
         let state = SavedState {
             version: state::VERSION,
@@ -136,16 +152,20 @@ pub fn detach(s: &SavedService) -> Vec<String> {
     done
 }
 
+/// Removes `path` in its (trusted) directory; a symlink there is removed, not followed.
 fn remove(path: &Path) -> Result<(), CleanupError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {
-            println!("removed {}", path.display());
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(CleanupError::Remove {
-            path: path.into(),
-            source,
-        }),
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Some(name) = path.file_name() else {
+        return Ok(());
+    };
+    if !dir.exists() {
+        return Ok(());
     }
+    if dirs::open(dir)?.remove(&name.to_string_lossy())? {
+        println!("removed {}", path.display());
+    }
+    Ok(())
 }

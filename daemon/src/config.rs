@@ -11,6 +11,15 @@ use crate::generation::ServiceConfig;
 /// Default state directory: control socket, lock, generation table.
 pub const DEFAULT_STATE_DIR: &str = "/run/handoff";
 
+/// The longest duration accepted (drain timeout, kill-after): 30 days. A drain is a
+/// restart's tail, minutes at most; a longer value is a typo, and one near `u64::MAX`
+/// seconds cannot even be added to the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The most addresses a service may list: each is a reuseport group with a steering
+/// program and maps of its own.
+pub const MAX_LISTEN: usize = 64;
+
 /// A refused configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -49,6 +58,19 @@ pub enum ConfigError {
     /// Not a duration, or not a positive one.
     #[error("{0:?} is not a positive duration (e.g. 500ms, 90s, 5m, 1h)")]
     Duration(String),
+    /// Longer than [`MAX_DURATION`].
+    #[error(
+        "{0:?} is longer than 30 days, the longest drain timeout or kill-after handoffd accepts (a drain is a restart's tail; give e.g. 5m or 1h)"
+    )]
+    DurationTooLong(String),
+    /// More than [`MAX_LISTEN`] addresses.
+    #[error("service {service} lists {count} addresses; at most {MAX_LISTEN} are supported")]
+    TooManyAddresses {
+        /// The service.
+        service: String,
+        /// How many it lists.
+        count: usize,
+    },
     /// Flags override a config file of one service only.
     #[error(
         "flags override the service of a config file with one service; this one has {0} (set them in the file)"
@@ -100,7 +122,8 @@ impl fmt::Display for Sig {
     }
 }
 
-/// Parses a positive duration: a number with a unit `ms`, `s`, `m` or `h` (`s` if none).
+/// Parses a positive duration of at most [`MAX_DURATION`]: a number with a unit `ms`,
+/// `s`, `m` or `h` (`s` if none).
 pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
     let bad = || ConfigError::Duration(s.to_string());
     let t = s.trim();
@@ -116,7 +139,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
         "h" => 3600.0,
         _ => return Err(bad()),
     };
-    let d = Duration::try_from_secs_f64(value * scale).map_err(|_| bad())?;
+    let seconds = value * scale;
+    if seconds.is_infinite() || seconds > MAX_DURATION.as_secs_f64() {
+        return Err(ConfigError::DurationTooLong(s.to_string()));
+    }
+    let d = Duration::try_from_secs_f64(seconds).map_err(|_| bad())?;
     if d.is_zero() { Err(bad()) } else { Ok(d) }
 }
 
@@ -260,6 +287,12 @@ pub fn service(
     let first = *listen
         .first()
         .ok_or_else(|| ConfigError::NoListen(name.to_string()))?;
+    if listen.len() > MAX_LISTEN {
+        return Err(ConfigError::TooManyAddresses {
+            service: name.to_string(),
+            count: listen.len(),
+        });
+    }
     for (i, addr) in listen.iter().enumerate() {
         if addr.port() == 0 {
             return Err(ConfigError::PortZero {
@@ -339,8 +372,22 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        for bad in ["0", "0s", "-5s", "5x", "s", "", "1e400s"] {
+        for bad in ["0", "0s", "-5s", "5x", "s", "", "1e400s", "1.2.3s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(parse_duration("720h"), Ok(MAX_DURATION));
+        for long in [
+            "9300000000000000000s",
+            "18446744073709551616s",
+            "720.001h",
+            "2592000001ms",
+            &"9".repeat(400),
+        ] {
+            assert_eq!(
+                parse_duration(long),
+                Err(ConfigError::DurationTooLong(long.to_string())),
+                "{long:?}"
+            );
         }
     }
 
@@ -363,6 +410,13 @@ mod tests {
             service("web", &[]),
             Err(ConfigError::NoListen("web".into()))
         );
+        let many: Vec<SocketAddr> = (0..=MAX_LISTEN as u8)
+            .map(|i| SocketAddr::from(([127, 0, 0, i], 80)))
+            .collect();
+        assert!(matches!(
+            service("web", &many),
+            Err(ConfigError::TooManyAddresses { count: 65, .. })
+        ));
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //!
 //! Signals are names (`SIGQUIT`, `QUIT`, `quit`) or numbers 1-64 given as strings;
 //! durations are a positive number with a unit `ms`, `s`, `m` or `h` (`500ms`, `90s`, `5m`,
-//! `1h`). `drain_signal` and `kill_after` also take `"none"` (or `"off"`), so a service
+//! `1h`), at most 30 days ([`config::MAX_DURATION`]). `drain_signal` and `kill_after` also take `"none"` (or `"off"`), so a service
 //! can turn off what `[defaults]` turned on. A setting of a service overrides the one in
 //! `[defaults]`, which overrides the built-in default.
 //!
@@ -580,6 +580,11 @@ kill_after = "off"
                 "[defaults]\nkill_after = \"5 minutes\"\n",
                 2,
                 "positive duration",
+            ),
+            (
+                "[defaults]\n\ndrain_timeout = \"9300000000000000000s\"\n",
+                3,
+                "longer than 30 days",
             ),
             (
                 "[[service]]\nname = \"a\"\nlisten = [\"0.0.0.0:80\"]\ndrain_signal = \"65\"\n",

@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::Paths;
 use crate::daemon::{Daemon, error, finish_status};
+use crate::dirs::{self, DirError};
 
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +33,9 @@ pub enum ControlError {
         "another handoffd is serving {0}; stop it first, or give this one its own --control-socket"
     )]
     InUse(PathBuf),
+    /// The state directory or the socket's directory is not trusted.
+    #[error(transparent)]
+    Dir(#[from] DirError),
     /// Something that is not a socket sits at the path.
     #[error("{0} exists and is not a socket; remove it or choose another --control-socket")]
     NotSocket(PathBuf),
@@ -53,26 +57,32 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ControlErr
     move |source| ControlError::Io { op, path, source }
 }
 
+/// The lock file's name in the state directory (see [`Paths::lock_file`]).
+const LOCK_FILE: &str = "handoffd.lock";
+
 /// Holds the state directory's lock for the daemon's life.
 #[derive(Debug)]
 pub struct StateLock(#[allow(dead_code)] Flock<File>);
 
-/// Creates the state directory and takes its lock: one daemon per state directory.
+/// Creates the state directory (0700) if absent, refuses one another user could write
+/// (see [`dirs`]), and takes its lock: one daemon per state directory.
 pub fn lock_state_dir(paths: &Paths) -> Result<StateLock, ControlError> {
-    fs::create_dir_all(&paths.state_dir).map_err(io_err("creating", &paths.state_dir))?;
-    let path = paths.lock_file();
-    let file = File::create(&path).map_err(io_err("creating", &path))?;
+    let dir = dirs::ensure(&paths.state_dir)?;
+    let file = dir.lock_file(LOCK_FILE)?;
     Flock::lock(file, FlockArg::LockExclusiveNonblock)
         .map(StateLock)
         .map_err(|_| ControlError::Locked(paths.state_dir.clone()))
 }
 
-/// Binds the control socket; a socket file left by a dead daemon is replaced, a live one
-/// is an error.
+/// Binds the control socket in a trusted directory (created 0700 if absent; see
+/// [`dirs`]): no other user can have put a socket of theirs there, or replace ours. A
+/// socket file left by a dead daemon is replaced, a live one is an error.
 pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    dirs::ensure(dir)?;
     match fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(ControlError::NotSocket(path.to_path_buf()));
@@ -132,12 +142,7 @@ async fn client(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> io::Resul
                 tracing::debug!(?request, pid = ?cred.pid(), "control request");
                 let daemon = Arc::clone(&daemon);
                 tokio::task::spawn_blocking(move || {
-                    let Ok(mut d) = daemon.lock() else {
-                        return error(
-                            ErrorKind::Internal,
-                            &"daemon state poisoned by an earlier panic",
-                        );
-                    };
+                    let mut d = Daemon::lock(&daemon);
                     if request == (Request::Status {}) {
                         // The socket dumps run after the lock is released.
                         let plans = d.status_plans();
@@ -180,10 +185,58 @@ async fn read_request(stream: &mut UnixStream) -> Result<Request, FrameError> {
     }
 }
 
-/// Sends one request to the daemon at `path` and reads its answer (blocking).
-pub fn request(path: &Path, request: &Request) -> io::Result<Response> {
+/// Why a client got no answer it can believe.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing answered, or not in the protocol.
+    #[error("{}", unreachable(path, source))]
+    Unreachable {
+        /// The socket.
+        path: PathBuf,
+        /// The OS or framing error.
+        source: io::Error,
+    },
+    /// The socket's peer is neither root nor a uid the caller trusts.
+    #[error(
+        "{path} is served by a process of uid {uid}, not root or handoffd's user, so its answer is not believed; if handoffd really runs as uid {uid}, pass --daemon-uid {uid}"
+    )]
+    Impostor {
+        /// The socket.
+        path: PathBuf,
+        /// The uid of the process that accepted the connection.
+        uid: u32,
+    },
+}
+
+/// Whether an answer from a peer of `uid` may be believed: root, the caller's own uid
+/// (a process of one's own uid can do anything to one anyway), or `daemon_uid`.
+pub fn trusted_peer(uid: u32, daemon_uid: Option<u32>) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw() || Some(uid) == daemon_uid
+}
+
+/// Sends one request to the daemon at `path` and reads its answer (blocking), once the
+/// connected socket's peer credentials (`SO_PEERCRED`, set by the kernel when the peer
+/// called `listen`) show a [`trusted_peer`]: whoever could place a socket at the path
+/// gets neither the request nor belief.
+pub fn request(
+    path: &Path,
+    request: &Request,
+    daemon_uid: Option<u32>,
+) -> Result<Response, ClientError> {
     use std::io::{BufRead, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    let gone = |source| ClientError::Unreachable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(gone)?;
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| gone(io::Error::from_raw_os_error(e as i32)))?;
+    if !trusted_peer(cred.uid(), daemon_uid) {
+        return Err(ClientError::Impostor {
+            path: path.to_path_buf(),
+            uid: cred.uid(),
+        });
+    }
     // The daemon may answer and close before reading (an unauthorised peer): a failed
     // write still leaves its answer to read.
     let written = stream.write_all(&proto::encode(request));
@@ -192,8 +245,8 @@ pub fn request(path: &Path, request: &Request) -> io::Result<Response> {
         .read_until(b'\n', &mut frame);
     match (proto::decode(&frame), written, read) {
         (Ok(response), _, _) => Ok(response),
-        (Err(_), Err(e), _) | (Err(_), Ok(()), Err(e)) => Err(e),
-        (Err(e), Ok(()), Ok(_)) => Err(io::Error::other(e)),
+        (Err(_), Err(e), _) | (Err(_), Ok(()), Err(e)) => Err(gone(e)),
+        (Err(e), Ok(()), Ok(_)) => Err(gone(io::Error::other(e))),
     }
 }
 

@@ -2,7 +2,9 @@
 
 use handoff_common::proto::{ErrorKind, ErrorReply, Promoted, Request, Response, Status};
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::generation::{Ctx, PromoteError, Service, ServiceConfig, StatusPlan};
@@ -21,6 +23,10 @@ pub struct Daemon {
     orphans: Vec<SavedService>,
     /// What was last written, to write only changes.
     last_saved: String,
+    /// The services as configured, to rebuild the table after a panic.
+    configs: Vec<ServiceConfig>,
+    /// The table as of the end of the last operation that completed, written or not.
+    last_good: SavedState,
 }
 
 impl Daemon {
@@ -32,6 +38,7 @@ impl Daemon {
         saved: SavedState,
         state_file: Option<PathBuf>,
     ) -> Self {
+        let configs = services.clone();
         let mut saved = saved.services;
         let mut table = Vec::with_capacity(services.len());
         for config in services {
@@ -54,9 +61,83 @@ impl Daemon {
             state_file,
             orphans: saved,
             last_saved: String::new(),
+            configs,
+            last_good: SavedState::default(),
         };
         daemon.persist();
         daemon
+    }
+
+    /// Runs `f`, one operation on the table, so that a panic in it never escapes: it is
+    /// caught while the lock is still held (the daemon's Mutex is never poisoned) and the
+    /// table is rebuilt from the last one an operation completed, as a restarted daemon
+    /// takes it up (pinned maps, members by pid and start time, drains counted afresh).
+    /// The next request finds a working daemon. Panics are not expected: every number is
+    /// checked where it is parsed and the request paths have no `unwrap`; this is the
+    /// backstop. (A kernel change the failed operation made before panicking is not
+    /// undone; the rebuilt table is written, so `state.json` and `status` agree.)
+    fn guarded<T>(&mut self, what: &str, f: impl FnOnce(&mut Self) -> T) -> Option<T> {
+        match catch_unwind(AssertUnwindSafe(|| f(self))) {
+            Ok(out) => Some(out),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(what, panic = %why, "internal error: the table is rebuilt from the last consistent one");
+                self.rebuild();
+                None
+            }
+        }
+    }
+
+    /// Locks `daemon`. A Mutex poisoned by a panic outside [`Self::guarded`] (code that
+    /// holds the lock without going through an operation of the daemon) is recovered the
+    /// same way: the table is rebuilt from the last consistent one and the poison
+    /// cleared, so one panic never disables later requests.
+    pub fn lock(daemon: &Mutex<Daemon>) -> MutexGuard<'_, Daemon> {
+        match daemon.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => {
+                let mut guard = poisoned.into_inner();
+                tracing::error!(
+                    "a panic interrupted work on the table: rebuilt from the last consistent one"
+                );
+                guard.rebuild();
+                daemon.clear_poison();
+                guard
+            }
+        }
+    }
+
+    /// Replaces the table with [`Self::last_good`], taken up as at start.
+    fn rebuild(&mut self) {
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            let mut saved = std::mem::take(&mut self.last_good).services;
+            drop(std::mem::take(&mut self.services));
+            for config in self.configs.clone() {
+                let service = match saved.iter().position(|s| s.name == config.name) {
+                    Some(i) => Service::recover(config, saved.remove(i), &mut self.ctx),
+                    None => Service::new(config),
+                };
+                self.services.push(service);
+            }
+            self.persist();
+        }));
+    }
+
+    /// The table as [`SavedState`], every service and orphan.
+    fn snapshot(&self) -> SavedState {
+        SavedState {
+            version: crate::state::VERSION,
+            services: self
+                .services
+                .iter()
+                .map(Service::save)
+                .chain(self.orphans.iter().cloned())
+                .collect(),
+        }
     }
 
     /// One line for systemd's STATUS: services and generations by state.
@@ -75,16 +156,9 @@ impl Daemon {
 
     /// Writes the generation table if it changed.
     fn persist(&mut self) {
+        let state = self.snapshot();
+        self.last_good = state.clone();
         let Some(path) = &self.state_file else { return };
-        let state = SavedState {
-            version: crate::state::VERSION,
-            services: self
-                .services
-                .iter()
-                .map(Service::save)
-                .chain(self.orphans.iter().cloned())
-                .collect(),
-        };
         let text = serde_json::to_string_pretty(&state).unwrap_or_default();
         if text == self.last_saved {
             return;
@@ -106,6 +180,10 @@ impl Daemon {
     /// program is detached and its pins removed. Changing the addresses of a service
     /// with live generations is refused for that service (it keeps its old ones).
     pub fn reload(&mut self, configs: Vec<ServiceConfig>) {
+        self.guarded("reload", |d| d.reload_unguarded(configs));
+    }
+
+    fn reload_unguarded(&mut self, configs: Vec<ServiceConfig>) {
         for config in &configs {
             match self.services.iter().position(|s| s.name() == config.name) {
                 Some(i) if self.services[i].listen() != config.listen.as_slice() => {
@@ -135,7 +213,24 @@ impl Daemon {
             }
         }
         self.drop_removed();
+        self.remember(configs);
         self.persist();
+    }
+
+    /// Keeps the configuration of every service in the table, for [`Self::rebuild`]: the
+    /// new one, with the addresses the service kept, or the old one of a removed service
+    /// still steered.
+    fn remember(&mut self, configs: Vec<ServiceConfig>) {
+        let mut kept = Vec::with_capacity(self.services.len());
+        for s in &self.services {
+            let new = configs.iter().find(|c| c.name == s.name());
+            let old = self.configs.iter().find(|c| c.name == s.name());
+            if let Some(mut c) = new.or(old).cloned() {
+                c.listen = s.listen().to_vec();
+                kept.push(c);
+            }
+        }
+        self.configs = kept;
     }
 
     /// Detaches and forgets removed services that have at most one live generation.
@@ -165,6 +260,10 @@ impl Daemon {
 
     /// Acts on what the kernel reported.
     pub fn on_events(&mut self, events: &[DrainEvent]) {
+        self.guarded("drain events", |d| d.on_events_unguarded(events));
+    }
+
+    fn on_events_unguarded(&mut self, events: &[DrainEvent]) {
         for e in events {
             match *e {
                 DrainEvent::Zero(tag) => {
@@ -190,6 +289,10 @@ impl Daemon {
 
     /// Retires generations whose members have all exited.
     pub fn reap(&mut self) {
+        self.guarded("reaping", Self::reap_unguarded);
+    }
+
+    fn reap_unguarded(&mut self) {
         for s in &mut self.services {
             s.reap(&mut self.ctx);
         }
@@ -199,6 +302,10 @@ impl Daemon {
 
     /// Acts on passed deadlines.
     pub fn tick(&mut self, now: Instant) {
+        self.guarded("deadlines", |d| d.tick_unguarded(now));
+    }
+
+    fn tick_unguarded(&mut self, now: Instant) {
         for s in &mut self.services {
             s.tick(now, &mut self.ctx);
         }
@@ -215,6 +322,16 @@ impl Daemon {
 
     /// Answers one request.
     pub fn handle(&mut self, request: Request) -> Response {
+        self.guarded("request", |d| d.handle_unguarded(request))
+            .unwrap_or_else(|| {
+                error(
+                    ErrorKind::Internal,
+                    &"the request failed on an internal error (logged); the daemon took up its last consistent state and serves on: check `handoffctl status` and retry",
+                )
+            })
+    }
+
+    fn handle_unguarded(&mut self, request: Request) -> Response {
         let response = self.answer(request);
         self.persist();
         response
@@ -265,6 +382,11 @@ impl Daemon {
     /// The first step of a status: what needs the daemon's state (see
     /// [`StatusPlan`]); finish it with [`finish_status`] without holding the daemon.
     pub fn status_plans(&mut self) -> Vec<StatusPlan> {
+        self.guarded("status", Self::status_plans_unguarded)
+            .unwrap_or_default()
+    }
+
+    fn status_plans_unguarded(&mut self) -> Vec<StatusPlan> {
         let plans = self
             .services
             .iter_mut()
@@ -346,4 +468,64 @@ pub fn one_line(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::DrainSettings;
+    use crate::loader::DrainProgram;
+
+    #[test]
+    fn a_panic_in_an_operation_neither_poisons_nor_loses_the_table() {
+        if !handoff_tests::privileged("a_panic_in_an_operation_neither_poisons_nor_loses_the_table")
+        {
+            return;
+        }
+        let ctx = Ctx::new(DrainProgram::load().expect("loading the programs"), None);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], handoff_tests::free_port()));
+        let name = format!("panic-{}", std::process::id());
+        let config = crate::config::service(&name, &[addr], DrainSettings::default())
+            .expect("a valid service");
+        let daemon = Arc::new(Mutex::new(Daemon::new(
+            vec![config],
+            ctx,
+            SavedState::default(),
+            None,
+        )));
+        let held = Arc::clone(&daemon);
+        std::thread::spawn(move || {
+            let mut d = held.lock().expect("not poisoned");
+            // Half done, then a panic: the table must come back whole.
+            let out = d.guarded("test", |d| {
+                d.services.clear();
+                panic!("injected");
+            });
+            assert!(out.is_none());
+        })
+        .join()
+        .expect("the panic did not escape");
+        assert!(!daemon.is_poisoned());
+        // A panic outside an operation, with the lock held, poisons the Mutex:
+        // Daemon::lock recovers it, and the table.
+        let held = Arc::clone(&daemon);
+        let _ = std::thread::spawn(move || {
+            let mut d = held.lock().expect("not poisoned");
+            d.services.clear();
+            panic!("injected while holding the lock");
+        })
+        .join();
+        assert!(daemon.is_poisoned());
+        let mut d = Daemon::lock(&daemon);
+        assert!(!daemon.is_poisoned());
+        match d.handle(Request::Status {}) {
+            Response::Status(s) => {
+                let names: Vec<&str> = s.services.iter().map(|s| s.name.as_str()).collect();
+                assert_eq!(names, [name.as_str()]);
+            }
+            other => panic!("status after a panic: {other:?}"),
+        }
+    }
 }

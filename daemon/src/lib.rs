@@ -15,6 +15,8 @@
 //! - [`loader`]: the steering program and its maps (the only module using aya).
 //! - [`probe`]: the probe connection that shows what the kernel chooses.
 //! - [`discover`], [`diag`]: /proc and sock_diag.
+//! - [`dirs`]: directories root can trust, and files in them opened without following
+//!   symlinks.
 //! - [`state`], [`pins`]: what survives the daemon: the generation table in the state
 //!   directory, the maps pinned on the host's bpffs.
 //! - [`notify`]: systemd's READY/STATUS notifications.
@@ -29,6 +31,7 @@ pub mod config_file;
 pub mod control;
 pub mod daemon;
 pub mod diag;
+pub mod dirs;
 pub mod discover;
 pub mod generation;
 pub mod group;

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MsFlags, mount};
+
+use crate::dirs::{self, DirError};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 /// The host's bpffs.
@@ -22,15 +24,25 @@ pub enum PinsError {
     /// bpffs could not be mounted.
     #[error("{BPFFS} is not a bpf file system and mounting one there failed")]
     Mount(#[source] nix::Error),
+    /// The pin directory could be written by another user.
+    #[error(transparent)]
+    Dir(#[from] DirError),
 }
 
-/// Makes sure `/sys/fs/bpf` is a bpf file system, mounting one if it is not. Checked by
-/// file system type: a directory on another file system would lose the pins.
+/// Makes sure `/sys/fs/bpf` is a bpf file system, mounting one if it is not, and that
+/// handoff's directory in it is trusted (created 0700; see [`dirs`]): pins another user
+/// placed there would be taken up as handoff's maps. Checked by file system type: a
+/// directory on another file system would lose the pins.
 pub fn ensure_bpffs() -> Result<(), PinsError> {
     let fs = statfs(BPFFS).map_err(PinsError::Inspect)?;
-    if fs.filesystem_type() == BPF_FS_MAGIC {
-        return Ok(());
+    if fs.filesystem_type() != BPF_FS_MAGIC {
+        mount_bpffs()?;
     }
+    dirs::ensure(&Path::new(BPFFS).join("handoff"))?;
+    Ok(())
+}
+
+fn mount_bpffs() -> Result<(), PinsError> {
     mount(
         Some("bpf"),
         BPFFS,

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use handoff_common::proto::GenerationState;
 use serde::{Deserialize, Serialize};
 
+use crate::dirs::{self, DirError, TrustedDir};
 use crate::group::GroupKey;
+
+mod check;
+pub use check::Inconsistent;
 
 /// The version of this file's layout.
 pub const VERSION: u32 = 1;
@@ -88,20 +92,26 @@ pub struct SavedDrain {
     pub killed: bool,
 }
 
+/// The longest a saved deadline may lie ahead: the longest duration handoffd accepts
+/// ([`crate::config::MAX_DURATION`]).
+const MAX_AHEAD: Duration = crate::config::MAX_DURATION;
+
 /// An instant as wall-clock milliseconds since the epoch.
 pub fn to_wall(at: Instant) -> u64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let wall = if at <= Instant::now() {
-        now.saturating_sub(Instant::now() - at)
+    let here = Instant::now();
+    let wall = if at <= here {
+        now.saturating_sub(here.saturating_duration_since(at))
     } else {
-        now + (at - Instant::now())
+        now.saturating_add(at.saturating_duration_since(here))
     };
     u64::try_from(wall.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Wall-clock milliseconds as an instant of this process.
+/// Wall-clock milliseconds as an instant of this process; never further ahead than
+/// [`MAX_AHEAD`] (the instant of a file's number cannot overflow).
 pub fn from_wall(ms: u64) -> Instant {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -111,24 +121,22 @@ pub fn from_wall(ms: u64) -> Instant {
     if then <= now {
         instant.checked_sub(now - then).unwrap_or(instant)
     } else {
-        instant + (then - now)
+        instant
+            .checked_add((then - now).min(MAX_AHEAD))
+            .unwrap_or(instant)
     }
 }
+
+/// The largest state file read: far above what any daemon writes (a generation of
+/// 100 000 members is about 8 MB), and a bound on what parsing may allocate.
+pub const MAX_FILE: u64 = 64 << 20;
 
 /// Errors reading or writing the state file.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The file could not be read or written.
-    #[error("{op} {path} failed")]
-    Io {
-        /// What was done.
-        op: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The state directory or the file in it is not trusted, or a call on it failed.
+    #[error(transparent)]
+    Dir(#[from] DirError),
     /// The file is not a state this daemon understands.
     #[error(
         "{path} is not a handoff state of version {VERSION}; remove it (handoffd --cleanup) to start afresh"
@@ -140,6 +148,17 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    /// The file parses but contradicts itself: nothing of it is used.
+    #[error(
+        "{path} is inconsistent, so none of it is used: {source}; remove it (handoffd --cleanup) to start afresh"
+    )]
+    Inconsistent {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (boxed: it is large, and refusals are rare).
+        #[source]
+        source: Box<Inconsistent>,
+    },
 }
 
 /// The state file of a state directory.
@@ -147,48 +166,46 @@ pub fn file(state_dir: &Path) -> PathBuf {
     state_dir.join("state.json")
 }
 
-/// Reads the state file; an absent one is an empty state.
+/// The trusted directory of `path` and the file's name in it.
+fn split(path: &Path) -> Result<(TrustedDir, String), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((dirs::open(dir)?, name))
+}
+
+/// Reads and checks the state file (in a trusted directory, never through a symlink,
+/// at most [`MAX_FILE`] bytes); an absent one is an empty state. A file that does not
+/// parse, or contradicts itself ([`SavedState::validate`]), is refused whole.
 pub fn load(path: &Path) -> Result<SavedState, StateError> {
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SavedState::default()),
-        Err(source) => {
-            return Err(StateError::Io {
-                op: "reading",
-                path: path.into(),
-                source,
-            });
-        }
+    let (dir, name) = split(path)?;
+    let Some(text) = dir.read(&name, MAX_FILE)? else {
+        return Ok(SavedState::default());
     };
     let state: SavedState = serde_json::from_slice(&text).map_err(|source| StateError::Format {
         path: path.into(),
         source,
     })?;
-    if state.version != VERSION {
-        return Err(StateError::Format {
+    state
+        .validate()
+        .map_err(|source| StateError::Inconsistent {
             path: path.into(),
-            source: serde::de::Error::custom(format!(
-                "version {} (this daemon reads {VERSION})",
-                state.version
-            )),
-        });
-    }
+            source: Box::new(source),
+        })?;
     Ok(state)
 }
 
-/// Writes the state file atomically (a new file renamed over the old one).
+/// Writes the state file atomically, mode 0600 (see [`TrustedDir::write`]).
 pub fn save(path: &Path, text: &str) -> Result<(), StateError> {
-    let tmp = path.with_extension("json.new");
-    std::fs::write(&tmp, text).map_err(|source| StateError::Io {
-        op: "writing",
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| StateError::Io {
-        op: "renaming",
-        path: tmp,
-        source,
-    })
+    let (dir, name) = split(path)?;
+    Ok(dir.write(&name, text.as_bytes())?)
 }
 
 #[cfg(test)]
@@ -218,6 +235,14 @@ mod tests {
         let path = file(&dir);
         assert_eq!(load(&path).unwrap(), SavedState::default());
         save(&path, "{\"version\":99,\"services\":[]}").unwrap();
+        assert!(matches!(
+            load(&path),
+            Err(StateError::Inconsistent {
+                source,
+                ..
+            }) if *source == Inconsistent::Version { found: 99 }
+        ));
+        save(&path, "{\"version\":1,\"services\":[").unwrap();
         assert!(matches!(load(&path), Err(StateError::Format { .. })));
         let state = SavedState {
             version: VERSION,

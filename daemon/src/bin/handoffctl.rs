@@ -1,5 +1,15 @@
 //! handoffctl: promote a process, roll back, or read the state of handoffd.
+//!
+//! An answer is believed only from a socket whose peer (the process that listens on it,
+//! as the kernel reports it) is root, the caller's own uid, or `--daemon-uid`: a socket
+//! someone else placed at the path is refused with one line.
+//!
+//! Output goes out in one write; a reader that stops early (`handoffctl status | head
+//! -1`) ends handoffctl quietly with status 0: the request was answered, the reader
+//! chose to read less.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -14,6 +24,9 @@ struct Args {
     /// handoffd's control socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
     control_socket: PathBuf,
+    /// Also believe a daemon running as this uid (besides root and your own uid).
+    #[arg(long, value_name = "UID")]
+    daemon_uid: Option<u32>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,73 +62,87 @@ fn main() -> ExitCode {
         Command::Rollback { service } => (Request::Rollback { service }, false),
         Command::Status { json } => (Request::Status {}, json),
     };
-    match control::request(&args.control_socket, &request) {
+    let text = match control::request(&args.control_socket, &request, args.daemon_uid) {
         Ok(Response::Promoted(p)) => {
             let draining = p
                 .draining
                 .map(|d| format!(", generation {d} draining"))
                 .unwrap_or_default();
-            println!(
-                "service {}: generation {} (pid {}, {} listeners) is active{draining}",
+            format!(
+                "service {}: generation {} (pid {}, {} listeners) is active{draining}\n",
                 p.service, p.generation, p.pid, p.listeners
-            );
-            ExitCode::SUCCESS
+            )
         }
         Ok(Response::Status(status)) if json => match serde_json::to_string(&status) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(&e.to_string()),
+            Ok(text) => text + "\n",
+            Err(e) => return fail(&e.to_string()),
         },
-        Ok(Response::Status(status)) => {
-            print_status(&status);
-            ExitCode::SUCCESS
-        }
-        Ok(Response::Error(e)) => fail(&e.message),
-        Err(e) => fail(&control::unreachable(&args.control_socket, &e)),
+        Ok(Response::Status(status)) => status_text(&status),
+        Ok(Response::Error(e)) => return fail(&e.message),
+        Err(e) => return fail(&e.to_string()),
+    };
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("writing the answer failed: {e}")),
     }
 }
 
 fn fail(message: &str) -> ExitCode {
-    eprintln!("handoffctl: {message}");
+    // Not eprintln!: it panics when stderr is closed.
+    let _ = writeln!(std::io::stderr(), "handoffctl: {message}");
     ExitCode::FAILURE
 }
 
-fn print_status(status: &Status) {
+fn status_text(status: &Status) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = write_status(&mut out, status);
+    out
+}
+
+fn write_status(out: &mut String, status: &Status) -> std::fmt::Result {
     for s in &status.services {
-        println!("service {}  listen {}", s.name, s.listen.join(" "));
+        writeln!(out, "service {}  listen {}", s.name, s.listen.join(" "))?;
         if s.generations.is_empty() {
-            println!("  no generation yet: promote a process with `handoffctl promote PID`");
+            writeln!(
+                out,
+                "  no generation yet: promote a process with `handoffctl promote PID`"
+            )?;
         } else {
-            println!(
+            writeln!(
+                out,
                 "  {:>4}  {:>8}  {:<9} {:>9}  {:>11}",
                 "GEN", "PID", "STATE", "LISTENERS", "CONNECTIONS"
-            );
+            )?;
             for g in &s.generations {
-                println!(
+                writeln!(
+                    out,
                     "  {:>4}  {:>8}  {:<9} {:>9}  {:>11}",
                     g.id,
                     g.pid,
                     g.state.as_str(),
                     g.listeners,
                     g.connections
-                );
+                )?;
             }
         }
         let c = &s.steering;
-        println!(
+        writeln!(
+            out,
             "  steered: active {} (retried {}), fallback {}, kernel hash {}, migrated {}, probes {}",
             c.active, c.active_retry, c.fallback, c.kernel_hash, c.migrated, c.probe
-        );
+        )?;
         for f in &s.foreign_listeners {
             let by = f.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-            println!(
+            writeln!(
+                out,
                 "  warning: {}{by} listens on the service port outside its groups ({}): handoff cannot steer what it accepts",
                 f.addr, f.group
-            );
+            )?;
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

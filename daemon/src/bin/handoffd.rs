@@ -72,7 +72,19 @@ enum LogFormat {
     Json,
 }
 
-fn main() -> anyhow::Result<()> {
+/// A refusal at start is one line: the error and its causes (`what: why`).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     handoff::compact_malloc();
     let args = Args::parse();
     let filter =

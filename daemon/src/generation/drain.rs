@@ -273,10 +273,9 @@ impl Service {
             }
         };
         let (id, pid) = (g.id, g.leader.pid);
-        let d = self.generations[index]
-            .drain
-            .as_mut()
-            .expect("checked above");
+        let Some(d) = self.generations[index].drain.as_mut() else {
+            return;
+        };
         if d.counted {
             tracing::debug!(service = %self.config.name, generation = id, counted, queued, "counted");
         } else {
@@ -405,10 +404,9 @@ impl Service {
             if d.retire.is_none() && d.deadline <= now {
                 self.retire(index, RetireReason::Timeout);
             }
-            let d = self.generations[index]
-                .drain
-                .as_ref()
-                .expect("still draining");
+            let Some(d) = self.generations[index].drain.as_ref() else {
+                continue;
+            };
             if d.kill_at.is_some_and(|k| k <= now) {
                 self.adopt_descendants(index, ctx);
                 let g = &mut self.generations[index];
@@ -425,10 +423,9 @@ impl Service {
                     d.killed = true;
                 }
             }
-            let d = self.generations[index]
-                .drain
-                .as_ref()
-                .expect("still draining");
+            let Some(d) = self.generations[index].drain.as_ref() else {
+                continue;
+            };
             if d.recheck_at.is_some_and(|r| r <= now) {
                 self.count(index, ctx);
             }
