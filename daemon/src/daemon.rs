@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::generation::{Ctx, PromoteError, Service, ServiceConfig, StatusPlan};
-use crate::loader::DrainEvent;
+use crate::loader::{DrainEvent, EventStats};
 use crate::state::{SavedService, SavedState};
 
 /// Every service of the daemon.
@@ -21,6 +21,10 @@ pub struct Daemon {
     orphans: Vec<SavedService>,
     /// What was last written, to write only changes.
     last_saved: String,
+    /// The kernel's event counters as last read.
+    event_stats: EventStats,
+    /// Bind events received from the kernel.
+    binds_received: u64,
 }
 
 impl Daemon {
@@ -35,15 +39,16 @@ impl Daemon {
         let mut saved = saved.services;
         let mut table = Vec::with_capacity(services.len());
         for config in services {
-            if let Some(port) = config.listen.first().map(|a| a.port())
-                && let Err(e) = ctx.program.watch_port(port)
-            {
+            if let Err(e) = ctx.program.watch(&config.listen) {
                 tracing::warn!(service = %config.name, error = %e, "cannot watch binds of the service port");
             }
             table.push(match saved.iter().position(|s| s.name == config.name) {
                 Some(i) => Service::recover(config, saved.remove(i), &mut ctx),
                 None => Service::new(config),
             });
+            if let Some(s) = table.last() {
+                s.watch_recovered_owner(&mut ctx);
+            }
         }
         for orphan in &saved {
             tracing::warn!(service = %orphan.name, "saved state of a service that is not configured: kept as it is (handoffd --cleanup --service NAME removes it)");
@@ -54,6 +59,8 @@ impl Daemon {
             state_file,
             orphans: saved,
             last_saved: String::new(),
+            event_stats: EventStats::default(),
+            binds_received: 0,
         };
         daemon.persist();
         daemon
@@ -156,9 +163,7 @@ impl Daemon {
     }
 
     fn watch_port(&mut self, config: &ServiceConfig) {
-        if let Some(port) = config.listen.first().map(|a| a.port())
-            && let Err(e) = self.ctx.program.watch_port(port)
-        {
+        if let Err(e) = self.ctx.program.watch(&config.listen) {
             tracing::warn!(service = %config.name, error = %e, "cannot watch binds of the service port");
         }
     }
@@ -168,16 +173,65 @@ impl Daemon {
         for e in events {
             match *e {
                 DrainEvent::Zero(tag) => {
+                    // Before counting: a zero after this count writes a new event.
+                    self.ctx.program.ack_zero(tag);
                     for s in &mut self.services {
                         s.on_zero(tag, &mut self.ctx);
                     }
                 }
                 DrainEvent::Bind { port, pid } => {
+                    self.binds_received += 1;
+                    tracing::debug!(port, pid, "bind event");
                     let now = Instant::now();
                     for s in self.services.iter_mut().filter(|s| s.port() == port) {
                         s.on_bind(pid, now, &self.ctx);
                     }
                 }
+            }
+        }
+        self.persist();
+    }
+
+    /// Reads the kernel's event counters (on every wake-up of the supervisor) and makes
+    /// up for what they say was missed: a lost zero event recounts every drain at once; a
+    /// bind event held back or lost makes each service look for new listeners once. A
+    /// held-back bind always follows an event let through in the same 100 ms window,
+    /// whose look for listeners lasts a second with ticks at most 250 ms apart: one of
+    /// those ticks wakes the daemon here after it, so the look never waits for another bind.
+    pub fn check_event_stats(&mut self) {
+        let stats = match self.ctx.program.stats() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %one_line(&e), "reading the event counters failed");
+                return;
+            }
+        };
+        let last = std::mem::replace(&mut self.event_stats, stats);
+        if stats == last {
+            return;
+        }
+        tracing::debug!(
+            binds_received = self.binds_received,
+            filtered = stats.filtered,
+            suppressed = stats.suppressed,
+            lost_binds = stats.lost_binds,
+            lost_zeros = stats.lost_zeros,
+            "event counters"
+        );
+        if stats.lost_zeros != last.lost_zeros {
+            tracing::warn!(
+                lost = stats.lost_zeros.wrapping_sub(last.lost_zeros),
+                "zero events were lost: counting every draining generation again"
+            );
+            self.ctx.program.ack_all_zeros();
+            for s in &mut self.services {
+                s.recount_draining(&mut self.ctx);
+            }
+        }
+        if stats.suppressed != last.suppressed || stats.lost_binds != last.lost_binds {
+            let now = Instant::now();
+            for s in &mut self.services {
+                s.look_for_listeners(now, &self.ctx);
             }
         }
         self.persist();
