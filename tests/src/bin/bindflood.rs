@@ -3,7 +3,7 @@
 //! so an address the namespace lacks still binds) and closes it; binds that fail
 //! (EADDRINUSE: the service holds the address) count as well. `--netns` first moves into a
 //! new network namespace, inside a new user namespace when not root (as an unprivileged
-//! user can). Bounded by `--seconds` and `--max`. Prints `ready pid=PID` once flooding,
+//! user can). `--reuseport` sets SO_REUSEPORT first. Bounded by `--seconds` and `--max`. Prints `ready pid=PID` once flooding,
 //! then `done pid=PID ok=N failed=N`.
 
 use std::net::SocketAddr;
@@ -23,6 +23,10 @@ struct Args {
     /// Flood from a new network namespace (and a new user namespace when not root).
     #[arg(long)]
     netns: bool,
+    /// Set SO_REUSEPORT before each bind: with the service's uid, binds of its address
+    /// succeed beside its listeners (the rate limit's case).
+    #[arg(long)]
+    reuseport: bool,
     /// How long to flood, in seconds (at most 60).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60))]
     seconds: u64,
@@ -53,6 +57,9 @@ fn main() -> anyhow::Result<()> {
         let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
         if family == AddressFamily::Inet {
             setsockopt(&fd, sockopt::IpFreebind, &true)?;
+        }
+        if args.reuseport {
+            setsockopt(&fd, sockopt::ReusePort, &true)?;
         }
         match bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &target) {
             Ok(()) => ok += 1,
