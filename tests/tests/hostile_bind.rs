@@ -344,3 +344,39 @@ fn bind_flood_by_the_services_uid_is_rate_limited_and_a_respawned_worker_still_j
     );
     assert_eq!(log_field(&counters, "lost_zeros"), Some(0), "{counters}");
 }
+
+/// The watch's IPv6 side: a generation's bind of the service's IPv6 address is reported
+/// (the key's byte order matches the kernel's), and a flood of EADDRINUSE binds of it by
+/// another user reaches nothing.
+#[test]
+fn ipv6_binds_of_the_service_are_reported_and_failed_ones_are_not() {
+    if !privileged("ipv6_binds_of_the_service_are_reported_and_failed_ones_are_not") {
+        return;
+    }
+    let port = handoff_tests::free_port();
+    let addr: SocketAddr = format!("[::1]:{port}").parse().expect("an address");
+    let a = testsrv("A", &[addr], &[]);
+    let mut d = Handoffd::start("bind-v6", &[addr]);
+    d.promote(a.pid);
+    let b = testsrv("B", &[addr], &[]);
+    let needle = format!("pid={}", b.pid);
+    wait_until(
+        "B's IPv6 bind to be reported",
+        Duration::from_secs(5),
+        || {
+            bind_events(&mut d)
+                .iter()
+                .any(|l| plain(l).contains(&needle))
+        },
+    );
+    let before = bind_events(&mut d).len();
+    let mut f = flood(addr, false, NOBODY, 2);
+    let (ok, failed) = done(&mut f);
+    assert!(ok == 0 && failed > 0, "the flood's binds fail ({ok} ok)");
+    d.promote(b.pid);
+    assert_eq!(
+        bind_events(&mut d).len(),
+        before,
+        "a failed bind reached the daemon"
+    );
+}
