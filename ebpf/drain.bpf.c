@@ -15,9 +15,9 @@
  *   the generation it steers. These run after the port is taken: a bind that fails
  *   (EADDRINUSE) never reaches them, unlike cgroup/bind4/6, which run before the kernel
  *   looks for a conflict. Whatever passes the filters is rate-limited per watched address
- *   (HANDOFF_BIND_BUDGET per 100 ms); what is held back is counted, and the daemon does
- *   one look of its own when that count moves, so a worker's new listener is never missed
- *   for long.
+ *   (HANDOFF_BIND_BUDGET per 100 ms); what is held back is counted, the first one of a
+ *   window wakes the daemon, and the daemon looks for listeners itself while that count
+ *   moves, so a worker's new listener is never missed for long.
  *
  * Two rings (Linux >= 5.8): `zeros` carries only count-reached-zero events and is sized so
  * that it cannot overflow (see there); `binds` carries bind events. Anything binds do,
@@ -164,7 +164,7 @@ struct {
 	__uint(max_entries, 128 * 1024);
 } zeros SEC(".maps");
 
-/* Bind events, at most HANDOFF_BIND_BUDGET per 100 ms per watched address. */
+/* Bind events, at most HANDOFF_BIND_BUDGET + 1 per 100 ms per watched address. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 64 * 1024);
@@ -298,6 +298,7 @@ int handoff_release(struct bpf_sock *ctx)
 	t = *tag;
 	*tag = 0;
 	count = bpf_map_lookup_elem(&counts, &t);
+	/* A forgotten tag, or connections left: nothing to report (1: never a veto). */
 	if (!count || __sync_fetch_and_add(count, -1) != 1)
 		return 1;
 	/*
@@ -308,6 +309,7 @@ int handoff_release(struct bpf_sock *ctx)
 	if (bpf_map_update_elem(&zero_pending, &t, &one, BPF_NOEXIST) == -EEXIST)
 		return 1;
 	emit(&zeros, HANDOFF_STAT_LOST_ZEROS, HANDOFF_EV_ZERO, t, 0);
+	/* 1: the release goes on; this hook only observes. */
 	return 1;
 }
 
@@ -320,11 +322,12 @@ static __always_inline int owner_ok(struct handoff_watch *w)
 }
 
 /*
- * Whether one more event fits the budget of `w`'s window. The window's reset is not
- * atomic with the count: two CPUs crossing a window edge together may both reset it, and
- * a few extra events pass; the budget is a bound on the daemon's work, not an exact figure.
+ * How many events `w`'s window let through before this one (>= HANDOFF_BIND_BUDGET: over
+ * the budget). The window's reset is not atomic with the count: two CPUs crossing a window
+ * edge together may both reset it, and a few extra events pass; the budget is a bound on
+ * the daemon's work, not an exact figure.
  */
-static __always_inline int within_budget(struct handoff_watch *w)
+static __always_inline __u64 used_before(struct handoff_watch *w)
 {
 	__u64 window = bpf_ktime_get_ns() / HANDOFF_BIND_WINDOW_NS;
 
@@ -332,25 +335,38 @@ static __always_inline int within_budget(struct handoff_watch *w)
 		w->window = window;
 		w->used = 0;
 	}
-	return __sync_fetch_and_add(&w->used, 1) < HANDOFF_BIND_BUDGET;
+	return __sync_fetch_and_add(&w->used, 1);
 }
 
+/* Reports the bind of `key`'s address if it passes every filter and the rate limit. */
 static __always_inline void watch_bind(struct bpf_sock *ctx, struct handoff_addr *key)
 {
 	struct handoff_watch *w;
+	__u64 used;
 
+	/* Only TCP listeners are steered. */
 	if (ctx->protocol != IPPROTO_TCP || ctx->type != SOCK_STREAM)
 		return;
 	key->port = ctx->src_port;
+	/* Not a service port: the common case, one lookup, not counted. */
 	if (!bpf_map_lookup_elem(&ports, &key->port))
 		return;
 	w = bpf_map_lookup_elem(&watched, key);
+	/* Another namespace, address or uid: no listener of the service can come from it. */
 	if ((daemon_netns && bpf_get_netns_cookie(ctx) != daemon_netns) || !w || !owner_ok(w)) {
 		stat_add(HANDOFF_STAT_FILTERED);
 		return;
 	}
-	if (!within_budget(w)) {
+	used = used_before(w);
+	/*
+	 * Over the budget: counted; the daemon looks for listeners itself when it sees the
+	 * count move. The first one of a window also wakes it (the binds let through before
+	 * may all have been someone else's, and nothing else may follow).
+	 */
+	if (used >= HANDOFF_BIND_BUDGET) {
 		stat_add(HANDOFF_STAT_SUPPRESSED);
+		if (used == HANDOFF_BIND_BUDGET)
+			emit(&binds, HANDOFF_STAT_LOST_BINDS, HANDOFF_EV_HELD, key->port, 0);
 		return;
 	}
 	emit(&binds, HANDOFF_STAT_LOST_BINDS, HANDOFF_EV_BIND, key->port,

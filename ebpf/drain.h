@@ -64,6 +64,11 @@ enum handoff_event_kind {
 	HANDOFF_EV_ZERO = 1,
 	/* Someone bound a watched port (a listener may be coming): value = the port. */
 	HANDOFF_EV_BIND = 2,
+	/*
+	 * The first bind event a watched address's window holds back: value = the port. Wakes
+	 * the daemon to read the counters (then again while they move), at most once a window.
+	 */
+	HANDOFF_EV_HELD = 3,
 };
 
 struct handoff_event {

@@ -79,6 +79,8 @@ pub const ANY_UID: u32 = u32::MAX;
 pub const EV_ZERO: u32 = 1;
 /// `HANDOFF_EV_BIND`: a watched port was bound.
 pub const EV_BIND: u32 = 2;
+/// `HANDOFF_EV_HELD`: the first bind event of a window held back by the rate limit.
+pub const EV_HELD: u32 = 3;
 
 /// `struct handoff_member`: a process the tag pass counts for.
 #[repr(C)]

@@ -9,6 +9,10 @@ use crate::generation::{Ctx, PromoteError, Service, ServiceConfig, StatusPlan};
 use crate::loader::{DrainEvent, EventStats};
 use crate::state::{SavedService, SavedState};
 
+/// While the kernel holds bind events back, how often the daemon reads its counters (and
+/// looks for new listeners): twice the rate limit's window.
+const STATS_RECHECK: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Every service of the daemon.
 #[derive(Debug)]
 pub struct Daemon {
@@ -23,8 +27,12 @@ pub struct Daemon {
     last_saved: String,
     /// The kernel's event counters as last read.
     event_stats: EventStats,
-    /// Bind events received from the kernel.
+    /// Bind events received from the kernel, and that count when the counters were last
+    /// logged.
     binds_received: u64,
+    binds_logged: u64,
+    /// While the kernel holds bind events back: when to read its counters again.
+    stats_check_at: Option<Instant>,
 }
 
 impl Daemon {
@@ -61,6 +69,8 @@ impl Daemon {
             last_saved: String::new(),
             event_stats: EventStats::default(),
             binds_received: 0,
+            binds_logged: 0,
+            stats_check_at: None,
         };
         daemon.persist();
         daemon
@@ -179,6 +189,10 @@ impl Daemon {
                         s.on_zero(tag, &mut self.ctx);
                     }
                 }
+                // A wake-up only: the counters, read after every wake-up, moved.
+                DrainEvent::Held { port } => {
+                    tracing::debug!(port, "bind events held back");
+                }
                 DrainEvent::Bind { port, pid } => {
                     self.binds_received += 1;
                     tracing::debug!(port, pid, "bind event");
@@ -194,10 +208,11 @@ impl Daemon {
 
     /// Reads the kernel's event counters (on every wake-up of the supervisor) and makes
     /// up for what they say was missed: a lost zero event recounts every drain at once; a
-    /// bind event held back or lost makes each service look for new listeners once. A
-    /// held-back bind always follows an event let through in the same 100 ms window,
-    /// whose look for listeners lasts a second with ticks at most 250 ms apart: one of
-    /// those ticks wakes the daemon here after it, so the look never waits for another bind.
+    /// bind event held back or lost makes each service look for new listeners once, and
+    /// the counters are read again [`STATS_RECHECK`] later, and so on while they move. The
+    /// first bind a window holds back wakes the daemon (`DrainEvent::Held`); later ones
+    /// wake nothing, and the rechecks find them: each at most [`STATS_RECHECK`] after it,
+    /// since the checks stop only when one saw no change.
     pub fn check_event_stats(&mut self) {
         let stats = match self.ctx.program.stats() {
             Ok(s) => s,
@@ -207,7 +222,9 @@ impl Daemon {
             }
         };
         let last = std::mem::replace(&mut self.event_stats, stats);
-        if stats == last {
+        let logged = std::mem::replace(&mut self.binds_logged, self.binds_received);
+        if stats == last && logged == self.binds_received {
+            self.stats_check_at = None;
             return;
         }
         tracing::debug!(
@@ -233,6 +250,9 @@ impl Daemon {
             for s in &mut self.services {
                 s.look_for_listeners(now, &self.ctx);
             }
+            self.stats_check_at = Some(now + STATS_RECHECK);
+        } else {
+            self.stats_check_at = None;
         }
         self.persist();
     }
@@ -259,11 +279,12 @@ impl Daemon {
         self.persist();
     }
 
-    /// The earliest deadline of any service.
+    /// The earliest deadline of any service, or of the next read of the event counters.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.services
             .iter()
             .filter_map(Service::next_deadline)
+            .chain(self.stats_check_at)
             .min()
     }
 

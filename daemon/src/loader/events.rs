@@ -13,8 +13,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{MapData, RingBuf};
 use handoff_common::maps::{
-    ANY_UID, DrainEventRaw, EV_BIND, EV_ZERO, MAP_PORTS, MAP_STATS, MAP_WATCHED, STAT_FILTERED,
-    STAT_LOST_BINDS, STAT_LOST_ZEROS, STAT_SUPPRESSED, STATS, Watch, WatchKey,
+    ANY_UID, DrainEventRaw, EV_BIND, EV_HELD, EV_ZERO, MAP_PORTS, MAP_STATS, MAP_WATCHED,
+    STAT_FILTERED, STAT_LOST_BINDS, STAT_LOST_ZEROS, STAT_SUPPRESSED, STATS, Watch, WatchKey,
 };
 
 use super::LoaderError;
@@ -31,6 +31,11 @@ pub enum DrainEvent {
         port: u16,
         /// The process that bound it.
         pid: i32,
+    },
+    /// The rate limit began holding back bind events of this port (once per window).
+    Held {
+        /// The port.
+        port: u16,
     },
 }
 
@@ -49,6 +54,9 @@ impl DrainEvent {
             EV_BIND => Some(DrainEvent::Bind {
                 port: u16::try_from(raw.value).ok()?,
                 pid: i32::try_from(raw.pid).ok()?,
+            }),
+            EV_HELD => Some(DrainEvent::Held {
+                port: u16::try_from(raw.value).ok()?,
             }),
             _ => None,
         }
@@ -206,6 +214,10 @@ mod tests {
                 pid: 4242
             })
         );
+        b[..4].copy_from_slice(&EV_HELD.to_ne_bytes());
+        assert_eq!(DrainEvent::parse(&b), Some(DrainEvent::Held { port: 8080 }));
+        b[..4].copy_from_slice(&9u32.to_ne_bytes());
+        assert_eq!(DrainEvent::parse(&b), None, "an unknown kind");
         assert_eq!(DrainEvent::parse(&b[..8]), None);
     }
 
