@@ -9,8 +9,20 @@
  * - cgroup/sock_release (attached at the cgroup v2 root; runs when the last file
  *   reference of a socket goes: close, exit, a child's close): untags the socket and
  *   decrements its generation's count; at zero it writes an event to the ring buffer.
- * - cgroup/bind4, cgroup/bind6: report a bind() to a watched port and who bound it, so
- *   the daemon looks for a new listener (a respawned worker) of a generation it steers.
+ * - cgroup/post_bind4, cgroup/post_bind6 (Linux >= 4.17; attached at the root): report a
+ *   successful TCP bind() of a watched service address, in the daemon's network namespace,
+ *   by the service's uid, so the daemon looks for a new listener (a respawned worker) of
+ *   the generation it steers. These run after the port is taken: a bind that fails
+ *   (EADDRINUSE) never reaches them, unlike cgroup/bind4/6, which run before the kernel
+ *   looks for a conflict. Whatever passes the filters is rate-limited per watched address
+ *   (HANDOFF_BIND_BUDGET per 100 ms); what is held back is counted, the first one of a
+ *   window wakes the daemon, and the daemon looks for listeners itself while that count
+ *   moves, so a worker's new listener is never missed for long.
+ *
+ * Two rings (Linux >= 5.8): `zeros` carries only count-reached-zero events and is sized so
+ * that it cannot overflow (see there); `binds` carries bind events. Anything binds do,
+ * however many, cannot take room a zero event needs. Every failed reservation is counted
+ * in `stats`, which the daemon reads each time it wakes.
  * - iter/task_file (run over the processes of a candidate): writes the fd and inode of
  *   each of their TCP listeners on the service port, without a readlink per fd.
  * - iter/task: writes the process table (tgid, parent) in one read, so finding a process
@@ -31,6 +43,10 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 #define TCP_LISTEN 10
+#define SOCK_STREAM 1
+#define EEXIST 17
+
+static const __u32 one = 1;
 
 struct sock_common {
 	unsigned short skc_family;
@@ -107,7 +123,7 @@ struct {
 	__type(value, struct handoff_member);
 } members SEC(".maps");
 
-/* Ports whose bind() wakes the daemon. */
+/* Ports whose bind() may be reported: port -> 1 (the first, cheap test of every bind). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, HANDOFF_MAX_PORTS);
@@ -115,18 +131,76 @@ struct {
 	__type(value, __u32);
 } ports SEC(".maps");
 
+/* Service addresses (and the wildcard of their family) whose bind is reported. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HANDOFF_MAX_WATCHED);
+	__type(key, struct handoff_addr);
+	__type(value, struct handoff_watch);
+} watched SEC(".maps");
+
+/*
+ * Tags with a zero event written and not yet taken by the daemon: tag -> 1. A release
+ * writes a zero event only if it adds the tag here; the daemon removes it before it counts
+ * the tag again (and when it forgets the tag). So the `zeros` ring holds at most one
+ * event per tag, and tags are at most HANDOFF_MAX_TAGS (a release only writes for a tag
+ * in `counts`, whose size that is).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HANDOFF_MAX_TAGS);
+	__type(key, __u32);
+	__type(value, __u32);
+} zero_pending SEC(".maps");
+
+/*
+ * Count-reached-zero events only. By `zero_pending`, at most HANDOFF_MAX_TAGS records are
+ * ever unread, each 16 bytes plus the ring's 8-byte record header: 4096 * 24 = 96 KiB,
+ * rounded up to the power of two the kernel requires. A failed reservation here is
+ * counted anyway (HANDOFF_STAT_LOST_ZEROS) and makes the daemon recount every drain.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 128 * 1024);
+} zeros SEC(".maps");
+
+/* Bind events, at most HANDOFF_BIND_BUDGET + 1 per 100 ms per watched address. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 64 * 1024);
-} events SEC(".maps");
+} binds SEC(".maps");
 
-static __always_inline void emit(__u32 kind, __u32 value, __u32 pid)
+/* Per-CPU counters, indexed by enum handoff_stat; summed by the daemon. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, HANDOFF_STATS);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/*
+ * The daemon's network namespace (its SO_NETNS_COOKIE), set at load time; 0: unknown,
+ * binds of every namespace pass (the daemon warns).
+ */
+const volatile __u64 daemon_netns = 0;
+
+static __always_inline void stat_add(__u32 index)
 {
-	struct handoff_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	__u64 *v = bpf_map_lookup_elem(&stats, &index);
 
-	/* A full ring: the daemon is behind and rechecks every count when it catches up. */
-	if (!ev)
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void emit(void *ring, __u32 lost, __u32 kind, __u32 value, __u32 pid)
+{
+	struct handoff_event *ev = bpf_ringbuf_reserve(ring, sizeof(*ev), 0);
+
+	/* A full ring: counted; the daemon sees the count move when it wakes and catches up. */
+	if (!ev) {
+		stat_add(lost);
 		return;
+	}
 	ev->kind = kind;
 	ev->value = value;
 	ev->pid = pid;
@@ -224,31 +298,104 @@ int handoff_release(struct bpf_sock *ctx)
 	t = *tag;
 	*tag = 0;
 	count = bpf_map_lookup_elem(&counts, &t);
-	if (count && __sync_fetch_and_add(count, -1) == 1)
-		emit(HANDOFF_EV_ZERO, t, 0);
+	/* A forgotten tag, or connections left: nothing to report (1: never a veto). */
+	if (!count || __sync_fetch_and_add(count, -1) != 1)
+		return 1;
+	/*
+	 * -EEXIST: a zero event of this tag is still unread; the daemon counts the tag when it
+	 * takes that one, after this release. Any other failure cannot happen while tags fit
+	 * in `counts`; the event is written anyway (losing it is the worse outcome).
+	 */
+	if (bpf_map_update_elem(&zero_pending, &t, &one, BPF_NOEXIST) == -EEXIST)
+		return 1;
+	emit(&zeros, HANDOFF_STAT_LOST_ZEROS, HANDOFF_EV_ZERO, t, 0);
+	/* 1: the release goes on; this hook only observes. */
 	return 1;
 }
 
-static __always_inline int watch_bind(struct bpf_sock_addr *ctx)
+/* Whether the binding process's uid is one `w` allows (any, before the first promote). */
+static __always_inline int owner_ok(struct handoff_watch *w)
 {
-	__u32 port = bpf_ntohs((__u16)ctx->user_port);
+	__u32 uid = (__u32)bpf_get_current_uid_gid();
 
-	if (bpf_map_lookup_elem(&ports, &port))
-		emit(HANDOFF_EV_BIND, port, bpf_get_current_pid_tgid() >> 32);
-	/* 1: let the bind proceed; handoff never refuses one. */
+	return w->uids[0] == HANDOFF_ANY_UID || w->uids[0] == uid || w->uids[1] == uid;
+}
+
+/*
+ * How many events `w`'s window let through before this one (>= HANDOFF_BIND_BUDGET: over
+ * the budget). The window's reset is not atomic with the count: two CPUs crossing a window
+ * edge together may both reset it, and a few extra events pass; the budget is a bound on
+ * the daemon's work, not an exact figure.
+ */
+static __always_inline __u64 used_before(struct handoff_watch *w)
+{
+	__u64 window = bpf_ktime_get_ns() / HANDOFF_BIND_WINDOW_NS;
+
+	if (w->window != window) {
+		w->window = window;
+		w->used = 0;
+	}
+	return __sync_fetch_and_add(&w->used, 1);
+}
+
+/* Reports the bind of `key`'s address if it passes every filter and the rate limit. */
+static __always_inline void watch_bind(struct bpf_sock *ctx, struct handoff_addr *key)
+{
+	struct handoff_watch *w;
+	__u64 used;
+
+	/* Only TCP listeners are steered. */
+	if (ctx->protocol != IPPROTO_TCP || ctx->type != SOCK_STREAM)
+		return;
+	key->port = ctx->src_port;
+	/* Not a service port: the common case, one lookup, not counted. */
+	if (!bpf_map_lookup_elem(&ports, &key->port))
+		return;
+	w = bpf_map_lookup_elem(&watched, key);
+	/* Another namespace, address or uid: no listener of the service can come from it. */
+	if ((daemon_netns && bpf_get_netns_cookie(ctx) != daemon_netns) || !w || !owner_ok(w)) {
+		stat_add(HANDOFF_STAT_FILTERED);
+		return;
+	}
+	used = used_before(w);
+	/*
+	 * Over the budget: counted; the daemon looks for listeners itself when it sees the
+	 * count move. The first one of a window also wakes it (the binds let through before
+	 * may all have been someone else's, and nothing else may follow).
+	 */
+	if (used >= HANDOFF_BIND_BUDGET) {
+		stat_add(HANDOFF_STAT_SUPPRESSED);
+		if (used == HANDOFF_BIND_BUDGET)
+			emit(&binds, HANDOFF_STAT_LOST_BINDS, HANDOFF_EV_HELD, key->port, 0);
+		return;
+	}
+	emit(&binds, HANDOFF_STAT_LOST_BINDS, HANDOFF_EV_BIND, key->port,
+	     bpf_get_current_pid_tgid() >> 32);
+}
+
+SEC("cgroup/post_bind4")
+int handoff_post_bind4(struct bpf_sock *ctx)
+{
+	struct handoff_addr key = { .family = AF_INET };
+
+	key.addr[0] = ctx->src_ip4;
+	watch_bind(ctx, &key);
+	/* 1: keep the bind; 0 would undo a bind that already succeeded (EPERM). */
 	return 1;
 }
 
-SEC("cgroup/bind4")
-int handoff_bind4(struct bpf_sock_addr *ctx)
+SEC("cgroup/post_bind6")
+int handoff_post_bind6(struct bpf_sock *ctx)
 {
-	return watch_bind(ctx);
-}
+	struct handoff_addr key = { .family = AF_INET6 };
 
-SEC("cgroup/bind6")
-int handoff_bind6(struct bpf_sock_addr *ctx)
-{
-	return watch_bind(ctx);
+	key.addr[0] = ctx->src_ip6[0];
+	key.addr[1] = ctx->src_ip6[1];
+	key.addr[2] = ctx->src_ip6[2];
+	key.addr[3] = ctx->src_ip6[3];
+	watch_bind(ctx, &key);
+	/* 1: keep the bind; 0 would undo a bind that already succeeded (EPERM). */
+	return 1;
 }
 
 SEC("iter/task")

@@ -37,10 +37,10 @@ pub const MAP_PROBES: &str = "probes";
 pub const PROG_TAG: &str = "handoff_tag";
 /// The release countdown.
 pub const PROG_RELEASE: &str = "handoff_release";
-/// The IPv4 bind watch.
-pub const PROG_BIND4: &str = "handoff_bind4";
-/// The IPv6 bind watch.
-pub const PROG_BIND6: &str = "handoff_bind6";
+/// The IPv4 bind watch (`cgroup/post_bind4`: successful binds only).
+pub const PROG_POST_BIND4: &str = "handoff_post_bind4";
+/// The IPv6 bind watch (`cgroup/post_bind6`).
+pub const PROG_POST_BIND6: &str = "handoff_post_bind6";
 /// The process table iterator.
 pub const PROG_PROCS: &str = "handoff_procs";
 /// The listener iterator.
@@ -49,14 +49,38 @@ pub const PROG_LISTENERS: &str = "handoff_listeners";
 pub const MAP_COUNTS: &str = "counts";
 /// Processes the next pass tags for.
 pub const MAP_MEMBERS: &str = "members";
-/// Ports whose bind() is reported.
+/// Ports whose bind() may be reported (the first test of every bind).
 pub const MAP_PORTS: &str = "ports";
-/// The ring buffer of drain events.
-pub const MAP_EVENTS: &str = "events";
+/// Watched service addresses: [`WatchKey`] -> [`Watch`].
+pub const MAP_WATCHED: &str = "watched";
+/// Tags with an unread zero event.
+pub const MAP_ZERO_PENDING: &str = "zero_pending";
+/// The ring buffer of count-reached-zero events (cannot overflow).
+pub const MAP_ZEROS: &str = "zeros";
+/// The ring buffer of bind events (rate-limited).
+pub const MAP_BINDS: &str = "binds";
+/// The per-CPU event counters, indexed by the `STAT_*` constants.
+pub const MAP_STATS: &str = "stats";
+/// The global holding the daemon's network namespace cookie, set at load.
+pub const GLOBAL_NETNS: &str = "daemon_netns";
+/// `HANDOFF_STAT_LOST_ZEROS`: a zero event did not fit its ring.
+pub const STAT_LOST_ZEROS: u32 = 0;
+/// `HANDOFF_STAT_LOST_BINDS`: a bind event did not fit its ring.
+pub const STAT_LOST_BINDS: u32 = 1;
+/// `HANDOFF_STAT_SUPPRESSED`: a bind event over the rate limit, not written.
+pub const STAT_SUPPRESSED: u32 = 2;
+/// `HANDOFF_STAT_FILTERED`: a bind of a watched port from another namespace, address or uid.
+pub const STAT_FILTERED: u32 = 3;
+/// `HANDOFF_STATS`: entries of the stats map.
+pub const STATS: u32 = 4;
+/// `HANDOFF_ANY_UID`: a watch's first uid before the service's uid is known.
+pub const ANY_UID: u32 = u32::MAX;
 /// `HANDOFF_EV_ZERO`: a tag's count reached zero.
 pub const EV_ZERO: u32 = 1;
 /// `HANDOFF_EV_BIND`: a watched port was bound.
 pub const EV_BIND: u32 = 2;
+/// `HANDOFF_EV_HELD`: the first bind event of a window held back by the rate limit.
+pub const EV_HELD: u32 = 3;
 
 /// `struct handoff_member`: a process the tag pass counts for.
 #[repr(C)]
@@ -69,6 +93,50 @@ pub struct DrainMember {
 }
 
 const _: () = assert!(size_of::<DrainMember>() == 8);
+
+/// `struct handoff_addr`: a bound local address, the key of the `watched` map.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WatchKey {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Host byte order.
+    pub port: u32,
+    /// Network byte order; IPv4 in the first word, the rest zero.
+    pub addr: [u32; 4],
+}
+
+const _: () = assert!(size_of::<WatchKey>() == 24);
+
+impl WatchKey {
+    /// The key as the map takes it (the same bytes as the struct).
+    pub fn words(&self) -> [u32; 6] {
+        let [a, b, c, d] = self.addr;
+        [self.family, self.port, a, b, c, d]
+    }
+}
+
+/// `struct handoff_watch`: whose binds of a watched address are reported, and its rate
+/// limit's state (written by the program).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// The uids whose binds are reported ([`ANY_UID`] first: any).
+    pub uids: [u32; 2],
+    /// The rate limit's current window.
+    pub window: u64,
+    /// Events let through in that window.
+    pub used: u64,
+}
+
+const _: () = assert!(size_of::<Watch>() == 24);
+
+impl Watch {
+    /// A fresh watch reporting binds by `uids` (window and count zero), as the map takes it.
+    pub fn words(uids: [u32; 2]) -> [u32; 6] {
+        [uids[0], uids[1], 0, 0, 0, 0]
+    }
+}
 
 /// `struct handoff_event`, as the ring buffer carries it.
 #[repr(C)]

@@ -8,8 +8,12 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::generation::{Ctx, PromoteError, Service, ServiceConfig, StatusPlan};
-use crate::loader::DrainEvent;
+use crate::loader::{DrainEvent, EventStats};
 use crate::state::{SavedService, SavedState};
+
+/// While the kernel holds bind events back, how often the daemon reads its counters (and
+/// looks for new listeners): twice the rate limit's window.
+const STATS_RECHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Every service of the daemon.
 #[derive(Debug)]
@@ -27,6 +31,14 @@ pub struct Daemon {
     configs: Vec<ServiceConfig>,
     /// The table as of the end of the last operation that completed, written or not.
     last_good: SavedState,
+    /// The kernel's event counters as last read.
+    event_stats: EventStats,
+    /// Bind events received from the kernel, and that count when the counters were last
+    /// logged.
+    binds_received: u64,
+    binds_logged: u64,
+    /// While the kernel holds bind events back: when to read its counters again.
+    stats_check_at: Option<Instant>,
 }
 
 impl Daemon {
@@ -42,15 +54,16 @@ impl Daemon {
         let mut saved = saved.services;
         let mut table = Vec::with_capacity(services.len());
         for config in services {
-            if let Some(port) = config.listen.first().map(|a| a.port())
-                && let Err(e) = ctx.program.watch_port(port)
-            {
+            if let Err(e) = ctx.program.watch(&config.listen) {
                 tracing::warn!(service = %config.name, error = %e, "cannot watch binds of the service port");
             }
             table.push(match saved.iter().position(|s| s.name == config.name) {
                 Some(i) => Service::recover(config, saved.remove(i), &mut ctx),
                 None => Service::new(config),
             });
+            if let Some(s) = table.last() {
+                s.watch_recovered_owner(&mut ctx);
+            }
         }
         for orphan in &saved {
             tracing::warn!(service = %orphan.name, "saved state of a service that is not configured: kept as it is (handoffd --cleanup --service NAME removes it)");
@@ -63,6 +76,10 @@ impl Daemon {
             last_saved: String::new(),
             configs,
             last_good: SavedState::default(),
+            event_stats: EventStats::default(),
+            binds_received: 0,
+            binds_logged: 0,
+            stats_check_at: None,
         };
         daemon.persist();
         daemon
@@ -251,9 +268,7 @@ impl Daemon {
     }
 
     fn watch_port(&mut self, config: &ServiceConfig) {
-        if let Some(port) = config.listen.first().map(|a| a.port())
-            && let Err(e) = self.ctx.program.watch_port(port)
-        {
+        if let Err(e) = self.ctx.program.watch(&config.listen) {
             tracing::warn!(service = %config.name, error = %e, "cannot watch binds of the service port");
         }
     }
@@ -267,17 +282,76 @@ impl Daemon {
         for e in events {
             match *e {
                 DrainEvent::Zero(tag) => {
+                    // Before counting: a zero after this count writes a new event.
+                    self.ctx.program.ack_zero(tag);
                     for s in &mut self.services {
                         s.on_zero(tag, &mut self.ctx);
                     }
                 }
+                // A wake-up only: the counters, read after every wake-up, moved.
+                DrainEvent::Held { port } => {
+                    tracing::debug!(port, "bind events held back");
+                }
                 DrainEvent::Bind { port, pid } => {
+                    self.binds_received += 1;
+                    tracing::debug!(port, pid, "bind event");
                     let now = Instant::now();
                     for s in self.services.iter_mut().filter(|s| s.port() == port) {
                         s.on_bind(pid, now, &self.ctx);
                     }
                 }
             }
+        }
+        self.persist();
+    }
+
+    /// Reads the kernel's event counters (on every wake-up of the supervisor) and makes
+    /// up for what they say was missed: a lost zero event recounts every drain at once; a
+    /// bind event held back or lost makes each service look for new listeners once, and
+    /// the counters are read again [`STATS_RECHECK`] later, and so on while they move. The
+    /// first bind a window holds back wakes the daemon (`DrainEvent::Held`); later ones
+    /// wake nothing, and the rechecks find them: each at most [`STATS_RECHECK`] after it,
+    /// since the checks stop only when one saw no change.
+    pub fn check_event_stats(&mut self) {
+        let stats = match self.ctx.program.stats() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %one_line(&e), "reading the event counters failed");
+                return;
+            }
+        };
+        let last = std::mem::replace(&mut self.event_stats, stats);
+        let logged = std::mem::replace(&mut self.binds_logged, self.binds_received);
+        if stats == last && logged == self.binds_received {
+            self.stats_check_at = None;
+            return;
+        }
+        tracing::debug!(
+            binds_received = self.binds_received,
+            filtered = stats.filtered,
+            suppressed = stats.suppressed,
+            lost_binds = stats.lost_binds,
+            lost_zeros = stats.lost_zeros,
+            "event counters"
+        );
+        if stats.lost_zeros != last.lost_zeros {
+            tracing::warn!(
+                lost = stats.lost_zeros.wrapping_sub(last.lost_zeros),
+                "zero events were lost: counting every draining generation again"
+            );
+            self.ctx.program.ack_all_zeros();
+            for s in &mut self.services {
+                s.recount_draining(&mut self.ctx);
+            }
+        }
+        if stats.suppressed != last.suppressed || stats.lost_binds != last.lost_binds {
+            let now = Instant::now();
+            for s in &mut self.services {
+                s.look_for_listeners(now, &self.ctx);
+            }
+            self.stats_check_at = Some(now + STATS_RECHECK);
+        } else {
+            self.stats_check_at = None;
         }
         self.persist();
     }
@@ -312,11 +386,12 @@ impl Daemon {
         self.persist();
     }
 
-    /// The earliest deadline of any service.
+    /// The earliest deadline of any service, or of the next read of the event counters.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.services
             .iter()
             .filter_map(Service::next_deadline)
+            .chain(self.stats_check_at)
             .min()
     }
 

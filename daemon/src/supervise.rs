@@ -1,6 +1,8 @@
-//! The daemon's event loop beside the control socket: kernel drain events, members'
-//! exits (pidfds), deadlines, and wake-ups when a request brought a deadline forward.
-//! Idle, it sleeps in epoll: no timer runs while nothing drains.
+//! The daemon's event loop beside the control socket: kernel events (two rings: zero
+//! counts, and binds), members' exits (pidfds), deadlines, and wake-ups when a request
+//! brought a deadline forward. On every wake-up it reads the kernel's event counters, so
+//! a lost or held-back event is made up for (`Daemon::check_event_stats`). Idle, it
+//! sleeps in epoll: no timer runs while nothing drains.
 
 use std::future::pending;
 use std::os::fd::OwnedFd;
@@ -8,11 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
 use crate::daemon::Daemon;
-use crate::loader::DrainEvent;
+use crate::loader::{DrainEvent, EventRings};
 use crate::sys;
 
 /// Runs `f` on the daemon off the runtime thread (it may scan /proc or run a tag pass).
@@ -27,14 +30,27 @@ async fn with_daemon<T: Send + 'static>(
         .flatten()
 }
 
-/// Waits on the drain ring buffer, the pidfds sent on `watch`, and the daemon's next
-/// deadline, and hands each to the daemon. Returns when `watch` closes.
+/// Everything `ring` holds now, decoded; clears its readiness.
+fn drain_ring(
+    guard: &mut tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>,
+) -> Vec<DrainEvent> {
+    let mut batch = Vec::new();
+    while let Some(item) = guard.get_inner_mut().next() {
+        batch.extend(DrainEvent::parse(&item));
+    }
+    guard.clear_ready();
+    batch
+}
+
+/// Waits on the event rings, the pidfds sent on `watch`, and the daemon's next deadline,
+/// and hands each to the daemon. Returns when `watch` closes.
 pub async fn supervise(
     daemon: Arc<Mutex<Daemon>>,
-    events: RingBuf<MapData>,
+    rings: EventRings,
     mut watch: UnboundedReceiver<Arc<OwnedFd>>,
 ) -> std::io::Result<()> {
-    let mut events = sys::async_ringbuf(events)?;
+    let mut zeros: AsyncFd<RingBuf<MapData>> = sys::async_ringbuf(rings.zeros)?;
+    let mut binds: AsyncFd<RingBuf<MapData>> = sys::async_ringbuf(rings.binds)?;
     let mut exits = JoinSet::new();
     let Some(wake) = with_daemon(&daemon, |d| d.waker()).await else {
         return Err(std::io::Error::other(
@@ -42,7 +58,12 @@ pub async fn supervise(
         ));
     };
     loop {
-        let deadline = with_daemon(&daemon, |d| d.next_deadline()).await.flatten();
+        let deadline = with_daemon(&daemon, |d| {
+            d.check_event_stats();
+            d.next_deadline()
+        })
+        .await
+        .flatten();
         let sleep = async move {
             match deadline {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -50,13 +71,16 @@ pub async fn supervise(
             }
         };
         tokio::select! {
-            ready = events.readable_mut() => {
-                let mut guard = ready?;
-                let mut batch = Vec::new();
-                while let Some(item) = guard.get_inner_mut().next() {
-                    batch.extend(DrainEvent::parse(&item));
+            // Zero events first: a retirement never waits behind binds.
+            biased;
+            ready = zeros.readable_mut() => {
+                let batch = drain_ring(&mut ready?);
+                if !batch.is_empty() {
+                    with_daemon(&daemon, move |d| d.on_events(&batch)).await;
                 }
-                guard.clear_ready();
+            }
+            ready = binds.readable_mut() => {
+                let batch = drain_ring(&mut ready?);
                 if !batch.is_empty() {
                     with_daemon(&daemon, move |d| d.on_events(&batch)).await;
                 }

@@ -379,3 +379,28 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     }
     Ok((before, lim.rlim_cur))
 }
+
+/// `getsockopt(SO_NETNS_COOKIE)` on a fresh socket: the kernel's 64-bit id of the calling
+/// process's network namespace (Linux >= 5.14), as `bpf_get_netns_cookie` returns it.
+pub fn netns_cookie() -> io::Result<u64> {
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `socket` is an open descriptor for the whole call; `cookie` and `len` are
+    // valid for writes and `len` gives the buffer's size; the kernel writes at most `len`
+    // bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(cookie)
+    }
+}

@@ -2,6 +2,7 @@
 //! rollback, retirement.
 
 mod drain;
+mod events;
 mod listeners;
 mod persist;
 mod promote;

@@ -239,6 +239,7 @@ impl Service {
 
     /// Every active generation but the one at `keep` starts draining.
     fn demote_active(&mut self, keep: usize, ctx: &mut Ctx) {
+        self.watch_owner(keep, ctx);
         for index in 0..self.generations.len() {
             if index != keep && self.generations[index].state == GenerationState::Active {
                 self.generations[index].state = GenerationState::Draining;

@@ -1,4 +1,6 @@
 //! The drain accounting programs: one set per daemon, attached at the cgroup v2 root.
+//! This module and `events` (the bind watch, the rings and their counters) are the only
+//! code that knows the object's maps.
 
 use std::fs::File;
 use std::io::Read;
@@ -6,50 +8,17 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::Btf;
-use aya::maps::{HashMap, MapData, MapError, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, Iter, ProgramError};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSock, Iter, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use handoff_common::maps::{
-    DrainEventRaw, EV_BIND, EV_ZERO, ListenerRaw, MAP_COUNTS, MAP_EVENTS, MAP_MEMBERS, MAP_PORTS,
-    PROG_BIND4, PROG_BIND6, PROG_LISTENERS, PROG_PROCS, PROG_RELEASE, PROG_TAG, ProcRaw,
+    GLOBAL_NETNS, ListenerRaw, MAP_BINDS, MAP_COUNTS, MAP_MEMBERS, MAP_PORTS, MAP_STATS,
+    MAP_WATCHED, MAP_ZERO_PENDING, MAP_ZEROS, PROG_LISTENERS, PROG_POST_BIND4, PROG_POST_BIND6,
+    PROG_PROCS, PROG_RELEASE, PROG_TAG, ProcRaw,
 };
 
+use super::events::EventRings;
 use super::{LoaderError, take};
-
-/// What the ring buffer reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DrainEvent {
-    /// The count of this tag dropped to zero.
-    Zero(u32),
-    /// Someone bound a watched port.
-    Bind {
-        /// The port.
-        port: u16,
-        /// The process that bound it.
-        pid: i32,
-    },
-}
-
-impl DrainEvent {
-    /// Decodes one ring buffer record.
-    pub fn parse(bytes: &[u8]) -> Option<Self> {
-        let word = |i| u32_at(bytes, i);
-        let raw = DrainEventRaw {
-            kind: word(0)?,
-            value: word(4)?,
-            pid: word(8)?,
-            reserved: 0,
-        };
-        match raw.kind {
-            EV_ZERO => Some(DrainEvent::Zero(raw.value)),
-            EV_BIND => Some(DrainEvent::Bind {
-                port: u16::try_from(raw.value).ok()?,
-                pid: i32::try_from(raw.pid).ok()?,
-            }),
-            _ => None,
-        }
-    }
-}
 
 /// The loaded and attached drain programs and their maps.
 pub struct DrainProgram {
@@ -57,9 +26,15 @@ pub struct DrainProgram {
     ebpf: Ebpf,
     counts: HashMap<MapData, u32, i64>,
     members: HashMap<MapData, u32, [u32; 2]>,
-    ports: HashMap<MapData, u32, u32>,
-    /// Taken by the task that waits on it.
-    events: Option<RingBuf<MapData>>,
+    pub(super) ports: HashMap<MapData, u32, u32>,
+    /// `struct handoff_addr` -> `struct handoff_watch`, as words.
+    pub(super) watched: HashMap<MapData, [u32; 6], [u32; 6]>,
+    /// Tags with an unread zero event.
+    pub(super) zero_pending: HashMap<MapData, u32, u32>,
+    /// The per-CPU event counters.
+    pub(super) stats: PerCpuArray<MapData, u64>,
+    /// Taken by the task that waits on them.
+    rings: Option<EventRings>,
     /// Whether the kernel runs an iterator over one process (Linux >= 6.1); if not, each
     /// tag pass and listener search walks every process on the host.
     per_process: bool,
@@ -71,11 +46,11 @@ impl std::fmt::Debug for DrainProgram {
     }
 }
 
-fn program_err(name: &'static str) -> impl Fn(ProgramError) -> LoaderError {
+pub(super) fn program_err(name: &'static str) -> impl Fn(ProgramError) -> LoaderError {
     move |source| LoaderError::Program { name, source }
 }
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> LoaderError {
+pub(super) fn map_err(name: &'static str) -> impl Fn(MapError) -> LoaderError {
     move |source| LoaderError::Map { name, source }
 }
 
@@ -93,7 +68,9 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 impl DrainProgram {
     /// Loads the programs and attaches the release countdown and bind watch at the root
     /// of the cgroup v2 hierarchy, so they see every socket (accepted sockets belong to
-    /// their listener's cgroup).
+    /// their listener's cgroup). The bind watch reports binds in the daemon's own network
+    /// namespace only (needs SO_NETNS_COOKIE, Linux >= 5.14; without it, it warns and
+    /// watches every namespace).
     pub fn load() -> Result<Self, LoaderError> {
         let root = cgroup2_root().ok_or(LoaderError::NoCgroup2)?;
         let cgroup = File::open(&root).map_err(|source| LoaderError::Io {
@@ -107,8 +84,13 @@ impl DrainProgram {
             what: "the kernel's BTF",
             source: e.into(),
         })?;
+        let netns = crate::sys::netns_cookie().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the daemon's network namespace cookie (Linux < 5.14?): binds in every namespace are reported");
+            0
+        });
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
+            .override_global(GLOBAL_NETNS, &netns, true)
             .load(handoff_ebpf::DRAIN_BPF)
             .map_err(|source| LoaderError::Load {
                 what: "the drain accounting programs",
@@ -127,8 +109,8 @@ impl DrainProgram {
         release
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(program_err(PROG_RELEASE))?;
-        for name in [PROG_BIND4, PROG_BIND6] {
-            let bind: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+        for name in [PROG_POST_BIND4, PROG_POST_BIND6] {
+            let bind: &mut CgroupSock = program(&mut ebpf, name)?;
             bind.load().map_err(program_err(name))?;
             bind.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(program_err(name))?;
@@ -138,8 +120,16 @@ impl DrainProgram {
         let members =
             HashMap::try_from(take(&mut ebpf, MAP_MEMBERS)?).map_err(map_err(MAP_MEMBERS))?;
         let ports = HashMap::try_from(take(&mut ebpf, MAP_PORTS)?).map_err(map_err(MAP_PORTS))?;
-        let events =
-            RingBuf::try_from(take(&mut ebpf, MAP_EVENTS)?).map_err(map_err(MAP_EVENTS))?;
+        let watched =
+            HashMap::try_from(take(&mut ebpf, MAP_WATCHED)?).map_err(map_err(MAP_WATCHED))?;
+        let zero_pending = HashMap::try_from(take(&mut ebpf, MAP_ZERO_PENDING)?)
+            .map_err(map_err(MAP_ZERO_PENDING))?;
+        let stats =
+            PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?).map_err(map_err(MAP_STATS))?;
+        let rings = EventRings {
+            zeros: RingBuf::try_from(take(&mut ebpf, MAP_ZEROS)?).map_err(map_err(MAP_ZEROS))?,
+            binds: RingBuf::try_from(take(&mut ebpf, MAP_BINDS)?).map_err(map_err(MAP_BINDS))?,
+        };
         drop(btf);
         crate::sys::release_free_memory();
         let per_process = per_process_supported(&mut ebpf)?;
@@ -148,21 +138,17 @@ impl DrainProgram {
             counts,
             members,
             ports,
-            events: Some(events),
+            watched,
+            zero_pending,
+            stats,
+            rings: Some(rings),
             per_process,
         })
     }
 
-    /// The ring buffer of events, for the task that waits on it (once).
-    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
-        self.events.take()
-    }
-
-    /// Reports binds of `port` from now on.
-    pub fn watch_port(&mut self, port: u16) -> Result<(), LoaderError> {
-        self.ports
-            .insert(u32::from(port), 1, 0)
-            .map_err(map_err(MAP_PORTS))
+    /// The event rings, for the task that waits on them (once).
+    pub fn take_events(&mut self) -> Option<EventRings> {
+        self.rings.take()
     }
 
     /// Starts counting for `tag` from zero.
@@ -173,6 +159,7 @@ impl DrainProgram {
     /// Stops counting for `tag`; its sockets' releases no longer count.
     pub fn forget(&mut self, tag: u32) {
         let _ = self.counts.remove(&tag);
+        self.ack_zero(tag);
     }
 
     /// The count of `tag`.
@@ -310,7 +297,7 @@ fn per_process_supported(ebpf: &mut Ebpf) -> Result<bool, LoaderError> {
 }
 
 /// The native-endian `u32` at byte `i` of `bytes`.
-fn u32_at(bytes: &[u8], i: usize) -> Option<u32> {
+pub(super) fn u32_at(bytes: &[u8], i: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(bytes.get(i..i + 4)?.try_into().ok()?))
 }
 
@@ -333,28 +320,4 @@ where
         .ok_or(LoaderError::MissingMap(name))?
         .try_into()
         .map_err(program_err(name))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn events_decode() {
-        let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&EV_ZERO.to_ne_bytes());
-        b[4..8].copy_from_slice(&7u32.to_ne_bytes());
-        assert_eq!(DrainEvent::parse(&b), Some(DrainEvent::Zero(7)));
-        b[..4].copy_from_slice(&EV_BIND.to_ne_bytes());
-        b[4..8].copy_from_slice(&8080u32.to_ne_bytes());
-        b[8..12].copy_from_slice(&4242u32.to_ne_bytes());
-        assert_eq!(
-            DrainEvent::parse(&b),
-            Some(DrainEvent::Bind {
-                port: 8080,
-                pid: 4242
-            })
-        );
-        assert_eq!(DrainEvent::parse(&b[..8]), None);
-    }
 }

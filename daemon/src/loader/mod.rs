@@ -1,14 +1,18 @@
 //! The only module that touches aya: the steering program (one instance per reuseport
-//! group) and the drain accounting programs (one set per daemon).
+//! group) and the drain accounting programs (one set per daemon): the tag pass, the
+//! release countdown, the process and listener iterators, and the bind watch with its two
+//! event rings (`events`).
 
 mod drain;
+mod events;
 mod steer;
 
 use aya::maps::{Map, MapError};
 use aya::programs::ProgramError;
 use aya::{Ebpf, EbpfError};
 
-pub use drain::{DrainEvent, DrainProgram};
+pub use drain::DrainProgram;
+pub use events::{DrainEvent, EventRings, EventStats};
 pub use steer::GroupProgram;
 
 /// Detaches whatever sk_reuseport program the group of `socket` has.

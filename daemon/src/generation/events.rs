@@ -1,0 +1,81 @@
+//! What a service does when the kernel's event counters say an event was lost or held
+//! back, and what it tells the bind watch.
+
+use std::time::Instant;
+
+use handoff_common::proto::GenerationState;
+
+use super::{Service, drain::Ctx};
+
+impl Service {
+    /// Counts every draining generation again now: a zero event may have been lost, and
+    /// a generation whose count is zero must not wait for its drain timeout.
+    pub fn recount_draining(&mut self, ctx: &mut Ctx) {
+        for index in 0..self.generations.len() {
+            let g = &self.generations[index];
+            if g.state == GenerationState::Draining && g.drain.is_some() {
+                self.count(index, ctx);
+            }
+        }
+    }
+
+    /// Looks for new listeners of the active generation as if its leader had bound the
+    /// port: a bind event of the service's uid was held back by the rate limit or lost.
+    pub fn look_for_listeners(&mut self, now: Instant, ctx: &Ctx) {
+        if let Some(pid) = self.active().map(|g| g.leader.pid) {
+            self.on_bind(pid, now, ctx);
+        }
+    }
+
+    /// [`Service::watch_owner`] for the active generation a restarted daemon took up.
+    pub fn watch_recovered_owner(&self, ctx: &mut Ctx) {
+        if let Some(index) = self
+            .generations
+            .iter()
+            .position(|g| g.state == GenerationState::Active)
+        {
+            self.watch_owner(index, ctx);
+        }
+    }
+
+    /// Tells the bind watch whose binds of the service's addresses to report: the uid of
+    /// the generation at `index` (just made active), from now on.
+    pub fn watch_owner(&self, index: usize, ctx: &mut Ctx) {
+        let Some(g) = self.generations.get(index) else {
+            return;
+        };
+        // Read after the pidfd was opened: a recycled pid's uid is never taken (the
+        // member's liveness is checked after the read).
+        let uid = real_uid(g.leader.pid).filter(|_| g.leader.alive());
+        let Some(uid) = uid else {
+            tracing::warn!(service = %self.config.name, pid = g.leader.pid, "cannot read the uid of the active generation: binds by every uid are reported");
+            return;
+        };
+        if let Err(e) = ctx.program.set_owner(&self.config.listen, uid, None) {
+            tracing::warn!(service = %self.config.name, error = %e, "cannot tell the bind watch the service's uid");
+        }
+    }
+}
+
+/// The real uid of `pid` (as `bpf_get_current_uid_gid` reports it), from the first field
+/// of the `Uid:` line of /proc/PID/status.
+fn real_uid(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_real_uid(&status)
+}
+
+fn parse_real_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn real_uid_is_the_first_uid_field() {
+        let status = "Name:\tnginx\nUid:\t33\t0\t0\t0\nGid:\t33\t33\t33\t33\n";
+        assert_eq!(super::parse_real_uid(status), Some(33));
+        assert_eq!(super::parse_real_uid("Name:\tx\n"), None);
+        assert_eq!(super::parse_real_uid("Uid:\tx\n"), None);
+    }
+}
