@@ -31,6 +31,15 @@ pub const MAP_COUNTERS: &str = "counters";
 /// Name of the probe result array.
 pub const MAP_PROBES: &str = "probes";
 
+/// Name of the guard program in `guard.bpf.o`.
+pub const PROG_GUARD: &str = "handoff_guard";
+/// The guard's watched ports.
+pub const MAP_GUARD_PORTS: &str = "guard_ports";
+/// The processes the guard lets change reuseport programs.
+pub const MAP_GUARD_ALLOWED: &str = "guard_allowed";
+/// The guard's refusal counter.
+pub const MAP_GUARD_REFUSED: &str = "guard_refused";
+
 /// Names in `drain.bpf.o`: the tag pass.
 pub const PROG_TAG: &str = "handoff_tag";
 /// The release countdown.

@@ -176,6 +176,7 @@ impl Daemon {
                     let now = Instant::now();
                     for s in self.services.iter_mut().filter(|s| s.port() == port) {
                         s.on_bind(pid, now, &self.ctx);
+                        s.watch_bind(now);
                     }
                 }
             }
@@ -201,6 +202,7 @@ impl Daemon {
     pub fn tick(&mut self, now: Instant) {
         for s in &mut self.services {
             s.tick(now, &mut self.ctx);
+            s.watch_tick(now, &mut self.ctx);
         }
         self.persist();
     }
@@ -210,6 +212,7 @@ impl Daemon {
         self.services
             .iter()
             .filter_map(Service::next_deadline)
+            .chain(self.services.iter().filter_map(Service::watch_due))
             .min()
     }
 

@@ -2,6 +2,7 @@
 //! rollback, retirement.
 
 mod drain;
+mod guard;
 mod listeners;
 mod persist;
 mod promote;
@@ -96,6 +97,8 @@ pub struct Service {
     rescan: Option<listeners::Rescan>,
     /// Removed from the configuration: forgotten once one generation is left.
     pub removing: bool,
+    /// Probes that check the groups still run handoff's program.
+    watch: guard::Watch,
 }
 
 impl Service {
@@ -116,6 +119,7 @@ impl Service {
             next_id: 1,
             rescan: None,
             removing: false,
+            watch: guard::Watch::default(),
         }
     }
 

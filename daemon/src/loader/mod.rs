@@ -2,6 +2,7 @@
 //! group) and the drain accounting programs (one set per daemon).
 
 mod drain;
+mod guard;
 mod steer;
 
 use aya::maps::{Map, MapError};
@@ -9,6 +10,7 @@ use aya::programs::ProgramError;
 use aya::{Ebpf, EbpfError};
 
 pub use drain::{DrainEvent, DrainProgram};
+pub use guard::GuardProgram;
 pub use steer::GroupProgram;
 
 /// Detaches whatever sk_reuseport program the group of `socket` has.
