@@ -172,3 +172,31 @@ pub fn detach_reuseport(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
 pub fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     tcp_listener(addr, true, None)
 }
+
+/// `setsockopt(level, name)` with an `len`-byte optval whose first int is 1: the kernel
+/// reads the int and ignores the rest, so a cgroup setsockopt program that mishandles
+/// options larger than a page (EFAULT) shows.
+pub fn setsockopt_oversized(
+    socket: &impl std::os::fd::AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    len: usize,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len.max(size_of::<libc::c_int>())];
+    buf[..size_of::<libc::c_int>()].copy_from_slice(&1i32.to_ne_bytes());
+    // SAFETY: `buf` is alive for the call and its length is what is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            buf.as_ptr().cast(),
+            buf.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

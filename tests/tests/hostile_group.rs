@@ -75,6 +75,21 @@ fn intruder_cannot_attach_or_detach() {
             "steering unchanged after the intruder's {action}"
         );
     }
+    // Every other option passes the guard untouched, also with an optval larger than a
+    // page (which a cgroup program must hand back with optlen 0), on the service port too.
+    let beside = SocketAddr::from(([127, 0, 0, 2], addr.port()));
+    let own = handoff_tests::reuseport_listener(beside).expect("a socket on the service port");
+    for (level, name) in [
+        (libc::SOL_SOCKET, libc::SO_SNDBUF),
+        (libc::SOL_IP, libc::IP_FREEBIND),
+    ] {
+        for len in [4, 4096, 8192, 65536] {
+            handoff_tests::setsockopt_oversized(&own, level, name, len).unwrap_or_else(|e| {
+                panic!("setsockopt({level}, {name}) with {len} bytes passes the guard: {e}")
+            });
+        }
+    }
+    drop(own);
     let s = d.service();
     assert_eq!(
         s.steering_watch.lost, 0,

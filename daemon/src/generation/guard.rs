@@ -133,7 +133,10 @@ impl Service {
             if !self.group_lost(i) {
                 continue;
             }
-            if !self.watch.lost_now {
+            // Known lost since an earlier probe (nothing to attach through yet): counted
+            // and logged once, looked at again each period.
+            let known = self.watch.lost_now;
+            if !known {
                 self.watch.lost += 1;
                 self.watch.last_lost = Some(SystemTime::now());
                 ctx.metrics.steering_watch(&self.config.name, "lost");
@@ -142,7 +145,9 @@ impl Service {
                 .key
                 .map(|k| k.to_string())
                 .unwrap_or_default();
-            tracing::warn!(service = %self.config.name, %group, "a probe was not seen by handoff's program (another program attached, ours detached, or the group re-formed): attaching it again");
+            if !known {
+                tracing::warn!(service = %self.config.name, %group, "a probe was not seen by handoff's program (another program attached, ours detached, or the group re-formed): attaching it again");
+            }
             match self.reattach(i, ctx) {
                 Ok(true) if !self.group_lost(i) => {
                     self.watch.restored += 1;
@@ -152,11 +157,15 @@ impl Service {
                 }
                 Ok(_) => {
                     lost_now = true;
-                    tracing::warn!(service = %self.config.name, %group, "steering not restored: no listener of a live generation to attach through (promote a new one)");
+                    if !known {
+                        tracing::warn!(service = %self.config.name, %group, "steering not restored: no listener of a live generation to attach through (promote a new one)");
+                    }
                 }
                 Err(e) => {
                     lost_now = true;
-                    tracing::warn!(service = %self.config.name, %group, error = %e, "attaching the program again failed");
+                    if !known {
+                        tracing::warn!(service = %self.config.name, %group, error = %e, "attaching the program again failed");
+                    }
                 }
             }
         }
