@@ -52,13 +52,20 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
-/* For each probe source port, the slot the program chose for that probe's SYN. */
+/*
+ * The probes the daemon registered, each with the slot the program chose for its SYN
+ * (HANDOFF_PROBE_UNSET until then). Only root (the map is the daemon's) can register.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, HANDOFF_PROBE_PORTS);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HANDOFF_PROBE_SLOTS);
+	__type(key, struct handoff_probe_key);
 	__type(value, __u32);
 } probes SEC(".maps");
+
+/* skb->protocol values (network order in ctx->eth_protocol). */
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
 
 static __always_inline void count(__u32 which)
 {
@@ -96,35 +103,67 @@ static __always_inline __s64 select_in(struct sk_reuseport_md *ctx, __u32 first,
 	return -1;
 }
 
-/* The probe's source port if this is a probe SYN, else 0. */
-static __always_inline __u32 probe_index(struct sk_reuseport_md *ctx)
+/*
+ * The registration of this SYN if the daemon registered it as a probe, else NULL.
+ *
+ * A probe's IP source equals its IP destination, a local address: an IPv4 packet from
+ * outside with a local source address is dropped as a martian before it gets here
+ * (fib_validate_source, unless accept_local is set), and one with a loopback source
+ * address on any interface but lo, for IPv4 and IPv6 alike. The source port is an
+ * ephemeral port the kernel picked for the daemon a moment ago and which the daemon
+ * holds: no other socket on the host has it.
+ */
+static __always_inline __u32 *probe_of(struct sk_reuseport_md *ctx)
 {
-	__u16 sport_be;
-	__u32 sport;
+	struct handoff_probe_key key;
+	__u16 ports[2];
 
 	/* On a migration there is no packet (the skb is empty): never a probe. */
-	if (ctx->migrating_sk || ctx->len < sizeof(sport_be))
-		return 0;
-	/* On the SYN path the data starts at the TCP header: source port first. */
-	if (bpf_skb_load_bytes(ctx, 0, &sport_be, sizeof(sport_be)))
-		return 0;
-	sport = bpf_ntohs(sport_be);
-	if (sport < HANDOFF_PROBE_PORT_FIRST ||
-	    sport >= HANDOFF_PROBE_PORT_FIRST + HANDOFF_PROBE_PORTS)
-		return 0;
-	return sport - HANDOFF_PROBE_PORT_FIRST + 1;
+	if (ctx->migrating_sk || ctx->len < sizeof(ports))
+		return NULL;
+	/* On the SYN path the data starts at the TCP header: source, then destination port. */
+	if (bpf_skb_load_bytes(ctx, 0, ports, sizeof(ports)))
+		return NULL; /* no TCP header to read: a client's SYN, served */
+	__builtin_memset(&key, 0, sizeof(key));
+	key.sport = bpf_ntohs(ports[0]);
+	key.dport = bpf_ntohs(ports[1]);
+	if (ctx->eth_protocol == bpf_htons(ETH_P_IP)) {
+		__u32 addrs[2];
+
+		/* saddr and daddr: bytes 12..20 of the IPv4 header. */
+		if (bpf_skb_load_bytes_relative(ctx, 12, addrs, sizeof(addrs), BPF_HDR_START_NET))
+			return NULL; /* no IP header to read: not a probe */
+		if (addrs[0] != addrs[1])
+			return NULL; /* source is not the destination: never the daemon's probe */
+		__builtin_memcpy(key.saddr, &addrs[0], 4);
+		key.family = 4;
+	} else if (ctx->eth_protocol == bpf_htons(ETH_P_IPV6)) {
+		__u64 addrs[4];
+
+		/* saddr and daddr: bytes 8..40 of the IPv6 header. */
+		if (bpf_skb_load_bytes_relative(ctx, 8, addrs, sizeof(addrs), BPF_HDR_START_NET))
+			return NULL; /* no IP header to read: not a probe */
+		if (addrs[0] != addrs[2] || addrs[1] != addrs[3])
+			return NULL; /* source is not the destination: never the daemon's probe */
+		__builtin_memcpy(key.saddr, addrs, 16);
+		key.family = 6;
+	} else {
+		return NULL; /* neither IPv4 nor IPv6: not a probe */
+	}
+	/* NULL unless the daemon registered exactly this source and port a moment ago. */
+	return bpf_map_lookup_elem(&probes, &key);
 }
 
 SEC("sk_reuseport/migrate")
 int handoff_select(struct sk_reuseport_md *ctx)
 {
 	struct handoff_record *rec;
-	__u32 zero = 0, *idx, probe;
+	__u32 zero = 0, *idx, *probe;
 	__u32 chosen = HANDOFF_PROBE_NO_SOCKET;
 	int retried = 0, migrating;
 	__s64 slot;
 
-	probe = probe_index(ctx);
+	probe = probe_of(ctx);
 	migrating = ctx->migrating_sk != 0;
 
 	idx = bpf_map_lookup_elem(&current, &zero);
@@ -158,9 +197,8 @@ int handoff_select(struct sk_reuseport_md *ctx)
 	}
 
 	if (probe) {
-		__u32 key = probe - 1;
-
-		bpf_map_update_elem(&probes, &key, &chosen, BPF_ANY);
+		/* A 4-byte store; the daemon reads it after its connect() returned. */
+		*probe = chosen;
 		count(HANDOFF_CTR_PROBE);
 		/*
 		 * A probe only asks which listener would be chosen: drop it so that no

@@ -18,13 +18,32 @@
 /* Steering records: a ring, written by the daemon, never while `current` points at it. */
 #define HANDOFF_RECORDS 16
 
-/* Probe connections come from these loopback source ports (below 1024: root only). */
-#define HANDOFF_PROBE_PORT_FIRST 600
-#define HANDOFF_PROBE_PORTS 100
+/*
+ * Probes the daemon has registered at once (it probes one group at a time; the rest is
+ * room for a second daemon instance during a restart).
+ */
+#define HANDOFF_PROBE_SLOTS 16
 /* The value a probe slot holds until the program records a decision in it. */
 #define HANDOFF_PROBE_UNSET 0xffffffffu
 /* A probe that found no socket to select (the kernel's hash would have chosen). */
 #define HANDOFF_PROBE_NO_SOCKET 0xfffffffeu
+
+/*
+ * A probe connection, registered by the daemon before it connects and removed after:
+ * only a SYN with exactly this source address, source port and destination port is a
+ * probe. The daemon binds the source address to the destination address (loopback for a
+ * wildcard group), so a probe's IP source equals its IP destination.
+ */
+struct handoff_probe_key {
+	/* IP source address: 16 bytes for IPv6; IPv4 in the first 4, the rest zero. */
+	__u8 saddr[16];
+	/* TCP source port (the kernel's ephemeral pick), host byte order. */
+	__u16 sport;
+	/* TCP destination port (the service port), host byte order. */
+	__u16 dport;
+	/* 4 or 6. */
+	__u32 family;
+};
 
 /* One group's steering state; immutable while `current` can point at it. */
 struct handoff_record {

@@ -11,10 +11,8 @@ pub const BLOCKS: u32 = 64;
 pub const SOCK_SLOTS: u32 = GEN_SLOTS * BLOCKS;
 /// Entries of the `records` ring.
 pub const RECORDS: u32 = 16;
-/// First loopback source port of probe connections.
-pub const PROBE_PORT_FIRST: u16 = 600;
-/// Number of probe source ports (and of entries in the `probes` map).
-pub const PROBE_PORTS: u16 = 100;
+/// Entries of the `probes` hash map: probes registered at once.
+pub const PROBE_SLOTS: u32 = 16;
 /// A probe slot not yet written by the program.
 pub const PROBE_UNSET: u32 = 0xffff_ffff;
 /// The program saw the probe but found no socket to select.
@@ -32,6 +30,15 @@ pub const MAP_CURRENT: &str = "current";
 pub const MAP_COUNTERS: &str = "counters";
 /// Name of the probe result array.
 pub const MAP_PROBES: &str = "probes";
+
+/// Name of the guard program in `guard.bpf.o`.
+pub const PROG_GUARD: &str = "handoff_guard";
+/// The guard's watched ports.
+pub const MAP_GUARD_PORTS: &str = "guard_ports";
+/// The processes the guard lets change reuseport programs.
+pub const MAP_GUARD_ALLOWED: &str = "guard_allowed";
+/// The guard's refusal counter.
+pub const MAP_GUARD_REFUSED: &str = "guard_refused";
 
 /// Names in `drain.bpf.o`: the tag pass.
 pub const PROG_TAG: &str = "handoff_tag";
@@ -180,6 +187,55 @@ pub struct ProcRaw {
 
 const _: () = assert!(size_of::<ProcRaw>() == 8);
 
+/// `struct handoff_probe_key`: a registered probe connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeKey {
+    /// IP source address: IPv6 in 16 bytes, IPv4 in the first 4 and zeros.
+    pub saddr: [u8; 16],
+    /// TCP source port, host order.
+    pub sport: u16,
+    /// TCP destination port, host order.
+    pub dport: u16,
+    /// 4 or 6.
+    pub family: u32,
+}
+
+/// Size of `struct handoff_probe_key`.
+pub const PROBE_KEY_SIZE: usize = 24;
+
+impl ProbeKey {
+    /// The probe from `source` to `target` (one family).
+    pub fn new(source: std::net::SocketAddr, target: std::net::SocketAddr) -> Self {
+        let mut saddr = [0u8; 16];
+        let family = match source.ip() {
+            std::net::IpAddr::V4(a) => {
+                saddr[..4].copy_from_slice(&a.octets());
+                4
+            }
+            std::net::IpAddr::V6(a) => {
+                saddr.copy_from_slice(&a.octets());
+                6
+            }
+        };
+        Self {
+            saddr,
+            sport: source.port(),
+            dport: target.port(),
+            family,
+        }
+    }
+
+    /// The key as the kernel's hash map holds it.
+    pub fn to_bytes(self) -> [u8; PROBE_KEY_SIZE] {
+        let mut out = [0u8; PROBE_KEY_SIZE];
+        out[..16].copy_from_slice(&self.saddr);
+        out[16..18].copy_from_slice(&self.sport.to_ne_bytes());
+        out[18..20].copy_from_slice(&self.dport.to_ne_bytes());
+        out[20..24].copy_from_slice(&self.family.to_ne_bytes());
+        out
+    }
+}
+
 /// `struct handoff_record`: one group's steering state, immutable while in force.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -322,11 +378,7 @@ mod tests {
         assert_eq!(define("HANDOFF_GEN_SLOTS"), u64::from(GEN_SLOTS));
         assert_eq!(define("HANDOFF_BLOCKS"), u64::from(BLOCKS));
         assert_eq!(define("HANDOFF_RECORDS"), u64::from(RECORDS));
-        assert_eq!(
-            define("HANDOFF_PROBE_PORT_FIRST"),
-            u64::from(PROBE_PORT_FIRST)
-        );
-        assert_eq!(define("HANDOFF_PROBE_PORTS"), u64::from(PROBE_PORTS));
+        assert_eq!(define("HANDOFF_PROBE_SLOTS"), u64::from(PROBE_SLOTS));
         assert_eq!(define("HANDOFF_PROBE_UNSET"), u64::from(PROBE_UNSET));
         assert_eq!(
             define("HANDOFF_PROBE_NO_SOCKET"),
@@ -336,6 +388,20 @@ mod tests {
             let name = format!("HANDOFF_CTR_{} = {},", c.c_name(), c as u32);
             assert!(header.contains(&name), "handoff.h lacks `{name}`");
         }
+    }
+
+    #[test]
+    fn probe_key_layout() {
+        let k = ProbeKey::new(
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:8080".parse().unwrap(),
+        );
+        let b = k.to_bytes();
+        assert_eq!(&b[..4], &[127, 0, 0, 1]);
+        assert_eq!(&b[4..16], &[0; 12]);
+        assert_eq!(u16::from_ne_bytes([b[16], b[17]]), 40000);
+        assert_eq!(u16::from_ne_bytes([b[18], b[19]]), 8080);
+        assert_eq!(u32::from_ne_bytes(b[20..24].try_into().unwrap()), 4);
     }
 
     #[test]

@@ -84,6 +84,29 @@ pub struct ServiceStatus {
     /// Decisions of the kernel program, summed over the service's groups.
     #[serde(default)]
     pub steering: crate::maps::Counters,
+    /// Whether the service's groups kept handoff's program, as the probes saw it.
+    #[serde(default)]
+    pub steering_watch: SteeringWatchStatus,
+}
+
+/// What the probes that follow binds (and the once-a-second backstop) saw of a service's
+/// groups: times its program was found missing and put back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SteeringWatchStatus {
+    /// Times a probe found a group without handoff's program (another program attached,
+    /// ours detached, or the group re-formed).
+    pub lost: u64,
+    /// Times the daemon attached its program again and a probe confirmed it.
+    pub restored: u64,
+    /// When steering was last found lost, in milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_lost_ms: Option<u64>,
+    /// When steering was last restored, in milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restored_ms: Option<u64>,
+    /// Lost and not restored yet (no listener of a live generation to attach through).
+    #[serde(default)]
+    pub lost_now: bool,
 }
 
 /// One generation in [`ServiceStatus`].
@@ -253,6 +276,7 @@ mod tests {
                 }],
                 foreign_listeners: vec![],
                 steering: Default::default(),
+                steering_watch: Default::default(),
             }],
         };
         let v: serde_json::Value = serde_json::to_value(&status).expect("serializes");

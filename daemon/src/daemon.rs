@@ -298,6 +298,7 @@ impl Daemon {
                     let now = Instant::now();
                     for s in self.services.iter_mut().filter(|s| s.port() == port) {
                         s.on_bind(pid, now, &self.ctx);
+                        s.watch_bind(now);
                     }
                 }
             }
@@ -382,6 +383,7 @@ impl Daemon {
     fn tick_unguarded(&mut self, now: Instant) {
         for s in &mut self.services {
             s.tick(now, &mut self.ctx);
+            s.watch_tick(now, &mut self.ctx);
         }
         self.persist();
     }
@@ -392,6 +394,7 @@ impl Daemon {
             .iter()
             .filter_map(Service::next_deadline)
             .chain(self.stats_check_at)
+            .chain(self.services.iter().filter_map(Service::watch_due))
             .min()
     }
 

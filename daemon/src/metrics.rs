@@ -70,6 +70,7 @@ pub struct Metrics {
     promote_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     drain_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     foreign: Family<ServiceLabels, Gauge>,
+    steering_watch: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -126,7 +127,14 @@ impl Metrics {
             "LISTEN sockets on a service's port outside its groups",
             foreign.clone(),
         );
+        let steering_watch = Family::default();
+        registry.register(
+            "handoff_steering_watch",
+            "Probes that found a group without handoff's program (reason lost) and re-attaches that a probe confirmed (reason restored)",
+            steering_watch.clone(),
+        );
         Self {
+            steering_watch,
             registry,
             connections,
             promotions,
@@ -170,6 +178,17 @@ impl Metrics {
                 })
                 .observe(s);
         }
+    }
+
+    /// Counts a steering watch event of `service`: `lost` (a probe found a group without
+    /// handoff's program) or `restored` (attached again, confirmed by a probe).
+    pub fn steering_watch(&self, service: &str, event: &str) {
+        self.steering_watch
+            .get_or_create(&ReasonLabels {
+                service: service.into(),
+                reason: event.into(),
+            })
+            .inc();
     }
 
     /// Refreshes the scrape-time metrics from a status and encodes everything.
@@ -329,6 +348,7 @@ mod tests {
                 }],
                 foreign_listeners: vec![],
                 steering,
+                steering_watch: Default::default(),
             }],
         };
         let text = m.render(&status);

@@ -1,4 +1,4 @@
-//! Where pinned maps live: the host's bpffs, under `/sys/fs/bpf/handoff/<service>/v1/`.
+//! Where pinned maps live: the host's bpffs, under `/sys/fs/bpf/handoff/<service>/v2/`.
 //!
 //! The version in the path lets a newer handoffd recognise an older layout (sockets cannot
 //! be moved to a new map without taking them from their processes again).
@@ -13,7 +13,7 @@ use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 /// The host's bpffs.
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// The pin layout this daemon writes and reads.
-pub const LAYOUT: &str = "v1";
+pub const LAYOUT: &str = "v2";
 
 /// Why the pin directory is unusable.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +83,7 @@ mod tests {
     fn layout_is_versioned_per_service() {
         assert_eq!(
             group_dir("web", 1),
-            PathBuf::from("/sys/fs/bpf/handoff/web/v1/g1")
+            PathBuf::from("/sys/fs/bpf/handoff/web/v2/g1")
         );
     }
 }

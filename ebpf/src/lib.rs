@@ -16,3 +16,7 @@ struct AlignedObject<T: ?Sized>(T);
 /// `cgroup/sock_release` countdown, `cgroup/bind4`/`bind6` watch), the discovery
 /// iterators (`iter/task` process table, `iter/task_file` listeners) and their maps.
 pub static DRAIN_BPF: &[u8] = &AlignedObject(*include_bytes!("../drain.bpf.o")).0;
+
+/// The ELF object holding the guard (`cgroup/setsockopt`): only handoffd attaches or
+/// detaches sk_reuseport programs on TCP sockets bound to a watched service port.
+pub static GUARD_BPF: &[u8] = &AlignedObject(*include_bytes!("../guard.bpf.o")).0;

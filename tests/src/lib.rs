@@ -16,6 +16,9 @@ pub mod load;
 pub mod server;
 mod sys;
 
+/// What an intruder in a reuseport group can do (see `src/bin/intruder.rs`).
+pub use sys::{attach_reuseport_cbpf, detach_reuseport, reuseport_listener, setsockopt_oversized};
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;

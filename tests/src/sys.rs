@@ -115,3 +115,88 @@ pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
     }
     Ok(limit.rlim_cur)
 }
+
+/// `setsockopt(SO_ATTACH_REUSEPORT_CBPF)` with the classic program `ret #index`: every new
+/// connection of the socket's reuseport group goes to the group's socket number `index`
+/// (the oldest is 0). Needs no privilege: what an intruder with the service's uid does.
+pub fn attach_reuseport_cbpf(socket: &impl std::os::fd::AsFd, index: u32) -> io::Result<()> {
+    let mut filter = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: index,
+    }];
+    let prog = libc::sock_fprog {
+        len: 1,
+        filter: filter.as_mut_ptr(),
+    };
+    // SAFETY: `prog` points at `filter`, both alive for the call; the length passed is
+    // the size of `prog`, which the kernel copies before returning.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&raw const prog).cast(),
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `setsockopt(SO_DETACH_REUSEPORT_BPF)`: removes the group's program. Unprivileged.
+pub fn detach_reuseport(socket: &impl std::os::fd::AsFd) -> io::Result<()> {
+    let dummy: libc::c_int = 0;
+    // SAFETY: `dummy` is a live int and the length passed is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_REUSEPORT_BPF,
+            (&raw const dummy).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A listening TCP socket on `addr` with SO_REUSEPORT: joins the group there.
+pub fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    tcp_listener(addr, true, None)
+}
+
+/// `setsockopt(level, name)` with an `len`-byte optval whose first int is 1: the kernel
+/// reads the int and ignores the rest, so a cgroup setsockopt program that mishandles
+/// options larger than a page (EFAULT) shows.
+pub fn setsockopt_oversized(
+    socket: &impl std::os::fd::AsFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    len: usize,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len.max(size_of::<libc::c_int>())];
+    buf[..size_of::<libc::c_int>()].copy_from_slice(&1i32.to_ne_bytes());
+    // SAFETY: `buf` is alive for the call and its length is what is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            buf.as_ptr().cast(),
+            buf.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -133,6 +133,23 @@ fn write_status(out: &mut String, status: &Status) -> std::fmt::Result {
             "  steered: active {} (retried {}), fallback {}, kernel hash {}, migrated {}, probes {}",
             c.active, c.active_retry, c.fallback, c.kernel_hash, c.migrated, c.probe
         )?;
+        let w = &s.steering_watch;
+        if w.lost > 0 {
+            writeln!(
+                out,
+                "  {}steering lost {} times (last at {} ms since the epoch), restored {} times (last at {})",
+                if w.lost_now {
+                    "warning: NOT RESTORED: "
+                } else {
+                    ""
+                },
+                w.lost,
+                w.last_lost_ms.unwrap_or(0),
+                w.restored,
+                w.last_restored_ms
+                    .map_or("never".into(), |t| format!("{t} ms")),
+            )?;
+        }
         for f in &s.foreign_listeners {
             let by = f.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
             writeln!(

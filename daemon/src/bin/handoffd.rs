@@ -127,7 +127,21 @@ fn run() -> anyhow::Result<()> {
         let mut program = DrainProgram::load().context("loading the drain accounting programs")?;
         let events = program.take_events().context("the drain ring buffer")?;
         let (watch_tx, watch_rx) = tokio::sync::mpsc::unbounded_channel();
-        let ctx = Ctx::new(program, Some(watch_tx));
+        let mut ctx = Ctx::new(program, Some(watch_tx));
+        // Tests set this to model a guard the kernel does not run (a 32-bit setsockopt),
+        // so that they can watch the probes restore steering.
+        ctx.guard = if std::env::var_os("HANDOFF_TEST_NO_GUARD").is_some() {
+            tracing::warn!("HANDOFF_TEST_NO_GUARD is set: the guard of the groups' programs is not loaded, steering is checked by probes only");
+            None
+        } else {
+            match handoff::loader::GuardProgram::load() {
+                Ok(guard) => Some(guard),
+                Err(e) => {
+                    tracing::warn!(error = %handoff::daemon::one_line(&e), "the guard of the groups' programs is not loaded (needs Linux >= 5.3 with cgroup/setsockopt): steering is checked by probes only");
+                    None
+                }
+            }
+        };
         let daemon = Arc::new(Mutex::new(Daemon::new(services, ctx, saved, Some(state_file))));
         let mut tasks = vec![
             tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx)).abort_handle(),

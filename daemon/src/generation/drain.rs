@@ -31,6 +31,8 @@ pub struct Ctx {
     wake: Arc<Notify>,
     /// Promotions, retirements and their durations.
     pub metrics: Metrics,
+    /// The guard of the groups' programs; `None` on a kernel without cgroup/setsockopt.
+    pub guard: Option<crate::loader::GuardProgram>,
 }
 
 impl Ctx {
@@ -42,6 +44,7 @@ impl Ctx {
             next_tag: 1,
             wake: Arc::new(Notify::new()),
             metrics: Metrics::new(),
+            guard: None,
         }
     }
 

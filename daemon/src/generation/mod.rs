@@ -3,6 +3,7 @@
 
 mod drain;
 mod events;
+mod guard;
 mod listeners;
 mod persist;
 mod promote;
@@ -106,6 +107,8 @@ pub struct Service {
     outsiders: std::collections::HashSet<(i32, u64)>,
     /// Removed from the configuration: forgotten once one generation is left.
     pub removing: bool,
+    /// Probes that check the groups still run handoff's program.
+    watch: guard::Watch,
 }
 
 impl Service {
@@ -127,6 +130,7 @@ impl Service {
             rescan: None,
             outsiders: std::collections::HashSet::new(),
             removing: false,
+            watch: guard::Watch::default(),
         }
     }
 

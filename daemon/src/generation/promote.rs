@@ -163,6 +163,7 @@ impl Service {
             trusted,
         });
         self.demote_active(self.generations.len() - 1, ctx);
+        self.watch_start(ctx);
         // Discovery, map writes, flip, probe and drain signal; not the state write.
         let took_ms = started.elapsed().as_secs_f64() * 1e3;
         tracing::info!(service = %self.config.name, generation = id, pid, listeners, draining = ?previous.as_ref().map(|p| p.0), took_ms, "promoted");
@@ -205,17 +206,19 @@ impl Service {
         let current = self.active().map(|g| g.blocks.clone());
         let target = self.generations[index].blocks.clone();
         let mut flipped = Vec::new();
-        let result = (|| {
-            for (i, group) in self.groups.iter_mut().enumerate() {
-                let Some(program) = group.program.as_mut() else {
-                    continue;
-                };
-                flipped.push((i, program.record()?));
-                program.publish(record_for(&target[i], current.as_ref().map(|c| &c[i])))?;
-                verify(program, group.key, &target[i])?;
+        let mut result = Ok(());
+        for i in 0..self.groups.len() {
+            result = self.flip_back(
+                i,
+                &target[i],
+                current.as_ref().map(|c| &c[i]),
+                &mut flipped,
+                ctx,
+            );
+            if result.is_err() {
+                break;
             }
-            Ok(())
-        })();
+        }
         if let Err(e) = result {
             for (i, old) in flipped {
                 self.restore(i, old);
@@ -226,6 +229,7 @@ impl Service {
         self.stop_drain(index, ctx);
         self.generations[index].state = GenerationState::Active;
         self.demote_active(index, ctx);
+        self.watch_start(ctx);
         let g = &self.generations[index];
         tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, draining = ?draining, "reactivated");
         Ok(Promoted {
@@ -235,6 +239,39 @@ impl Service {
             listeners: g.blocks.iter().map(|b| b.cookies.len()).sum(),
             draining,
         })
+    }
+
+    /// Flips group `i` to `block` (falling back to `previous`) and probes; a group that
+    /// lost handoff's program (another one attached, or the group re-formed) gets it
+    /// attached again through a listener of a live generation, and is probed again.
+    fn flip_back(
+        &mut self,
+        i: usize,
+        block: &Block,
+        previous: Option<&Block>,
+        flipped: &mut Vec<(usize, SteerRecord)>,
+        ctx: &mut Ctx,
+    ) -> Result<(), PromoteError> {
+        let key = self.groups[i].key;
+        let Some(program) = self.groups[i].program.as_mut() else {
+            return Ok(());
+        };
+        flipped.push((i, program.record()?));
+        program.publish(record_for(block, previous))?;
+        match verify(program, key, block) {
+            Err(PromoteError::Probe(e)) if e.lost() => {
+                tracing::warn!(service = %self.config.name, error = %e, "the group lost handoff's program: attaching it again");
+                if !self.reattach(i, ctx)? {
+                    return Err(PromoteError::Probe(e));
+                }
+                let program = self.groups[i]
+                    .program
+                    .as_mut()
+                    .ok_or(LoaderError::MissingMap("program"))?;
+                verify(program, key, block)
+            }
+            other => other,
+        }
     }
 
     /// Every active generation but the one at `keep` starts draining.
@@ -330,9 +367,10 @@ impl Service {
                     program.insert(block.first() + k as u32, t.fd.as_fd())?;
                 }
                 program.publish(record_for(&block, previous.map(|p| &p[i])))?;
-                if !program.attached() {
-                    program.attach(taken[0].fd.as_fd())?;
-                }
+                // Always: the group may have lost handoff's program (an intruder's, a
+                // detach, a group re-formed since); attaching again replaces whatever it
+                // runs, ours included, at the cost of one setsockopt.
+                program.attach(taken[0].fd.as_fd())?;
                 verify(program, Some(taken[0].key), &block)?;
                 blocks.push(block);
             }

@@ -90,6 +90,7 @@ impl Service {
                 generations,
                 foreign_listeners: Vec::new(),
                 steering,
+                steering_watch: self.watch.status(),
             },
             port: self.port(),
             pending,

@@ -5,6 +5,7 @@
 
 mod drain;
 mod events;
+mod guard;
 mod steer;
 
 use aya::maps::{Map, MapError};
@@ -13,6 +14,7 @@ use aya::{Ebpf, EbpfError};
 
 pub use drain::DrainProgram;
 pub use events::{DrainEvent, EventRings, EventStats};
+pub use guard::GuardProgram;
 pub use steer::GroupProgram;
 
 /// Detaches whatever sk_reuseport program the group of `socket` has.

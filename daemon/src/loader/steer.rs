@@ -3,12 +3,12 @@
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
-use aya::maps::{Array, Map, MapData, PerCpuArray};
-use aya::programs::SkReuseport;
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::programs::{SkReuseport, SkReuseportAttachType};
 use aya::{Ebpf, EbpfLoader};
 use handoff_common::maps::{
     self, Counter, Counters, MAP_COUNTERS, MAP_CURRENT, MAP_PROBES, MAP_RECORDS, MAP_SOCKS,
-    PROBE_UNSET, RECORDS, SteerRecord,
+    PROBE_KEY_SIZE, PROBE_UNSET, ProbeKey, RECORDS, SteerRecord,
 };
 
 use super::{LoaderError, take};
@@ -20,7 +20,7 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoaderError {
 /// The map data behind the map kinds this object has.
 fn map_data<'a>(map: &'a Map, name: &'static str) -> Result<&'a MapData, LoaderError> {
     match map {
-        Map::Array(d) | Map::PerCpuArray(d) | Map::ReusePortSockArray(d) => Ok(d),
+        Map::Array(d) | Map::PerCpuArray(d) | Map::ReusePortSockArray(d) | Map::HashMap(d) => Ok(d),
         _ => Err(LoaderError::MissingMap(name)),
     }
 }
@@ -38,6 +38,8 @@ pub struct GroupProgram {
     /// Owns the program fd (the maps were taken out below); `None` when taken up from
     /// pins, the program being attached already.
     ebpf: Option<Ebpf>,
+    /// The program taken up from its pin (a daemon restarted): what a re-attach uses.
+    pinned: Option<SkReuseport>,
     /// The REUSEPORT_SOCKARRAY of the generations' listeners.
     socks: MapData,
     /// The record ring.
@@ -48,8 +50,8 @@ pub struct GroupProgram {
     _current_map: MapData,
     /// Per-CPU decision counters.
     counters: PerCpuArray<MapData, u64>,
-    /// Probe results by source port.
-    probes: Array<MapData, u32>,
+    /// Registered probes and the slot chosen for each.
+    probes: HashMap<MapData, [u8; PROBE_KEY_SIZE], u32>,
     /// Whether the program has been attached to the group.
     attached: bool,
 }
@@ -98,12 +100,17 @@ impl GroupProgram {
                 .map_err(|source| LoaderError::Pin { path, source })?;
             Ok(map)
         })?;
-        for i in 0..u32::from(maps::PROBE_PORTS) {
-            group
-                .probes
-                .set(i, PROBE_UNSET, 0)
-                .map_err(map_err(MAP_PROBES))?;
-        }
+        // Pinned too, so that a restarted daemon can attach it again to a group that lost it.
+        let path = pin_dir.join(maps::PROGRAM);
+        let _ = std::fs::remove_file(&path);
+        let program: &mut SkReuseport = ebpf
+            .program_mut(maps::PROGRAM)
+            .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
+            .try_into()
+            .map_err(program_err)?;
+        program
+            .pin(&path)
+            .map_err(|source| LoaderError::Pin { path, source })?;
         group.ebpf = Some(ebpf);
         Ok(group)
     }
@@ -116,6 +123,13 @@ impl GroupProgram {
             Map::from_map_data(data).map_err(map_err(name))
         })?;
         group.attached = true;
+        group.pinned = Some(
+            SkReuseport::from_pin(
+                pin_dir.join(maps::PROGRAM),
+                SkReuseportAttachType::SelectOrMigrate,
+            )
+            .map_err(program_err)?,
+        );
         Ok(group)
     }
 
@@ -130,7 +144,7 @@ impl GroupProgram {
         };
         let records = Array::try_from(map(MAP_RECORDS)?).map_err(map_err(MAP_RECORDS))?;
         let counters = PerCpuArray::try_from(map(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
-        let probes = Array::try_from(map(MAP_PROBES)?).map_err(map_err(MAP_PROBES))?;
+        let probes = HashMap::try_from(map(MAP_PROBES)?).map_err(map_err(MAP_PROBES))?;
         let current = MappedIndex::new(current_map.fd()).map_err(|source| LoaderError::Sys {
             op: "mmap",
             name: MAP_CURRENT,
@@ -138,6 +152,7 @@ impl GroupProgram {
         })?;
         Ok(Self {
             ebpf: None,
+            pinned: None,
             socks,
             records,
             current,
@@ -151,13 +166,15 @@ impl GroupProgram {
     /// Attaches the program to the group of `socket` (any listener of the group: the
     /// program belongs to the whole group, and replaces whatever program it had).
     pub fn attach(&mut self, socket: BorrowedFd<'_>) -> Result<(), LoaderError> {
-        let program: &SkReuseport = self
-            .ebpf
-            .as_ref()
-            .and_then(|e| e.program(maps::PROGRAM))
-            .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
-            .try_into()
-            .map_err(program_err)?;
+        let program: &SkReuseport = match (&self.pinned, &self.ebpf) {
+            (Some(p), _) => p,
+            (None, Some(e)) => e
+                .program(maps::PROGRAM)
+                .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
+                .try_into()
+                .map_err(program_err)?,
+            (None, None) => return Err(LoaderError::MissingMap(maps::PROGRAM)),
+        };
         program.attach(socket).map_err(program_err)?;
         self.attached = true;
         Ok(())
@@ -246,23 +263,23 @@ impl GroupProgram {
         Ok(out)
     }
 
-    /// Clears the probe result of probe port index `index`.
-    pub fn reset_probe(&mut self, index: u32) -> Result<(), LoaderError> {
+    /// Registers a probe: from now on the program treats a SYN matching `key` as one.
+    pub fn register_probe(&mut self, key: ProbeKey) -> Result<(), LoaderError> {
         self.probes
-            .set(index, PROBE_UNSET, 0)
-            .map_err(|source| LoaderError::Map {
-                name: MAP_PROBES,
-                source,
-            })
+            .insert(key.to_bytes(), PROBE_UNSET, 0)
+            .map_err(map_err(MAP_PROBES))
     }
 
-    /// The slot the program chose for the probe from port index `index`.
-    pub fn probe_result(&self, index: u32) -> Result<u32, LoaderError> {
+    /// The slot the program chose for the probe `key` ([`PROBE_UNSET`]: not seen).
+    pub fn probe_result(&self, key: ProbeKey) -> Result<u32, LoaderError> {
         self.probes
-            .get(&index, 0)
-            .map_err(|source| LoaderError::Map {
-                name: MAP_PROBES,
-                source,
-            })
+            .get(&key.to_bytes(), 0)
+            .map_err(map_err(MAP_PROBES))
+    }
+
+    /// Removes the registration of probe `key`.
+    pub fn unregister_probe(&mut self, key: ProbeKey) {
+        // Absent (never inserted) is fine; the map is only ever small.
+        let _ = self.probes.remove(&key.to_bytes());
     }
 }

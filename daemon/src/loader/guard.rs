@@ -1,0 +1,107 @@
+//! The guard: a `cgroup/setsockopt` program at the cgroup v2 root that refuses
+//! `SO_ATTACH_REUSEPORT_{C,E}BPF` and `SO_DETACH_REUSEPORT_BPF` on TCP sockets bound to a
+//! watched service port to every process but handoffd (Linux >= 5.3). Dropped, it is
+//! detached (the attachment is a link owned by the object).
+
+use std::fs::File;
+
+use aya::maps::{HashMap, MapData, PerCpuArray};
+use aya::programs::{CgroupAttachMode, CgroupSockopt};
+use aya::{Ebpf, EbpfLoader};
+use handoff_common::maps::{MAP_GUARD_ALLOWED, MAP_GUARD_PORTS, MAP_GUARD_REFUSED, PROG_GUARD};
+
+use super::drain::cgroup2_root;
+use super::{LoaderError, take};
+
+/// The loaded and attached guard and its maps.
+pub struct GuardProgram {
+    /// Owns the program and its cgroup link (dropped: detached).
+    _ebpf: Ebpf,
+    ports: HashMap<MapData, u32, u32>,
+    allowed: HashMap<MapData, u32, u32>,
+    refused: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for GuardProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardProgram").finish_non_exhaustive()
+    }
+}
+
+fn program_err(source: aya::programs::ProgramError) -> LoaderError {
+    LoaderError::Program {
+        name: PROG_GUARD,
+        source,
+    }
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoaderError {
+    move |source| LoaderError::Map { name, source }
+}
+
+impl GuardProgram {
+    /// Loads the guard, lets this process (handoffd) through, and attaches it at the root
+    /// of the cgroup v2 hierarchy.
+    pub fn load() -> Result<Self, LoaderError> {
+        let root = cgroup2_root().ok_or(LoaderError::NoCgroup2)?;
+        let cgroup = File::open(&root).map_err(|source| LoaderError::Io {
+            op: "opening",
+            path: root.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(None)
+            .load(handoff_ebpf::GUARD_BPF)
+            .map_err(|source| LoaderError::Load {
+                what: "the guard program",
+                source,
+            })?;
+        let ports = HashMap::try_from(take(&mut ebpf, MAP_GUARD_PORTS)?)
+            .map_err(map_err(MAP_GUARD_PORTS))?;
+        let mut allowed = HashMap::try_from(take(&mut ebpf, MAP_GUARD_ALLOWED)?)
+            .map_err(map_err(MAP_GUARD_ALLOWED))?;
+        let refused = PerCpuArray::try_from(take(&mut ebpf, MAP_GUARD_REFUSED)?)
+            .map_err(map_err(MAP_GUARD_REFUSED))?;
+        // Before the attach: from its first run the guard lets the daemon through.
+        allowed
+            .insert(std::process::id(), 1, 0)
+            .map_err(map_err(MAP_GUARD_ALLOWED))?;
+        let program: &mut CgroupSockopt = ebpf
+            .program_mut(PROG_GUARD)
+            .ok_or(LoaderError::MissingMap(PROG_GUARD))?
+            .try_into()
+            .map_err(program_err)?;
+        program.load().map_err(program_err)?;
+        // aya attaches with a bpf_link where the kernel has them (5.7+): a link takes no
+        // flags and always runs beside other programs (as BPF_F_ALLOW_MULTI would).
+        program
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(program_err)?;
+        Ok(Self {
+            _ebpf: ebpf,
+            ports,
+            allowed,
+            refused,
+        })
+    }
+
+    /// Guards `port` from now on.
+    pub fn watch_port(&mut self, port: u16) -> Result<(), LoaderError> {
+        self.ports
+            .insert(u32::from(port), 1, 0)
+            .map_err(map_err(MAP_GUARD_PORTS))
+    }
+
+    /// Changes of reuseport programs the guard refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused
+            .get(&0, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Whether `tgid` may change reuseport programs on guarded ports.
+    pub fn allows(&self, tgid: u32) -> bool {
+        self.allowed.get(&tgid, 0).is_ok()
+    }
+}
