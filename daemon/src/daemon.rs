@@ -474,6 +474,20 @@ impl Daemon {
         plans
     }
 
+    /// What `/metrics` needs of the daemon's state, copied without changing it; finish
+    /// each plan with [`StatusPlan::finish_metrics`] without holding the daemon.
+    pub fn metrics_plans(&self) -> Vec<StatusPlan> {
+        self.services
+            .iter()
+            .map(|s| s.metrics_plan(&self.ctx))
+            .collect()
+    }
+
+    /// The daemon's metrics, shared with the caller (see [`crate::metrics::serve`]).
+    pub fn metrics(&self) -> crate::metrics::Metrics {
+        self.ctx.metrics.clone()
+    }
+
     /// Metrics in the Prometheus text format, from a finished status.
     pub fn render_metrics(&self, status: &Status) -> String {
         self.ctx.metrics.render(status)

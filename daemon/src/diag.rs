@@ -64,6 +64,11 @@ pub struct DiagSocket {
 }
 
 /// Dumps the TCP sockets of the daemon's network namespace in `states` on local `port`.
+///
+/// The kernel filters both: it walks the listening hash only when `states` has LISTEN,
+/// the established hash only when it has another state, and skips sockets of another
+/// local port (`idiag_sport`) before building a message, so a LISTEN dump costs in
+/// proportion to the host's listeners and answers with those on `port` alone.
 pub fn dump_tcp(states: StateFlags, port: u16) -> Result<Vec<DiagSocket>, DiagError> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).map_err(|source| DiagError::Io {
         op: "socket",
@@ -80,13 +85,15 @@ pub fn dump_tcp(states: StateFlags, port: u16) -> Result<Vec<DiagSocket>, DiagEr
         })?;
     let mut out = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        let id = if family == AF_INET {
+        let mut id = if family == AF_INET {
             SocketId::new_v4()
         } else {
             SocketId::new_v6()
         };
+        id.source_port = port;
         dump_family(&socket, family, states.clone(), id, &mut out)?;
     }
+    // Port 0 is no filter for the kernel; no socket is bound there either.
     out.retain(|s| s.local.port() == port);
     Ok(out)
 }

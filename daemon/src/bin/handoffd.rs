@@ -143,16 +143,14 @@ fn run() -> anyhow::Result<()> {
             }
         };
         let daemon = Arc::new(Mutex::new(Daemon::new(services, ctx, saved, Some(state_file))));
-        let mut tasks = vec![
+        let tasks = vec![
             tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx)).abort_handle(),
             tokio::spawn(reload_on_hup(Arc::clone(&daemon), args.config.clone(), overrides)).abort_handle(),
         ];
         if let Some(addr) = args.metrics_addr.0 {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!("serving metrics on {addr} (another handoffd? choose --metrics-addr ADDR:PORT or off)")
-            })?;
-            tracing::info!(%addr, "metrics on /metrics");
-            tasks.push(tokio::spawn(metrics::serve(listener, Arc::clone(&daemon))).abort_handle());
+            // Its own threads; an address taken now is retried there, steering goes on.
+            metrics::serve::spawn(addr, Arc::clone(&daemon))
+                .context("starting the metrics thread")?;
         }
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -1,6 +1,6 @@
 //! What `status` reports of a service.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,13 @@ impl Service {
     /// that status and metrics never hold up a drain.
     pub fn status_plan(&mut self, ctx: &mut Ctx) -> StatusPlan {
         self.reap(ctx);
+        self.metrics_plan(ctx)
+    }
+
+    /// As [`Service::status_plan`], changing nothing (exited generations are not reaped
+    /// here): a copy of small numbers and the kernel's counters, for the metrics thread,
+    /// which holds the daemon's lock only this long.
+    pub fn metrics_plan(&self, ctx: &Ctx) -> StatusPlan {
         let now = Instant::now();
         let mut generations = Vec::with_capacity(self.generations.len());
         let mut pending = Vec::with_capacity(self.generations.len());
@@ -147,8 +154,21 @@ pub struct StatusPlan {
 
 impl StatusPlan {
     /// Counts connections and finds foreign listeners: one LISTEN dump for the service
-    /// port, and a dump of its connections when a generation is active.
-    pub fn finish(mut self) -> Result<ServiceStatus, DiscoverError> {
+    /// port, and a dump of its connections when a generation is active. Each foreign
+    /// listener is named with a process holding it, found in one pass over every
+    /// process's fds (a cost that grows with the host, not with the foreign listeners).
+    pub fn finish(self) -> Result<ServiceStatus, DiscoverError> {
+        self.finish_with(true)
+    }
+
+    /// As [`StatusPlan::finish`] without naming the processes of foreign listeners: what
+    /// `/metrics` needs (their number), at the cost of two socket dumps and the active
+    /// generation's process tree, whatever other users listen on the port.
+    pub fn finish_metrics(self) -> Result<ServiceStatus, DiscoverError> {
+        self.finish_with(false)
+    }
+
+    fn finish_with(mut self, owners: bool) -> Result<ServiceStatus, DiscoverError> {
         let listeners = discover::listeners(self.port, &[], &mut discover::ProcFs)?;
         for (g, pending) in self.status.generations.iter_mut().zip(&self.pending) {
             g.connections = match pending {
@@ -168,20 +188,58 @@ impl StatusPlan {
                 }
             };
         }
-        for l in &listeners {
-            let key = GroupKey::of(&l.diag);
-            let inside = self
-                .groups
-                .iter()
-                .any(|(addr, k)| *addr == l.diag.local && k.is_none_or(|k| k == key));
-            if !inside {
-                self.status.foreign_listeners.push(ForeignListener {
-                    addr: l.diag.local.to_string(),
-                    group: key.to_string(),
-                    pid: discover::owner_of(u64::from(l.diag.inode)),
-                });
-            }
+        let foreign: Vec<&discover::Listener> = listeners
+            .iter()
+            .filter(|l| {
+                let key = GroupKey::of(&l.diag);
+                !self
+                    .groups
+                    .iter()
+                    .any(|(addr, k)| *addr == l.diag.local && k.is_none_or(|k| k == key))
+            })
+            .collect();
+        let owners = if owners {
+            owners_of(&foreign.iter().map(|l| u64::from(l.diag.inode)).collect())
+        } else {
+            HashMap::new()
+        };
+        for l in foreign {
+            self.status.foreign_listeners.push(ForeignListener {
+                addr: l.diag.local.to_string(),
+                group: GroupKey::of(&l.diag).to_string(),
+                pid: owners.get(&u64::from(l.diag.inode)).copied(),
+            });
         }
         Ok(self.status)
     }
+}
+
+/// A process holding each socket inode of `wanted` (0, a socket no file refers to any
+/// more, has none), from one pass over every process's fds that stops once all are found.
+fn owners_of(wanted: &HashSet<u64>) -> HashMap<u64, i32> {
+    let mut found = HashMap::new();
+    let wanted_n = wanted.iter().filter(|&&i| i != 0).count();
+    if wanted_n == 0 {
+        return found;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for pid in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        let mut fds = HashMap::new();
+        // A process that exited or may not be read names no listener: skip it.
+        if discover::socket_fds(pid, &mut fds).is_err() {
+            continue;
+        }
+        for inode in fds.into_keys().filter(|i| *i != 0 && wanted.contains(i)) {
+            found.entry(inode).or_insert(pid);
+        }
+        if found.len() == wanted_n {
+            break;
+        }
+    }
+    found
 }

@@ -1,10 +1,13 @@
 //! Prometheus metrics: events counted as they happen, the rest (connections per
-//! generation, the kernel program's per-CPU counters, foreign listeners) read at scrape
-//! time, so that an idle daemon does no work for them.
+//! generation, the kernel program's per-CPU counters, foreign listeners) read when a
+//! scrape needs them, at most once a second (see [`serve`]), so that an idle daemon does
+//! no work for them and a flood of scrapers no more than one.
+
+pub mod serve;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,11 +15,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-use crate::daemon::{Daemon, finish_status};
-use handoff_common::proto::Response;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GenerationLabels {
@@ -59,10 +57,11 @@ fn drain_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 18))
 }
 
-/// Every metric of the daemon, and the registry that encodes them.
-#[derive(Debug)]
+/// Every metric of the daemon, and the registry that encodes them. A clone shares them
+/// all: the daemon counts events in one, the metrics thread encodes another.
+#[derive(Debug, Clone)]
 pub struct Metrics {
-    registry: Registry,
+    registry: Arc<Registry>,
     connections: Family<GenerationLabels, Gauge>,
     promotions: Family<ResultLabels, Counter>,
     retirements: Family<ReasonLabels, Counter>,
@@ -135,7 +134,7 @@ impl Metrics {
         );
         Self {
             steering_watch,
-            registry,
+            registry: Arc::new(registry),
             connections,
             promotions,
             retirements,
@@ -234,72 +233,6 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, daemon: Arc<Mutex<Daemon>>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let daemon = Arc::clone(&daemon);
-        tokio::spawn(async move {
-            if let Err(e) = answer(stream, daemon).await {
-                tracing::debug!(error = %e, "metrics client");
-            }
-        });
-    }
-}
-
-async fn answer(mut stream: TcpStream, daemon: Arc<Mutex<Daemon>>) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    // The request head only; a scraper sends no body. Bounded in size and time.
-    let read = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        std::io::Result::Ok(())
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(5), read)
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
-        let body = tokio::task::spawn_blocking(move || {
-            // The socket dumps run between the two short holds of the daemon.
-            let plans = daemon.lock().ok()?.status_plans();
-            let Response::Status(status) = finish_status(plans) else {
-                return None;
-            };
-            daemon.lock().ok().map(|d| d.render_metrics(&status))
-        })
-        .await
-        .ok()
-        .flatten();
-        match body {
-            Some(b) => ("200 OK", b),
-            None => (
-                "500 Internal Server Error",
-                "daemon state unavailable\n".to_string(),
-            ),
-        }
-    } else {
-        (
-            "404 Not Found",
-            "only /metrics is served here\n".to_string(),
-        )
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 /// `--metrics-addr`: where to serve `/metrics`, or `off`.
