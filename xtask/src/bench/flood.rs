@@ -34,6 +34,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         listeners: ctx.pick(200, 10),
         warmup: ctx.pick(Duration::from_secs(1), Duration::from_millis(200)),
         late: ctx.pick(Duration::from_secs(5), Duration::ZERO),
+        min_window: ctx.pick(Duration::from_secs(10), Duration::ZERO),
     };
     let bin = AttackerBin::new(&ctx.xtask)?;
     let quiet = flood_phase::run(ctx, &bin, Attack::Quiet, sizes)?;
@@ -127,7 +128,8 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
          socket closes); the metrics flood is {} foreign listeners on [::1]:8310, {} idle \
          connections held to the metrics address (reopened when the daemon closes one) and \
          {} clients scraping `/metrics` in a loop. CPU is handoffd's CPU-time clock \
-         (utime + stime of every thread) over the drains' wall time; threads, RSS and open \
+         (utime + stime of every thread) over the drains' wall time (at least {} s), beside the time its \
+         threads were runnable but waited for a CPU (`schedstat`); threads, RSS and open \
          descriptors are peaks of samples every 100 ms.",
         sizes.drains,
         sizes.budget.as_secs(),
@@ -139,6 +141,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         sizes.listeners,
         sizes.held,
         sizes.scrapers,
+        sizes.min_window.as_secs(),
     )];
     for phase in [&quiet, &bind, &metrics] {
         details.push(phase_detail(phase, cap, sizes.late));
@@ -307,9 +310,11 @@ fn phase_detail(p: &Phase, cap: Duration, late: Duration) -> String {
         out.push_str(&format!("; {cut}"));
     }
     out.push_str(&format!(
-        "; {:.1} s of drains; handoffd CPU {:.1} %, peaks {} threads, RSS {:.1} MB, {} fds",
+        "; {:.1} s measured; handoffd CPU {:.1} % (and {:.1} % runnable but waiting for a \
+         CPU), peaks {} threads, RSS {:.1} MB, {} fds",
         p.window.as_secs_f64(),
         p.cpu_pct,
+        p.wait_pct,
         p.peaks.threads,
         p.peaks.rss_kib as f64 / 1024.0,
         p.peaks.fds

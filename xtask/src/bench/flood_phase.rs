@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 use super::env::{Captured, Ctx, Daemon, Env, Server, connect, field, pause};
-use super::measure::{cpu_ns, ms, ns_to_ms};
+use super::measure::{RunDelay, cpu_ns, ms, ns_to_ms};
 use crate::children::pause_until;
 
 /// The attacker: `nobody`.
@@ -77,6 +77,8 @@ pub struct Sizes {
     pub listeners: u32,
     /// Flooding before the first drain.
     pub warmup: Duration,
+    /// The shortest window over which CPU and peaks are measured, drains or not.
+    pub min_window: Duration,
     /// How long after the floods stopped drains that hit the cap may still retire.
     pub late: Duration,
 }
@@ -121,9 +123,12 @@ pub struct Phase {
     pub promote_failed: bool,
     /// handoffd's CPU during the drains, in % of one core.
     pub cpu_pct: f64,
+    /// How long handoffd's threads waited for a CPU while runnable, in % of the drains'
+    /// time (summed over threads: may exceed 100).
+    pub wait_pct: f64,
     /// Peaks during the drains.
     pub peaks: Peaks,
-    /// How long the drains (and the floods during them) ran.
+    /// How long the drains ran (at least `min_window`), with the floods during them.
     pub window: Duration,
     /// The floods' own counts.
     pub floods: Vec<FloodCounts>,
@@ -203,15 +208,22 @@ pub fn run(ctx: &Ctx, bin: &AttackerBin, attack: Attack, sizes: Sizes) -> Result
     let stop = AtomicBool::new(false);
     let pid = daemon.pid;
     let cpu_before = cpu_ns(pid)?;
+    let wait_before = RunDelay::of(pid)?;
     let started = Instant::now();
     let (rounds, peaks) = std::thread::scope(|scope| {
         let sampler = scope.spawn(|| sample(pid, &stop));
-        let rounds = drains(&mut env, &daemon, &mut active, addr, &args, prefix, sizes);
+        let rounds =
+            drains(&mut env, &daemon, &mut active, addr, &args, prefix, sizes).and_then(|r| {
+                // Drains cut short (a failed promote) leave too short a window for CPU.
+                pause_until(started + sizes.min_window)?;
+                Ok(r)
+            });
         stop.store(true, Ordering::Relaxed);
         (rounds, sampler.join().unwrap_or_default())
     });
     let window = started.elapsed();
     let cpu = cpu_ns(pid)?.saturating_sub(cpu_before);
+    let waited = RunDelay::of(pid)?.since(&wait_before);
     let mut rounds = rounds?;
     let mut counts = Vec::new();
     for flood in floods {
@@ -240,6 +252,7 @@ pub fn run(ctx: &Ctx, bin: &AttackerBin, attack: Attack, sizes: Sizes) -> Result
         cut: rounds.cut,
         promote_failed: rounds.promote_failed,
         cpu_pct: cpu as f64 / 1e6 / ms(window) * 100.0,
+        wait_pct: waited as f64 / 1e6 / ms(window) * 100.0,
         peaks,
         window,
         floods: counts,
