@@ -23,6 +23,7 @@ use super::{Outcome, fmt_ms};
 /// The p99 to stay under, in milliseconds, quiet and flooded (issue 10).
 const GOAL_P99_MS: f64 = 50.0;
 
+/// Runs the three phases and makes the rows.
 pub fn run(ctx: &Ctx) -> Result<Outcome> {
     let sizes = Sizes {
         drains: ctx.pick(40, 3),

@@ -90,18 +90,24 @@ pub struct FloodCounts {
     pub kind: &'static str,
     /// How many threads, connections or listeners.
     pub count: u32,
-    /// See `attack::Counts`.
+    /// Binds that succeeded, scrapes answered 200, connections opened, listeners.
     pub ok: u64,
+    /// Binds refused with EADDRINUSE, scrapes not answered 200, connects that failed.
     pub failed: u64,
+    /// Any other error.
     pub other: u64,
+    /// Most connections held (hold) or scrapes under way (scrape) at once.
     pub peak: u64,
 }
 
 /// Peaks of handoffd's threads, resident memory and descriptors during a phase.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Peaks {
+    /// Threads.
     pub threads: u64,
+    /// Resident memory, KiB.
     pub rss_kib: u64,
+    /// Open descriptors.
     pub fds: u64,
 }
 
@@ -157,6 +163,20 @@ impl AttackerBin {
     pub fn new(xtask: &Path) -> Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         let dir = crate::TempDir::new("bench-attacker")?;
+        // uid 65534 must be able to reach it: every directory above it searchable by all.
+        for parent in dir.path().ancestors().skip(1) {
+            let mode = std::fs::metadata(parent)
+                .with_context(|| format!("cannot stat {}", parent.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o001 == 0 {
+                bail!(
+                    "{} is not searchable by other users, so uid 65534 cannot run the \
+                     flood from below it: set TMPDIR to a directory such as /tmp",
+                    parent.display()
+                );
+            }
+        }
         let perms = std::fs::Permissions::from_mode(0o755);
         std::fs::set_permissions(dir.path(), perms.clone())
             .with_context(|| format!("cannot open up {}", dir.path().display()))?;
