@@ -67,6 +67,9 @@ enum Task {
     /// The scale benchmark's client (started by `bench`, inside its network namespace).
     #[command(hide = true)]
     BenchHold(bench::HoldArgs),
+    /// The flood benchmark's attacker (started by `bench` as uid 65534 in its namespace).
+    #[command(hide = true)]
+    BenchFlood(bench::FloodArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +103,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Task::BenchHold(args) => bench::hold(&args)?,
+        Task::BenchFlood(args) => bench::flood(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -141,6 +141,42 @@ impl<'a> Env<'a> {
             kill_group,
         });
         Ok((pid, out, err))
+    }
+
+    /// Spawns `cmd` as `uid`:`gid` (no supplementary groups) in the namespace and a process
+    /// group of its own, stdout captured, stderr to a log file; returns its pid, its stdout
+    /// and its stdin. setns(2) needs privilege, which the child has dropped before a
+    /// `pre_exec` hook runs, so it is forked from a thread that entered the namespace: a
+    /// child starts in its parent thread's namespaces.
+    pub fn spawn_as(
+        &mut self,
+        name: &str,
+        mut cmd: Command,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(u32, Captured, ChildStdin)> {
+        check_interrupted()?;
+        let (_, log) = self.file(name, "log")?;
+        cmd.uid(uid)
+            .gid(gid)
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let program = Path::new(cmd.get_program()).display().to_string();
+        let mut child = self
+            .ns
+            .enter(|| cmd.spawn())?
+            .with_context(|| format!("cannot start {program} as uid {uid}"))?;
+        let pid = child.id();
+        let out = child.stdout.take().map(|p| Captured::start(p, None));
+        let stdin = child.stdin.take();
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+            kill_group: false,
+        });
+        Ok((pid, out.context("no stdout")?, stdin.context("no stdin")?))
     }
 
     fn proc(&mut self, pid: u32) -> Result<&mut Proc> {

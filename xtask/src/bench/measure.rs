@@ -119,6 +119,41 @@ impl Wakeups {
     }
 }
 
+/// Time each thread of a process has waited on a run queue (runnable, not running), by
+/// thread id, in ns (`/proc/PID/task/TID/schedstat`, second field).
+#[derive(Debug, Clone, Default)]
+pub struct RunDelay(BTreeMap<u32, u64>);
+
+impl RunDelay {
+    /// The waits of every thread of `pid` so far.
+    pub fn of(pid: u32) -> Result<Self> {
+        let dir = format!("/proc/{pid}/task");
+        let mut waits = BTreeMap::new();
+        for task in std::fs::read_dir(&dir).with_context(|| format!("cannot read {dir}"))? {
+            let task = task?;
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            // A thread that ended meanwhile adds nothing.
+            let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+                continue;
+            };
+            if let Some(wait) = text.split_whitespace().nth(1).and_then(|w| w.parse().ok()) {
+                waits.insert(tid, wait);
+            }
+        }
+        Ok(Self(waits))
+    }
+
+    /// Nanoseconds waited since `earlier` by the threads alive now.
+    pub fn since(&self, earlier: &Self) -> u64 {
+        self.0
+            .iter()
+            .map(|(tid, n)| n.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0)))
+            .sum()
+    }
+}
+
 /// Resident memory of `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");

@@ -5,16 +5,21 @@
 //! [`path`] (cost on the connection path), [`promote`] (promote latency), [`drain`] (drain
 //! detection), [`restarts`] (failed connections and worst latency during restarts),
 //! [`footprint`] (daemon memory and idle CPU), [`scale`] (drain accounting at 1 k–100 k
-//! connections, with [`client`] as its load). [`env`], [`netns`], [`output`] and
-//! [`measure`] are the shared harness; [`report`] makes the table and the file.
+//! connections, with [`client`] as its load), [`flood`] (retire latency and the daemon's
+//! CPU under floods by an unprivileged user, [`flood_phase`] each phase, [`attack`] the
+//! attacker). [`env`], [`netns`], [`output`] and [`measure`] are the shared harness;
+//! [`report`] makes the table and the file.
 //!
 //! A full run writes `BENCHMARKS.md` (only when every benchmark ran: `--only` prints the
-//! table alone). `--quick` runs each benchmark briefly and fails only when one fails or
-//! produces no number: timings on a shared CI machine decide nothing.
+//! table and the benchmarks' details). `--quick` runs each benchmark briefly and fails only
+//! when one fails or produces no number: timings on a shared CI machine decide nothing.
 
+mod attack;
 mod client;
 mod drain;
 mod env;
+mod flood;
+mod flood_phase;
 mod footprint;
 mod measure;
 mod netns;
@@ -30,6 +35,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub use attack::FloodArgs;
+pub use attack::run as flood;
 pub use client::HoldArgs;
 pub use client::run as hold;
 use env::Ctx;
@@ -54,7 +61,7 @@ struct Bench {
     run: fn(&Ctx) -> Result<Outcome>,
 }
 
-const BENCHES: [Bench; 6] = [
+const BENCHES: [Bench; 7] = [
     Bench {
         id: 1,
         name: "path",
@@ -91,10 +98,24 @@ const BENCHES: [Bench; 6] = [
         title: "Scale of drain accounting",
         run: scale::run,
     },
+    Bench {
+        id: 7,
+        name: "flood",
+        title: "Floods by an unprivileged user",
+        run: flood::run,
+    },
 ];
 
 /// The `--only` names, for the command line's help and checks.
-pub const NAMES: [&str; 6] = ["path", "promote", "drain", "restarts", "footprint", "scale"];
+pub const NAMES: [&str; 7] = [
+    "path",
+    "promote",
+    "drain",
+    "restarts",
+    "footprint",
+    "scale",
+    "flood",
+];
 
 /// Runs the benchmarks; `Ok(false)` when one failed (or, with `--quick`, gave no number).
 pub fn run(root: &Path, quick: bool, only: &[String]) -> Result<bool> {
@@ -176,6 +197,10 @@ pub fn run(root: &Path, quick: bool, only: &[String]) -> Result<bool> {
         };
         print!("{}", report::table(std::slice::from_ref(&section), quick));
         println!("({:.0} s)", took.as_secs_f64());
+        // BENCHMARKS.md, which shows the details, is not written for a part of the run.
+        if !only.is_empty() {
+            println!("{}", section.details.join("\n"));
+        }
         sections.push(section);
     }
     let took = started.elapsed();
