@@ -255,6 +255,10 @@ impl Daemon {
     /// wake nothing, and the rechecks find them: each at most [`STATS_RECHECK`] after it,
     /// since the checks stop only when one saw no change.
     pub fn check_event_stats(&mut self) {
+        self.guarded("event counters", Self::check_event_stats_unguarded);
+    }
+
+    fn check_event_stats_unguarded(&mut self) {
         let stats = match self.ctx.program.stats() {
             Ok(s) => s,
             Err(e) => {

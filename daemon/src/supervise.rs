@@ -24,10 +24,9 @@ async fn with_daemon<T: Send + 'static>(
     f: impl FnOnce(&mut Daemon) -> T + Send + 'static,
 ) -> Option<T> {
     let daemon = Arc::clone(daemon);
-    tokio::task::spawn_blocking(move || daemon.lock().ok().map(|mut d| f(&mut d)))
+    tokio::task::spawn_blocking(move || f(&mut Daemon::lock(&daemon)))
         .await
         .ok()
-        .flatten()
 }
 
 /// Everything `ring` holds now, decoded; clears its readiness.

@@ -161,7 +161,7 @@ fn run() -> anyhow::Result<()> {
             }
             tracing::info!("stopping; the kernel keeps steering as it was");
         };
-        let summary = daemon.lock().map(|d| d.summary()).unwrap_or_default();
+        let summary = Daemon::lock(&daemon).summary();
         if let Err(e) = notify::notify(&format!("READY=1\nSTATUS={summary}")) {
             tracing::warn!(error = %e, "notifying systemd failed");
         }
@@ -200,9 +200,7 @@ async fn reload_on_hup(
                 tracing::info!(file = %path.display(), "reloading the configuration");
                 let daemon = Arc::clone(&daemon);
                 let _ = tokio::task::spawn_blocking(move || {
-                    if let Ok(mut d) = daemon.lock() {
-                        d.reload(services);
-                    }
+                    Daemon::lock(&daemon).reload(services);
                 })
                 .await;
             }

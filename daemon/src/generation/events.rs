@@ -51,7 +51,10 @@ impl Service {
             tracing::warn!(service = %self.config.name, pid = g.leader.pid, "cannot read the uid of the active generation: binds by every uid are reported");
             return;
         };
-        if let Err(e) = ctx.program.set_owner(&self.config.listen, uid, None) {
+        if let Err(e) = ctx
+            .program
+            .set_owner(&self.config.listen, uid, self.config.user)
+        {
             tracing::warn!(service = %self.config.name, error = %e, "cannot tell the bind watch the service's uid");
         }
     }
