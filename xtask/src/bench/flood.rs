@@ -75,6 +75,12 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         .filter_map(|p| Stats::of(&p.promote))
         .map(|s| s.p99)
         .fold(f64::NAN, f64::max);
+    // No promote returned under either flood: its cap is the lower bound.
+    let worst_promote = if worst_promote.is_nan() {
+        flood_phase::PROMOTE_CAP.as_secs_f64() * 1000.0
+    } else {
+        worst_promote
+    };
     rows.push(
         Row::new(
             "promote (handoffctl) under the floods",
@@ -244,7 +250,12 @@ impl Retire {
                 self.cut.as_deref().unwrap_or("none ran")
             );
         }
-        let mut out = format!("{} ({} drains", self.brief(), self.sorted.len());
+        let n = self.sorted.len();
+        let mut out = format!(
+            "{} ({n} drain{}",
+            self.brief(),
+            if n == 1 { "" } else { "s" }
+        );
         if self.timeouts > 0 {
             out.push_str(&format!(
                 "; > {:.0} s: {} of {}",
