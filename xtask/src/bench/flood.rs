@@ -75,6 +75,12 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         .filter_map(|p| Stats::of(&p.promote))
         .map(|s| s.p99)
         .fold(f64::NAN, f64::max);
+    // No promote returned under either flood: its cap is the lower bound.
+    let worst_promote = if worst_promote.is_nan() {
+        flood_phase::PROMOTE_CAP.as_secs_f64() * 1000.0
+    } else {
+        worst_promote
+    };
     rows.push(
         Row::new(
             "promote (handoffctl) under the floods",
@@ -204,14 +210,18 @@ struct Retire {
 
 impl Retire {
     fn of(phase: &Phase, cap: Duration) -> Self {
-        let mut sorted = phase.retire.clone();
+        Self::new(&phase.retire, cap, phase.cut.clone(), phase.promote_failed)
+    }
+
+    fn new(retire: &[f64], cap: Duration, cut: Option<String>, promote_failed: bool) -> Self {
+        let mut sorted = retire.to_vec();
         sorted.sort_by(f64::total_cmp);
         Self {
             timeouts: sorted.iter().filter(|v| v.is_infinite()).count(),
             sorted,
             cap_ms: cap.as_secs_f64() * 1000.0,
-            cut: phase.cut.clone(),
-            promote_failed: phase.promote_failed,
+            cut,
+            promote_failed,
         }
     }
 
@@ -244,7 +254,12 @@ impl Retire {
                 self.cut.as_deref().unwrap_or("none ran")
             );
         }
-        let mut out = format!("{} ({} drains", self.brief(), self.sorted.len());
+        let n = self.sorted.len();
+        let mut out = format!(
+            "{} ({n} drain{}",
+            self.brief(),
+            if n == 1 { "" } else { "s" }
+        );
         if self.timeouts > 0 {
             out.push_str(&format!(
                 "; > {:.0} s: {} of {}",
@@ -349,4 +364,46 @@ fn phase_detail(p: &Phase, cap: Duration, late: Duration) -> String {
     }
     out.push('.');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn timeouts_rank_above_every_retire_and_miss_the_goal() {
+        let mut v: Vec<f64> = (1..=98).map(f64::from).collect();
+        v.extend([f64::INFINITY, f64::INFINITY]);
+        let r = Retire::new(&v, CAP, None, false);
+        assert_eq!(r.pct(0.5), Some(50.0));
+        assert_eq!(r.brief(), "p50 50 ms · p99 > 5 s");
+        assert!(r.result().contains("> 5 s: 2 of 100"), "{}", r.result());
+        assert_eq!(r.number(), 5000.0);
+        assert!(!r.met());
+    }
+
+    #[test]
+    fn fast_drains_meet_the_goal_unless_a_promote_failed() {
+        let v = [0.5, 3.0, 12.0];
+        let r = Retire::new(&v, CAP, None, false);
+        assert_eq!((r.number(), r.met()), (12.0, true));
+        assert_eq!(r.result(), "p50 3.0 ms · p99 12 ms (3 drains)");
+        let cut = Some("promote failed (x) before drain 3".to_owned());
+        let r = Retire::new(&v, CAP, cut, true);
+        assert!(!r.met());
+        assert!(r.result().ends_with("; promote failed (x) before drain 3"));
+    }
+
+    #[test]
+    fn no_drain_is_reported_with_the_cap_as_its_number() {
+        let cut = Some("the first promote (uncounted round) failed (x)".to_owned());
+        let r = Retire::new(&[], CAP, cut, true);
+        assert_eq!(
+            r.result(),
+            "no drain measured; the first promote (uncounted round) failed (x)"
+        );
+        assert_eq!((r.number(), r.met()), (5000.0, false));
+    }
 }

@@ -28,6 +28,8 @@ const FOREIGN: &str = "[::1]:8310";
 const METRICS: &str = "127.0.0.1:9464";
 /// How long one uncapped step of a round may take (start a server, see a close).
 const STEP: Duration = Duration::from_secs(10);
+/// How long a promote may take before it counts as failed.
+pub const PROMOTE_CAP: Duration = Duration::from_secs(10);
 /// How long a flood may take to be ready, and to report once told to stop.
 const FLOOD_READY: Duration = Duration::from_secs(60);
 /// The soft open-file limit systemd gives a unit without `LimitNOFILE=` (the hard limit
@@ -382,7 +384,7 @@ fn drains(
             );
         }
         let next = env.testsrv(&format!("{prefix}{}", round + 1), args)?;
-        match promote(daemon, next.pid, sizes.cap.max(STEP))? {
+        match promote(daemon, next.pid, PROMOTE_CAP)? {
             Ok(took) if round > 0 => r.promote.push(ms(took)),
             Ok(_) => {}
             Err(why) => {
