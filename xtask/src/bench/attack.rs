@@ -32,6 +32,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a `hold` thread looks for connections the daemon closed.
 const HOLD_CHECK: Duration = Duration::from_millis(200);
+/// A holder counts as flooding after its first pass, or after this long: a server that
+/// takes few connections at a time leaves the rest of them timing out in connect().
+const HOLD_READY: Duration = Duration::from_secs(2);
 /// Failing binds on one socket before a fresh one (a bind that fails leaves it unbound).
 const BINDS_PER_SOCKET: u32 = 1024;
 
@@ -253,10 +256,15 @@ fn hold_loop(addr: SocketAddr, n: usize, stop: &AtomicBool, counts: &Counts, rea
     let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| None).collect();
     let mut first = true;
     let mut mine = 0u64;
+    let started = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
         for slot in &mut conns {
             if stop.load(Ordering::Relaxed) {
                 return;
+            }
+            if first && started.elapsed() >= HOLD_READY {
+                ready.fetch_add(1, Ordering::Relaxed);
+                first = false;
             }
             if slot.as_ref().is_some_and(closed) {
                 *slot = None;
