@@ -147,9 +147,18 @@ fn a_metrics_flood_does_not_slow_a_drain_status_or_promote() {
     let retire_ms = term_ns(&line).saturating_sub(closed) as f64 / 1e6;
 
     let t = Instant::now();
-    let out = d.ctl(&["status"]);
+    let out = d.ctl(&["status", "--json"]);
     let status_ms = t.elapsed().as_secs_f64() * 1e3;
     assert!(out.status.success(), "status failed under the flood");
+    // Root's status names the process of every foreign listener (one pass over /proc).
+    let status: handoff_common::proto::Status =
+        serde_json::from_slice(&out.stdout).expect("status --json");
+    let named = status.services[0]
+        .foreign_listeners
+        .iter()
+        .filter(|f| f.pid == Some(listeners.pid as i32))
+        .count();
+    assert_eq!(named, 200, "foreign listeners named with their process");
 
     let c = testsrv("C", &[addr], &[]);
     let t = Instant::now();
