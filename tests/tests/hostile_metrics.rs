@@ -165,6 +165,27 @@ fn a_metrics_flood_does_not_slow_a_drain_status_or_promote() {
     d.promote(c.pid);
     let promote_ms = t.elapsed().as_secs_f64() * 1e3;
 
+    // More drains while the flood lasts (up to 20, within 7 s of its start): a spread of
+    // retire latencies, not one sample.
+    let mut retires = vec![retire_ms];
+    let mut active = c;
+    let mut old = Vec::new();
+    while retires.len() < 21 && started.elapsed() < Duration::from_secs(7) {
+        let held = load::hold(addr).expect("a connection to the active generation");
+        let next = testsrv(&format!("N{}", retires.len()), &[addr], &[]);
+        d.promote(next.pid);
+        let closed = load::monotonic_ns();
+        drop(held);
+        let line = active
+            .wait_line(Stream::Stderr, "term ", Duration::from_secs(5))
+            .expect("the drained generation got its retire signal under the flood");
+        retires.push(term_ns(&line).saturating_sub(closed) as f64 / 1e6);
+        old.push(std::mem::replace(&mut active, next));
+    }
+    retires.sort_by(f64::total_cmp);
+    let pick = |q: f64| retires[((retires.len() - 1) as f64 * q).round() as usize];
+    let (p50, p99) = (pick(0.5), pick(0.99));
+
     // The flood runs 10 s after its connections are up.
     let mut flood = flood;
     let ended = flood.wait_exit(Duration::from_secs(30));
@@ -176,11 +197,23 @@ fn a_metrics_flood_does_not_slow_a_drain_status_or_promote() {
     let done = flood
         .wait_line(Stream::Stdout, "done ", Duration::from_secs(1))
         .expect("the flood's report");
-    let log_lines = d.proc().lines(Stream::Stderr).len() - lines_before;
+    let flood_log = d.proc().lines(Stream::Stderr).split_off(lines_before);
+    let log_lines = flood_log.len();
+    // Lines of the metrics module or about fds (the 20 handoffs log their own).
+    let metrics_lines = flood_log
+        .iter()
+        .filter(|l| l.contains("handoff::metrics") || l.contains("open files"))
+        .count();
     eprintln!(
-        "under the flood ({flooding}; {done}): retire {retire_ms:.1} ms, status {status_ms:.0} ms, promote {promote_ms:.0} ms; \
-         handoffd threads {} -> {}, fds {} -> {}, RSS {} -> {} KiB, CPU {cpu:.0} %, {log_lines} log lines",
-        quiet.threads, peak.threads, quiet.fds, peak.fds, quiet.rss_kib, peak.rss_kib
+        "under the flood ({flooding}; {done}): retire {retire_ms:.1} ms (p50 {p50:.1} ms, p99 {p99:.1} ms of {} drains), status {status_ms:.0} ms, promote {promote_ms:.0} ms; \
+         handoffd threads {} -> {}, fds {} -> {}, RSS {} -> {} KiB, CPU {cpu:.0} %, {log_lines} log lines ({metrics_lines} about metrics)",
+        retires.len(),
+        quiet.threads,
+        peak.threads,
+        quiet.fds,
+        peak.fds,
+        quiet.rss_kib,
+        peak.rss_kib
     );
 
     // The attack was real: many connections held and scrapes made.
@@ -190,6 +223,11 @@ fn a_metrics_flood_does_not_slow_a_drain_status_or_promote() {
         .expect("held=N");
     assert!(held_n >= 100, "only {held_n} connections held: no attack");
     // Measured by the benchmark; a shared test machine asserts what noise cannot break.
+    let worst = retires.last().copied().unwrap_or(f64::MAX);
+    assert!(
+        worst < 1000.0,
+        "a retire signal came {worst:.1} ms after the last close"
+    );
     assert!(
         retire_ms < 1000.0,
         "retire signal {retire_ms:.1} ms after the last close"
@@ -202,13 +240,17 @@ fn a_metrics_flood_does_not_slow_a_drain_status_or_promote() {
         peak.threads
     );
     assert!(
-        peak.fds <= quiet.fds + 32,
+        peak.fds <= quiet.fds + 64,
         "handoffd grew from {} to {} fds",
         quiet.fds,
         peak.fds
     );
     assert!(
-        log_lines < 200,
+        metrics_lines <= 5,
+        "handoffd logged {metrics_lines} lines about metrics under the flood"
+    );
+    assert!(
+        log_lines < 1000,
         "handoffd logged {log_lines} lines under the flood"
     );
     // Metrics come back for a root scraper once the flood is over.
