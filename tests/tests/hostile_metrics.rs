@@ -314,3 +314,73 @@ fn a_taken_metrics_address_does_not_stop_steering() {
         "handoffd logged that metrics came up"
     );
 }
+
+/// Sets the soft RLIMIT_NOFILE of process `pid` (root may set another process's).
+fn set_nofile(pid: u32, soft: u64) {
+    let out = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+        .output()
+        .expect("running prlimit");
+    assert!(
+        out.status.success(),
+        "prlimit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn metrics_at_the_fd_limit_back_off_and_log_once() {
+    if !privileged("metrics_at_the_fd_limit_back_off_and_log_once") {
+        return;
+    }
+    let addr = loopback();
+    let maddr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut d = Handoffd::start_with(
+        "hmetrics-fds",
+        &[addr],
+        &["--metrics-addr", &maddr.to_string()],
+    );
+    wait_until("metrics served", Duration::from_secs(10), || {
+        scrape(maddr).is_some()
+    });
+    let pid = d.proc().pid;
+    let limit = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .expect("handoffd's open file limit");
+    // No fd left: every accept fails with EMFILE while connections wait in the queue.
+    set_nofile(pid, usage(pid).fds);
+    let clients: Vec<_> = (0..20)
+        .filter_map(|_| TcpStream::connect_timeout(&maddr, Duration::from_secs(1)).ok())
+        .collect();
+    assert!(!clients.is_empty(), "no connection queued");
+    let warned = |d: &mut Handoffd| {
+        d.proc()
+            .lines(Stream::Stderr)
+            .iter()
+            .filter(|l| l.contains("accepting metrics clients failed"))
+            .count()
+    };
+    wait_until("the accept error logged", Duration::from_secs(5), || {
+        warned(&mut d) >= 1
+    });
+    // Two seconds at the limit: backed off (no busy loop) and no more lines.
+    let before = usage(pid).cpu_ticks;
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu = (usage(pid).cpu_ticks - before) as f64 / 100.0 / t.elapsed().as_secs_f64() * 100.0;
+    let lines = warned(&mut d);
+    set_nofile(pid, limit);
+    eprintln!("at the fd limit: handoffd CPU {cpu:.0} %, {lines} accept error lines in 2 s");
+    assert_eq!(lines, 1, "accept errors logged once per 10 s");
+    assert!(cpu < 20.0, "handoffd at {cpu:.0} % CPU while out of fds");
+    drop(clients);
+    wait_until("metrics once fds are back", Duration::from_secs(5), || {
+        scrape(maddr).is_some()
+    });
+}
