@@ -433,11 +433,6 @@ impl Daemon {
         self.ctx.metrics.clone()
     }
 
-    /// Metrics in the Prometheus text format, from a finished status.
-    pub fn render_metrics(&self, status: &Status) -> String {
-        self.ctx.metrics.render(status)
-    }
-
     /// The index of the service a request names (or the only one).
     fn service(&self, name: Option<&str>) -> Result<usize, Response> {
         let known = || self_names(&self.services);

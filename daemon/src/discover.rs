@@ -340,22 +340,6 @@ pub fn connections(
     Ok(n)
 }
 
-/// A process holding the socket with `inode`, found by scanning every process's fds
-/// (costly: for reports only).
-pub fn owner_of(inode: u64) -> Option<i32> {
-    if inode == 0 {
-        return None;
-    }
-    let needle = format!("socket:[{inode}]");
-    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-        let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-        fds.flatten()
-            .any(|fd| fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == needle.as_str()))
-            .then_some(pid)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
