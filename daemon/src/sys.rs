@@ -56,23 +56,28 @@ fn owned_fd(rc: libc::c_long) -> io::Result<OwnedFd> {
 
 /// `getsockopt(SO_COOKIE)`: the kernel's 64-bit id of the socket.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    getsockopt_u64(fd, libc::SO_COOKIE)
+}
+
+/// A 64-bit `SOL_SOCKET` option of `fd`.
+fn getsockopt_u64(fd: BorrowedFd<'_>, option: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid for writes and `len` gives the buffer's size;
-    // the kernel writes at most `len` bytes.
+    // SAFETY: `fd` is open for the whole call (borrowed); `value` and `len` are valid for
+    // writes and `len` gives the buffer's size; the kernel writes at most `len` bytes.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
+            option,
+            (&raw mut value).cast(),
             &mut len,
         )
     };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(cookie)
+        Ok(value)
     }
 }
 
@@ -384,23 +389,5 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
 /// process's network namespace (Linux >= 5.14), as `bpf_get_netns_cookie` returns it.
 pub fn netns_cookie() -> io::Result<u64> {
     let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
-    let mut cookie: u64 = 0;
-    let mut len = size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `socket` is an open descriptor for the whole call; `cookie` and `len` are
-    // valid for writes and `len` gives the buffer's size; the kernel writes at most `len`
-    // bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(cookie)
-    }
+    getsockopt_u64(socket.as_fd(), libc::SO_NETNS_COOKIE)
 }

@@ -65,6 +65,16 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
+/// The root of the cgroup v2 hierarchy, opened to attach programs that see every socket.
+pub fn open_cgroup2_root() -> Result<File, LoaderError> {
+    let root = cgroup2_root().ok_or(LoaderError::NoCgroup2)?;
+    File::open(&root).map_err(|source| LoaderError::Io {
+        op: "opening",
+        path: root,
+        source,
+    })
+}
+
 impl DrainProgram {
     /// Loads the programs and attaches the release countdown and bind watch at the root
     /// of the cgroup v2 hierarchy, so they see every socket (accepted sockets belong to
@@ -72,12 +82,7 @@ impl DrainProgram {
     /// namespace only (needs SO_NETNS_COOKIE, Linux >= 5.14; without it, it warns and
     /// watches every namespace).
     pub fn load() -> Result<Self, LoaderError> {
-        let root = cgroup2_root().ok_or(LoaderError::NoCgroup2)?;
-        let cgroup = File::open(&root).map_err(|source| LoaderError::Io {
-            op: "opening",
-            path: root.clone(),
-            source,
-        })?;
+        let cgroup = open_cgroup2_root()?;
         // The kernel's BTF is parsed once, for both the CO-RE relocations and the
         // iterator's attach point.
         let btf = Btf::from_sys_fs().map_err(|e| LoaderError::Load {

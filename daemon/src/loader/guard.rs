@@ -3,14 +3,12 @@
 //! watched service port to every process but handoffd (Linux >= 5.3). Dropped, it is
 //! detached (the attachment is a link owned by the object).
 
-use std::fs::File;
-
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockopt};
 use aya::{Ebpf, EbpfLoader};
 use handoff_common::maps::{MAP_GUARD_ALLOWED, MAP_GUARD_PORTS, MAP_GUARD_REFUSED, PROG_GUARD};
 
-use super::drain::cgroup2_root;
+use super::drain::open_cgroup2_root;
 use super::{LoaderError, take};
 
 /// The loaded and attached guard and its maps.
@@ -43,12 +41,7 @@ impl GuardProgram {
     /// Loads the guard, lets this process (handoffd) through, and attaches it at the root
     /// of the cgroup v2 hierarchy.
     pub fn load() -> Result<Self, LoaderError> {
-        let root = cgroup2_root().ok_or(LoaderError::NoCgroup2)?;
-        let cgroup = File::open(&root).map_err(|source| LoaderError::Io {
-            op: "opening",
-            path: root.clone(),
-            source,
-        })?;
+        let cgroup = open_cgroup2_root()?;
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .load(handoff_ebpf::GUARD_BPF)
