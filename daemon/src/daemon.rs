@@ -155,6 +155,7 @@ impl Daemon {
                 }
                 Some(i) => {
                     self.services[i].set_drain(config.drain);
+                    self.services[i].set_user(config.user, &mut self.ctx);
                     self.services[i].removing = false;
                 }
                 None => {

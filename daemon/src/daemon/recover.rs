@@ -15,8 +15,8 @@ impl Daemon {
     /// takes it up (pinned maps, members by pid and start time, drains counted afresh).
     /// The next request finds a working daemon. Panics are not expected: every number is
     /// checked where it is parsed and the request paths have no `unwrap`; this is the
-    /// backstop. (A kernel change the failed operation made before panicking is not
-    /// undone; the rebuilt table is written, so `state.json` and `status` agree.)
+    /// backstop. The kernel's steering records are published again from the rebuilt
+    /// table, and the table is written, so kernel, `state.json` and `status` agree.
     pub(super) fn guarded<T>(&mut self, what: &str, f: impl FnOnce(&mut Self) -> T) -> Option<T> {
         match catch_unwind(AssertUnwindSafe(|| f(self))) {
             Ok(out) => Some(out),
@@ -55,13 +55,17 @@ impl Daemon {
     /// Replaces the table with [`Self::last_good`], taken up as at start.
     pub(super) fn rebuild(&mut self) {
         let _ = catch_unwind(AssertUnwindSafe(|| {
-            let mut saved = std::mem::take(&mut self.last_good).services;
+            // Cloned, not taken: a second panic during the rebuild finds it still there.
+            let mut saved = self.last_good.services.clone();
             drop(std::mem::take(&mut self.services));
             for config in self.configs.clone() {
-                let service = match saved.iter().position(|s| s.name == config.name) {
+                let mut service = match saved.iter().position(|s| s.name == config.name) {
                     Some(i) => Service::recover(config, saved.remove(i), &mut self.ctx),
                     None => Service::new(config),
                 };
+                // The failed operation may have flipped a group already: the kernel
+                // follows the rebuilt table, so the two never disagree after the reply.
+                service.resteer();
                 self.services.push(service);
             }
             self.persist();

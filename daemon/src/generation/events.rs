@@ -27,6 +27,18 @@ impl Service {
         }
     }
 
+    /// A new configured `user` (a reload): the next promote is judged by it, and the bind
+    /// watch reports the active generation's binds and that user's from now on.
+    /// Generations promoted already keep the uids they were trusted with.
+    pub fn set_user(&mut self, user: Option<u32>, ctx: &mut Ctx) {
+        if user == self.config.user {
+            return;
+        }
+        tracing::info!(service = %self.config.name, ?user, "service user changed: applies to the next promote");
+        self.config.user = user;
+        self.watch_recovered_owner(ctx);
+    }
+
     /// [`Service::watch_owner`] for the active generation a restarted daemon took up.
     pub fn watch_recovered_owner(&self, ctx: &mut Ctx) {
         if let Some(index) = self

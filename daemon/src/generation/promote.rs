@@ -139,7 +139,8 @@ impl Service {
             previous.as_ref().map(|p| p.1.as_slice()),
         )?;
 
-        self.next_id += 1;
+        // At most MAX_NEXT_ID from a state file: one more never overflows, but saturate.
+        self.next_id = self.next_id.saturating_add(1);
         for (group, taken) in self.groups.iter_mut().zip(&candidate.listeners) {
             group.key = Some(taken[0].key);
         }
@@ -271,6 +272,30 @@ impl Service {
                 verify(program, key, block)
             }
             other => other,
+        }
+    }
+
+    /// Makes every group steer as the table says: to the active generation, falling back
+    /// to the newest draining one. Used after the table was rebuilt from its last
+    /// consistent state, when a failed operation may have flipped a group already.
+    pub fn resteer(&mut self) {
+        let Some(active) = self.active().map(|g| g.blocks.clone()) else {
+            return;
+        };
+        let previous = self
+            .generations
+            .iter()
+            .rev()
+            .find(|g| g.state == GenerationState::Draining)
+            .map(|g| g.blocks.clone());
+        for (i, group) in self.groups.iter_mut().enumerate() {
+            let (Some(program), Some(block)) = (group.program.as_mut(), active.get(i)) else {
+                continue;
+            };
+            let record = record_for(block, previous.as_ref().and_then(|p| p.get(i)));
+            if let Err(e) = program.publish(record) {
+                tracing::error!(service = %self.config.name, error = %e, "publishing the rebuilt table's steering failed");
+            }
         }
     }
 

@@ -171,10 +171,7 @@ impl Shared {
 
     fn build(&self) -> Option<String> {
         // The daemon's lock for a copy of small numbers only; the dumps run without it.
-        let plans = match self.daemon.lock() {
-            Ok(d) => d.metrics_plans(),
-            Err(_) => return None,
-        };
+        let plans = Daemon::lock(&self.daemon).metrics_plans();
         let mut status = Status::default();
         for plan in plans {
             match plan.finish_metrics() {

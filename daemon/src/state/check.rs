@@ -14,6 +14,10 @@ use crate::config::{self, ConfigError, DrainSettings, MAX_DURATION};
 /// default `fs.nr_open`, the most pidfds one process can hold.
 pub const MAX_MEMBERS: usize = 1 << 20;
 
+/// The largest `next_id` a state file may hold: far beyond any number of promotes
+/// (2^53, exact in every JSON reader), and far from overflowing when a promote adds one.
+pub const MAX_NEXT_ID: u64 = 1 << 53;
+
 /// What makes a state file inconsistent.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Inconsistent {
@@ -46,6 +50,14 @@ pub enum Inconsistent {
         groups: usize,
         /// Addresses listed.
         listen: usize,
+    },
+    /// A next generation id of 0 or past [`MAX_NEXT_ID`].
+    #[error("service {service}: next_id {next_id} is out of range (1 to {MAX_NEXT_ID})")]
+    NextId {
+        /// The service.
+        service: String,
+        /// The id in the file.
+        next_id: u64,
     },
     /// Something wrong with one generation.
     #[error("service {service}, generation {id}: {what}")]
@@ -110,6 +122,12 @@ impl SavedService {
                 service: service(),
                 groups: self.groups.iter().flatten().count(),
                 listen: self.listen.len(),
+            });
+        }
+        if self.next_id == 0 || self.next_id > MAX_NEXT_ID {
+            return Err(Inconsistent::NextId {
+                service: service(),
+                next_id: self.next_id,
             });
         }
         let mut previous = 0;
@@ -290,6 +308,7 @@ mod tests {
         refused(|s| svc(s).groups = vec![Some(key(9))], "another port");
         refused(|s| svc(s).groups = vec![None], "never fixed");
         refused(|s| svc(s).next_id = 2, "below next_id");
+        refused(|s| svc(s).next_id = u64::MAX, "out of range");
         refused(|s| gen_(s, 0).id = 0, "ids must increase");
         refused(|s| gen_(s, 1).id = 1, "ids must increase");
         refused(
