@@ -130,3 +130,60 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
     );
     assert_eq!(answers(added, 20), only("A1", 20));
 }
+
+/// A root shell holding no listener whose child, of uid 65534, listens on `addr`: the
+/// shape of the confused deputy. Returns the shell.
+fn root_parent_of_nobody(addr: SocketAddr) -> handoff_tests::Proc {
+    let script = format!(
+        "setpriv --reuid 65534 --regid 65534 --clear-groups {srv} --name NOBODY --listen {addr} &\nwait\n",
+        srv = handoff_tests::bin_path("testsrv").display()
+    );
+    let sh = handoff_tests::Proc::spawn(std::process::Command::new("sh").arg("-c").arg(script));
+    assert!(
+        sh.wait_line(
+            handoff_tests::Stream::Stdout,
+            "ready ",
+            Duration::from_secs(10)
+        )
+        .is_some(),
+        "testsrv as uid 65534 did not get ready: {:?}",
+        sh.lines(handoff_tests::Stream::Stderr)
+    );
+    sh
+}
+
+#[test]
+fn sighup_applies_a_new_user_to_the_next_promote() {
+    if !privileged("sighup_applies_a_new_user_to_the_next_promote") {
+        return;
+    }
+    let addr = loopback();
+    let mut d = Handoffd::new("reload-user");
+    let name = format!("user-{}", std::process::id());
+    let config = d.socket.with_file_name("handoffd.toml");
+    write_config(&config, &[(&name, addr)]);
+    let config_arg = config.display().to_string();
+    d.spawn(&[], &["--config", &config_arg]);
+    let sh = root_parent_of_nobody(addr);
+    let pid = sh.pid.to_string();
+    let line = d.refused(&["promote", &pid]);
+    assert!(line.contains("holds no listener itself"), "{line}");
+
+    // The same file naming the uid of the listener's holder: the same promote passes.
+    let mut text = std::fs::read_to_string(&config).expect("reading the config");
+    text.push_str("user = \"65534\"\n");
+    std::fs::write(&config, text).expect("writing the config");
+    d.proc().signal(Signal::SIGHUP);
+    assert!(
+        d.proc()
+            .wait_line(
+                handoff_tests::Stream::Stderr,
+                "service user changed",
+                Duration::from_secs(5)
+            )
+            .is_some(),
+        "the reload did not take the new user"
+    );
+    assert!(d.ctl(&["promote", &pid]).status.success());
+    assert_eq!(answers(addr, 10), only("NOBODY", 10));
+}
