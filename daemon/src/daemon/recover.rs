@@ -132,4 +132,67 @@ mod tests {
             other => panic!("status after a panic: {other:?}"),
         }
     }
+
+    /// Removes what a test's promotes left in the kernel: the program from its groups
+    /// and the service's pins, also when the test fails.
+    struct Steered(Arc<Mutex<Daemon>>);
+
+    impl Drop for Steered {
+        fn drop(&mut self) {
+            let d = Daemon::lock(&self.0);
+            for s in &d.services {
+                crate::cleanup::detach(&s.save());
+                let _ = crate::pins::remove_service(s.name());
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_after_a_flip_leaves_the_kernel_steering_as_the_table_says() {
+        if !handoff_tests::privileged(
+            "a_panic_after_a_flip_leaves_the_kernel_steering_as_the_table_says",
+        ) {
+            return;
+        }
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], handoff_tests::free_port()));
+        let name = format!("resteer-{}", std::process::id());
+        let config = crate::config::service(&name, &[addr], DrainSettings::default())
+            .expect("a valid service");
+        let ctx = Ctx::new(DrainProgram::load().expect("loading the programs"), None);
+        let daemon = Arc::new(Mutex::new(Daemon::new(
+            vec![config],
+            ctx,
+            SavedState::default(),
+            None,
+        )));
+        let _steered = Steered(Arc::clone(&daemon));
+        let listen = addr.to_string();
+        let a = handoff_tests::Proc::spawn_testsrv(&["--name", "A", "--listen", &listen]);
+        let b = handoff_tests::Proc::spawn_testsrv(&["--name", "B", "--listen", &listen]);
+        let promote = |pid: u32| Request::Promote {
+            pid: pid as i32,
+            service: None,
+        };
+        let mut d = Daemon::lock(&daemon);
+        assert!(matches!(d.handle(promote(a.pid)), Response::Promoted(_)));
+        let steering_a = d.services[0].records();
+        assert!(steering_a.iter().all(Option::is_some), "{steering_a:?}");
+        // An operation that flipped the kernel to B, then panicked before it completed.
+        let out = d.guarded("test", |d| {
+            let flipped = d.services[0].promote(b.pid as i32, &mut d.ctx);
+            assert!(flipped.is_ok(), "{flipped:?}");
+            assert_ne!(
+                d.services[0].records(),
+                steering_a,
+                "the kernel steers to B"
+            );
+            panic!("injected after the flip");
+        });
+        assert!(out.is_none());
+        // The table is the one before the operation, and so is the kernel.
+        let gens = &d.services[0].save().generations;
+        assert_eq!(gens.len(), 1, "{gens:?}");
+        assert_eq!(gens[0].leader.pid, a.pid as i32);
+        assert_eq!(d.services[0].records(), steering_a);
+    }
 }

@@ -299,6 +299,15 @@ impl Service {
         }
     }
 
+    /// Each group's steering record in force (none: no program loaded), for tests.
+    #[cfg(test)]
+    pub(crate) fn records(&self) -> Vec<Option<SteerRecord>> {
+        self.groups
+            .iter()
+            .map(|g| g.program.as_ref().and_then(|p| p.record().ok()))
+            .collect()
+    }
+
     /// Every active generation but the one at `keep` starts draining.
     fn demote_active(&mut self, keep: usize, ctx: &mut Ctx) {
         self.watch_owner(keep, ctx);
