@@ -391,3 +391,25 @@ pub fn netns_cookie() -> io::Result<u64> {
     let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
     getsockopt_u64(socket.as_fd(), libc::SO_NETNS_COOKIE)
 }
+
+/// `setsockopt(TCP_DEFER_ACCEPT)`: the kernel hands a connection to `accept` only once
+/// its client has sent data (or after about `seconds`), so idle connections wait in the
+/// kernel, not in a worker.
+pub fn tcp_defer_accept(fd: BorrowedFd<'_>, seconds: libc::c_int) -> io::Result<()> {
+    // SAFETY: `fd` is open for the whole call (borrowed); the option value is a live
+    // c_int whose size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&raw const seconds).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}

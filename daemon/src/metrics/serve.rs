@@ -2,6 +2,8 @@
 //! its own, never on the daemon's runtime or its blocking pool, so that no scraper can
 //! hold up control requests, the supervisor or a drain.
 //!
+//! - Connections reach `accept` only once their client has sent data
+//!   (`TCP_DEFER_ACCEPT`): idle connections held open by another user wait in the kernel.
 //! - At most [`WORKERS`] clients are served at a time: each worker thread blocks in
 //!   `accept` on the same socket (the kernel wakes one per connection); others wait in
 //!   the kernel's accept queue, which costs the daemon no fd, or are refused by the
@@ -20,6 +22,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -103,6 +106,12 @@ fn bind_with_retry(addr: SocketAddr) -> TcpListener {
     loop {
         match TcpListener::bind(addr) {
             Ok(listener) => {
+                // An idle connection (a scraper's is never idle: it sends its request at
+                // once) stays in the kernel instead of taking one of the WORKERS for
+                // READ_DEADLINE; one that never sends anything is accepted after ~2 s.
+                if let Err(e) = crate::sys::tcp_defer_accept(listener.as_fd(), 2) {
+                    tracing::debug!(error = %e, "TCP_DEFER_ACCEPT on the metrics listener");
+                }
                 if failures == 0 {
                     tracing::info!(%addr, "metrics on /metrics");
                 } else {
