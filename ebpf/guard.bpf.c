@@ -57,14 +57,18 @@ int handoff_guard(struct bpf_sockopt *ctx)
 	__u32 port, tgid, zero = 0;
 	__u64 *n;
 
+	/*
+	 * Before any decision: every path that lets the call through (other options, an
+	 * unwatched port, handoffd's own calls) must hand back a large optval untouched. A
+	 * refusal ignores optlen.
+	 */
+	if (ctx->optlen > GUARD_PAGE_SIZE)
+		ctx->optlen = 0;
 	if (ctx->level != SOL_SOCKET ||
 	    (ctx->optname != SO_ATTACH_REUSEPORT_CBPF && ctx->optname != SO_ATTACH_REUSEPORT_EBPF &&
-	     ctx->optname != SO_DETACH_REUSEPORT_BPF)) {
-		if (ctx->optlen > GUARD_PAGE_SIZE)
-			ctx->optlen = 0;
+	     ctx->optname != SO_DETACH_REUSEPORT_BPF))
 		/* Not a reuseport program option: the kernel handles it as without us. */
 		return 1;
-	}
 	if (!sk || sk->protocol != IPPROTO_TCP)
 		/* Not TCP (a UDP group on the same port is none of handoff's): allowed. */
 		return 1;

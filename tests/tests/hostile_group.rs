@@ -96,6 +96,19 @@ fn intruder_cannot_attach_or_detach() {
         }
     }
     drop(own);
+    // The reuseport options themselves on an unwatched port also pass, with optlen beyond
+    // a page handed back (the guard clamps it on every pass-through path).
+    let other = loopback();
+    let own = handoff_tests::reuseport_listener(other).expect("a socket on another port");
+    handoff_tests::attach_reuseport_cbpf(&own, 0).expect("attach on an unwatched port");
+    handoff_tests::setsockopt_oversized(
+        &own,
+        libc::SOL_SOCKET,
+        libc::SO_DETACH_REUSEPORT_BPF,
+        8192,
+    )
+    .expect("a detach with an 8192-byte optval on an unwatched port passes the guard");
+    drop(own);
     let s = d.service();
     assert_eq!(
         s.steering_watch.lost, 0,
