@@ -98,3 +98,46 @@ impl GuardProgram {
         self.allowed.get(&tgid, 0).is_ok()
     }
 }
+
+/// The inode of the initial pid namespace (`PROC_PID_INIT_INO`, fixed in the kernel).
+const INITIAL_PID_NS_INODE: u64 = 0xEFFF_FFFC;
+
+/// Whether this process is in the initial pid namespace, where the guard's
+/// `bpf_get_current_pid_tgid()` numbers processes: elsewhere the pid the guard lets
+/// through is not handoffd's, and handoffd's own attaches would be refused.
+///
+/// Every available sign must agree: the namespace's inode is the initial one, it is the
+/// namespace of the pid 1 this /proc shows (when readable), and `NSpid` in
+/// /proc/self/status lists one pid (a nested namespace lists one per level, as far as
+/// the mounted /proc sees). Unreadable /proc/self: not initial.
+pub fn in_initial_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(own) = std::fs::metadata("/proc/self/ns/pid") else {
+        return false;
+    };
+    if own.ino() != INITIAL_PID_NS_INODE {
+        return false;
+    }
+    if let Ok(init) = std::fs::metadata("/proc/1/ns/pid")
+        && (init.ino(), init.dev()) != (own.ino(), own.dev())
+    {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .is_none_or(|pids| pids.split_whitespace().count() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The tests run on the host, in its pid namespace; in a new pid namespace (unshare
+    /// with its own /proc) the same check says no: see tests/tests/hostile_group.rs.
+    #[test]
+    fn the_host_pid_namespace_is_initial() {
+        assert!(super::in_initial_pid_namespace());
+    }
+}
