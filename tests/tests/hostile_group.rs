@@ -96,6 +96,22 @@ fn intruder_cannot_attach_or_detach() {
         }
     }
     drop(own);
+    // The guard covers the service's address in the daemon's namespace only: the same
+    // port on another address, or in another network namespace (a container), is someone
+    // else's group, whose program its owners may change.
+    let own = handoff_tests::reuseport_listener(beside).expect("a socket beside the service");
+    handoff_tests::attach_reuseport_cbpf(&own, 0).expect("attach on another address passes");
+    handoff_tests::detach_reuseport(&own).expect("detach on another address passes");
+    drop(own);
+    let ns = support::netns::Netns::create("hgroup-guard");
+    ns.run(|| {
+        let own = handoff_tests::reuseport_listener(addr).expect("the same address in a netns");
+        handoff_tests::attach_reuseport_cbpf(&own, 0)
+            .expect("attach in another network namespace passes the guard");
+        handoff_tests::detach_reuseport(&own)
+            .expect("detach in another network namespace passes the guard");
+    });
+    drop(ns);
     // The reuseport options themselves on an unwatched port also pass, with optlen beyond
     // a page handed back (the guard clamps it on every pass-through path).
     let other = loopback();

@@ -102,10 +102,10 @@ impl Service {
             return;
         }
         if let Some(guard) = ctx.guard.as_mut() {
-            match guard.watch_port(self.port()) {
+            match guard.watch(&self.config.listen) {
                 Ok(()) => self.watch.guarded = true,
                 Err(e) => {
-                    tracing::warn!(service = %self.config.name, error = %e, "cannot guard the service port")
+                    tracing::warn!(service = %self.config.name, error = %e, "cannot guard the service addresses")
                 }
             }
         }
