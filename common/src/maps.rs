@@ -33,7 +33,7 @@ pub const MAP_PROBES: &str = "probes";
 
 /// Name of the guard program in `guard.bpf.o`.
 pub const PROG_GUARD: &str = "handoff_guard";
-/// The guard's watched ports.
+/// The guard's watched service addresses (network namespace, address, port).
 pub const MAP_GUARD_PORTS: &str = "guard_ports";
 /// The processes the guard lets change reuseport programs.
 pub const MAP_GUARD_ALLOWED: &str = "guard_allowed";

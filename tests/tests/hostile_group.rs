@@ -35,8 +35,14 @@ fn nobody_testsrv(name: &str, addr: SocketAddr) -> Proc {
 /// The intruder, as nobody, joining the group on `addr` and trying `action`; returns it
 /// and the line saying how the attempt went.
 fn intruder(addr: SocketAddr, action: &str, delay_ms: u32) -> (Proc, String) {
+    intruder_with(addr, action, &[&delay_ms.to_string()])
+}
+
+/// The intruder with `rest` after ADDR and ACTION.
+fn intruder_with(addr: SocketAddr, action: &str, rest: &[&str]) -> (Proc, String) {
     let mut cmd = Command::new(bin_path("intruder"));
-    cmd.args([&addr.to_string(), action, &delay_ms.to_string()])
+    cmd.args([&addr.to_string(), action])
+        .args(rest)
         .uid(NOBODY)
         .gid(NOBODY);
     let proc = Proc::spawn(&mut cmd);
@@ -89,6 +95,35 @@ fn intruder_cannot_attach_or_detach() {
             });
         }
     }
+    drop(own);
+    // The guard covers the service's address in the daemon's namespace only: the same
+    // port on another address, or in another network namespace (a container), is someone
+    // else's group, whose program its owners may change.
+    let own = handoff_tests::reuseport_listener(beside).expect("a socket beside the service");
+    handoff_tests::attach_reuseport_cbpf(&own, 0).expect("attach on another address passes");
+    handoff_tests::detach_reuseport(&own).expect("detach on another address passes");
+    drop(own);
+    let ns = support::netns::Netns::create("hgroup-guard");
+    ns.run(|| {
+        let own = handoff_tests::reuseport_listener(addr).expect("the same address in a netns");
+        handoff_tests::attach_reuseport_cbpf(&own, 0)
+            .expect("attach in another network namespace passes the guard");
+        handoff_tests::detach_reuseport(&own)
+            .expect("detach in another network namespace passes the guard");
+    });
+    drop(ns);
+    // The reuseport options themselves on an unwatched port also pass, with optlen beyond
+    // a page handed back (the guard clamps it on every pass-through path).
+    let other = loopback();
+    let own = handoff_tests::reuseport_listener(other).expect("a socket on another port");
+    handoff_tests::attach_reuseport_cbpf(&own, 0).expect("attach on an unwatched port");
+    handoff_tests::setsockopt_oversized(
+        &own,
+        libc::SOL_SOCKET,
+        libc::SO_DETACH_REUSEPORT_BPF,
+        8192,
+    )
+    .expect("a detach with an 8192-byte optval on an unwatched port passes the guard");
     drop(own);
     let s = d.service();
     assert_eq!(
@@ -191,4 +226,53 @@ fn backstop_restores_steering_and_promote_rollback_keep_working() {
     let out = d.ctl(&["rollback"]);
     assert!(out.status.success(), "rollback after the group re-formed");
     assert_eq!(answers(addr, 100), only("C", 100));
+}
+
+/// Review of issue 10: an intruder's program that sends handoff's probe to a listener
+/// whose accept queue is full (the kernel drops the SYN, no answer) is found lost and
+/// replaced within the backstop's second, and the daemon keeps answering meanwhile (each
+/// probe waits at most its deadline, with the daemon's lock held).
+#[test]
+fn probe_sent_to_a_full_queue_counts_as_lost_and_daemon_answers() {
+    if !privileged("probe_sent_to_a_full_queue_counts_as_lost_and_daemon_answers") {
+        return;
+    }
+    let addr = loopback();
+    let mut d = Handoffd::new("hgroup-full");
+    d.env.push(("HANDOFF_TEST_NO_GUARD".into(), "1".into()));
+    d.spawn(&[addr], &[]);
+    let a = nobody_testsrv("A", addr);
+    d.promote(a.pid);
+    let before = d.service().steering_watch;
+    // One listener of A, then the intruder's: its place in the group is 1.
+    let (intruder, line) = intruder_with(addr, "full", &["300", "1"]);
+    let attacked = Instant::now();
+    assert!(line.ends_with("full ok"), "the intruder's program: {line}");
+    let mut slowest = Duration::ZERO;
+    let mut s = before.clone();
+    wait_until("steering restored", Duration::from_secs(3), || {
+        let asked = Instant::now();
+        s = d.service().steering_watch;
+        slowest = slowest.max(asked.elapsed());
+        s.restored > before.restored
+    });
+    let took = attacked.elapsed();
+    eprintln!("restored after {took:?}; slowest status {slowest:?}; {s:?}");
+    assert!(s.lost > before.lost, "the loss is counted: {s:?}");
+    assert!(
+        took <= Duration::from_millis(1300),
+        "restored within the backstop's second: {took:?}"
+    );
+    // A probe waits at most 100 ms (twice for a lost group); a blocking one held the
+    // lock for 3 s.
+    assert!(
+        slowest <= Duration::from_millis(600),
+        "status answered within 600 ms during the attack: {slowest:?}"
+    );
+    assert_eq!(
+        answers(addr, 100),
+        only("A", 100),
+        "steering is handoff's again"
+    );
+    drop(intruder);
 }

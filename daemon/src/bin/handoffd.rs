@@ -133,6 +133,9 @@ fn run() -> anyhow::Result<()> {
         ctx.guard = if std::env::var_os("HANDOFF_TEST_NO_GUARD").is_some() {
             tracing::warn!("HANDOFF_TEST_NO_GUARD is set: the guard of the groups' programs is not loaded, steering is checked by probes only");
             None
+        } else if !handoff::loader::in_initial_pid_namespace() {
+            tracing::warn!("handoffd is not in the initial pid namespace: the guard of the groups' programs is not loaded (it knows handoffd by its pid there, and would refuse handoffd's own attaches); steering is checked by probes only; run handoffd in the host's pid namespace");
+            None
         } else {
             match handoff::loader::GuardProgram::load() {
                 Ok(guard) => Some(guard),

@@ -102,10 +102,10 @@ impl Service {
             return;
         }
         if let Some(guard) = ctx.guard.as_mut() {
-            match guard.watch_port(self.port()) {
+            match guard.watch(&self.config.listen) {
                 Ok(()) => self.watch.guarded = true,
                 Err(e) => {
-                    tracing::warn!(service = %self.config.name, error = %e, "cannot guard the service port")
+                    tracing::warn!(service = %self.config.name, error = %e, "cannot guard the service addresses")
                 }
             }
         }
@@ -121,6 +121,11 @@ impl Service {
     }
 
     /// Probes every group if due; attaches the program again where it was lost.
+    ///
+    /// Runs with the daemon's lock held: each probe waits at most
+    /// [`probe::PROBE_DEADLINE`] (twice for a lost group: before and after re-attaching),
+    /// whatever listener another program sends it to, so the lock is held for a bounded
+    /// time per group.
     pub fn watch_tick(&mut self, now: Instant, ctx: &mut Ctx) {
         if now < self.watch.next || !self.steered() {
             return;
@@ -181,6 +186,7 @@ impl Service {
         match probe::probe(program, key.probe_target()) {
             Ok(_) => false,
             Err(e) if e.lost() => true,
+            // Failed before the connect (no fd, a map error): nothing learnt about the group.
             Err(e) => {
                 tracing::debug!(service = %self.config.name, group = %key, error = %e, "probe failed");
                 false

@@ -1,7 +1,11 @@
 //! The guard: a `cgroup/setsockopt` program at the cgroup v2 root that refuses
 //! `SO_ATTACH_REUSEPORT_{C,E}BPF` and `SO_DETACH_REUSEPORT_BPF` on TCP sockets bound to a
-//! watched service port to every process but handoffd (Linux >= 5.3). Dropped, it is
-//! detached (the attachment is a link owned by the object).
+//! watched service address (in handoffd's network namespace: the same port number in a
+//! container, or on another address, is not refused) to every process but handoffd
+//! (Linux >= 5.14 for the namespace cookie). Dropped, it is detached (the attachment is
+//! a link owned by the object).
+
+use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockopt};
@@ -15,8 +19,9 @@ use super::{LoaderError, take};
 pub struct GuardProgram {
     /// Owns the program and its cgroup link (dropped: detached).
     _ebpf: Ebpf,
-    ports: HashMap<MapData, u32, u32>,
-    allowed: HashMap<MapData, u32, u32>,
+    ports: HashMap<MapData, [u8; GUARD_KEY_SIZE], u32>,
+    /// The cookie of handoffd's network namespace.
+    netns: u64,
     refused: PerCpuArray<MapData, u64>,
 }
 
@@ -42,6 +47,12 @@ impl GuardProgram {
     /// of the cgroup v2 hierarchy.
     pub fn load() -> Result<Self, LoaderError> {
         let cgroup = open_cgroup2_root()?;
+        // Without it no socket would match a watched address: nothing would be guarded.
+        let netns = crate::sys::netns_cookie().map_err(|source| LoaderError::Io {
+            op: "reading the network namespace cookie (SO_NETNS_COOKIE, Linux >= 5.14) of",
+            path: "handoffd's namespace".into(),
+            source,
+        })?;
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .load(handoff_ebpf::GUARD_BPF)
@@ -73,16 +84,19 @@ impl GuardProgram {
         Ok(Self {
             _ebpf: ebpf,
             ports,
-            allowed,
+            netns,
             refused,
         })
     }
 
-    /// Guards `port` from now on.
-    pub fn watch_port(&mut self, port: u16) -> Result<(), LoaderError> {
-        self.ports
-            .insert(u32::from(port), 1, 0)
-            .map_err(map_err(MAP_GUARD_PORTS))
+    /// Guards the service addresses `addrs` in handoffd's network namespace from now on.
+    pub fn watch(&mut self, addrs: &[SocketAddr]) -> Result<(), LoaderError> {
+        for a in addrs {
+            self.ports
+                .insert(guard_key(self.netns, *a), 1, 0)
+                .map_err(map_err(MAP_GUARD_PORTS))?;
+        }
+        Ok(())
     }
 
     /// Changes of reuseport programs the guard refused so far.
@@ -92,9 +106,69 @@ impl GuardProgram {
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0)
     }
+}
 
-    /// Whether `tgid` may change reuseport programs on guarded ports.
-    pub fn allows(&self, tgid: u32) -> bool {
-        self.allowed.get(&tgid, 0).is_ok()
+/// Size of `struct guard_key` in guard.bpf.c.
+const GUARD_KEY_SIZE: usize = 32;
+
+/// `struct guard_key` for `addr` in the namespace `netns`: the cookie, family, port (host
+/// order) and address (network order, IPv4 in the first word), native-endian words.
+fn guard_key(netns: u64, addr: SocketAddr) -> [u8; GUARD_KEY_SIZE] {
+    let (family, ip) = match addr.ip() {
+        IpAddr::V4(v4) => {
+            let mut ip = [0u8; 16];
+            ip[..4].copy_from_slice(&v4.octets());
+            (libc::AF_INET as u32, ip)
+        }
+        IpAddr::V6(v6) => (libc::AF_INET6 as u32, v6.octets()),
+    };
+    let mut key = [0u8; GUARD_KEY_SIZE];
+    key[..8].copy_from_slice(&netns.to_ne_bytes());
+    key[8..12].copy_from_slice(&family.to_ne_bytes());
+    key[12..16].copy_from_slice(&u32::from(addr.port()).to_ne_bytes());
+    key[16..].copy_from_slice(&ip);
+    key
+}
+
+/// The inode of the initial pid namespace (`PROC_PID_INIT_INO`, fixed in the kernel).
+const INITIAL_PID_NS_INODE: u64 = 0xEFFF_FFFC;
+
+/// Whether this process is in the initial pid namespace, where the guard's
+/// `bpf_get_current_pid_tgid()` numbers processes: elsewhere the pid the guard lets
+/// through is not handoffd's, and handoffd's own attaches would be refused.
+///
+/// Every available sign must agree: the namespace's inode is the initial one, it is the
+/// namespace of the pid 1 this /proc shows (when readable), and `NSpid` in
+/// /proc/self/status lists one pid (a nested namespace lists one per level, as far as
+/// the mounted /proc sees). Unreadable /proc/self: not initial.
+pub fn in_initial_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(own) = std::fs::metadata("/proc/self/ns/pid") else {
+        return false;
+    };
+    if own.ino() != INITIAL_PID_NS_INODE {
+        return false;
+    }
+    if let Ok(init) = std::fs::metadata("/proc/1/ns/pid")
+        && (init.ino(), init.dev()) != (own.ino(), own.dev())
+    {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .is_none_or(|pids| pids.split_whitespace().count() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The tests run on the host, in its pid namespace; in a new pid namespace (unshare
+    /// with its own /proc) the same check says no: see tests/tests/hostile_group.rs.
+    #[test]
+    fn the_host_pid_namespace_is_initial() {
+        assert!(super::in_initial_pid_namespace());
     }
 }

@@ -14,7 +14,7 @@ use aya::{Ebpf, EbpfError};
 
 pub use drain::DrainProgram;
 pub use events::{DrainEvent, EventRings, EventStats};
-pub use guard::GuardProgram;
+pub use guard::{GuardProgram, in_initial_pid_namespace};
 pub use steer::GroupProgram;
 
 /// Detaches whatever sk_reuseport program the group of `socket` has.
