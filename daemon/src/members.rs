@@ -237,12 +237,20 @@ fn ancestors() -> Vec<(i32, u64)> {
 
 /// The pid the pidfd names in this daemon's /proc (`Pid:` of its fdinfo; -1 or missing
 /// when the process is not visible in this pid namespace).
-fn pidfd_pid(pidfd: &OwnedFd) -> Option<i32> {
+///
+/// Reading the fdinfo opens a file: out of descriptors, that error is returned (never
+/// taken for a process outside our pid namespace); any other failure gives `None`.
+fn pidfd_pid(pidfd: &OwnedFd) -> Result<Option<i32>, std::io::Error> {
     use std::os::fd::AsRawFd;
-    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
-    info.lines()
+    let info = match fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())) {
+        Ok(info) => info,
+        Err(e) if is_fd_limit(&e) => return Err(e),
+        Err(_) => return Ok(None),
+    };
+    Ok(info
+        .lines()
         .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|p| p.trim().parse().ok())
+        .and_then(|p| p.trim().parse().ok()))
 }
 
 /// Checks the rule against the process `pid` (pinned by `pidfd`) with `facts`.
@@ -256,7 +264,10 @@ fn check_rule(pid: i32, pidfd: &OwnedFd, facts: &Facts) -> Result<(), MemberErro
         Some(Excluded::Ancestor)
     } else if facts.kthread || pid == 2 || facts.ppid == 2 {
         Some(Excluded::KernelThread)
-    } else if pidfd_pid(pidfd) != Some(pid) {
+    } else if match pidfd_pid(pidfd) {
+        Ok(seen) => seen != Some(pid),
+        Err(source) => return Err(MemberError::FdLimit { pid, source }),
+    } {
         Some(Excluded::OtherPidNamespace)
     } else {
         match (view.netns, discover::netns(pid)) {
