@@ -318,8 +318,9 @@ pub fn take(
 
 /// The uids a generation trusts (see [`Candidate::trusted`]), or the confused-deputy
 /// refusal: a leader holding no listener whose holders have uids that are neither its
-/// own nor the configured one.
-fn trusted_uids<'a>(
+/// own nor the configured one. The daemon's restart computes `trusted` with this same
+/// function, so a restarted daemon trusts no more uids than promote did.
+pub(crate) fn trusted_uids<'a>(
     leader: &Member,
     leader_holds: bool,
     holders: impl Iterator<Item = &'a Member>,

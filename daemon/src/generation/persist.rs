@@ -8,6 +8,7 @@ use handoff_common::proto::GenerationState;
 
 use super::drain::{Ctx, DrainState, RetireReason};
 use super::{Block, Generation, Group, Service, ServiceConfig};
+use crate::candidate;
 use crate::discover;
 use crate::loader::GroupProgram;
 use crate::members::{self, Member};
@@ -162,7 +163,9 @@ impl Service {
                 }
             };
             let leader_holds = holders.contains(&leader.pid);
-            let trusted: Vec<u32> = service
+            // Only used when the leader holds a pinned socket: then promote trusted
+            // exactly these uids (see `candidate::trusted_uids`).
+            let tree_uids: Vec<u32> = service
                 .config
                 .user
                 .into_iter()
@@ -172,7 +175,7 @@ impl Service {
             for m in saved_descendants {
                 let tied = holders.contains(&m.pid)
                     || (leader_holds
-                        && m.uids.within(&trusted)
+                        && m.uids.within(&tree_uids)
                         && members::descends_from(m.pid, &leader, MAX_DEPTH));
                 if tied {
                     descendants.push(m);
@@ -180,6 +183,22 @@ impl Service {
                     tracing::warn!(service = %name, generation = g.id, pid = m.pid, "the state file names a member tied neither to the generation's pinned sockets nor to its leader's tree: dropped, never signalled");
                 }
             }
+            // The same rule as promote: the leader's uid is trusted only when the leader,
+            // or a holder of its uid, holds a pinned socket; holders of other uids that
+            // are not the configured one earn the generation nothing but the configured uid.
+            let holding = descendants.iter().filter(|m| holders.contains(&m.pid));
+            let trusted = match candidate::trusted_uids(
+                &leader,
+                leader_holds,
+                holding,
+                service.config.user,
+            ) {
+                Ok(trusted) => trusted,
+                Err(e) => {
+                    tracing::warn!(service = %name, generation = g.id, error = %e, "the saved generation's holders would be refused by promote: only the configured uid is trusted");
+                    service.config.user.into_iter().collect()
+                }
+            };
             let leader = if leader_holds {
                 leader
             } else if descendants.is_empty() {
