@@ -293,6 +293,13 @@ pub fn take(
             continue;
         }
         match Member::open(*p) {
+            // The snapshot's pid may have been reused before the pidfd pinned it.
+            Ok(m) if !crate::members::member_descends_from(&m, &leader, TREE_DEPTH) => {
+                tracing::info!(
+                    pid = m.pid,
+                    "a pid of the snapshot no longer descends from the leader: not a member"
+                );
+            }
             // Holding a service listener ties it to the service, whatever its uid.
             Ok(m) if (leader_holds && holding.contains(p)) || m.uids.within(&trusted) => {
                 descendants.push(m)
@@ -315,6 +322,9 @@ pub fn take(
         trusted,
     })
 }
+
+/// How many parent steps a member may be below its leader.
+const TREE_DEPTH: usize = 64;
 
 /// The uids a generation trusts (see [`Candidate::trusted`]), or the confused-deputy
 /// refusal: a leader holding no listener whose holders have uids that are neither its

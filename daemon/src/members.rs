@@ -387,22 +387,45 @@ impl Member {
 
 /// Whether `pid`'s parent chain reaches `ancestor` (with `start_time`) within `depth`
 /// steps, each step read while `pid` is pinned by an open pidfd of the caller.
+///
+/// The intermediate steps are not pinned: a parent that exited may have had its pid
+/// reused. A process never starts before its parent, so a step whose start time is later
+/// than its child's is a recycled pid, and the chain is refused.
 pub fn descends_from(pid: i32, ancestor: &Member, depth: usize) -> bool {
-    let mut at = pid;
+    let Some(stat) = discover::read_stat(pid) else {
+        return false;
+    };
+    chain_reaches(stat.ppid, stat.start_time, ancestor, depth)
+}
+
+/// Whether the opened member `m` (its parent and start time read after its pidfd pinned
+/// it) is a descendant of `ancestor`: the check a process-table snapshot needs, since a
+/// pid in it may have been reused before its pidfd was opened.
+pub fn member_descends_from(m: &Member, ancestor: &Member, depth: usize) -> bool {
+    chain_reaches(m.ppid, m.start_time, ancestor, depth)
+}
+
+/// Walks up from `parent` (the parent of a process started at `child_start`).
+fn chain_reaches(mut parent: i32, mut child_start: u64, ancestor: &Member, depth: usize) -> bool {
     for _ in 0..depth {
-        let Some(stat) = discover::read_stat(at) else {
-            return false;
-        };
-        if stat.ppid == ancestor.pid {
+        if parent == ancestor.pid {
             // The ancestor's pidfd is open and it is alive: its pid is not reused.
             return ancestor.alive()
+                && child_start >= ancestor.start_time
                 && discover::read_stat(ancestor.pid)
                     .is_some_and(|s| s.start_time == ancestor.start_time);
         }
-        if stat.ppid <= 1 {
+        if parent <= 1 {
             return false;
         }
-        at = stat.ppid;
+        let Some(stat) = discover::read_stat(parent) else {
+            return false;
+        };
+        if stat.start_time > child_start {
+            return false;
+        }
+        child_start = stat.start_time;
+        parent = stat.ppid;
     }
     false
 }
