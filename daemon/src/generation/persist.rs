@@ -162,6 +162,15 @@ impl Service {
                     }
                 }
             };
+            // A generation that closed its listeners on the drain signal (nginx on
+            // SIGQUIT) has emptied its slots: its served connections on the port tie it.
+            let holders = match discover::connection_holders(port, &pids) {
+                Ok(conns) => holders.union(&conns).copied().collect(),
+                Err(e) => {
+                    tracing::warn!(service = %name, error = %e, "reading the saved members' connections failed");
+                    holders
+                }
+            };
             let leader_holds = holders.contains(&leader.pid);
             // Only used when the leader holds a pinned socket: then promote trusted
             // exactly these uids (see `candidate::trusted_uids`).
