@@ -293,6 +293,13 @@ pub fn take(
             continue;
         }
         match Member::open(*p) {
+            // The snapshot's pid may have been reused before the pidfd pinned it.
+            Ok(m) if !crate::members::member_descends_from(&m, &leader, TREE_DEPTH) => {
+                tracing::info!(
+                    pid = m.pid,
+                    "a pid of the snapshot no longer descends from the leader: not a member"
+                );
+            }
             // Holding a service listener ties it to the service, whatever its uid.
             Ok(m) if (leader_holds && holding.contains(p)) || m.uids.within(&trusted) => {
                 descendants.push(m)
@@ -316,10 +323,14 @@ pub fn take(
     })
 }
 
+/// How many parent steps a member may be below its leader.
+const TREE_DEPTH: usize = 64;
+
 /// The uids a generation trusts (see [`Candidate::trusted`]), or the confused-deputy
 /// refusal: a leader holding no listener whose holders have uids that are neither its
-/// own nor the configured one.
-fn trusted_uids<'a>(
+/// own nor the configured one. The daemon's restart computes `trusted` with this same
+/// function, so a restarted daemon trusts no more uids than promote did.
+pub(crate) fn trusted_uids<'a>(
     leader: &Member,
     leader_holds: bool,
     holders: impl Iterator<Item = &'a Member>,

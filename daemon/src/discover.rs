@@ -340,6 +340,39 @@ pub fn connections(
     Ok(n)
 }
 
+/// Which of `pids` hold a TCP connection (not a listener) whose local port is `port`:
+/// a server's accepted connection. After a restart this ties a draining generation that
+/// closed its listeners on the drain signal (nginx on SIGQUIT) to the service.
+pub fn connection_holders(port: u16, pids: &[i32]) -> Result<HashSet<i32>, DiscoverError> {
+    let states = StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT - StateFlags::CLOSE;
+    let inodes: HashSet<u64> = diag::dump_tcp(states, port)?
+        .into_iter()
+        .filter(|s| s.inode != 0)
+        .map(|s| u64::from(s.inode))
+        .collect();
+    let mut holders = HashSet::new();
+    if inodes.is_empty() {
+        return Ok(holders);
+    }
+    for &pid in pids {
+        let mut fds = HashMap::new();
+        match socket_fds(pid, &mut fds) {
+            Ok(()) => {}
+            // Out of descriptors is the daemon's failure, never "holds nothing".
+            Err(e @ DiscoverError::Proc { .. }) if matches!(&e, DiscoverError::Proc { source, .. } if crate::members::is_fd_limit(source)) =>
+            {
+                return Err(e);
+            }
+            // Exited or unreadable: it holds nothing it can be tied by.
+            Err(_) => continue,
+        }
+        if fds.keys().any(|i| inodes.contains(i)) {
+            holders.insert(pid);
+        }
+    }
+    Ok(holders)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

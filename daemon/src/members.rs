@@ -237,12 +237,20 @@ fn ancestors() -> Vec<(i32, u64)> {
 
 /// The pid the pidfd names in this daemon's /proc (`Pid:` of its fdinfo; -1 or missing
 /// when the process is not visible in this pid namespace).
-fn pidfd_pid(pidfd: &OwnedFd) -> Option<i32> {
+///
+/// Reading the fdinfo opens a file: out of descriptors, that error is returned (never
+/// taken for a process outside our pid namespace); any other failure gives `None`.
+fn pidfd_pid(pidfd: &OwnedFd) -> Result<Option<i32>, std::io::Error> {
     use std::os::fd::AsRawFd;
-    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
-    info.lines()
+    let info = match fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())) {
+        Ok(info) => info,
+        Err(e) if is_fd_limit(&e) => return Err(e),
+        Err(_) => return Ok(None),
+    };
+    Ok(info
+        .lines()
         .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|p| p.trim().parse().ok())
+        .and_then(|p| p.trim().parse().ok()))
 }
 
 /// Checks the rule against the process `pid` (pinned by `pidfd`) with `facts`.
@@ -256,7 +264,10 @@ fn check_rule(pid: i32, pidfd: &OwnedFd, facts: &Facts) -> Result<(), MemberErro
         Some(Excluded::Ancestor)
     } else if facts.kthread || pid == 2 || facts.ppid == 2 {
         Some(Excluded::KernelThread)
-    } else if pidfd_pid(pidfd) != Some(pid) {
+    } else if match pidfd_pid(pidfd) {
+        Ok(seen) => seen != Some(pid),
+        Err(source) => return Err(MemberError::FdLimit { pid, source }),
+    } {
         Some(Excluded::OtherPidNamespace)
     } else {
         match (view.netns, discover::netns(pid)) {
@@ -376,22 +387,45 @@ impl Member {
 
 /// Whether `pid`'s parent chain reaches `ancestor` (with `start_time`) within `depth`
 /// steps, each step read while `pid` is pinned by an open pidfd of the caller.
+///
+/// The intermediate steps are not pinned: a parent that exited may have had its pid
+/// reused. A process never starts before its parent, so a step whose start time is later
+/// than its child's is a recycled pid, and the chain is refused.
 pub fn descends_from(pid: i32, ancestor: &Member, depth: usize) -> bool {
-    let mut at = pid;
+    let Some(stat) = discover::read_stat(pid) else {
+        return false;
+    };
+    chain_reaches(stat.ppid, stat.start_time, ancestor, depth)
+}
+
+/// Whether the opened member `m` (its parent and start time read after its pidfd pinned
+/// it) is a descendant of `ancestor`: the check a process-table snapshot needs, since a
+/// pid in it may have been reused before its pidfd was opened.
+pub fn member_descends_from(m: &Member, ancestor: &Member, depth: usize) -> bool {
+    chain_reaches(m.ppid, m.start_time, ancestor, depth)
+}
+
+/// Walks up from `parent` (the parent of a process started at `child_start`).
+fn chain_reaches(mut parent: i32, mut child_start: u64, ancestor: &Member, depth: usize) -> bool {
     for _ in 0..depth {
-        let Some(stat) = discover::read_stat(at) else {
-            return false;
-        };
-        if stat.ppid == ancestor.pid {
+        if parent == ancestor.pid {
             // The ancestor's pidfd is open and it is alive: its pid is not reused.
             return ancestor.alive()
+                && child_start >= ancestor.start_time
                 && discover::read_stat(ancestor.pid)
                     .is_some_and(|s| s.start_time == ancestor.start_time);
         }
-        if stat.ppid <= 1 {
+        if parent <= 1 {
             return false;
         }
-        at = stat.ppid;
+        let Some(stat) = discover::read_stat(parent) else {
+            return false;
+        };
+        if stat.start_time > child_start {
+            return false;
+        }
+        child_start = stat.start_time;
+        parent = stat.ppid;
     }
     false
 }

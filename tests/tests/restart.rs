@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
+use handoff_tests::Stream;
 use handoff_tests::load::{self, LoadConfig};
 use nix::sys::signal::Signal;
 use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
@@ -80,4 +81,49 @@ fn killed_daemon_keeps_steering_and_a_restarted_one_takes_over() {
     assert!(pins.exists(), "maps are pinned at {}", pins.display());
     drop(d);
     assert!(!pins.exists(), "--cleanup removed the pins");
+}
+
+/// A generation that shut its listeners on the drain signal (nginx on SIGQUIT) empties its
+/// slots at once; its served connection still ties it to the service across a restart:
+/// still draining in the restarted daemon.
+#[test]
+fn a_generation_that_shut_its_listeners_survives_a_restart() {
+    if !privileged("a_generation_that_shut_its_listeners_survives_a_restart") {
+        return;
+    }
+    let addr = loopback();
+    let extra = ["--drain-signal", "SIGTERM"];
+    let mut d = Handoffd::start_with("restart-shut", &[addr], &extra);
+    let a = testsrv("A", &[addr], &["--shut-on-term"]);
+    d.promote(a.pid);
+    let held = load::hold(addr).expect("a connection to A");
+    let b = testsrv("B", &[addr], &[]);
+    d.promote(b.pid);
+    // A shut its listener on the drain signal: nothing of it is left in the group.
+    a.wait_line(Stream::Stderr, "term A", Duration::from_secs(5))
+        .expect("A took the drain signal");
+    let listeners = || {
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{}", addr.port())])
+            .output()
+            .expect("ss");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    wait_until("only B to listen", Duration::from_secs(5), || {
+        listeners() == 1
+    });
+    d.proc().signal(Signal::SIGKILL);
+    d.proc()
+        .wait_exit(Duration::from_secs(5))
+        .expect("handoffd died");
+    d.spawn(&[addr], &extra);
+    assert_eq!(
+        d.state_of(a.pid),
+        Some(GenerationState::Draining),
+        "the restarted daemon still drains A"
+    );
+    // Not yet asserted: A retiring when `held` closes. Seen failing: after the restart the
+    // drain counts 2 connections and no count-reached-zero arrives within 5 s once `held`
+    // closes (open work, see the fix-B report).
+    drop(held);
 }

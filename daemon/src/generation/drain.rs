@@ -324,6 +324,8 @@ impl Service {
                 continue;
             }
             match Member::open(pid) {
+                // The snapshot's pid may have been reused before the pidfd pinned it.
+                Ok(m) if !crate::members::member_descends_from(&m, &g.leader, 64) => {}
                 Ok(m) if m.uids.within(&g.trusted) => {
                     ctx.watch(&m);
                     g.descendants.push(m);

@@ -8,6 +8,7 @@ use handoff_common::proto::GenerationState;
 
 use super::drain::{Ctx, DrainState, RetireReason};
 use super::{Block, Generation, Group, Service, ServiceConfig};
+use crate::candidate;
 use crate::discover;
 use crate::loader::GroupProgram;
 use crate::members::{self, Member};
@@ -161,8 +162,19 @@ impl Service {
                     }
                 }
             };
+            // A generation that closed its listeners on the drain signal (nginx on
+            // SIGQUIT) has emptied its slots: its served connections on the port tie it.
+            let holders = match discover::connection_holders(port, &pids) {
+                Ok(conns) => holders.union(&conns).copied().collect(),
+                Err(e) => {
+                    tracing::warn!(service = %name, error = %e, "reading the saved members' connections failed");
+                    holders
+                }
+            };
             let leader_holds = holders.contains(&leader.pid);
-            let trusted: Vec<u32> = service
+            // Only used when the leader holds a pinned socket: then promote trusted
+            // exactly these uids (see `candidate::trusted_uids`).
+            let tree_uids: Vec<u32> = service
                 .config
                 .user
                 .into_iter()
@@ -172,7 +184,7 @@ impl Service {
             for m in saved_descendants {
                 let tied = holders.contains(&m.pid)
                     || (leader_holds
-                        && m.uids.within(&trusted)
+                        && m.uids.within(&tree_uids)
                         && members::descends_from(m.pid, &leader, MAX_DEPTH));
                 if tied {
                     descendants.push(m);
@@ -180,6 +192,22 @@ impl Service {
                     tracing::warn!(service = %name, generation = g.id, pid = m.pid, "the state file names a member tied neither to the generation's pinned sockets nor to its leader's tree: dropped, never signalled");
                 }
             }
+            // The same rule as promote: the leader's uid is trusted only when the leader,
+            // or a holder of its uid, holds a pinned socket; holders of other uids that
+            // are not the configured one earn the generation nothing but the configured uid.
+            let holding = descendants.iter().filter(|m| holders.contains(&m.pid));
+            let trusted = match candidate::trusted_uids(
+                &leader,
+                leader_holds,
+                holding,
+                service.config.user,
+            ) {
+                Ok(trusted) => trusted,
+                Err(e) => {
+                    tracing::warn!(service = %name, generation = g.id, error = %e, "the saved generation's holders would be refused by promote: only the configured uid is trusted");
+                    service.config.user.into_iter().collect()
+                }
+            };
             let leader = if leader_holds {
                 leader
             } else if descendants.is_empty() {

@@ -62,6 +62,10 @@ pub struct ServerConfig {
     /// 1.5 s), then exit.
     #[arg(long, conflicts_with = "ignore_term")]
     pub drain_on_term: bool,
+    /// On SIGTERM shut the listeners (like nginx's master on SIGQUIT) but keep running and
+    /// serving the accepted connections until SIGINT.
+    #[arg(long, conflicts_with_all = ["ignore_term", "drain_on_term"])]
+    pub shut_on_term: bool,
 }
 
 /// Listener layout of a master with workers.

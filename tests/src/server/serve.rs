@@ -183,6 +183,15 @@ fn drain(listeners: &[TcpListener]) {
     }
 }
 
+/// `--shut-on-term`: shuts `listeners` and leaves the accepted connections be.
+fn shut(listeners: &[TcpListener]) {
+    STOPPING.store(true, Ordering::SeqCst);
+    for l in listeners {
+        // Wakes the thread blocked in accept(2); ENOTCONN when already shut.
+        let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+}
+
 /// Logs a SIGTERM: `term NAME pid=PID ns=CLOCK_MONOTONIC` (plus ` ignored` when ignored).
 pub(super) fn log_term(cfg: &ServerConfig) {
     let ignored = if cfg.ignore_term { " ignored" } else { "" };
@@ -213,6 +222,10 @@ pub(super) fn wait_for_term(cfg: &ServerConfig, listeners: &[TcpListener]) {
                 log_term(cfg);
                 if cfg.drain_on_term {
                     drain(listeners);
+                }
+                if cfg.shut_on_term {
+                    shut(listeners);
+                    continue;
                 }
                 if !cfg.ignore_term {
                     return;
