@@ -42,6 +42,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
+#define TCP_CLOSE 7
 #define TCP_LISTEN 10
 #define SOCK_STREAM 1
 #define EEXIST 17
@@ -224,6 +225,13 @@ static __always_inline struct sock *tcp_on_port(struct file *file, __u32 port, i
 	if (sk->sk_protocol != IPPROTO_TCP || sk->__sk_common.skc_num != port)
 		return 0;
 	if ((sk->__sk_common.skc_state == TCP_LISTEN) != listen)
+		return 0;
+	/*
+	 * CLOSE: a listener shut down but not closed (its fd still open), or a connection
+	 * already reset. Neither carries a client any more, and neither is ever released
+	 * while the process keeps the fd: counting it would hold the drain to its timeout.
+	 */
+	if (sk->__sk_common.skc_state == TCP_CLOSE)
 		return 0;
 	return sk;
 }

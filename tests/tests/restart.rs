@@ -85,7 +85,7 @@ fn killed_daemon_keeps_steering_and_a_restarted_one_takes_over() {
 
 /// A generation that shut its listeners on the drain signal (nginx on SIGQUIT) empties its
 /// slots at once; its served connection still ties it to the service across a restart:
-/// still draining in the restarted daemon.
+/// still draining in the restarted daemon, and retired when that connection closes.
 #[test]
 fn a_generation_that_shut_its_listeners_survives_a_restart() {
     if !privileged("a_generation_that_shut_its_listeners_survives_a_restart") {
@@ -122,8 +122,18 @@ fn a_generation_that_shut_its_listeners_survives_a_restart() {
         Some(GenerationState::Draining),
         "the restarted daemon still drains A"
     );
-    // Not yet asserted: A retiring when `held` closes. Seen failing: after the restart the
-    // drain counts 2 connections and no count-reached-zero arrives within 5 s once `held`
-    // closes (open work, see the fix-B report).
+    // Its shut listener (fd still open, state CLOSE) is not a connection: A retires
+    // when the one it serves closes.
     drop(held);
+    wait_until(
+        "the retire signal (a second SIGTERM) in A",
+        Duration::from_secs(5),
+        || {
+            a.lines(Stream::Stderr)
+                .iter()
+                .filter(|l| l.contains("term A"))
+                .count()
+                >= 2
+        },
+    );
 }
