@@ -276,12 +276,11 @@ impl Service {
     }
 
     /// Makes every group steer as the table says: to the active generation, falling back
-    /// to the newest draining one. Used after the table was rebuilt from its last
+    /// to the newest draining one (with none active, to the kernel's hash). Used after the table was rebuilt from its last
     /// consistent state, when a failed operation may have flipped a group already.
     pub fn resteer(&mut self) {
-        let Some(active) = self.active().map(|g| g.blocks.clone()) else {
-            return;
-        };
+        // No active generation: an empty record, the kernel's hash as before any promote.
+        let active = self.active().map(|g| g.blocks.clone()).unwrap_or_default();
         let previous = self
             .generations
             .iter()
@@ -289,10 +288,12 @@ impl Service {
             .find(|g| g.state == GenerationState::Draining)
             .map(|g| g.blocks.clone());
         for (i, group) in self.groups.iter_mut().enumerate() {
-            let (Some(program), Some(block)) = (group.program.as_mut(), active.get(i)) else {
+            let Some(program) = group.program.as_mut() else {
                 continue;
             };
-            let record = record_for(block, previous.as_ref().and_then(|p| p.get(i)));
+            let record = active.get(i).map_or_else(SteerRecord::default, |block| {
+                record_for(block, previous.as_ref().and_then(|p| p.get(i)))
+            });
             if let Err(e) = program.publish(record) {
                 tracing::error!(service = %self.config.name, error = %e, "publishing the rebuilt table's steering failed");
             }
