@@ -69,6 +69,29 @@ impl Ctx {
     }
 }
 
+impl Ctx {
+    /// Every (inode, holder) of a TCP listener on `port` in `pids`, from the listener
+    /// iterator; `None` (logged) when it failed and /proc must be read instead.
+    fn iterated_listeners(
+        &mut self,
+        port: u16,
+        pids: &[i32],
+    ) -> Option<Vec<(u64, discover::FdRef)>> {
+        match self.program.listeners(port, pids) {
+            Ok(found) => Some(
+                found
+                    .into_iter()
+                    .map(|(pid, fd, inode)| (inode, discover::FdRef { pid, fd }))
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "the listener iterator failed; reading /proc");
+                None
+            }
+        }
+    }
+}
+
 impl discover::Processes for Ctx {
     /// From the kernel's process table iterator: one pass, however many processes the
     /// host runs; from /proc if the iterator fails.
@@ -88,15 +111,9 @@ impl discover::Processes for Ctx {
         port: u16,
         pids: &[i32],
     ) -> Result<HashMap<u64, discover::FdRef>, discover::DiscoverError> {
-        match self.program.listeners(port, pids) {
-            Ok(found) => Ok(found
-                .into_iter()
-                .map(|(pid, fd, inode)| (inode, discover::FdRef { pid, fd }))
-                .collect()),
-            Err(e) => {
-                tracing::warn!(error = %e, "the listener iterator failed; reading /proc");
-                discover::ProcFs.listener_fds(port, pids)
-            }
+        match self.iterated_listeners(port, pids) {
+            Some(found) => Ok(found.into_iter().collect()),
+            None => discover::ProcFs.listener_fds(port, pids),
         }
     }
 
@@ -106,15 +123,9 @@ impl discover::Processes for Ctx {
         port: u16,
         pids: &[i32],
     ) -> Result<Vec<(u64, discover::FdRef)>, discover::DiscoverError> {
-        match self.program.listeners(port, pids) {
-            Ok(found) => Ok(found
-                .into_iter()
-                .map(|(pid, fd, inode)| (inode, discover::FdRef { pid, fd }))
-                .collect()),
-            Err(e) => {
-                tracing::warn!(error = %e, "the listener iterator failed; reading /proc");
-                discover::ProcFs.socket_holders(port, pids)
-            }
+        match self.iterated_listeners(port, pids) {
+            Some(found) => Ok(found),
+            None => discover::ProcFs.socket_holders(port, pids),
         }
     }
 }
