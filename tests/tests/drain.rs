@@ -13,17 +13,9 @@ use handoff_tests::load::{self, LoadConfig, LoadReport};
 use handoff_tests::{Proc, Stream};
 use nix::sys::signal::Signal;
 use support::netns::{Netns, tcp_ext};
-use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
+use support::{
+    Handoffd, alive, answers, loopback, only, privileged, respawned, testsrv, wait_until,
+};
 
 /// The CLOCK_MONOTONIC stamp of the `term` line testsrv logs on SIGTERM.
 fn term_ns(line: &str) -> u64 {
@@ -254,20 +246,7 @@ fn respawned_worker_of_the_active_generation_gets_connections() {
     d.promote(m.pid);
     let victim = m.workers[0];
     let survivor = m.workers[1];
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL)
-        .expect("killing a worker");
-    let line = m
-        .wait_line(
-            Stream::Stderr,
-            &format!("old={victim}"),
-            Duration::from_secs(5),
-        )
-        .expect("M respawns its worker");
-    let fresh: u32 = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("new="))
-        .and_then(|p| p.parse().ok())
-        .expect("the new worker's pid");
+    let fresh = respawned(&m, victim);
     // Until the new listener joins, the survivor takes everything; A never gets any.
     let mut by_pid = std::collections::BTreeMap::<u32, usize>::new();
     wait_until(

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::{Proc, Stream};
-use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
+use support::{Handoffd, alive, answers, loopback, only, privileged, testsrv, wait_until};
 
 /// Members besides the leader.
 const CHILDREN: usize = 400;
@@ -101,16 +101,6 @@ impl Drop for NoFile {
             .args(["--pid", &me, &format!("--nofile={}", self.before)])
             .status();
     }
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 /// Members the state file names for the generation led by `leader`.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use handoff_common::proto::GenerationState;
 use handoff_tests::load;
 use handoff_tests::{Proc, Stream, bin_path};
-use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
+use support::{Handoffd, answers, loopback, only, privileged, respawned, testsrv, wait_until};
 
 /// The unprivileged user every attack runs as.
 const NOBODY: u32 = 65534;
@@ -290,23 +290,7 @@ fn bind_flood_by_the_services_uid_is_rate_limited_and_a_respawned_worker_still_j
     let started = std::time::Instant::now();
     let mut f = flood_with(addr, false, 0, 3, &["--reuseport"]);
     let victim = m.workers[0];
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(victim as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("killing a worker");
-    let line = m
-        .wait_line(
-            Stream::Stderr,
-            &format!("old={victim}"),
-            Duration::from_secs(5),
-        )
-        .expect("M respawns its worker");
-    let fresh: u32 = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("new="))
-        .and_then(|p| p.parse().ok())
-        .expect("the new worker's pid");
+    let fresh = respawned(&m, victim);
     wait_until(
         "the respawned worker to get connections during the flood",
         Duration::from_secs(5),

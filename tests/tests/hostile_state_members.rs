@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::{Proc, Stream};
-use nix::sys::signal::Signal;
 use support::{Handoffd, loopback, privileged, testsrv, wait_until};
 
 /// Start time (clock ticks after boot) of `pid`.
@@ -46,10 +45,7 @@ fn forged_members_in_the_state_file_are_never_signalled() {
     let b = testsrv("B", &[addr], &[]);
     d.promote(b.pid);
     // The daemon goes away while A drains; the state file it leaves is then edited.
-    d.proc().signal(Signal::SIGKILL);
-    d.proc()
-        .wait_exit(Duration::from_secs(5))
-        .expect("handoffd died");
+    d.crash();
 
     // Unrelated processes an attacker would name: a sleep of ours (a root process with no
     // socket), and the test process itself.
@@ -115,10 +111,7 @@ fn a_forged_leader_drops_its_generation_and_is_never_signalled() {
     d.promote(a.pid);
     let b = testsrv("B", &[addr], &["--ignore-term"]);
     d.promote(b.pid);
-    d.proc().signal(Signal::SIGKILL);
-    d.proc()
-        .wait_exit(Duration::from_secs(5))
-        .expect("handoffd died");
+    d.crash();
 
     // The draining generation's leader is replaced by an unrelated process.
     let mut victim = Proc::spawn(Command::new("sleep").arg("300"));
@@ -178,10 +171,7 @@ fn workers_that_listen_after_fork_are_taken_up_after_a_restart() {
     let a = testsrv("A", &[addr], &["--workers", "2", "--mode", "after-fork"]);
     let mut d = Handoffd::start("after-fork-restart", &[addr]);
     d.promote(a.pid);
-    d.proc().signal(Signal::SIGKILL);
-    d.proc()
-        .wait_exit(Duration::from_secs(5))
-        .expect("handoffd died");
+    d.crash();
     d.spawn(&[addr], &[]);
     assert!(
         d.proc()

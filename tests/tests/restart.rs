@@ -10,7 +10,6 @@ use std::time::Duration;
 use handoff_common::proto::GenerationState;
 use handoff_tests::Stream;
 use handoff_tests::load::{self, LoadConfig};
-use nix::sys::signal::Signal;
 use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
 
 #[test]
@@ -34,10 +33,7 @@ fn killed_daemon_keeps_steering_and_a_restarted_one_takes_over() {
     let report = std::thread::scope(|s| {
         let load = s.spawn(|| load::run(&cfg, Some(&stop)));
         std::thread::sleep(Duration::from_millis(500));
-        d.proc().signal(Signal::SIGKILL);
-        d.proc()
-            .wait_exit(Duration::from_secs(5))
-            .expect("handoffd died");
+        d.crash();
         std::thread::sleep(Duration::from_millis(500)); // load runs with no daemon at all
         d.spawn(&[addr], &[]);
         std::thread::sleep(Duration::from_millis(500));
@@ -112,10 +108,7 @@ fn a_generation_that_shut_its_listeners_survives_a_restart() {
     wait_until("only B to listen", Duration::from_secs(5), || {
         listeners() == 1
     });
-    d.proc().signal(Signal::SIGKILL);
-    d.proc()
-        .wait_exit(Duration::from_secs(5))
-        .expect("handoffd died");
+    d.crash();
     d.spawn(&[addr], &extra);
     assert_eq!(
         d.state_of(a.pid),

@@ -93,6 +93,15 @@ impl Handoffd {
         }
     }
 
+    /// Kills the daemon with SIGKILL, as a crash would, and waits (up to 5 s) until it is
+    /// gone: what it left in the kernel and the state directory stays.
+    pub fn crash(&mut self) {
+        self.proc().signal(nix::sys::signal::Signal::SIGKILL);
+        self.proc()
+            .wait_exit(Duration::from_secs(5))
+            .expect("handoffd died");
+    }
+
     /// The daemon process.
     pub fn proc(&mut self) -> &mut Proc {
         self.proc.as_mut().expect("handoffd is running")
@@ -242,4 +251,36 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Whether `pid` is running (not exited, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// SIGKILLs worker `victim` of testsrv master `m` (started with `--respawn`) and returns
+/// the pid of the worker it forks in its place (its `old=VICTIM new=PID` line).
+pub fn respawned(m: &handoff_tests::Proc, victim: u32) -> u32 {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("killing a worker");
+    let line = m
+        .wait_line(
+            handoff_tests::Stream::Stderr,
+            &format!("old={victim}"),
+            Duration::from_secs(5),
+        )
+        .expect("the master respawns its worker");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("new="))
+        .and_then(|p| p.parse().ok())
+        .expect("the new worker's pid")
 }
