@@ -86,8 +86,11 @@ fn main() -> std::process::ExitCode {
 fn run() -> anyhow::Result<()> {
     handoff::compact_malloc();
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // aya's own warnings (e.g. an object's BTF the kernel would not take, which it works
+    // around) are not the operator's business unless asked for: handoffd states what it
+    // lacks itself, and a refused start prints its one line alone.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,aya=error,aya_obj=error".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -91,9 +91,31 @@ pub enum CheckError {
 /// everything handoffd needs; or why not. Every verifier log seen is logged once at
 /// debug level.
 pub fn check(whole_host: bool) -> Result<DrainProgram, CheckError> {
-    let mut missing = separately();
+    let started = std::time::Instant::now();
+    // The separate tests and the steering program on a thread of their own, beside the
+    // drain programs: each parses the kernel's BTF (aya's loader always does), and the
+    // start is not to wait for both in turn.
+    let ((mut missing, steer), drain) = std::thread::scope(|scope| {
+        let other = scope.spawn(|| {
+            let r = (separately(), super::steer::probe());
+            tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "steering probe");
+            r
+        });
+        let drain = DrainProgram::prepare(whole_host);
+        tracing::debug!(
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "drain programs loaded"
+        );
+        let other = other.join().unwrap_or_else(|_| {
+            (
+                Vec::new(),
+                Err(LoaderError::MissingMap("the steering probe")),
+            )
+        });
+        (other, drain)
+    });
     let mut refused = Vec::new();
-    match super::steer::probe() {
+    match steer {
         Ok(()) => {}
         Err(LoaderError::Refused(r)) => refused.extend(r),
         // The object itself did not load (its maps): named below if a map type is
@@ -101,27 +123,28 @@ pub fn check(whole_host: bool) -> Result<DrainProgram, CheckError> {
         Err(e) if !missing.is_empty() => tracing::debug!(error = %e, "the steering program"),
         Err(e) => return Err(e.into()),
     }
-    // Without these the object cannot even be created: what the programs lack is not
-    // learnt, and need not be.
-    let drain = if missing
-        .iter()
-        .any(|f| matches!(f, Feature::Btf | Feature::RingBuf | Feature::SkStorage))
+    // The socket storage test costs the kernel a grace period (some 20 ms): made only
+    // when the drain object could not be created, to name why.
+    if matches!(drain, Err(LoaderError::Load { .. }))
+        && !aya::sys::is_map_supported(MapType::SkStorage).unwrap_or(true)
     {
-        None
-    } else {
-        match DrainProgram::prepare(whole_host) {
-            Ok(p) => Some(p),
-            Err(LoaderError::Refused(r)) => {
-                refused.extend(r);
-                None
-            }
-            Err(e) if !missing.is_empty() => {
-                tracing::debug!(error = %e, "the drain accounting programs");
-                None
-            }
-            Err(e) => return Err(e.into()),
+        missing.push(Feature::SkStorage);
+    }
+    let drain = match drain {
+        Ok(p) => Some(p),
+        Err(LoaderError::Refused(r)) => {
+            refused.extend(r);
+            None
         }
+        // Without BTF, ring buffers or socket storage the object cannot even be created:
+        // what its programs lack is not learnt, and need not be.
+        Err(e) if !missing.is_empty() => {
+            tracing::debug!(error = %e, "the drain accounting programs");
+            None
+        }
+        Err(e) => return Err(e.into()),
     };
+    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "kernel check");
     let mut unexplained = None;
     for r in &refused {
         tracing::debug!(program = r.program, error = %r.what, "the kernel refused a program; the verifier's log:\n{}", r.log);
@@ -157,8 +180,9 @@ pub fn check(whole_host: bool) -> Result<DrainProgram, CheckError> {
     drain.ok_or_else(|| LoaderError::MissingMap("the drain accounting object").into())
 }
 
-/// The features that can be tried on their own, each by the cheapest test that shows
-/// it: a file, a map of the type, a trivial program of the type.
+/// The features that can be tried on their own, cheaply, each by the test that shows
+/// it: a file, a map of the type, a trivial program of the type (socket storage: see
+/// [`check`]).
 fn separately() -> Vec<Feature> {
     let mut missing = Vec::new();
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
@@ -173,9 +197,6 @@ fn separately() -> Vec<Feature> {
     };
     if !map(MapType::RingBuf, "ring buffer") {
         missing.push(Feature::RingBuf);
-    }
-    if !map(MapType::SkStorage, "socket storage") {
-        missing.push(Feature::SkStorage);
     }
     let sk_reuseport =
         aya::sys::is_program_supported(ProgramType::SkReuseport).unwrap_or_else(|e| {
