@@ -107,6 +107,17 @@ impl DrainProgram {
     /// without it, it warns and watches every namespace). `whole_host`: walk every
     /// process in each tag pass, as on a kernel without the per-process iterator.
     pub fn prepare(whole_host: bool) -> Result<Self, LoaderError> {
+        Self::prepare_probing(whole_host, None)
+    }
+
+    /// [`Self::prepare`], and if `steer` is given, the steering probe (see
+    /// [`super::steer::probe_with`]) made with the same loader: aya's loader parses the
+    /// kernel's BTF when it is made (some 20 ms here, seconds under emulation), once
+    /// for both objects. `steer` stays `None` if the loader was never made.
+    pub(super) fn prepare_probing(
+        whole_host: bool,
+        steer: Option<&mut Option<Result<(), LoaderError>>>,
+    ) -> Result<Self, LoaderError> {
         let cgroup = open_cgroup2_root()?;
         // The kernel's BTF is parsed once, for both the CO-RE relocations and the
         // iterator's attach point.
@@ -118,14 +129,20 @@ impl DrainProgram {
             Ok(cookie) => (cookie, None),
             Err(e) => (0, Some(e.to_string())),
         };
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        // Not `must_exist`: the steering object, loaded by the same loader, has no such
+        // global (the drain object's is checked by its use in drain.bpf.c).
+        let loaded = loader
             .btf(Some(&btf))
-            .override_global(GLOBAL_NETNS, &netns, true)
-            .load(handoff_ebpf::DRAIN_BPF)
-            .map_err(|source| LoaderError::Load {
-                what: "the drain accounting programs",
-                source,
-            })?;
+            .override_global(GLOBAL_NETNS, &netns, false)
+            .load(handoff_ebpf::DRAIN_BPF);
+        if let Some(steer) = steer {
+            *steer = Some(super::steer::probe_with(loader.btf(None)));
+        }
+        let mut ebpf = loaded.map_err(|source| LoaderError::Load {
+            what: "the drain accounting programs",
+            source,
+        })?;
         let mut refused = Vec::new();
         for (name, target) in [
             (PROG_TAG, "task_file"),

@@ -92,28 +92,12 @@ pub enum CheckError {
 /// debug level.
 pub fn check(whole_host: bool) -> Result<DrainProgram, CheckError> {
     let started = std::time::Instant::now();
-    // The separate tests and the steering program on a thread of their own, beside the
-    // drain programs: each parses the kernel's BTF (aya's loader always does), and the
-    // start is not to wait for both in turn.
-    let ((mut missing, steer), drain) = std::thread::scope(|scope| {
-        let other = scope.spawn(|| {
-            let r = (separately(), super::steer::probe());
-            tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "steering probe");
-            r
-        });
-        let drain = DrainProgram::prepare(whole_host);
-        tracing::debug!(
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "drain programs loaded"
-        );
-        let other = other.join().unwrap_or_else(|_| {
-            (
-                Vec::new(),
-                Err(LoaderError::MissingMap("the steering probe")),
-            )
-        });
-        (other, drain)
-    });
+    let mut missing = separately();
+    // The steering program is loaded by the drain object's loader (one parse of the
+    // kernel's BTF for both), or on its own if that loader was never made.
+    let mut steer = None;
+    let drain = DrainProgram::prepare_probing(whole_host, Some(&mut steer));
+    let steer = steer.unwrap_or_else(super::steer::probe);
     let mut refused = Vec::new();
     match steer {
         Ok(()) => {}

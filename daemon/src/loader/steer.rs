@@ -69,8 +69,13 @@ impl std::fmt::Debug for GroupProgram {
 /// run it (Debian's 5.10 accepts the SELECT_OR_MIGRATE attach type but refuses the read
 /// of `migrating_sk`, so only a load shows it). Nothing is pinned or attached.
 pub(super) fn probe() -> Result<(), LoaderError> {
-    let mut ebpf = EbpfLoader::new()
-        .btf(None)
+    probe_with(EbpfLoader::new().btf(None))
+}
+
+/// [`probe`] with a loader made already (for the drain object: see
+/// [`super::DrainProgram`]); it must not give the object the kernel's BTF.
+pub(super) fn probe_with(loader: &mut EbpfLoader<'_>) -> Result<(), LoaderError> {
+    let mut ebpf = loader
         .load(handoff_ebpf::HANDOFF_BPF)
         .map_err(|source| LoaderError::Load {
             what: "the steering program",
