@@ -66,6 +66,59 @@ pub struct Promoted {
 pub struct Status {
     /// Every service of the daemon, in configuration order.
     pub services: Vec<ServiceStatus>,
+    /// What the kernel offers and the modes handoffd runs in (absent from daemons that
+    /// predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelStatus>,
+}
+
+/// The kernel handoffd runs on and the modes it chose from what the kernel offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelStatus {
+    /// `uname -r`.
+    pub release: String,
+    /// How the tag pass and the listener search find a generation's sockets.
+    pub tag_pass: TagPass,
+    /// Whether binds are watched in handoffd's network namespace only (SO_NETNS_COOKIE,
+    /// Linux >= 5.14); if not, binds in every namespace on a service port are reported.
+    pub bind_filter_netns: bool,
+    /// Whether the guard of the groups' programs is attached; if not, only the probes
+    /// see another program replace handoff's.
+    pub guard: bool,
+}
+
+/// How the tag pass and the listener search walk processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TagPass {
+    /// One iterator run per process of the generation (Linux >= 6.1).
+    PerProcess,
+    /// One run over every process on the host (older kernels).
+    WholeHost,
+}
+
+impl TagPass {
+    /// The name used in output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TagPass::PerProcess => "per-process",
+            TagPass::WholeHost => "whole-host",
+        }
+    }
+}
+
+impl std::fmt::Display for KernelStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        write!(
+            f,
+            "kernel: Linux {}, tag pass {}, bind filter per netns {}, guard {}",
+            self.release,
+            self.tag_pass.as_str(),
+            yes(self.bind_filter_netns),
+            if self.guard { "on" } else { "off" }
+        )
+    }
 }
 
 /// One service in [`Status`].
@@ -278,8 +331,24 @@ mod tests {
                 steering: Default::default(),
                 steering_watch: Default::default(),
             }],
+            kernel: Some(KernelStatus {
+                release: "6.1.0-57-amd64".into(),
+                tag_pass: TagPass::WholeHost,
+                bind_filter_netns: true,
+                guard: false,
+            }),
         };
         let v: serde_json::Value = serde_json::to_value(&status).expect("serializes");
+        assert_eq!(v["kernel"]["tag_pass"], "whole-host");
+        assert_eq!(v["kernel"]["release"], "6.1.0-57-amd64");
+        assert_eq!(
+            status.kernel.as_ref().expect("set").to_string(),
+            "kernel: Linux 6.1.0-57-amd64, tag pass whole-host, bind filter per netns yes, guard off"
+        );
+        // A status from a daemon that predates the kernel section still decodes, and
+        // one with it decodes where the section is unknown (serde ignores extra fields).
+        let old: Status = decode(br#"{"services":[]}"#).expect("decodes");
+        assert_eq!(old.kernel, None);
         let g = &v["services"][0]["generations"][0];
         assert_eq!(v["services"][0]["name"], "web");
         assert_eq!(v["services"][0]["listen"][0], "127.0.0.1:8080");

@@ -372,7 +372,10 @@ impl Daemon {
                 Err(e) => e,
             },
             // Callers that can should use `status_plans` and finish outside the lock.
-            Request::Status {} => finish_status(self.status_plans()),
+            Request::Status {} => {
+                let plans = self.status_plans();
+                finish_status(plans, Some(self.kernel_status()))
+            }
         }
     }
 
@@ -420,6 +423,11 @@ impl Daemon {
         plans
     }
 
+    /// The kernel and the modes the daemon runs in.
+    pub fn kernel_status(&self) -> handoff_common::proto::KernelStatus {
+        self.ctx.kernel_status()
+    }
+
     /// What `/metrics` needs of the daemon's state, copied without changing it; finish
     /// each plan with [`StatusPlan::finish_metrics`] without holding the daemon.
     pub fn metrics_plans(&self) -> Vec<StatusPlan> {
@@ -461,8 +469,14 @@ impl Daemon {
 }
 
 /// Completes status plans from socket dumps: the answer to a status request.
-pub fn finish_status(plans: Vec<StatusPlan>) -> Response {
-    let mut status = Status::default();
+pub fn finish_status(
+    plans: Vec<StatusPlan>,
+    kernel: Option<handoff_common::proto::KernelStatus>,
+) -> Response {
+    let mut status = Status {
+        kernel,
+        ..Status::default()
+    };
     for plan in plans {
         match plan.finish() {
             Ok(s) => status.services.push(s),

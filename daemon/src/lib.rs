@@ -11,6 +11,7 @@
 //!   (promote, rollback, retirement).
 //! - [`candidate`]: turns a pid into listeners in the service's groups, or a refusal.
 //! - [`group`]: the kernel's reuseport group tuple.
+//! - [`kernel`]: what the kernel offers, and the one-line refusal when it lacks a feature.
 //! - [`members`]: processes held as pidfds.
 //! - [`loader`]: the steering program and its maps (the only module using aya).
 //! - [`probe`]: the probe connection that shows what the kernel chooses.
@@ -35,6 +36,7 @@ pub mod dirs;
 pub mod discover;
 pub mod generation;
 pub mod group;
+pub mod kernel;
 pub mod loader;
 pub mod members;
 pub mod metrics;

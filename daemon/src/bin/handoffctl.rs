@@ -159,6 +159,9 @@ fn write_status(out: &mut String, status: &Status) -> std::fmt::Result {
             )?;
         }
     }
+    if let Some(k) = &status.kernel {
+        writeln!(out, "{k}")?;
+    }
     Ok(())
 }
 

@@ -10,7 +10,6 @@ use anyhow::Context;
 use clap::Parser;
 use handoff::config::{self, DEFAULT_STATE_DIR, Overrides, Paths, Sig};
 use handoff::generation::{Ctx, ServiceConfig};
-use handoff::loader::DrainProgram;
 use handoff::{
     cleanup, config_file, control, daemon::Daemon, metrics, notify, pins, state, supervise,
 };
@@ -87,8 +86,11 @@ fn main() -> std::process::ExitCode {
 fn run() -> anyhow::Result<()> {
     handoff::compact_malloc();
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // aya's own warnings (e.g. an object's BTF the kernel would not take, which it works
+    // around) are not the operator's business unless asked for: handoffd states what it
+    // lacks itself, and a refused start prints its one line alone.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,aya=error,aya_obj=error".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -110,11 +112,21 @@ fn run() -> anyhow::Result<()> {
         user: args.user,
     };
     let services = load_services(args.config.as_deref(), &overrides)?;
+    // Before the state directory is taken: a kernel that cannot run handoffd is told so
+    // in one line (nothing is logged before it at the default level), and the refused
+    // start has touched nothing. The drain programs are loaded here and attached once
+    // the directory is ours.
+    let whole_host =
+        handoff::kernel::force_whole_host(std::env::var_os("HANDOFF_FORCE_WHOLE_HOST").as_deref());
+    let mut program = handoff::loader::features::check(whole_host)
+        .map_err(|e| anyhow::anyhow!(handoff::daemon::one_line(&e)))?;
+    program.log_modes();
     match handoff::raise_nofile_limit() {
         Ok((before, now)) => tracing::info!(before, now, "open file limit (RLIMIT_NOFILE)"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
-    let _lock = control::lock_state_dir(&paths)?;
+    // From here a failed start removes what it made (see `Start`).
+    let mut start = control::Start::lock(&paths)?;
     pins::ensure_bpffs()?;
     let state_file = state::file(&paths.state_dir);
     let saved = state::load(&state_file)?;
@@ -123,8 +135,8 @@ fn run() -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(async {
-        let listener = control::bind(&paths.control_socket)?;
-        let mut program = DrainProgram::load().context("loading the drain accounting programs")?;
+        let listener = start.bind()?;
+        program.attach().context("attaching the drain accounting programs")?;
         let events = program.take_events().context("the drain ring buffer")?;
         let (watch_tx, watch_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut ctx = Ctx::new(program, Some(watch_tx));
@@ -140,11 +152,13 @@ fn run() -> anyhow::Result<()> {
             match handoff::loader::GuardProgram::load() {
                 Ok(guard) => Some(guard),
                 Err(e) => {
-                    tracing::warn!(error = %handoff::daemon::one_line(&e), "the guard of the groups' programs is not loaded (needs Linux >= 5.3 with cgroup/setsockopt): steering is checked by probes only");
+                    tracing::warn!(error = %handoff::daemon::one_line(&e), "the guard of the groups' programs is not loaded (needs Linux >= 5.14 with cgroup/setsockopt and SO_NETNS_COOKIE): steering is checked by probes only");
                     None
                 }
             }
         };
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let daemon = Arc::new(Mutex::new(Daemon::new(services, ctx, saved, Some(state_file))));
         let tasks = vec![
             tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx)).abort_handle(),
@@ -155,8 +169,6 @@ fn run() -> anyhow::Result<()> {
             metrics::serve::spawn(addr, Arc::clone(&daemon))
                 .context("starting the metrics thread")?;
         }
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => {}
@@ -164,11 +176,15 @@ fn run() -> anyhow::Result<()> {
             }
             tracing::info!("stopping; the kernel keeps steering as it was");
         };
-        let summary = Daemon::lock(&daemon).summary();
+        let (summary, kernel) = {
+            let d = Daemon::lock(&daemon);
+            (d.summary(), d.kernel_status())
+        };
+        start.ready();
         if let Err(e) = notify::notify(&format!("READY=1\nSTATUS={summary}")) {
             tracing::warn!(error = %e, "notifying systemd failed");
         }
-        tracing::info!(control = %paths.control_socket.display(), "handoffd ready: {summary}");
+        tracing::info!(control = %paths.control_socket.display(), "handoffd ready: {summary}; {kernel}");
         control::serve(listener, paths.control_socket.clone(), daemon, shutdown).await;
         for task in tasks {
             task.abort();

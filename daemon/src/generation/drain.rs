@@ -33,6 +33,8 @@ pub struct Ctx {
     pub metrics: Metrics,
     /// The guard of the groups' programs; `None` on a kernel without cgroup/setsockopt.
     pub guard: Option<crate::loader::GuardProgram>,
+    /// The kernel's release (`uname -r`), for status.
+    release: String,
 }
 
 impl Ctx {
@@ -45,6 +47,22 @@ impl Ctx {
             wake: Arc::new(Notify::new()),
             metrics: Metrics::new(),
             guard: None,
+            release: crate::kernel::release(),
+        }
+    }
+
+    /// The kernel and the modes the daemon runs in, as `status` reports them.
+    pub fn kernel_status(&self) -> handoff_common::proto::KernelStatus {
+        use handoff_common::proto::{KernelStatus, TagPass};
+        KernelStatus {
+            release: self.release.clone(),
+            tag_pass: if self.program.per_process() {
+                TagPass::PerProcess
+            } else {
+                TagPass::WholeHost
+            },
+            bind_filter_netns: self.program.netns_filter(),
+            guard: self.guard.is_some(),
         }
     }
 

@@ -18,7 +18,9 @@ use handoff_common::maps::{
 };
 
 use super::events::EventRings;
+use super::features::Refusal;
 use super::{LoaderError, take};
+use crate::kernel::ProgramKind;
 
 /// The loaded and attached drain programs and their maps.
 pub struct DrainProgram {
@@ -35,9 +37,23 @@ pub struct DrainProgram {
     pub(super) stats: PerCpuArray<MapData, u64>,
     /// Taken by the task that waits on them.
     rings: Option<EventRings>,
-    /// Whether the kernel runs an iterator over one process (Linux >= 6.1); if not, each
-    /// tag pass and listener search walks every process on the host.
-    per_process: bool,
+    /// Why each tag pass and listener search walks every process on the host, if it
+    /// does (`None`: the kernel runs an iterator over one process, Linux >= 6.1).
+    whole_host: Option<WholeHost>,
+    /// The cgroup v2 root, until the programs are attached there.
+    cgroup: Option<File>,
+    /// Why the bind watch reports binds in every network namespace, if it does (`None`:
+    /// only in handoffd's).
+    netns_error: Option<String>,
+}
+
+/// Why the tag pass walks the whole host.
+#[derive(Debug)]
+enum WholeHost {
+    /// `HANDOFF_FORCE_WHOLE_HOST` asked for it.
+    Forced,
+    /// The kernel refused an iterator over one process (the error).
+    Kernel(String),
 }
 
 impl std::fmt::Debug for DrainProgram {
@@ -76,12 +92,32 @@ pub fn open_cgroup2_root() -> Result<File, LoaderError> {
 }
 
 impl DrainProgram {
-    /// Loads the programs and attaches the release countdown and bind watch at the root
-    /// of the cgroup v2 hierarchy, so they see every socket (accepted sockets belong to
-    /// their listener's cgroup). The bind watch reports binds in the daemon's own network
-    /// namespace only (needs SO_NETNS_COOKIE, Linux >= 5.14; without it, it warns and
-    /// watches every namespace).
+    /// Loads the programs and attaches them ([`Self::prepare`], then [`Self::attach`]).
     pub fn load() -> Result<Self, LoaderError> {
+        let mut program = Self::prepare(false)?;
+        program.log_modes();
+        program.attach()?;
+        Ok(program)
+    }
+
+    /// Loads every program, attaching none: what the kernel refuses shows here, before
+    /// the daemon takes its state directory. Every program is tried, so that a refusal
+    /// lists all that failed ([`LoaderError::Refused`]). The bind watch will report binds
+    /// in the daemon's own network namespace only (needs SO_NETNS_COOKIE, Linux >= 5.14;
+    /// without it, it warns and watches every namespace). `whole_host`: walk every
+    /// process in each tag pass, as on a kernel without the per-process iterator.
+    pub fn prepare(whole_host: bool) -> Result<Self, LoaderError> {
+        Self::prepare_probing(whole_host, None)
+    }
+
+    /// [`Self::prepare`], and if `steer` is given, the steering probe (see
+    /// [`super::steer::probe_with`]) made with the same loader: aya's loader parses the
+    /// kernel's BTF when it is made (some 20 ms here, seconds under emulation), once
+    /// for both objects. `steer` stays `None` if the loader was never made.
+    pub(super) fn prepare_probing(
+        whole_host: bool,
+        steer: Option<&mut Option<Result<(), LoaderError>>>,
+    ) -> Result<Self, LoaderError> {
         let cgroup = open_cgroup2_root()?;
         // The kernel's BTF is parsed once, for both the CO-RE relocations and the
         // iterator's attach point.
@@ -89,36 +125,47 @@ impl DrainProgram {
             what: "the kernel's BTF",
             source: e.into(),
         })?;
-        let netns = crate::sys::netns_cookie().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read the daemon's network namespace cookie (Linux < 5.14?): binds in every namespace are reported");
-            0
-        });
-        let mut ebpf = EbpfLoader::new()
+        let (netns, netns_error) = match crate::sys::netns_cookie() {
+            Ok(cookie) => (cookie, None),
+            Err(e) => (0, Some(e.to_string())),
+        };
+        let mut loader = EbpfLoader::new();
+        // Not `must_exist`: the steering object, loaded by the same loader, has no such
+        // global (the drain object's is checked by its use in drain.bpf.c).
+        let loaded = loader
             .btf(Some(&btf))
-            .override_global(GLOBAL_NETNS, &netns, true)
-            .load(handoff_ebpf::DRAIN_BPF)
-            .map_err(|source| LoaderError::Load {
-                what: "the drain accounting programs",
-                source,
-            })?;
-        let tag: &mut Iter = program(&mut ebpf, PROG_TAG)?;
-        tag.load("task_file", &btf).map_err(program_err(PROG_TAG))?;
-        let listeners: &mut Iter = program(&mut ebpf, PROG_LISTENERS)?;
-        listeners
-            .load("task_file", &btf)
-            .map_err(program_err(PROG_LISTENERS))?;
-        let procs: &mut Iter = program(&mut ebpf, PROG_PROCS)?;
-        procs.load("task", &btf).map_err(program_err(PROG_PROCS))?;
-        let release: &mut CgroupSock = program(&mut ebpf, PROG_RELEASE)?;
-        release.load().map_err(program_err(PROG_RELEASE))?;
-        release
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(program_err(PROG_RELEASE))?;
-        for name in [PROG_POST_BIND4, PROG_POST_BIND6] {
-            let bind: &mut CgroupSock = program(&mut ebpf, name)?;
-            bind.load().map_err(program_err(name))?;
-            bind.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(program_err(name))?;
+            .override_global(GLOBAL_NETNS, &netns, false)
+            .load(handoff_ebpf::DRAIN_BPF);
+        if let Some(steer) = steer {
+            *steer = Some(super::steer::probe_with(loader.btf(None)));
+        }
+        let mut ebpf = loaded.map_err(|source| LoaderError::Load {
+            what: "the drain accounting programs",
+            source,
+        })?;
+        let mut refused = Vec::new();
+        for (name, target) in [
+            (PROG_TAG, "task_file"),
+            (PROG_LISTENERS, "task_file"),
+            (PROG_PROCS, "task"),
+        ] {
+            let iter: &mut Iter = program(&mut ebpf, name)?;
+            if let Err(e) = iter.load(target, &btf) {
+                refused.push(Refusal::new(name, ProgramKind::Iterator, e));
+            }
+        }
+        for (name, kind) in [
+            (PROG_RELEASE, ProgramKind::SockRelease),
+            (PROG_POST_BIND4, ProgramKind::PostBind),
+            (PROG_POST_BIND6, ProgramKind::PostBind),
+        ] {
+            let sock: &mut CgroupSock = program(&mut ebpf, name)?;
+            if let Err(e) = sock.load() {
+                refused.push(Refusal::new(name, kind, e));
+            }
+        }
+        if !refused.is_empty() {
+            return Err(LoaderError::Refused(refused));
         }
         let counts =
             HashMap::try_from(take(&mut ebpf, MAP_COUNTS)?).map_err(map_err(MAP_COUNTS))?;
@@ -137,9 +184,16 @@ impl DrainProgram {
         };
         drop(btf);
         crate::sys::release_free_memory();
-        let per_process = per_process_supported(&mut ebpf)?;
+        let whole_host = if whole_host {
+            Some(WholeHost::Forced)
+        } else {
+            per_process_supported(&mut ebpf)?
+                .err()
+                .map(WholeHost::Kernel)
+        };
         Ok(Self {
             ebpf,
+            cgroup: Some(cgroup),
             counts,
             members,
             ports,
@@ -147,8 +201,53 @@ impl DrainProgram {
             zero_pending,
             stats,
             rings: Some(rings),
-            per_process,
+            whole_host,
+            netns_error,
         })
+    }
+
+    /// Logs the degraded modes this kernel (or the environment) puts the daemon in: a
+    /// warning each. Not done while loading, so that a start refused for a missing
+    /// feature prints its one line alone.
+    pub fn log_modes(&self) {
+        match &self.whole_host {
+            Some(WholeHost::Forced) => tracing::warn!(
+                "HANDOFF_FORCE_WHOLE_HOST is set: each tag pass and listener search walks every process on the host, as on Linux < 6.1"
+            ),
+            Some(WholeHost::Kernel(e)) => {
+                tracing::warn!(error = %e, "this kernel cannot run an iterator over one process (Linux < 6.1): each tag pass and listener search walks every process on the host")
+            }
+            None => {}
+        }
+        if let Some(e) = &self.netns_error {
+            tracing::warn!(error = %e, "cannot read the daemon's network namespace cookie (SO_NETNS_COOKIE, Linux < 5.14?): binds on a service port in every network namespace are reported, not only in handoffd's");
+        }
+    }
+
+    /// Attaches the release countdown and the bind watch at the root of the cgroup v2
+    /// hierarchy, so they see every socket (accepted sockets belong to their listener's
+    /// cgroup). Detached when the object is dropped. A second call does nothing.
+    pub fn attach(&mut self) -> Result<(), LoaderError> {
+        let Some(cgroup) = self.cgroup.take() else {
+            return Ok(());
+        };
+        for name in [PROG_RELEASE, PROG_POST_BIND4, PROG_POST_BIND6] {
+            let sock: &mut CgroupSock = program(&mut self.ebpf, name)?;
+            sock.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(program_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Whether each tag pass iterates the generation's processes only (Linux >= 6.1, and
+    /// not forced off); otherwise it walks every process on the host.
+    pub fn per_process(&self) -> bool {
+        self.whole_host.is_none()
+    }
+
+    /// Whether the bind watch reports binds in handoffd's network namespace only.
+    pub fn netns_filter(&self) -> bool {
+        self.netns_error.is_none()
     }
 
     /// The event rings, for the task that waits on them (once).
@@ -227,7 +326,7 @@ impl DrainProgram {
     /// Runs iterator `name` over each of `pids`, or once over the whole host on a kernel
     /// that cannot iterate one process.
     fn run_over(&mut self, name: &'static str, pids: &[i32]) -> Result<Vec<u8>, LoaderError> {
-        if !self.per_process {
+        if self.whole_host.is_some() {
             return self.run_whole(name);
         }
         let prog = program::<Iter>(&mut self.ebpf, name)?
@@ -280,18 +379,18 @@ impl DrainProgram {
 /// 6.1): tried once, over the daemon itself, with the listener iterator (which writes
 /// nothing while the members map is empty). Older kernels refuse the larger link info
 /// with E2BIG, or EINVAL.
-fn per_process_supported(ebpf: &mut Ebpf) -> Result<bool, LoaderError> {
+/// Ok(Err(why)) when not.
+fn per_process_supported(ebpf: &mut Ebpf) -> Result<Result<(), String>, LoaderError> {
     let prog = program::<Iter>(ebpf, PROG_LISTENERS)?
         .fd()
         .map_err(program_err(PROG_LISTENERS))?;
     match crate::sys::iter_task_of(prog.as_fd(), std::process::id()) {
         Ok(fd) => {
             read_iter(File::from(fd), PROG_LISTENERS, &mut Vec::new())?;
-            Ok(true)
+            Ok(Ok(()))
         }
         Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::EINVAL)) => {
-            tracing::info!(error = %e, "this kernel cannot run an iterator over one process (Linux < 6.1): each tag pass and listener search walks every process on the host");
-            Ok(false)
+            Ok(Err(e.to_string()))
         }
         Err(source) => Err(LoaderError::Io {
             op: "trying an iterator over one process on",

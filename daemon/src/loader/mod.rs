@@ -5,6 +5,7 @@
 
 mod drain;
 mod events;
+pub mod features;
 mod guard;
 mod steer;
 
@@ -45,6 +46,20 @@ pub enum LoaderError {
         /// Why.
         #[source]
         source: ProgramError,
+    },
+    /// The kernel refused to load programs (see [`features::check`] for the line that
+    /// names what it lacks); the verifier's logs are kept, not shown.
+    #[error("the kernel refused program(s) {}", names(.0))]
+    Refused(Vec<features::Refusal>),
+    /// Loading a program was not permitted.
+    #[error(
+        "loading program {program} was not permitted ({what}): handoffd needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN)"
+    )]
+    Denied {
+        /// The program.
+        program: &'static str,
+        /// The error.
+        what: String,
     },
     /// A map of the object is missing or has another shape than common/maps.rs says.
     #[error("map {name}: {source}")]
@@ -97,6 +112,14 @@ pub enum LoaderError {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn names(refused: &[features::Refusal]) -> String {
+    refused
+        .iter()
+        .map(|r| format!("{} ({})", r.program, r.what))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, LoaderError> {

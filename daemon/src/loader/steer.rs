@@ -65,6 +65,36 @@ impl std::fmt::Debug for GroupProgram {
     }
 }
 
+/// Loads a steering program and drops it: the kernel's verifier decides whether it can
+/// run it (Debian's 5.10 accepts the SELECT_OR_MIGRATE attach type but refuses the read
+/// of `migrating_sk`, so only a load shows it). Nothing is pinned or attached.
+pub(super) fn probe() -> Result<(), LoaderError> {
+    probe_with(EbpfLoader::new().btf(None))
+}
+
+/// [`probe`] with a loader made already (for the drain object: see
+/// [`super::DrainProgram`]); it must not give the object the kernel's BTF.
+pub(super) fn probe_with(loader: &mut EbpfLoader<'_>) -> Result<(), LoaderError> {
+    let mut ebpf = loader
+        .load(handoff_ebpf::HANDOFF_BPF)
+        .map_err(|source| LoaderError::Load {
+            what: "the steering program",
+            source,
+        })?;
+    let program: &mut SkReuseport = ebpf
+        .program_mut(maps::PROGRAM)
+        .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
+        .try_into()
+        .map_err(program_err)?;
+    program.load().map_err(|e| {
+        LoaderError::Refused(vec![super::features::Refusal::new(
+            maps::PROGRAM,
+            crate::kernel::ProgramKind::Steering,
+            e,
+        )])
+    })
+}
+
 impl GroupProgram {
     /// Loads a fresh instance: empty sockarray, record 0 in force and empty (every
     /// connection left to the kernel's hash until a generation is published).

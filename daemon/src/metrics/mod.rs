@@ -283,6 +283,7 @@ mod tests {
                 steering,
                 steering_watch: Default::default(),
             }],
+            kernel: None,
         };
         let text = m.render(&status);
         for needle in [
