@@ -235,6 +235,30 @@ impl Proc {
         }
     }
 
+    /// Waits until `stream` reached its end (every process holding it, the child and what it
+    /// forked, closed it or exited) and every line of it was captured; `false` on timeout.
+    /// After the child exited, this is what makes its last lines certain to be in
+    /// [`Proc::lines`]: they are read by another thread.
+    pub fn wait_closed(&self, stream: Stream, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.output.lock();
+        loop {
+            if lines.closed[stream as usize] {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            lines = self
+                .output
+                .changed
+                .wait_timeout(lines, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Sends `signal` to the child itself (not its group).
     ///
     /// # Panics

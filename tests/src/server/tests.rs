@@ -272,6 +272,13 @@ fn worker_failing_to_listen_fails_the_master() {
         .wait_exit(Duration::from_secs(10))
         .expect("the master gives up");
     assert_eq!(status.code(), Some(1));
+    // The master's last line may still be on its way through the reader thread.
+    assert!(
+        srv.wait_closed(Stream::Stderr, Duration::from_secs(5)),
+        "testsrv's stderr stayed open after its master exited: {:?}",
+        srv.lines(Stream::Stderr)
+    );
+    assert!(srv.wait_closed(Stream::Stdout, Duration::from_secs(5)));
     let stderr = srv.lines(Stream::Stderr).join("\n");
     assert!(
         stderr.contains("cannot listen on") && stderr.contains("exited before it was ready"),
