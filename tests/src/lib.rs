@@ -8,8 +8,9 @@
 //!   single-connection helpers ([`load::connect_once`], [`load::hold`]).
 //! - `sys`: fork, signals, sockets, rlimit; the only module with `unsafe`.
 //! - this file: the root check of every privileged test ([`privileged`]), finding the
-//!   built binaries ([`bin_path`]), [`free_port`], and [`Proc`], a child process guard
-//!   that kills the child's whole process group when dropped.
+//!   built binaries ([`bin_path`]), [`free_port`], [`Proc`], a child process guard
+//!   that kills the child's whole process group when dropped, and the machine's
+//!   [`slowdown`] (`HANDOFF_TEST_SLOWDOWN`) that scales loads and timeouts.
 //! - `src/bin/{testsrv,loadgen}.rs`: thin binaries over [`server::run`] and [`load::try_run`].
 
 pub mod load;
@@ -24,7 +25,7 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -46,8 +47,69 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
-/// How long [`Proc::spawn_testsrv`] waits for the `ready` line.
+/// How long [`Proc::spawn_testsrv`] waits for the `ready` line, on this machine (scaled by
+/// [`slowdown`]).
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The environment variable giving [`slowdown`].
+pub const SLOWDOWN_VAR: &str = "HANDOFF_TEST_SLOWDOWN";
+/// The largest [`slowdown`] accepted.
+pub const MAX_SLOWDOWN: u32 = 50;
+
+/// How many times slower the machine running the tests is than the one their loads and
+/// timeouts are sized for: `HANDOFF_TEST_SLOWDOWN`, an integer from 1 to 50, 1 when unset
+/// (e.g. 8 under qemu's software emulation, where a CPU makes ~250 connections/s).
+///
+/// Only how hard and how long the tests push scales with it: timeouts and deadlines grow by
+/// it ([`scaled`]), client counts and load durations shrink by it down to a floor
+/// ([`scaled_down`], [`scaled_down_duration`]). What a test asserts (no failed connection,
+/// which generation answers, when one retires) never depends on it.
+///
+/// # Panics
+///
+/// If the variable is set to anything else, naming it.
+pub fn slowdown() -> u32 {
+    static SLOWDOWN: OnceLock<u32> = OnceLock::new();
+    *SLOWDOWN.get_or_init(|| {
+        parse_slowdown(std::env::var_os(SLOWDOWN_VAR).as_deref()).unwrap_or_else(|e| panic!("{e}"))
+    })
+}
+
+/// [`slowdown`] from the variable's value, if set.
+fn parse_slowdown(value: Option<&std::ffi::OsStr>) -> Result<u32, String> {
+    let Some(value) = value else { return Ok(1) };
+    value
+        .to_str()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| (1..=MAX_SLOWDOWN).contains(n))
+        .ok_or_else(|| {
+            format!(
+                "{SLOWDOWN_VAR}={value:?} is not an integer from 1 to {MAX_SLOWDOWN} (how many times \
+                 slower this machine is than the one the tests are sized for; unset means 1)"
+            )
+        })
+}
+
+/// A timeout or deadline sized for this machine, made [`slowdown`] times longer.
+pub fn scaled(timeout: Duration) -> Duration {
+    timeout * slowdown()
+}
+
+/// A client count (or any amount of load) sized for this machine, divided by [`slowdown`]
+/// but not below `floor` (nor above `count`).
+pub fn scaled_down<T>(count: T, floor: T) -> T
+where
+    T: Copy + Ord + std::ops::Div<Output = T> + From<u8>,
+{
+    let n = u8::try_from(slowdown()).unwrap_or(u8::MAX);
+    (count / T::from(n)).max(floor).min(count)
+}
+
+/// A load duration sized for this machine, divided by [`slowdown`] but not below `floor`
+/// (nor above `duration`).
+pub fn scaled_down_duration(duration: Duration, floor: Duration) -> Duration {
+    (duration / slowdown()).max(floor).min(duration)
+}
 
 /// Path of the workspace binary `name`, built into the same target directory as the running
 /// test executable (`target/<profile>/deps/xxx` → `target/<profile>/NAME`).
@@ -172,13 +234,15 @@ impl Proc {
     ///
     /// # Panics
     ///
-    /// If no `ready` line comes within 10 s, showing what testsrv wrote on stderr.
+    /// If no `ready` line comes within 10 s (times [`slowdown`]), showing what testsrv wrote
+    /// on stderr.
     pub fn spawn_testsrv(args: &[&str]) -> Proc {
         let mut proc = Proc::spawn(Command::new(bin_path("testsrv")).args(args));
-        let Some(line) = proc.wait_line(Stream::Stdout, "ready ", READY_TIMEOUT) else {
+        let timeout = scaled(READY_TIMEOUT);
+        let Some(line) = proc.wait_line(Stream::Stdout, "ready ", timeout) else {
             let status = proc.child.try_wait().ok().flatten();
             panic!(
-                "testsrv {args:?} not ready within {READY_TIMEOUT:?} (exit status: {status:?}); stderr:\n{}",
+                "testsrv {args:?} not ready within {timeout:?} (exit status: {status:?}); stderr:\n{}",
                 proc.lines(Stream::Stderr).join("\n")
             );
         };
@@ -195,7 +259,9 @@ impl Proc {
     }
 
     /// Waits for the first line of `stream` containing `needle`; `None` on timeout or when the
-    /// stream closed without one.
+    /// stream closed without one. `timeout` is taken as given: a caller waiting for a line it
+    /// expects passes a [`scaled`] one; one checking that a line does *not* come within a
+    /// window need not.
     pub fn wait_line(&self, stream: Stream, needle: &str, timeout: Duration) -> Option<String> {
         self.wait_lines(stream, needle, 1, timeout)
             .and_then(|mut v| v.pop())
@@ -225,6 +291,30 @@ impl Proc {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || lines.closed[stream as usize] {
                 return None;
+            }
+            lines = self
+                .output
+                .changed
+                .wait_timeout(lines, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits until `stream` reached its end (every process holding it, the child and what it
+    /// forked, closed it or exited) and every line of it was captured; `false` on timeout.
+    /// After the child exited, this is what makes its last lines certain to be in
+    /// [`Proc::lines`]: they are read by another thread.
+    pub fn wait_closed(&self, stream: Stream, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.output.lock();
+        loop {
+            if lines.closed[stream as usize] {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
             }
             lines = self
                 .output
@@ -289,4 +379,39 @@ fn capture(pipe: impl Read + Send + 'static, stream: Stream, pid: u32, output: A
         output.lock().closed[stream as usize] = true;
         output.changed.notify_all();
     });
+}
+
+#[cfg(test)]
+mod slowdown_tests {
+    use std::ffi::OsStr;
+
+    use super::*;
+
+    #[test]
+    fn slowdown_accepts_1_to_50_and_nothing_else() {
+        assert_eq!(parse_slowdown(None), Ok(1));
+        assert_eq!(parse_slowdown(Some(OsStr::new("1"))), Ok(1));
+        assert_eq!(parse_slowdown(Some(OsStr::new("8"))), Ok(8));
+        assert_eq!(parse_slowdown(Some(OsStr::new("50"))), Ok(50));
+        for bad in ["", "0", "51", "-1", "8.5", " 8", "eight", "99999999999"] {
+            let err = parse_slowdown(Some(OsStr::new(bad))).expect_err(bad);
+            assert!(
+                err.starts_with("HANDOFF_TEST_SLOWDOWN=") && err.contains("1 to 50"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn scaling_follows_the_slowdown() {
+        // The test binary's own setting (1 unless the runner sets it).
+        let n = slowdown();
+        assert_eq!(scaled(Duration::from_secs(2)), Duration::from_secs(2) * n);
+        assert_eq!(scaled_down(256u32, 32), (256 / n).max(32));
+        assert_eq!(scaled_down(16usize, 32), 16, "never above the count");
+        assert_eq!(
+            scaled_down_duration(Duration::from_secs(10), Duration::from_secs(3)),
+            (Duration::from_secs(10) / n).max(Duration::from_secs(3))
+        );
+    }
 }

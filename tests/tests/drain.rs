@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::load::{self, LoadConfig, LoadReport};
-use handoff_tests::{Proc, Stream};
+use handoff_tests::{Proc, Stream, scaled, scaled_down, slowdown};
 use nix::sys::signal::Signal;
 use support::netns::{Netns, tcp_ext};
 use support::{
@@ -78,7 +78,7 @@ fn waits_for_last_connection(name: &str, extra: &[&str]) {
     let closed = load::monotonic_ns();
     held.clear();
     let line = a
-        .wait_line(Stream::Stderr, "term ", Duration::from_secs(5))
+        .wait_line(Stream::Stderr, "term ", scaled(Duration::from_secs(5)))
         .expect("A got its retire signal after its last connection closed");
     let ms = term_ns(&line).saturating_sub(closed) as f64 / 1e6;
     eprintln!("last close -> retire signal in A: {ms:.2} ms");
@@ -120,19 +120,24 @@ fn drop_counters() -> Vec<u64> {
 }
 
 /// Runs short (a new connection per request) and long-lived load on `addr` while
-/// `restart` is called `n` times; returns both reports.
+/// `restart` is called `n` times; returns both reports. Sized for this machine; with
+/// HANDOFF_TEST_SLOWDOWN=N: short clients /N (at least 32), timeouts and the run's bound
+/// xN; the 16 long-lived clients (asleep while they hold), their 1.5 s hold and the pauses
+/// between restarts stay.
 fn under_load(
     addr: SocketAddr,
     ns: &Netns,
     n: usize,
     mut restart: impl FnMut(usize),
 ) -> (LoadReport, LoadReport) {
-    let mut short = LoadConfig::new(addr, 256);
-    short.duration_ms = Some(120_000);
+    let bound = (120_000 * u64::from(slowdown())).min(load::MAX_DURATION_MS);
+    let mut short = LoadConfig::new(addr, scaled_down(256, 32));
+    short.duration_ms = Some(bound);
+    short.timeout_ms = 2000 * u64::from(slowdown());
     let mut long = LoadConfig::new(addr, 16);
-    long.duration_ms = Some(120_000);
+    long.duration_ms = Some(bound);
     long.hold_ms = 1500;
-    long.timeout_ms = 2000;
+    long.timeout_ms = 2000 * u64::from(slowdown());
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let short = s.spawn(|| ns.run(|| load::run(&short, Some(&stop))));
@@ -220,7 +225,7 @@ fn twenty_handoffs_under_load_lose_nothing() {
         long.failures
     );
     assert!(
-        short.ok >= 1000 && long.ok >= 16,
+        short.ok >= scaled_down(1000, 125) && long.ok >= 16,
         "the load ran ({} short, {} long)",
         short.ok,
         long.ok
@@ -255,7 +260,7 @@ fn respawned_worker_of_the_active_generation_gets_connections() {
         || {
             for _ in 0..20 {
                 let (name, pid) =
-                    load::connect_once(addr, Duration::from_secs(2)).expect("answered");
+                    load::connect_once(addr, scaled(Duration::from_secs(2))).expect("answered");
                 assert_eq!(name, "M", "a connection went to the previous generation");
                 *by_pid.entry(pid).or_default() += 1;
             }
@@ -296,7 +301,7 @@ fn drain_timeout_and_kill_after() {
     let promoted = Instant::now();
     d.promote(b.pid);
     let line = a
-        .wait_line(Stream::Stderr, "term ", Duration::from_secs(5))
+        .wait_line(Stream::Stderr, "term ", scaled(Duration::from_secs(5)))
         .expect("the drain timeout sent the retire signal");
     let after = promoted.elapsed();
     assert!(line.ends_with("ignored"), "{line}");
@@ -304,7 +309,7 @@ fn drain_timeout_and_kill_after() {
         after >= Duration::from_millis(900),
         "retire signal after {after:?}, before the timeout"
     );
-    a.wait_exit(Duration::from_secs(5))
+    a.wait_exit(scaled(Duration::from_secs(5)))
         .expect("kill-after SIGKILLed A");
     let killed = promoted.elapsed();
     assert!(
@@ -331,7 +336,7 @@ fn crashed_generations_are_retired_and_connections_still_succeed() {
     d.promote(b.pid);
     // The active generation crashes: the previous one, still listening, takes over.
     b.signal(Signal::SIGKILL);
-    b.wait_exit(Duration::from_secs(5)).expect("B died");
+    b.wait_exit(scaled(Duration::from_secs(5))).expect("B died");
     wait_until("B to be retired", Duration::from_secs(5), || {
         d.state_of(b.pid) == Some(GenerationState::Retired)
     });
@@ -350,7 +355,7 @@ fn crashed_generations_are_retired_and_connections_still_succeed() {
     d.promote(c.pid);
     let mut a = a;
     a.signal(Signal::SIGKILL);
-    a.wait_exit(Duration::from_secs(5)).expect("A died");
+    a.wait_exit(scaled(Duration::from_secs(5))).expect("A died");
     drop(held);
     wait_until("A to be retired", Duration::from_secs(5), || {
         d.state_of(a.pid) == Some(GenerationState::Retired)

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use handoff_tests::load::{self, LoadConfig};
+use handoff_tests::{scaled, scaled_down, slowdown};
 use nix::sys::signal::Signal;
 use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
 
@@ -66,8 +67,11 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
             .success()
     );
 
-    let mut cfg = LoadConfig::new(keep, 64);
-    cfg.duration_ms = Some(30_000);
+    // Sized for this machine; with HANDOFF_TEST_SLOWDOWN=N: clients /N (at least 8), the
+    // timeout and the run's bound xN.
+    let mut cfg = LoadConfig::new(keep, scaled_down(64u32, 8));
+    cfg.timeout_ms *= u64::from(slowdown());
+    cfg.duration_ms = Some(30_000 * u64::from(slowdown()));
     let stop = AtomicBool::new(false);
     let report = std::thread::scope(|s| {
         let load = s.spawn(|| load::run(&cfg, Some(&stop)));
@@ -96,7 +100,7 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
                 .wait_line(
                     handoff_tests::Stream::Stderr,
                     "configuration refused",
-                    Duration::from_secs(5)
+                    scaled(Duration::from_secs(5))
                 )
                 .is_some_and(|l| l.contains(".toml:3:")),
             "the refusal names file:line"
@@ -143,7 +147,7 @@ fn root_parent_of_nobody(addr: SocketAddr) -> handoff_tests::Proc {
         sh.wait_line(
             handoff_tests::Stream::Stdout,
             "ready ",
-            Duration::from_secs(10)
+            scaled(Duration::from_secs(10))
         )
         .is_some(),
         "testsrv as uid 65534 did not get ready: {:?}",
@@ -179,7 +183,7 @@ fn sighup_applies_a_new_user_to_the_next_promote() {
             .wait_line(
                 handoff_tests::Stream::Stderr,
                 "service user changed",
-                Duration::from_secs(5)
+                scaled(Duration::from_secs(5))
             )
             .is_some(),
         "the reload did not take the new user"

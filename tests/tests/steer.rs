@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::load::{self, LoadConfig};
+use handoff_tests::{scaled, scaled_down};
 use support::{Handoffd, answers, answers_by_pid, loopback, only, privileged, testsrv, wait_until};
 
 #[test]
@@ -97,8 +98,15 @@ fn promote_under_load_loses_nothing() {
     let b = testsrv("B", &[addr], &["--workers", "2", "--mode", "per-worker"]);
 
     let log = std::env::temp_dir().join(format!("handoff-load-{}.log", std::process::id()));
-    let mut cfg = LoadConfig::new(addr, 256);
-    cfg.duration_ms = Some(10_000);
+    // Sized for this machine; with HANDOFF_TEST_SLOWDOWN=N: clients and the connections
+    // made before the promote /N (at least 32 and 250), timeouts xN. The 1.5 s after the
+    // promote and every assertion on where connections went stay.
+    let clients = scaled_down(256u32, 32);
+    let warm_up = scaled_down(2000usize, 250);
+    let mut cfg = LoadConfig::new(addr, clients);
+    cfg.timeout_ms *= u64::from(handoff_tests::slowdown());
+    // Bounds in case the stop flag is never set; the run ends by the flag.
+    cfg.duration_ms = Some(scaled(Duration::from_secs(10)).as_millis() as u64);
     cfg.count = Some(2_000_000);
     cfg.log = Some(log.clone());
     let stop = AtomicBool::new(false);
@@ -106,7 +114,7 @@ fn promote_under_load_loses_nothing() {
         let load = s.spawn(|| load::run(&cfg, Some(&stop)));
         // Let the load reach full speed on A first.
         wait_until("the load to reach A", Duration::from_secs(10), || {
-            std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) >= 2000
+            std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) >= warm_up
         });
         d.promote(b.pid);
         let promoted_at = load::monotonic_ns();
@@ -124,7 +132,7 @@ fn promote_under_load_loses_nothing() {
         report.failures
     );
     assert!(
-        report.ok >= 2000,
+        report.ok >= warm_up as u64,
         "the load made enough connections ({})",
         report.ok
     );

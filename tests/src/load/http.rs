@@ -20,14 +20,16 @@ pub(super) struct HttpConn {
 
 /// One `--http` attempt: one request on the client's kept-alive connection, or on a new one
 /// when there is none or the server closed it while idle (counted in `report.reopened`;
-/// a request lost to the keep-alive race is counted in `report.keepalive_race`). The
-/// connection is kept for the next attempt only after a full 200 response, when neither side
-/// asked to close it.
+/// a request hit by the keep-alive race is counted in `report.keepalive_race` and, with
+/// `retry`, sent once more on a new connection before the same deadline). The connection is
+/// kept for the next attempt only after a full 200 response, when neither side asked to
+/// close it.
 pub(super) fn http_attempt(
     conn: &mut Option<HttpConn>,
     addr: SocketAddr,
     timeout: Duration,
     per_connection: u32,
+    retry: bool,
     report: &mut LoadReport,
 ) -> Result<Answer, FailureKind> {
     let started = Instant::now();
@@ -47,13 +49,31 @@ pub(super) fn http_attempt(
     };
     let reused = c.sent > 0;
     c.sent += 1;
-    let last = c.sent >= per_connection;
-    let head = http_exchange(&c.stream, last, deadline).map_err(|(kind, answered)| {
-        if reused && !answered && matches!(kind, FailureKind::Reset | FailureKind::Eof) {
+    let mut last = c.sent >= per_connection;
+    let head = match http_exchange(&c.stream, last, deadline) {
+        Ok(head) => head,
+        Err((kind, answered)) => {
+            // The keep-alive race: the server closed (or reset) the reused connection without
+            // a byte of answer, so it never processed the request.
+            let race = reused && !answered && matches!(kind, FailureKind::Reset | FailureKind::Eof);
+            if !race {
+                return Err(kind);
+            }
             report.keepalive_race += 1;
+            if !retry {
+                return Err(kind);
+            }
+            // RFC 9112 §9.3.1: a client may send an idempotent request again on a new
+            // connection when its connection closed prematurely. Once; the retry's outcome,
+            // whatever it is, is the attempt's.
+            c = HttpConn {
+                stream: connect(addr, deadline)?,
+                sent: 1,
+            };
+            last = c.sent >= per_connection;
+            http_exchange(&c.stream, last, deadline).map_err(|(kind, _)| kind)?
         }
-        kind
-    })?;
+    };
     let latency = started.elapsed();
     if head.status != 200 {
         return Err(FailureKind::Status);
@@ -154,7 +174,7 @@ pub fn http_once(
 ) -> Result<(String, Option<u32>), FailureKind> {
     let mut conn = None;
     let mut report = LoadReport::default();
-    http_attempt(&mut conn, addr, timeout, 1, &mut report).map(|a| (a.name, a.pid))
+    http_attempt(&mut conn, addr, timeout, 1, false, &mut report).map(|a| (a.name, a.pid))
 }
 
 #[cfg(test)]
@@ -343,9 +363,60 @@ mod tests {
             assert_eq!((report.keepalive_race, report.reopened), (3, 0), "{kind}");
             assert_eq!(accepted.load(Ordering::SeqCst), 3);
         }
-        // On a new connection it is a plain failure.
+        // With the retry, each such request is sent once more on a new connection, which
+        // answers: no failure, each race counted.
+        for after in [After::ReadAndClose, After::CloseUnread] {
+            let (addr, accepted) = tiny_http_then(OK_200, 1, after);
+            let mut cfg = http_cfg(addr, 5, 6);
+            cfg.retry_keepalive_race = true;
+            let report = run(&cfg, None);
+            assert_eq!(
+                (report.ok, report.failures.total(), report.keepalive_race),
+                (6, 0, 5),
+                "{report:?}"
+            );
+            assert_eq!(
+                accepted.load(Ordering::SeqCst),
+                6,
+                "one connection per retry"
+            );
+        }
+        // A retry is made once and may fail: its failure is the attempt's. The server answers
+        // one request, stops listening, then drops the next one unread.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
+        let addr = listener.local_addr().expect("address");
+        let server = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accepting");
+            let mut chunk = [0u8; 1024];
+            let mut buf = Vec::new();
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).expect("reading the request");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            stream.write_all(OK_200.as_bytes()).expect("answering");
+            drop(listener);
+            let _ = stream.peek(&mut chunk);
+        });
+        let mut cfg = http_cfg(addr, 5, 2);
+        cfg.retry_keepalive_race = true;
+        let report = run(&cfg, None);
+        server.join().expect("server thread");
+        assert_eq!(
+            (
+                report.ok,
+                report.failures.refused,
+                report.failures.total(),
+                report.keepalive_race
+            ),
+            (1, 1, 1, 1),
+            "{report:?}"
+        );
+
+        // On a new connection it is a plain failure, never retried.
         let (addr, _) = tiny_http_then(OK_200, 0, After::CloseUnread);
-        let report = run(&http_cfg(addr, 5, 3), None);
+        let mut cfg = http_cfg(addr, 5, 3);
+        cfg.retry_keepalive_race = true;
+        let report = run(&cfg, None);
         assert_eq!(
             (report.failures.reset, report.keepalive_race),
             (3, 0),

@@ -112,22 +112,23 @@ pub fn connect_once(addr: SocketAddr, timeout: Duration) -> Result<(String, u32)
     exchange(addr, Instant::now() + timeout).map(|(_, name, pid)| (name, pid))
 }
 
-/// Connects and reads the answer within 5 s, returning the still open connection: it stays
+/// Connects and reads the answer within 5 s (times [`crate::slowdown`]), returning the still open connection: it stays
 /// established until the stream is dropped.
 pub fn hold(addr: SocketAddr) -> io::Result<(TcpStream, String, u32)> {
-    let (stream, name, pid) = exchange(addr, Instant::now() + HOLD_TIMEOUT).map_err(|kind| {
-        let io_kind = match kind {
-            FailureKind::Refused => io::ErrorKind::ConnectionRefused,
-            FailureKind::Reset => io::ErrorKind::ConnectionReset,
-            FailureKind::Timeout => io::ErrorKind::TimedOut,
-            FailureKind::Eof => io::ErrorKind::UnexpectedEof,
-            FailureKind::Connect | FailureKind::Status => io::ErrorKind::Other,
-        };
-        io::Error::new(
-            io_kind,
-            format!("holding a connection to {addr} failed: {kind}"),
-        )
-    })?;
+    let (stream, name, pid) = exchange(addr, Instant::now() + crate::scaled(HOLD_TIMEOUT))
+        .map_err(|kind| {
+            let io_kind = match kind {
+                FailureKind::Refused => io::ErrorKind::ConnectionRefused,
+                FailureKind::Reset => io::ErrorKind::ConnectionReset,
+                FailureKind::Timeout => io::ErrorKind::TimedOut,
+                FailureKind::Eof => io::ErrorKind::UnexpectedEof,
+                FailureKind::Connect | FailureKind::Status => io::ErrorKind::Other,
+            };
+            io::Error::new(
+                io_kind,
+                format!("holding a connection to {addr} failed: {kind}"),
+            )
+        })?;
     // Later reads by the caller block, as on any fresh stream.
     stream.set_read_timeout(None)?;
     Ok((stream, name, pid))

@@ -11,11 +11,14 @@
 //! client that finds its idle keep-alive connection closed by the server *before* it sends
 //! the next request opens a new connection, and that is no failure (counted in
 //! [`LoadReport::reopened`]); once the request is sent, anything short of a full 200
-//! response within the timeout is one. Among those, [`LoadReport::keepalive_race`] counts
-//! the requests lost to the keep-alive race: sent on a reused connection that the server
-//! closed or reset before answering (the server closed it as idle while the request was on
-//! its way, e.g. nginx told to quit). HTTP clients retry such requests on a new connection
-//! (RFC 9112 §9.3.1); loadgen does not retry, it counts them.
+//! response within the timeout is one. [`LoadReport::keepalive_race`] counts the requests
+//! hit by the keep-alive race: sent on a reused connection that the server closed or reset
+//! before any byte of the answer (the server closed it as idle while the request was on its
+//! way, e.g. nginx told to quit). HTTP clients retry exactly those (RFC 9112 §9.3.1: the
+//! connection closed prematurely, the method idempotent). By default loadgen does not
+//! retry: each is a failure. With `--retry-keepalive-race` it retries each such request
+//! once, on a new connection, within the same timeout, and the retry's outcome is the
+//! attempt's; no other failure is ever retried.
 //!
 //! # Layout
 //!
@@ -111,6 +114,12 @@ pub struct LoadConfig {
         value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REQUESTS_PER_CONNECTION))
     )]
     pub requests_per_connection: u32,
+    /// With `--http`: retry a request once, on a new connection, when it was sent on a reused
+    /// keep-alive connection and the server closed or reset it before any byte of the answer
+    /// (the keep-alive race, as HTTP clients do per RFC 9112 §9.3.1). Every such request is
+    /// counted in `keepalive_race` all the same.
+    #[arg(long, requires = "http")]
+    pub retry_keepalive_race: bool,
 }
 
 impl LoadConfig {
@@ -127,6 +136,7 @@ impl LoadConfig {
             log: None,
             http: false,
             requests_per_connection: 1,
+            retry_keepalive_race: false,
         }
     }
 }
@@ -267,6 +277,7 @@ impl Run<'_> {
                     self.cfg.connect,
                     timeout,
                     self.cfg.requests_per_connection,
+                    self.cfg.retry_keepalive_race,
                     &mut part,
                 );
                 if outcome.is_ok() && !hold.is_zero() {
@@ -368,6 +379,17 @@ mod tests {
             "requests per connection without --http"
         );
         assert!(parse(&["--count", "5", "--http", "--requests-per-connection", "0"]).is_err());
+        assert!(
+            !parse(&["--count", "5", "--http"])
+                .expect("http")
+                .retry_keepalive_race
+        );
+        let cfg = parse(&["--count", "5", "--http", "--retry-keepalive-race"]).expect("retry");
+        assert!(cfg.retry_keepalive_race);
+        assert!(
+            parse(&["--count", "5", "--retry-keepalive-race"]).is_err(),
+            "retry without --http"
+        );
         assert!(
             parse(&[
                 "--count",

@@ -149,9 +149,10 @@ pub struct LoadReport {
     /// sent on them; the client opened a new one (not a failure).
     #[serde(default)]
     pub reopened: u64,
-    /// `--http`: failed requests (counted in `failures` too, as `reset` or `eof`) that were
-    /// sent on a reused keep-alive connection which the server closed or reset before any
-    /// byte of the answer: the keep-alive race (see the [module documentation](super)).
+    /// `--http`: requests sent on a reused keep-alive connection which the server closed or
+    /// reset before any byte of the answer: the keep-alive race (see the [module
+    /// documentation](super)). Without `--retry-keepalive-race` each is a failure too (as
+    /// `reset` or `eof`); with it each was retried once and counts as its retry ended.
     #[serde(default)]
     pub keepalive_race: u64,
 }

@@ -122,7 +122,7 @@ fn gone(pid: u32) -> bool {
 }
 
 fn assert_gone(pids: &[u32]) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + crate::scaled(Duration::from_secs(5));
     while !pids.iter().all(|&p| gone(p)) {
         assert!(Instant::now() < deadline, "processes left behind: {pids:?}");
         std::thread::sleep(Duration::from_millis(10));
@@ -145,12 +145,12 @@ fn single_process_answers_and_exits_on_sigterm() {
 
     srv.signal(Signal::SIGTERM);
     let status = srv
-        .wait_exit(Duration::from_secs(5))
+        .wait_exit(crate::scaled(Duration::from_secs(5)))
         .expect("testsrv exits on SIGTERM");
     assert!(status.success(), "{status}");
     let term = format!("term solo pid={}", srv.pid);
     assert!(
-        srv.wait_line(Stream::Stderr, &term, Duration::from_secs(5))
+        srv.wait_line(Stream::Stderr, &term, crate::scaled(Duration::from_secs(5)))
             .is_some()
     );
 }
@@ -228,7 +228,7 @@ fn dead_worker_is_respawned() {
         .wait_line(
             Stream::Stderr,
             &format!("respawn R old={dead} new="),
-            Duration::from_secs(5),
+            crate::scaled(Duration::from_secs(5)),
         )
         .expect("the worker is respawned");
     let new: u32 = line
@@ -269,9 +269,16 @@ fn worker_failing_to_listen_fails_the_master() {
         ]),
     );
     let status = srv
-        .wait_exit(Duration::from_secs(10))
+        .wait_exit(crate::scaled(Duration::from_secs(10)))
         .expect("the master gives up");
     assert_eq!(status.code(), Some(1));
+    // The master's last line may still be on its way through the reader thread.
+    assert!(
+        srv.wait_closed(Stream::Stderr, crate::scaled(Duration::from_secs(5))),
+        "testsrv's stderr stayed open after its master exited: {:?}",
+        srv.lines(Stream::Stderr)
+    );
+    assert!(srv.wait_closed(Stream::Stdout, crate::scaled(Duration::from_secs(5))));
     let stderr = srv.lines(Stream::Stderr).join("\n");
     assert!(
         stderr.contains("cannot listen on") && stderr.contains("exited before it was ready"),
@@ -320,7 +327,8 @@ fn ipv6_listener_with_v6only() {
         "--v6only",
         "true",
     ]);
-    let (name, _) = load::connect_once(addr, Duration::from_secs(2)).expect("answer over IPv6");
+    let (name, _) =
+        load::connect_once(addr, crate::scaled(Duration::from_secs(2))).expect("answer over IPv6");
     assert_eq!(name, "six");
 }
 
@@ -372,7 +380,7 @@ fn log_close_stamps_the_close() {
         .wait_line(
             Stream::Stderr,
             &format!("close L pid={} ", srv.pid),
-            Duration::from_secs(5),
+            crate::scaled(Duration::from_secs(5)),
         )
         .expect("the close is logged");
     let ns = ns_field(&line, "ns=");
@@ -395,7 +403,8 @@ fn warmup_delays_accepting() {
     ]);
     // Listening at once: the handshake completes, the answer waits for the warm-up.
     let started = Instant::now();
-    let (name, _) = load::connect_once(addr, Duration::from_secs(5)).expect("answered");
+    let (name, _) =
+        load::connect_once(addr, crate::scaled(Duration::from_secs(5))).expect("answered");
     assert_eq!(name, "W");
     let waited = started.elapsed();
     assert!(
@@ -423,7 +432,12 @@ fn hold_closes_every_connection_on_sigusr1() {
         .collect();
     srv.signal(Signal::SIGUSR1);
     let lines = srv
-        .wait_lines(Stream::Stderr, "closed H pid=", 2, Duration::from_secs(5))
+        .wait_lines(
+            Stream::Stderr,
+            "closed H pid=",
+            2,
+            crate::scaled(Duration::from_secs(5)),
+        )
         .expect("each worker closes its connections");
     let count: u64 = lines.iter().map(|l| ns_field(l, "count=")).sum();
     assert_eq!(count, 6, "{lines:?}");
@@ -435,7 +449,7 @@ fn hold_closes_every_connection_on_sigusr1() {
     }
     for stream in &mut held {
         stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
+            .set_read_timeout(Some(crate::scaled(Duration::from_secs(5))))
             .expect("read timeout");
         assert_eq!(stream.read(&mut [0u8; 8]).expect("EOF"), 0, "not closed");
     }
@@ -453,7 +467,7 @@ fn drain_on_term_refuses_new_and_finishes_accepted_connections() {
     ]);
     let (stream, _, _) = load::hold(addr).expect("an answer");
     srv.signal(Signal::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + crate::scaled(Duration::from_secs(5));
     loop {
         match load::connect_once(addr, Duration::from_secs(1)) {
             Err(load::FailureKind::Refused) => break,
@@ -467,7 +481,7 @@ fn drain_on_term_refuses_new_and_finishes_accepted_connections() {
     );
     drop(stream);
     let status = srv
-        .wait_exit(Duration::from_secs(5))
+        .wait_exit(crate::scaled(Duration::from_secs(5)))
         .expect("exits once the connection is done");
     assert!(status.success(), "{status}");
 }

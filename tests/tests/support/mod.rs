@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use handoff_common::proto::{GenerationState, ServiceStatus, Status};
-use handoff_tests::{Proc, bin_path, free_port, load};
+use handoff_tests::{Proc, bin_path, free_port, load, scaled};
 
 pub use handoff_tests::privileged;
 
@@ -28,7 +28,8 @@ pub struct Handoffd {
 }
 
 impl Handoffd {
-    /// Starts handoffd for `listen` and waits (up to 10 s) until it answers `status`.
+    /// Starts handoffd for `listen` and waits (up to 10 s, times the slowdown) until it
+    /// answers `status`.
     pub fn start(name: &str, listen: &[SocketAddr]) -> Self {
         Self::start_with(name, listen, &[])
     }
@@ -80,25 +81,26 @@ impl Handoffd {
             cmd.args(["--metrics-addr", "off"]);
         }
         self.proc = Some(Proc::spawn(&mut cmd));
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let timeout = scaled(Duration::from_secs(10));
+        let deadline = Instant::now() + timeout;
         while !self.ctl(&["status"]).status.success() {
             if let Some(status) = self.proc().wait_exit(Duration::ZERO) {
                 panic!("handoffd exited at start ({status})");
             }
             assert!(
                 Instant::now() < deadline,
-                "handoffd did not answer status within 10 s"
+                "handoffd did not answer status within {timeout:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Kills the daemon with SIGKILL, as a crash would, and waits (up to 5 s) until it is
+    /// Kills the daemon with SIGKILL, as a crash would, and waits (up to 5 s, scaled) until it is
     /// gone: what it left in the kernel and the state directory stays.
     pub fn crash(&mut self) {
         self.proc().signal(nix::sys::signal::Signal::SIGKILL);
         self.proc()
-            .wait_exit(Duration::from_secs(5))
+            .wait_exit(scaled(Duration::from_secs(5)))
             .expect("handoffd died");
     }
 
@@ -216,7 +218,7 @@ pub fn testsrv(name: &str, listen: &[SocketAddr], extra: &[&str]) -> Proc {
 pub fn answers(addr: SocketAddr, n: usize) -> std::collections::BTreeMap<String, usize> {
     let mut out = std::collections::BTreeMap::new();
     for _ in 0..n {
-        let key = match load::connect_once(addr, Duration::from_secs(2)) {
+        let key = match load::connect_once(addr, scaled(Duration::from_secs(2))) {
             Ok((name, _)) => name,
             Err(kind) => format!("!{}", kind.as_str()),
         };
@@ -230,7 +232,7 @@ pub fn answers_by_pid(addr: SocketAddr, n: usize) -> std::collections::BTreeMap<
     let mut out = std::collections::BTreeMap::new();
     for _ in 0..n {
         let (_, pid) =
-            load::connect_once(addr, Duration::from_secs(2)).expect("connection answered");
+            load::connect_once(addr, scaled(Duration::from_secs(2))).expect("connection answered");
         *out.entry(pid).or_default() += 1;
     }
     out
@@ -241,8 +243,10 @@ pub fn only(name: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
     std::collections::BTreeMap::from([(name.to_string(), n)])
 }
 
-/// Polls `f` every 10 ms until it is true; panics naming `what` after `timeout`.
+/// Polls `f` every 10 ms until it is true; panics naming `what` after `timeout`, which is
+/// sized for this machine and made [`handoff_tests::slowdown`] times longer here.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let timeout = scaled(timeout);
     let deadline = Instant::now() + timeout;
     while !f() {
         assert!(
@@ -276,7 +280,7 @@ pub fn respawned(m: &handoff_tests::Proc, victim: u32) -> u32 {
         .wait_line(
             handoff_tests::Stream::Stderr,
             &format!("old={victim}"),
-            Duration::from_secs(5),
+            scaled(Duration::from_secs(5)),
         )
         .expect("the master respawns its worker");
     line.split_whitespace()
