@@ -27,6 +27,11 @@
 //! in the guest: it checks the unit file with `systemd-analyze`, not the kernel.
 //! Needs `qemu-system-x86`, `dpkg`, `xz-utils`, `zstd` (6.12's kernel) and network access
 //! to deb.debian.org on the first run; root is not needed on the host.
+//!
+//! Measured on the 2-core development VM (no KVM), 2026-12-01: `--quick` for all three
+//! kernels 645 s with the static build cached (6.1 287 s, 6.12 326 s, 5.10 10 s; boot to
+//! the guest script ~5 s, smoke handoff ~10 s); the static build from a cold target
+//! directory adds ~150 s, fetching the four packages into an empty cache ~15 s.
 
 mod boot;
 mod cpio;
