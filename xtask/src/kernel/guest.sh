@@ -30,6 +30,9 @@ setup() {
     mount -t devpts devpts /dev/pts
     mount -t tmpfs -o mode=1777 tmpfs /dev/shm
     ip link set lo up || return 1
+    # Tests run `sh -c` scripts: /bin/sh must find the host's tools, not busybox applets.
+    [ "$(/bin/sh -c 'command -v setpriv')" = /usr/bin/setpriv ] ||
+        { echo "/bin/sh does not find /usr/bin/setpriv"; return 1; }
     for m in $MODULES; do
         insmod "/lib/modules/$m.ko" || { echo "insmod $m failed"; return 1; }
     done

@@ -21,6 +21,9 @@ const HOST_PROGRAMS: [(&str, &str); 6] = [
     ("/usr/sbin/nginx", "nginx-light"),
 ];
 
+/// `/bin/sh` of the guest (tests run `sh -c` scripts that must find the host's tools).
+const DASH: &str = "/usr/bin/dash";
+
 /// The Python interpreter (`fd_budget` runs a forking Python script).
 const PYTHON: &str = "/usr/bin/python3";
 
@@ -83,7 +86,11 @@ impl Tree {
         );
         // busybox init: run the guest script once, and reap orphans meanwhile (a retired
         // generation's pid really goes away).
-        tree.bytes("/etc/inittab", 0o644, "::sysinit:/bin/sh /t/guest.sh\n");
+        tree.bytes(
+            "/etc/inittab",
+            0o644,
+            "::sysinit:/bin/busybox sh /t/guest.sh\n",
+        );
         tree
     }
 
@@ -99,7 +106,9 @@ impl Tree {
         }
         self.file("/bin/busybox", 0o755, busybox);
         for applet in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if applet != "busybox" && !applet.contains('/') {
+            // Debian's busybox-static runs its own applets before PATH in `sh` (its
+            // setpriv lacks --reuid): the tests' `sh -c` is the host's dash instead.
+            if applet != "busybox" && applet != "sh" && !applet.contains('/') {
                 self.insert(
                     &format!("/bin/{applet}"),
                     Entry::Symlink("busybox".to_owned()),
@@ -124,6 +133,11 @@ impl Tree {
             }
             self.dynamic(Path::new(path))?;
         }
+        if !Path::new(DASH).is_file() {
+            bail!("the guest needs the host's {DASH}: apt-get install -y dash");
+        }
+        self.dynamic(Path::new(DASH))?;
+        self.insert("/bin/sh", Entry::Symlink(DASH.to_owned()));
         if python {
             self.python()?;
         }
