@@ -5,11 +5,14 @@
 //! - `test [-- ARGS]`: build the workspace binaries, then run `cargo test --workspace`.
 //! - `demo [--seconds N] [--concurrency N]`: a handoff under load on loopback (root).
 //! - `bench [--quick] [--only NAME]`: the benchmarks, a table and `BENCHMARKS.md` (root).
+//! - `kernel-test [--kernel 6.1|6.12|5.10 ...] [--quick]`: Debian's kernels under qemu, a
+//!   smoke handoff and the integration tests in each (see `kernel`).
 
 mod bench;
 mod build_ebpf;
 mod children;
 mod demo;
+mod kernel;
 mod test;
 
 use std::ffi::OsString;
@@ -64,6 +67,15 @@ enum Task {
         #[arg(long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(bench::NAMES))]
         only: Vec<String>,
     },
+    /// Boot Debian's kernels under qemu: a smoke handoff and the integration tests in each.
+    KernelTest {
+        /// The kernels to boot (repeatable) [default: all].
+        #[arg(long = "kernel", value_name = "VERSION", value_parser = clap::builder::PossibleValuesParser::new(kernel::NAMES))]
+        kernels: Vec<String>,
+        /// Run only the steer, drain and migrate tests (CI).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The scale benchmark's client (started by `bench`, inside its network namespace).
     #[command(hide = true)]
     BenchHold(bench::HoldArgs),
@@ -99,6 +111,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Bench { quick, only } => {
             // The table says what failed; a failure only sets the exit status.
             if !bench::run(&root, quick, &only)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Task::KernelTest { kernels, quick } => {
+            // The tables say what failed; a failure only sets the exit status.
+            if !kernel::run(&root, &kernels, quick)? {
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -1,0 +1,622 @@
+//! `cargo xtask kernel-test [--kernel 6.1|6.12|5.10 ...] [--quick]`: handoff on the
+//! kernels users run, booted under qemu (software emulation) from Debian's packages.
+//!
+//! For each kernel (default: all three) it
+//! 1. fetches the pinned kernel package and busybox-static with a private apt
+//!    configuration into `~/.cache/handoff/kernel-test` (or `$XDG_CACHE_HOME/…`), checks
+//!    their SHA256 and unpacks them with `dpkg-deb -x` (never installed); a pin the archive
+//!    no longer has fails naming the version it has now (see [`boot::KERNELS`]);
+//! 2. builds the workspace binaries and the integration tests statically
+//!    (`+crt-static`, target `x86_64-unknown-linux-gnu`; done once for all kernels);
+//! 3. writes an initramfs (an uncompressed newc cpio, [`cpio`]): busybox as init and
+//!    shell, the binaries in `/t/`, the test executables in `/t/deps/`, the kernel's
+//!    `inet_diag`, `tcp_diag`, `udp_diag`, `sch_ingress`, `cls_bpf` and `veth` modules,
+//!    and the host's `ip`, `tc`, `ss`, `prlimit`, `setpriv`, nginx and python3 with their
+//!    libraries (CI installs `iproute2 nginx-light`);
+//! 4. boots it with `qemu-system-x86_64 -accel tcg` and runs `guest.sh`: on 6.1 and 6.12
+//!    a smoke handoff (handoffd, two testsrv generations: steer, promote, retire) and the
+//!    integration tests with `HANDOFF_REQUIRE_PRIVILEGED=1` and
+//!    `HANDOFF_TEST_SLOWDOWN=8` (a test that prints `SKIPPED` fails); on 5.10 only the
+//!    start-up refusal: handoffd exits 1 with one line `Error: this kernel (Linux …) lacks
+//!    … (Linux >= …)` and leaves nothing in its state directory or bpffs;
+//! 5. prints a table per kernel and exits non-zero if any kernel failed. A failed
+//!    kernel's console log is kept in `$TMPDIR` and its path printed; everything else
+//!    (qemu, temporary directories) goes, the package cache stays.
+//!
+//! `--quick` runs only the `steer`, `drain` and `migrate` tests (CI). `systemd` never runs
+//! in the guest: it checks the unit file with `systemd-analyze`, not the kernel.
+//! Needs `qemu-system-x86`, `dpkg`, `xz-utils`, `zstd` (6.12's kernel) and network access
+//! to deb.debian.org on the first run; root is not needed on the host.
+//!
+//! Measured on the 2-core development VM (no KVM), 2026-12-01: `--quick` for all three
+//! kernels 645 s with the static build cached (6.1 287 s, 6.12 326 s, 5.10 10 s; boot to
+//! the guest script ~5 s, smoke handoff ~10 s); the static build from a cold target
+//! directory adds ~150 s, fetching the four packages into an empty cache ~15 s.
+
+mod boot;
+mod cpio;
+mod fetch;
+mod image;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use self::boot::{Expect, KERNELS, Kernel};
+use crate::children::{catch_interrupts, check_interrupted};
+use crate::{TempDir, cargo, run_checked};
+
+/// The `--kernel` values.
+pub const NAMES: [&str; 3] = ["6.1", "6.12", "5.10"];
+
+/// The test executables of `--quick`: steering, draining and migration.
+const QUICK_TESTS: [&str; 3] = ["steer", "drain", "migrate"];
+
+/// Test executables that never run in the guest, and why.
+const NOT_IN_GUEST: [(&str, &str); 1] = [(
+    "systemd",
+    "checks the unit file with systemd-analyze, not the kernel",
+)];
+
+/// `HANDOFF_TEST_SLOWDOWN` in the guest: an emulated CPU is about this much slower.
+const SLOWDOWN: u32 = 8;
+
+/// The target of the static build.
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// The workspace binaries the tests start (from `/t/`, next to `/t/deps/`).
+const BINARIES: [&str; 7] = [
+    "handoffd",
+    "handoffctl",
+    "testsrv",
+    "loadgen",
+    "bindflood",
+    "intruder",
+    "scrapeflood",
+];
+
+/// Runs the kernel test; false when a kernel failed (the tables say which and why).
+pub fn run(root: &Path, names: &[String], quick: bool) -> Result<bool> {
+    catch_interrupts()?;
+    let started = Instant::now();
+    let kernels: Vec<Kernel> = if names.is_empty() {
+        KERNELS.to_vec()
+    } else {
+        KERNELS
+            .iter()
+            .filter(|k| names.iter().any(|n| n == k.name))
+            .copied()
+            .collect()
+    };
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status();
+    if !qemu.is_ok_and(|s| s.success()) {
+        bail!("qemu-system-x86_64 is missing: apt-get install -y qemu-system-x86");
+    }
+
+    let mut cache = fetch::Cache::open()?;
+    let busybox = cache.unpacked(&fetch::BUSYBOX)?.join("bin/busybox");
+    let mut files = Vec::new();
+    for kernel in &kernels {
+        let dir = cache.unpacked(&kernel.pin)?;
+        files.push(boot::kernel_files(&dir)?);
+    }
+    let fetched = started.elapsed();
+    println!("kernel-test: packages in {}", cache.dir().display());
+
+    let build_started = Instant::now();
+    let need_tests = kernels.iter().any(|k| k.expect == Expect::Run);
+    let built = build_static(root, need_tests)?;
+    let build_time = build_started.elapsed();
+    let tests: Vec<&(String, PathBuf)> = built
+        .tests
+        .iter()
+        .filter(|(name, _)| !NOT_IN_GUEST.iter().any(|(n, _)| n == name))
+        .filter(|(name, _)| !quick || QUICK_TESTS.contains(&name.as_str()))
+        .collect();
+    if need_tests && quick && tests.len() != QUICK_TESTS.len() {
+        bail!("the build lacks one of the quick tests {QUICK_TESTS:?}");
+    }
+
+    let mut outcomes = Vec::new();
+    for (kernel, files) in kernels.iter().zip(&files) {
+        check_interrupted()?;
+        let outcome = run_kernel(kernel, files, &busybox, &built.bin_dir, &tests, quick)?;
+        outcome.print_table();
+        outcomes.push(outcome);
+    }
+
+    println!();
+    println!(
+        "{:<7} {:<22} {:<16} {:<22} {:>7}  result",
+        "kernel", "package version", "smoke/refusal", "tests pass/fail/ign", "wall"
+    );
+    for o in &outcomes {
+        println!("{}", o.summary_row());
+    }
+    for (name, why) in NOT_IN_GUEST {
+        println!("not run in the guest: {name} ({why})");
+    }
+    println!(
+        "fetch {:.0} s, static build {:.0} s, total {:.0} s",
+        fetched.as_secs_f64(),
+        build_time.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(outcomes.iter().all(Outcome::passed))
+}
+
+/// The static build's outputs.
+struct Built {
+    /// Where the workspace binaries are.
+    bin_dir: PathBuf,
+    /// Integration test executables by target name.
+    tests: Vec<(String, PathBuf)>,
+}
+
+/// Builds the workspace binaries and (if `tests`) the integration tests statically.
+fn build_static(root: &Path, tests: bool) -> Result<Built> {
+    let rustflags = "-C target-feature=+crt-static -C debuginfo=0 -C strip=debuginfo";
+    let static_cargo = || {
+        let mut cmd = cargo(root);
+        cmd.env("RUSTFLAGS", rustflags)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        cmd
+    };
+    run_checked(
+        static_cargo().args([
+            "build",
+            "--workspace",
+            "--bins",
+            "--exclude",
+            "xtask",
+            "--target",
+            TARGET,
+        ]),
+        "the static build of the workspace binaries",
+    )?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or(root.join("target"), |t| root.join(t));
+    let bin_dir = target.join(TARGET).join("debug");
+    let mut found = Vec::new();
+    if tests {
+        let out = static_cargo()
+            .args([
+                "test",
+                "--no-run",
+                "-p",
+                "handoff-tests",
+                "--tests",
+                "--target",
+                TARGET,
+                "--message-format=json",
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("cannot run cargo test --no-run")?;
+        if !out.status.success() {
+            bail!("the static build of the tests failed ({})", out.status);
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let is_test = msg["reason"] == "compiler-artifact"
+                && msg["target"]["kind"] == serde_json::json!(["test"]);
+            if let (true, Some(name), Some(exe)) = (
+                is_test,
+                msg["target"]["name"].as_str(),
+                msg["executable"].as_str(),
+            ) {
+                found.push((name.to_owned(), PathBuf::from(exe)));
+            }
+        }
+        found.sort();
+        if found.is_empty() {
+            bail!("cargo test --no-run named no integration test executable");
+        }
+    }
+    Ok(Built {
+        bin_dir,
+        tests: found,
+    })
+}
+
+/// What a test executable reported in the guest.
+struct TestRun {
+    name: String,
+    /// Exit status (124: killed by the guest's timeout).
+    rc: String,
+    passed: u32,
+    failed: u32,
+    ignored: u32,
+    /// Lines with "SKIPPED": a skip is a failure here.
+    skipped: u32,
+}
+
+impl TestRun {
+    fn ok(&self) -> bool {
+        self.rc == "0" && self.failed == 0 && self.skipped == 0 && self.passed > 0
+    }
+
+    /// Parses `test NAME rc=R passed=P failed=F ignored=I skipped=S`.
+    fn parse(rest: &str) -> Option<Self> {
+        let mut words = rest.split_whitespace();
+        let name = words.next()?.to_owned();
+        let mut run = Self {
+            name,
+            rc: "?".to_owned(),
+            passed: 0,
+            failed: 0,
+            ignored: 0,
+            skipped: 0,
+        };
+        for word in words {
+            let (key, value) = word.split_once('=')?;
+            let number = value.parse().unwrap_or(0);
+            match key {
+                "rc" => run.rc = value.to_owned(),
+                "passed" => run.passed = number,
+                "failed" => run.failed = number,
+                "ignored" => run.ignored = number,
+                "skipped" => run.skipped = number,
+                _ => {}
+            }
+        }
+        Some(run)
+    }
+}
+
+/// What happened on one kernel.
+struct Outcome {
+    kernel: Kernel,
+    /// `uname -r` in the guest.
+    release: Option<String>,
+    /// The smoke handoff's or the refusal check's marker: PASS or FAIL with the reason.
+    check: Option<String>,
+    /// The test executables that were to run.
+    expected_tests: Vec<String>,
+    tests: Vec<TestRun>,
+    /// The guest printed `@@handoff done`.
+    done: bool,
+    /// Why the run stopped early (deadline, qemu failure), if it did.
+    error: Option<String>,
+    wall: Duration,
+    /// The console log, kept for a failed kernel.
+    log: Option<PathBuf>,
+}
+
+impl Outcome {
+    fn check_passed(&self) -> bool {
+        self.check.as_deref().is_some_and(|c| c.starts_with("PASS"))
+    }
+
+    fn passed(&self) -> bool {
+        let tests_ok = self
+            .expected_tests
+            .iter()
+            .all(|t| self.tests.iter().any(|r| &r.name == t && r.ok()));
+        self.done && self.error.is_none() && self.check_passed() && tests_ok
+    }
+
+    fn print_table(&self) {
+        let k = &self.kernel;
+        println!();
+        println!(
+            "kernel {} ({} {}, uname -r {}): {} in {:.0} s",
+            k.name,
+            k.pin.package,
+            k.pin.version,
+            self.release.as_deref().unwrap_or("?"),
+            if self.passed() { "PASS" } else { "FAIL" },
+            self.wall.as_secs_f64()
+        );
+        let what = match k.expect {
+            Expect::Run => "smoke handoff",
+            Expect::Refusal => "refusal",
+        };
+        println!(
+            "  {what:<22} {}",
+            self.check.as_deref().unwrap_or("no result")
+        );
+        for name in &self.expected_tests {
+            match self.tests.iter().find(|r| &r.name == name) {
+                Some(r) => println!(
+                    "  {:<22} {:<4} {} passed, {} failed, {} ignored{}{}",
+                    r.name,
+                    if r.ok() { "ok" } else { "FAIL" },
+                    r.passed,
+                    r.failed,
+                    r.ignored,
+                    if r.skipped > 0 {
+                        format!(", {} SKIPPED", r.skipped)
+                    } else {
+                        String::new()
+                    },
+                    if r.rc == "0" {
+                        String::new()
+                    } else {
+                        format!(" (exit status {})", r.rc)
+                    }
+                ),
+                None => println!("  {name:<22} FAIL did not run to the end"),
+            }
+        }
+        if let Some(error) = &self.error {
+            println!("  error: {error}");
+        }
+        if let Some(log) = &self.log {
+            println!("  console log: {}", log.display());
+        }
+    }
+
+    fn summary_row(&self) -> String {
+        let (mut p, mut f, mut i) = (0, 0, 0);
+        for r in &self.tests {
+            p += r.passed;
+            f += r.failed;
+            i += r.ignored;
+        }
+        let tests = if self.kernel.expect == Expect::Refusal {
+            "-".to_owned()
+        } else {
+            format!("{p}/{f}/{i}")
+        };
+        let check = match &self.check {
+            Some(c) if c.starts_with("PASS") => "PASS",
+            Some(_) => "FAIL",
+            None => "none",
+        };
+        format!(
+            "{:<7} {:<22} {:<16} {:<22} {:>5.0} s  {}",
+            self.kernel.name,
+            self.kernel.pin.version,
+            check,
+            tests,
+            self.wall.as_secs_f64(),
+            if self.passed() { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+/// Builds the image for `kernel`, boots it, and collects what the guest reports.
+fn run_kernel(
+    kernel: &Kernel,
+    files: &boot::KernelFiles,
+    busybox: &Path,
+    bin_dir: &Path,
+    tests: &[&(String, PathBuf)],
+    quick: bool,
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let dir = TempDir::new(&format!("kernel-test-{}", kernel.name))?;
+    let expected_tests: Vec<String> = match kernel.expect {
+        Expect::Run => tests.iter().map(|(n, _)| n.clone()).collect(),
+        Expect::Refusal => Vec::new(),
+    };
+
+    let mut tree = image::Tree::base();
+    tree.busybox(busybox)?;
+    tree.host_programs(expected_tests.iter().any(|t| t == "fd_budget"))?;
+    for name in BINARIES {
+        let path = bin_dir.join(name);
+        if !path.is_file() {
+            bail!("{} is missing after the static build", path.display());
+        }
+        tree.file(&format!("/t/{name}"), 0o755, &path);
+    }
+    for (name, path) in tests.iter().filter(|(n, _)| expected_tests.contains(n)) {
+        tree.file(&format!("/t/deps/{name}"), 0o755, path);
+    }
+    let mut modules = Vec::new();
+    for (name, ko) in &files.modules {
+        tree.bytes(&format!("/lib/modules/{name}.ko"), 0o644, ko.clone());
+        modules.push(name.as_str());
+    }
+    let (test_timeout, deadline) = match (kernel.expect, quick) {
+        (Expect::Refusal, _) => (120, Duration::from_secs(300)),
+        (Expect::Run, true) => (900, Duration::from_secs(1800)),
+        (Expect::Run, false) => (900, Duration::from_secs(5400)),
+    };
+    let script = format!(
+        "KERNEL={}\nEXPECT={}\nTESTS=\"{}\"\nMODULES=\"{}\"\nSLOWDOWN={SLOWDOWN}\nTEST_TIMEOUT={test_timeout}\n{}",
+        kernel.name,
+        match kernel.expect {
+            Expect::Run => "run",
+            Expect::Refusal => "refusal",
+        },
+        expected_tests.join(" "),
+        modules.join(" "),
+        include_str!("guest.sh")
+    );
+    tree.bytes("/t/guest.sh", 0o755, script);
+    let initrd = dir.path().join("initrd.cpio");
+    tree.write(&initrd)?;
+    let size = std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "kernel-test: booting {} ({}, {}), initramfs {} MB, deadline {} s",
+        kernel.name,
+        files.release,
+        files.image.display(),
+        size >> 20,
+        deadline.as_secs()
+    );
+
+    let log = dir.path().join("console.log");
+    let mut outcome = Outcome {
+        kernel: *kernel,
+        release: None,
+        check: None,
+        expected_tests,
+        tests: Vec::new(),
+        done: false,
+        error: None,
+        wall: Duration::ZERO,
+        log: None,
+    };
+    if let Err(e) = boot_and_read(&files.image, &initrd, &log, deadline, &mut outcome) {
+        outcome.error = Some(format!("{e:#}"));
+    }
+    outcome.wall = started.elapsed();
+    if !outcome.passed() {
+        // The console log outlives the temporary directory, for a post-mortem.
+        let kept = std::env::temp_dir().join(format!(
+            "handoff-kernel-test-{}-{}.log",
+            kernel.name,
+            std::process::id()
+        ));
+        if std::fs::copy(&log, &kept).is_ok() {
+            print_tail(&kept, 60);
+            outcome.log = Some(kept);
+        }
+    }
+    Ok(outcome)
+}
+
+/// qemu, killed and reaped when dropped.
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots `image` with `initrd`, logs the console to `log`, and fills `outcome` from the
+/// guest's `@@handoff` lines until the guest powers off or `deadline` passes.
+fn boot_and_read(
+    image: &Path,
+    initrd: &Path,
+    log: &Path,
+    deadline: Duration,
+    outcome: &mut Outcome,
+) -> Result<()> {
+    let mut log_file =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "2G",
+        ])
+        .args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(image)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("qemu has no stdout")?;
+    let stderr = child.stderr.take().context("qemu has no stderr")?;
+    let _qemu = Qemu(child);
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx_err = tx.clone();
+    // Console bytes are not always UTF-8 (firmware escapes): read lines as bytes.
+    std::thread::spawn(move || forward_lines(stdout, &tx));
+    std::thread::spawn(move || forward_lines(stderr, &tx_err));
+
+    let started = Instant::now();
+    let end = started + deadline;
+    loop {
+        check_interrupted()?;
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!(
+                "the guest did not finish within {} s (qemu killed)",
+                deadline.as_secs()
+            );
+        }
+        let line = match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => continue,
+            // qemu exited (poweroff) and both pipes are closed.
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let _ = writeln!(log_file, "{line}");
+        let Some(marker) = line.find("@@handoff ").map(|at| &line[at + 10..]) else {
+            continue;
+        };
+        println!(
+            "  [{:>5.0} s] {} {marker}",
+            started.elapsed().as_secs_f64(),
+            outcome.kernel.name
+        );
+        let (key, rest) = marker.split_once(' ').unwrap_or((marker, ""));
+        match key {
+            "kernel" => outcome.release = Some(rest.to_owned()),
+            "smoke" | "refusal" => outcome.check = Some(rest.to_owned()),
+            "test" => {
+                if let Some(run) = TestRun::parse(rest) {
+                    outcome.tests.push(run);
+                }
+            }
+            "setup" => outcome.error = Some(format!("guest set-up failed: {rest}")),
+            "done" => outcome.done = true,
+            _ => {}
+        }
+    }
+    if !outcome.done {
+        bail!("qemu exited before the guest finished");
+    }
+    Ok(())
+}
+
+/// Sends each line of `reader` (lossily decoded, without "\r\n") until EOF.
+fn forward_lines(reader: impl std::io::Read, tx: &mpsc::Sender<String>) {
+    let mut reader = BufReader::new(reader);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf);
+                let line = line.trim_end_matches(['\r', '\n']);
+                if tx.send(line.to_owned()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Prints the last `n` lines of `path`.
+fn print_tail(path: &Path, n: usize) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    println!(
+        "--- last {} lines of {} ---",
+        n.min(lines.len()),
+        path.display()
+    );
+    for line in &lines[lines.len().saturating_sub(n)..] {
+        println!("{line}");
+    }
+    println!("---");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestRun;
+
+    #[test]
+    fn test_markers_parse() {
+        let run = TestRun::parse("steer rc=0 passed=5 failed=0 ignored=1 skipped=0").unwrap();
+        assert_eq!((run.passed, run.failed, run.ignored), (5, 0, 1));
+        assert!(run.ok());
+        let skipped = TestRun::parse("drain rc=0 passed=3 failed=0 ignored=0 skipped=1").unwrap();
+        assert!(!skipped.ok());
+        let timed_out =
+            TestRun::parse("drain rc=124 passed=? failed=? ignored=? skipped=0").unwrap();
+        assert!(!timed_out.ok());
+    }
+}
