@@ -34,12 +34,17 @@ pub fn run(root: &Path, args: &[OsString]) -> Result<()> {
     if !args.is_empty() {
         return Ok(());
     }
-    println!("== the drain tests again, with the whole-host fallback forced (HANDOFF_FORCE_WHOLE_HOST=1)");
+    println!(
+        "== the drain tests again, with the whole-host fallback forced (HANDOFF_FORCE_WHOLE_HOST=1)"
+    );
     let mut cmd = cargo(root);
     cmd.args(["test", "-p", "handoff-tests"])
         .env("HANDOFF_FORCE_WHOLE_HOST", "1");
     for test in FALLBACK_TESTS {
         cmd.args(["--test", test]);
     }
-    run_checked(&mut cmd, "the drain tests with the whole-host fallback forced")
+    run_checked(
+        &mut cmd,
+        "the drain tests with the whole-host fallback forced",
+    )
 }
