@@ -93,6 +93,22 @@ impl Handoffd {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // `cargo xtask test` runs the drain tests again with the whole-host fallback
+        // forced: make sure the daemon really took that path.
+        let forced = |v: &str| !v.is_empty() && v != "0";
+        let inherited = std::env::var("HANDOFF_FORCE_WHOLE_HOST").is_ok_and(|v| forced(&v));
+        let own = self
+            .env
+            .iter()
+            .any(|(k, v)| k == "HANDOFF_FORCE_WHOLE_HOST" && forced(v));
+        if inherited || own {
+            let kernel = self.status().kernel.expect("status has a kernel section");
+            assert_eq!(
+                kernel.tag_pass,
+                handoff_common::proto::TagPass::WholeHost,
+                "HANDOFF_FORCE_WHOLE_HOST is set, but handoffd does not walk the whole host"
+            );
+        }
     }
 
     /// Kills the daemon with SIGKILL, as a crash would, and waits (up to 5 s, scaled) until it is
