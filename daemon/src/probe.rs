@@ -86,6 +86,15 @@ impl ProbeError {
 /// the daemon's lock while probing, so this bounds how long one probe holds it.
 pub const PROBE_DEADLINE: Duration = Duration::from_millis(100);
 
+/// How long a promote's probe that the program has not seen by [`PROBE_DEADLINE`] waits
+/// in all. On a host slow enough that loopback's softirq runs late (a loaded machine, an
+/// emulated CPU: seen at 117 ms under qemu), the SYN has not reached the program yet;
+/// giving up then would fail a promote that is sound. Only a probe that no handoff
+/// program saw waits this long, so a healthy group never does. The watch's probes keep
+/// [`PROBE_DEADLINE`]: a slow answer there costs a needless re-attach, not a failed
+/// promote, and a replaced program must not hold the daemon's lock for a second.
+pub const PROBE_SLOW_DEADLINE: Duration = Duration::from_secs(1);
+
 /// What the kernel program chose for a probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeResult {
@@ -100,8 +109,14 @@ fn socket_err(op: &'static str) -> impl Fn(Errno) -> ProbeError {
 }
 
 /// Connects from an ephemeral port on `target`'s own address to `target` and returns the
-/// program's choice. `target` is a local address (loopback for a wildcard group).
-pub fn probe(program: &mut GroupProgram, target: SocketAddr) -> Result<ProbeResult, ProbeError> {
+/// program's choice. `target` is a local address (loopback for a wildcard group). A probe
+/// the program has not seen after [`PROBE_DEADLINE`] is given until `patience` (at least
+/// that deadline) before it counts as unanswered.
+pub fn probe(
+    program: &mut GroupProgram,
+    target: SocketAddr,
+    patience: Duration,
+) -> Result<ProbeResult, ProbeError> {
     let family = match target {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -131,9 +146,25 @@ pub fn probe(program: &mut GroupProgram, target: SocketAddr) -> Result<ProbeResu
     };
     let key = ProbeKey::new(source, target);
     program.register_probe(key)?;
-    let outcome = connect_within(fd.as_fd(), target, PROBE_DEADLINE);
-    let chosen = program.probe_result(key);
+    let start = Instant::now();
+    let mut outcome = connect_within(fd.as_fd(), target, PROBE_DEADLINE);
+    let mut chosen = program.probe_result(key);
+    if matches!(outcome, Outcome::NoAnswer(_))
+        && matches!(chosen, Ok(PROBE_UNSET))
+        && patience > PROBE_DEADLINE
+    {
+        outcome = wait_connect(fd.as_fd(), start, patience);
+        chosen = program.probe_result(key);
+    }
     program.unregister_probe(key);
+    if let (Outcome::NoAnswer(_), Ok(recorded)) = (outcome, &chosen) {
+        // The program recorded its choice and dropped the SYN; only the reset is late.
+        match *recorded {
+            PROBE_UNSET => {}
+            PROBE_NO_SOCKET => return Ok(ProbeResult::NoSocket),
+            slot => return Ok(ProbeResult::Slot(slot)),
+        }
+    }
     match outcome {
         // The program dropped the SYN: the kernel answered with a reset.
         Outcome::Refused => match chosen? {
@@ -176,6 +207,11 @@ fn connect_within(
         Err(Errno::EINPROGRESS) => {}
         Err(e) => return Outcome::Failed(e),
     }
+    wait_connect(fd, start, deadline)
+}
+
+/// Waits until `deadline` after `start` for the connect in progress on `fd` to end.
+fn wait_connect(fd: std::os::fd::BorrowedFd<'_>, start: Instant, deadline: Duration) -> Outcome {
     loop {
         let left = deadline.saturating_sub(start.elapsed());
         if left.is_zero() {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::load;
-use handoff_tests::{Proc, Stream, bin_path};
+use handoff_tests::{Proc, Stream, bin_path, scaled, slowdown};
 use support::{Handoffd, answers, loopback, only, privileged, respawned, testsrv, wait_until};
 
 /// The unprivileged user every attack runs as.
@@ -41,7 +41,7 @@ fn flood_with(addr: SocketAddr, netns: bool, uid: u32, seconds: u32, extra: &[&s
         cmd.uid(uid).gid(uid);
     }
     let p = Proc::spawn(&mut cmd);
-    if p.wait_line(Stream::Stdout, "ready ", Duration::from_secs(10))
+    if p.wait_line(Stream::Stdout, "ready ", scaled(Duration::from_secs(10)))
         .is_none()
     {
         panic!(
@@ -288,7 +288,8 @@ fn bind_flood_by_the_services_uid_is_rate_limited_and_a_respawned_worker_still_j
     d.promote(m.pid);
     let before = bind_events(&mut d).len();
     let started = std::time::Instant::now();
-    let mut f = flood_with(addr, false, 0, 3, &["--reuseport"]);
+    // Long enough for the respawned worker to join during it, on a slow runner too.
+    let mut f = flood_with(addr, false, 0, (3 * slowdown()).min(60), &["--reuseport"]);
     let victim = m.workers[0];
     let fresh = respawned(&m, victim);
     wait_until(

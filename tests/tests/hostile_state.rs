@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use handoff_common::proto::{self, Promoted, Response};
-use handoff_tests::{Proc, Stream, bin_path};
+use handoff_tests::{Proc, Stream, bin_path, scaled};
 use support::{Handoffd, ctl, loopback, privileged, testsrv};
 
 const NOBODY: u32 = 65534;
@@ -90,9 +90,9 @@ fn refused_start(state: &Path, socket: &Path, needle: &str) -> String {
 /// returns the line. A daemon that starts instead is killed (by the guard) after 10 s.
 fn refusal(cmd: &mut Command, needle: &str) -> String {
     let mut p = Proc::spawn(cmd);
-    let status = p.wait_exit(Duration::from_secs(10));
+    let status = p.wait_exit(scaled(Duration::from_secs(10)));
     // Until stderr is closed: every line read.
-    let _ = p.wait_line(Stream::Stderr, "\0", Duration::from_secs(5));
+    let _ = p.wait_line(Stream::Stderr, "\0", scaled(Duration::from_secs(5)));
     let stderr = p.lines(Stream::Stderr).join("\n");
     let status = status.unwrap_or_else(|| panic!("handoffd started: {stderr}"));
     assert!(!status.success(), "handoffd exited 0: {stderr}");

@@ -100,7 +100,8 @@ fn promote_under_load_loses_nothing() {
     let log = std::env::temp_dir().join(format!("handoff-load-{}.log", std::process::id()));
     // Sized for this machine; with HANDOFF_TEST_SLOWDOWN=N: clients and the connections
     // made before the promote /N (at least 32 and 250), timeouts xN. The 1.5 s after the
-    // promote and every assertion on where connections went stay.
+    // promote (longer until 100 connections started after it) and every assertion on
+    // where connections went stay.
     let clients = scaled_down(256u32, 32);
     let warm_up = scaled_down(2000usize, 250);
     let mut cfg = LoadConfig::new(addr, clients);
@@ -119,6 +120,21 @@ fn promote_under_load_loses_nothing() {
         d.promote(b.pid);
         let promoted_at = load::monotonic_ns();
         std::thread::sleep(Duration::from_millis(1500));
+        // A slow runner makes fewer connections in that window: the load goes on until
+        // 100 have started after the promote.
+        wait_until(
+            "100 connections after the promote",
+            Duration::from_secs(10),
+            || {
+                // Buffered: the last line may be partial, and its time is then not counted.
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                text.lines()
+                    .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                    .filter(|&start_ns| start_ns > promoted_at)
+                    .count()
+                    >= 100
+            },
+        );
         stop.store(true, Ordering::SeqCst);
         (load.join().expect("load thread"), promoted_at)
     });

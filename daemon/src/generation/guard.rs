@@ -183,7 +183,7 @@ impl Service {
         let (Some(key), Some(program)) = (group.key, group.program.as_mut()) else {
             return false;
         };
-        match probe::probe(program, key.probe_target()) {
+        match probe::probe(program, key.probe_target(), probe::PROBE_DEADLINE) {
             Ok(_) => false,
             Err(e) if e.lost() => true,
             // Failed before the connect (no fd, a map error): nothing learnt about the group.

@@ -455,7 +455,7 @@ fn verify(
 ) -> Result<(), PromoteError> {
     let Some(key) = key else { return Ok(()) };
     let range = block.first()..block.first() + block.cookies.len() as u32;
-    match probe::probe(program, key.probe_target())? {
+    match probe::probe(program, key.probe_target(), probe::PROBE_SLOW_DEADLINE)? {
         ProbeResult::Slot(s) if range.contains(&s) => Ok(()),
         ProbeResult::Slot(s) => Err(PromoteError::ProbeMismatch {
             group: key,
