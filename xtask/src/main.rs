@@ -72,9 +72,12 @@ enum Task {
         /// The kernels to boot (repeatable) [default: all].
         #[arg(long = "kernel", value_name = "VERSION", value_parser = clap::builder::PossibleValuesParser::new(kernel::NAMES))]
         kernels: Vec<String>,
-        /// Run only the steer, drain and migrate tests (CI).
+        /// Run only the smoke handoff and the migrate and fallback tests (CI).
         #[arg(long)]
         quick: bool,
+        /// Run only these integration tests (repeatable; e.g. --test steer).
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
     },
     /// The scale benchmark's client (started by `bench`, inside its network namespace).
     #[command(hide = true)]
@@ -114,9 +117,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Task::KernelTest { kernels, quick } => {
+        Task::KernelTest {
+            kernels,
+            quick,
+            tests,
+        } => {
             // The tables say what failed; a failure only sets the exit status.
-            if !kernel::run(&root, &kernels, quick)? {
+            if !kernel::run(&root, &kernels, quick, &tests)? {
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -83,7 +83,7 @@ const BINARIES: [&str; 7] = [
 ];
 
 /// Runs the kernel test; false when a kernel failed (the tables say which and why).
-pub fn run(root: &Path, names: &[String], quick: bool) -> Result<bool> {
+pub fn run(root: &Path, names: &[String], quick: bool, only: &[String]) -> Result<bool> {
     catch_interrupts()?;
     let started = Instant::now();
     let kernels: Vec<Kernel> = if names.is_empty() {
@@ -122,8 +122,15 @@ pub fn run(root: &Path, names: &[String], quick: bool) -> Result<bool> {
         .iter()
         .filter(|(name, _)| !NOT_IN_GUEST.iter().any(|(n, _)| n == name))
         .filter(|(name, _)| !quick || QUICK_TESTS.contains(&name.as_str()))
+        .filter(|(name, _)| only.is_empty() || only.contains(name))
         .collect();
-    if need_tests && quick && tests.len() != QUICK_TESTS.len() {
+    if let Some(unknown) = only
+        .iter()
+        .find(|n| !built.tests.iter().any(|(name, _)| name == *n))
+    {
+        bail!("--test {unknown}: no such integration test (tests/tests/{unknown}.rs)");
+    }
+    if need_tests && quick && only.is_empty() && tests.len() != QUICK_TESTS.len() {
         bail!("the build lacks one of the quick tests {QUICK_TESTS:?}");
     }
 
