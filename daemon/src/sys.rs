@@ -1,8 +1,9 @@
 //! Every raw syscall and `unsafe` block of the daemon, each with why it is sound.
 //!
-//! pidfds (open, fd duplication, signals), the socket cookie, element operations on the
-//! REUSEPORT_SOCKARRAY (aya's wrapper forces 4-byte values, which cannot be read back),
-//! and the shared mapping of the steering index.
+//! pidfds (open, fd duplication, signals), descriptors received on a Unix socket, the
+//! socket cookie, element operations on the REUSEPORT_SOCKARRAY (aya's wrapper forces
+//! 4-byte values, which cannot be read back), and the shared mapping of the steering
+//! index.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -52,6 +53,46 @@ fn owned_fd(rc: libc::c_long) -> io::Result<OwnedFd> {
     let fd = RawFd::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
     // SAFETY: the syscall returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The most descriptors one `sendmsg` can carry (the kernel's `SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
+/// `recvmsg` on a Unix stream socket without blocking: data into `buf`, and every
+/// descriptor that came with it (`SCM_RIGHTS`, close-on-exec) pushed onto `fds`, owned.
+/// Returns the bytes read (0 at the end of the stream).
+///
+/// The control buffer holds [`SCM_MAX_FD`] descriptors, the most one message can carry,
+/// and one `recvmsg` on a stream socket returns the descriptors of one message at most:
+/// none is ever cut off (and so left open without an owner).
+pub fn recv_with_fds(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let cmsgs = msg
+        .cmsgs()
+        .map_err(|_| io::Error::other("control message truncated"))?;
+    for c in cmsgs {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            for fd in received {
+                // SAFETY: the kernel installed this descriptor in our table for this
+                // recvmsg; nothing else knows it, so it is owned here exactly once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Ok(msg.bytes)
 }
 
 /// `getsockopt(SO_COOKIE)`: the kernel's 64-bit id of the socket.
