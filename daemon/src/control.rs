@@ -507,3 +507,61 @@ pub fn unreachable(path: &Path, e: &io::Error) -> String {
         .trim_end()
         .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads one request from `peer` on a runtime of its own.
+    fn read(peer: std::os::unix::net::UnixStream) -> Result<Received, FrameError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            peer.set_nonblocking(true).expect("nonblocking");
+            let stream = UnixStream::from_std(peer).expect("a tokio stream");
+            read_request(&stream).await
+        })
+    }
+
+    fn devnull() -> OwnedFd {
+        File::open("/dev/null").expect("opening /dev/null").into()
+    }
+
+    #[test]
+    fn a_frame_brings_at_most_one_descriptor() {
+        let status = proto::encode(&Request::Status {});
+
+        // One descriptor with the frame: kept.
+        let (client, peer) = std::os::unix::net::UnixStream::pair().expect("a pair");
+        let null = devnull();
+        assert_eq!(
+            send_with_fd(&client, &status, null.as_fd()).expect("sent"),
+            status.len()
+        );
+        let got = read(peer).expect("a request");
+        assert_eq!(got.request, Request::Status {});
+        assert_eq!((got.fds.len(), got.dropped), (1, 0));
+
+        // One with each of two parts of the frame: the second is closed and counted.
+        let (client, peer) = std::os::unix::net::UnixStream::pair().expect("a pair");
+        let (head, tail) = status.split_at(3);
+        send_with_fd(&client, head, null.as_fd()).expect("sent");
+        send_with_fd(&client, tail, null.as_fd()).expect("sent");
+        let got = read(peer).expect("a request");
+        assert_eq!((got.fds.len(), got.dropped), (1, 1));
+
+        // None: a plain request, as before.
+        let (mut client, peer) = std::os::unix::net::UnixStream::pair().expect("a pair");
+        io::Write::write_all(&mut client, &status).expect("sent");
+        let got = read(peer).expect("a request");
+        assert_eq!((got.fds.len(), got.dropped), (0, 0));
+
+        // A frame cut short, with a descriptor: refused, and the descriptor dropped with it.
+        let (client, peer) = std::os::unix::net::UnixStream::pair().expect("a pair");
+        send_with_fd(&client, head, null.as_fd()).expect("sent");
+        drop(client);
+        assert!(matches!(read(peer), Err(FrameError::Truncated)));
+    }
+}

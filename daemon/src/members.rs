@@ -301,6 +301,11 @@ impl PidfdError {
             // As for a pid handoffd's /proc cannot name: no listener it may promote.
             PidfdError::OtherPidNamespace => ErrorKind::NoListener,
             PidfdError::Member(MemberError::NoSuchProcess { .. }) => ErrorKind::NoSuchProcess,
+            // As a promote by pid gives them (`CandidateError::kind`).
+            PidfdError::Member(MemberError::Excluded {
+                why: Excluded::OtherNetns,
+                ..
+            }) => ErrorKind::WrongGroup,
             PidfdError::Member(MemberError::Excluded { .. }) => ErrorKind::NoListener,
             PidfdError::Member(_) | PidfdError::Proc(_) => ErrorKind::Internal,
         }
