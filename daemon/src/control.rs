@@ -271,6 +271,8 @@ struct Received {
     fds: Vec<OwnedFd>,
     /// How many more came (closed at once).
     dropped: usize,
+    /// Descriptors were sent that the kernel could not hand over (out of descriptors).
+    lost: bool,
 }
 
 /// Answers one request (blocking: it takes the daemon's lock).
@@ -279,7 +281,14 @@ fn answer(received: Received, daemon: &Mutex<Daemon>, config: &ConfigSource) -> 
         request,
         mut fds,
         dropped,
+        lost,
     } = received;
+    if lost {
+        return error(
+            ErrorKind::Internal,
+            &"a descriptor sent with the request could not be received: handoffd is out of file descriptors (raise its LimitNOFILE), or a security module refused it",
+        );
+    }
     if dropped > 0 {
         return error(
             ErrorKind::BadRequest,
@@ -334,6 +343,7 @@ async fn read_request(stream: &UnixStream) -> Result<Received, FrameError> {
     let mut frame = Vec::new();
     let mut fds = Vec::new();
     let mut dropped = 0usize;
+    let mut lost = false;
     let read = async {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -342,8 +352,11 @@ async fn read_request(stream: &UnixStream) -> Result<Received, FrameError> {
                 sys::recv_with_fds(stream.as_fd(), &mut buf, &mut fds)
             });
             let n = match got {
-                Ok(0) => return io::Result::Ok(()),
-                Ok(n) => n,
+                Ok((0, _)) => return io::Result::Ok(()),
+                Ok((n, cut)) => {
+                    lost |= cut;
+                    n
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             };
@@ -372,6 +385,7 @@ async fn read_request(stream: &UnixStream) -> Result<Received, FrameError> {
         request,
         fds,
         dropped,
+        lost,
     })
 }
 
