@@ -471,9 +471,10 @@ pub fn request_with_fd(
     }
 }
 
-/// For a client: a pidfd of `pid` in the caller's own pid namespace, to send with the promote; `None`
-/// for a pid that cannot name a process (the daemon gives its usual refusal) or on a
-/// kernel without pidfd_open (the pid is then taken in the daemon's namespace).
+/// For a client: a pidfd of `pid` in the caller's own pid namespace, to send with the
+/// promote. `None` for a pid no process can have (0 or less: the daemon gives its usual
+/// refusal) or on a kernel without pidfd_open (the pid is then taken in the daemon's
+/// namespace). A pid that names no process here is refused with one line.
 pub fn caller_pidfd(pid: i32) -> Result<Option<OwnedFd>, String> {
     if pid <= 0 {
         return Ok(None);
