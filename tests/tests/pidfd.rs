@@ -75,9 +75,10 @@ fn nspids(pid: u32) -> Vec<u32> {
 }
 
 /// A testsrv named `name` on `addr` in a new pid namespace (and mount namespace with its
-/// own /proc), as the second process there: a shell is its init. Dropping the returned
-/// guard SIGKILLs the process group, which every process of the namespace is in, and
-/// `--kill-child` takes the namespace's init down with `unshare` in any case.
+/// own /proc), as the third process there: a shell is its init, a `sleep` the second.
+/// Dropping the returned guard SIGKILLs the process group, which every process of the
+/// namespace is in (`unshare` leads it; nothing there starts a group of its own), and the
+/// kernel kills whatever else the namespace holds once its init is gone.
 struct Contained {
     _unshare: Proc,
     /// The namespace's init (the shell), as the host sees it.
@@ -95,11 +96,11 @@ fn contained(name: &str, addr: SocketAddr) -> Contained {
         "sleep 600 &\necho sleeper $!\n{srv} --name {name} --listen {addr} &\nwait\n",
         srv = bin_path("testsrv").display()
     );
+    // Short options where util-linux and busybox (the kernel-test guest's) differ.
     let unshare = Proc::spawn(Command::new("unshare").args([
-        "--pid",
-        "--fork",
+        "-p",
+        "-f",
         "--mount-proc",
-        "--kill-child",
         "sh",
         "-c",
         &script,
