@@ -11,9 +11,7 @@ use clap::Parser;
 use handoff::config::{self, DEFAULT_STATE_DIR, Overrides, Paths, Sig};
 use handoff::generation::{Ctx, ServiceConfig};
 use handoff::{
-    cleanup, config_file, control,
-    daemon::{ConfigSource, Daemon},
-    metrics, notify, pins, state, supervise,
+    cleanup, config_file, control, daemon::Daemon, metrics, notify, pins, state, supervise,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -163,7 +161,7 @@ fn run() -> anyhow::Result<()> {
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let daemon = Arc::new(Mutex::new(Daemon::new(services, ctx, saved, Some(state_file))));
         // What SIGHUP and `handoffctl reload` read again.
-        let config = Arc::new(ConfigSource { file: args.config.clone(), overrides });
+        let config = Arc::new(handoff::daemon::ConfigSource { file: args.config.clone(), overrides });
         let tasks = vec![
             tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx)).abort_handle(),
             tokio::spawn(reload_on_hup(Arc::clone(&daemon), Arc::clone(&config))).abort_handle(),
@@ -210,7 +208,7 @@ fn load_services(
 /// [`handoff::daemon::reload`]); a bad file is refused and the running one stays.
 async fn reload_on_hup(
     daemon: Arc<Mutex<Daemon>>,
-    config: Arc<ConfigSource>,
+    config: Arc<handoff::daemon::ConfigSource>,
 ) -> std::io::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     while hup.recv().await.is_some() {
