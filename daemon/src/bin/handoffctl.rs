@@ -54,8 +54,11 @@ enum Command {
         #[arg(long)]
         service: Option<String>,
     },
-    /// Read handoffd's --config file again and apply it (as SIGHUP does); exits 1 with
-    /// the FILE:LINE:COL reason if the file is refused (the running configuration stays).
+    /// Reload handoffd's --config file, as SIGHUP does; exits 1 with the reason if refused.
+    ///
+    /// Answers once the file is applied: one line naming the file and its services. A
+    /// refused file changes nothing (the running configuration stays) and is reported as
+    /// `Error: configuration refused, the running one stays: FILE:LINE:COL: reason`.
     Reload,
     /// Show services and generations.
     Status {
