@@ -3,6 +3,17 @@
 //! One request per connection: the client writes one JSON document and a newline, the
 //! daemon answers with one JSON document and a newline, then closes. A frame longer than
 //! [`MAX_FRAME`] is refused before it is parsed.
+//!
+//! A promote may carry a pidfd of its target: `handoffctl promote PID` opens
+//! `pidfd_open(PID)` in its own pid namespace and sends that descriptor with the request
+//! (`SCM_RIGHTS`, on the `sendmsg` that carries the frame's first byte). The daemon then
+//! promotes the process the pidfd names, whatever the `pid` field says: it reads the
+//! process's pid in its own pid namespace from the descriptor (`Pid:` of its fdinfo), so
+//! a pid typed in a container means what the caller meant, and a caller can only name a
+//! process it can see. At most one descriptor, and only with a promote; anything else
+//! that arrives with a request (another kind of descriptor, a thread's pidfd, a second
+//! one) refuses the request. Without a descriptor the `pid` is taken in the daemon's pid
+//! namespace, as before (callers on the host, older clients).
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +43,9 @@ pub enum Request {
     },
     /// Report services and generations.
     Status {},
+    /// Read the daemon's `--config` file again and apply it (what SIGHUP does), answering
+    /// with the result.
+    Reload {},
 }
 
 /// The daemon's answer to one [`Request`].
@@ -42,6 +56,8 @@ pub enum Response {
     Promoted(Promoted),
     /// The state of every service.
     Status(Status),
+    /// The configuration file was read again and applied.
+    Reloaded(Reloaded),
     /// The request was refused; nothing changed.
     Error(ErrorReply),
 }
@@ -59,6 +75,15 @@ pub struct Promoted {
     pub listeners: usize,
     /// The generation that started draining, if any.
     pub draining: Option<u64>,
+}
+
+/// The outcome of a successful reload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloaded {
+    /// The configuration file that was read.
+    pub file: String,
+    /// The services it names, in its order.
+    pub services: Vec<String>,
 }
 
 /// `status --json`: the shape DESIGN.md's CLI contract fixes.
@@ -253,6 +278,10 @@ pub enum ErrorKind {
     NothingToRollBack,
     /// The kernel refused an operation, or the probe did not see the new steering.
     Kernel,
+    /// The configuration file was refused; the running configuration stays.
+    ConfigRefused,
+    /// A reload was asked of a daemon run without `--config`.
+    NoConfig,
     /// Anything else that went wrong inside the daemon.
     Internal,
 }
@@ -305,6 +334,7 @@ mod tests {
             },
             Request::Rollback { service: None },
             Request::Status {},
+            Request::Reload {},
         ] {
             let frame = encode(&req);
             assert_eq!(frame.last(), Some(&b'\n'));
@@ -376,6 +406,21 @@ mod tests {
         ));
         let big = vec![b' '; MAX_FRAME + 1];
         assert!(matches!(decode::<Request>(&big), Err(FrameError::TooLong)));
+    }
+
+    #[test]
+    fn reload_has_its_wire_shape() {
+        assert_eq!(encode(&Request::Reload {}), b"{\"request\":\"reload\"}\n");
+        let r = Response::Reloaded(Reloaded {
+            file: "/etc/handoff/handoffd.toml".into(),
+            services: vec!["web".into(), "api".into()],
+        });
+        let v: serde_json::Value = serde_json::to_value(&r).expect("serializes");
+        assert_eq!(v["response"], "reloaded");
+        assert_eq!(v["services"][1], "api");
+        assert_eq!(decode::<Response>(&encode(&r)).expect("decodes"), r);
+        let refused = serde_json::to_value(ErrorKind::ConfigRefused).expect("serializes");
+        assert_eq!(refused, "config_refused");
     }
 
     #[test]

@@ -197,7 +197,16 @@ pub fn take(
 ) -> Result<Candidate, CandidateError> {
     // Member::open refuses pid 1, handoffd and its ancestors, kernel threads, and other
     // pid and network namespaces.
-    let leader = Member::open(pid)?;
+    take_leader(Member::open(pid)?, target, procs)
+}
+
+/// As [`take`], for a leader already opened (from a pidfd a client passed).
+pub fn take_leader(
+    leader: Member,
+    target: &Target<'_>,
+    procs: &mut impl discover::Processes,
+) -> Result<Candidate, CandidateError> {
+    let pid = leader.pid;
     let port = target.listen.first().map_or(0, |a| a.port());
     let tree = procs.tree(pid)?;
     let (found, holding) = discover::held_listeners(port, &tree, pid, None, procs)?;

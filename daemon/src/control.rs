@@ -3,6 +3,7 @@
 
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -10,12 +11,14 @@ use std::time::Duration;
 
 use handoff_common::proto::{self, ErrorKind, FrameError, MAX_FRAME, Request, Response};
 use nix::fcntl::{Flock, FlockArg};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::Paths;
-use crate::daemon::{Daemon, error, finish_status};
+use crate::daemon::{self as state, ConfigSource, Daemon, error, finish_status, one_line};
 use crate::dirs::{self, DirError};
+use crate::members::Member;
+use crate::sys;
 
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -192,10 +195,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Serves control requests until `shutdown` completes, then removes the socket file.
+/// `config` is where a reload request reads the configuration from (as SIGHUP does).
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     daemon: Arc<Mutex<Daemon>>,
+    config: Arc<ConfigSource>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -204,8 +209,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let daemon = Arc::clone(&daemon);
+                    let config = Arc::clone(&config);
                     tokio::spawn(async move {
-                        if let Err(e) = client(stream, daemon).await {
+                        if let Err(e) = client(stream, daemon, config).await {
                             tracing::debug!(error = %e, "control client");
                         }
                     });
@@ -223,25 +229,18 @@ fn authorised(uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::geteuid().as_raw()
 }
 
-async fn client(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> io::Result<()> {
+async fn client(
+    mut stream: UnixStream,
+    daemon: Arc<Mutex<Daemon>>,
+    config: Arc<ConfigSource>,
+) -> io::Result<()> {
     let response = match stream.peer_cred() {
-        Ok(cred) if authorised(cred.uid()) => match read_request(&mut stream).await {
-            Ok(request) => {
-                tracing::debug!(?request, pid = ?cred.pid(), "control request");
-                let daemon = Arc::clone(&daemon);
-                tokio::task::spawn_blocking(move || {
-                    let mut d = Daemon::lock(&daemon);
-                    if request == (Request::Status {}) {
-                        // The socket dumps run after the lock is released.
-                        let plans = d.status_plans();
-                        let kernel = d.kernel_status();
-                        drop(d);
-                        return finish_status(plans, Some(kernel));
-                    }
-                    d.handle(request)
-                })
-                .await
-                .unwrap_or_else(|e| error(ErrorKind::Internal, &e))
+        Ok(cred) if authorised(cred.uid()) => match read_request(&stream).await {
+            Ok(received) => {
+                tracing::debug!(request = ?received.request, fds = received.fds.len() + received.dropped, pid = ?cred.pid(), "control request");
+                tokio::task::spawn_blocking(move || answer(received, &daemon, &config))
+                    .await
+                    .unwrap_or_else(|e| error(ErrorKind::Internal, &e))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "refused a malformed control message");
@@ -264,14 +263,130 @@ async fn client(mut stream: UnixStream, daemon: Arc<Mutex<Daemon>>) -> io::Resul
     stream.shutdown().await
 }
 
-async fn read_request(stream: &mut UnixStream) -> Result<Request, FrameError> {
-    let mut frame = Vec::new();
-    let mut reader = BufReader::new(stream.take(MAX_FRAME as u64 + 1));
-    match tokio::time::timeout(READ_TIMEOUT, reader.read_until(b'\n', &mut frame)).await {
-        Ok(Ok(_)) if frame.len() > MAX_FRAME => Err(FrameError::TooLong),
-        Ok(Ok(_)) if frame.last() == Some(&b'\n') => proto::decode(&frame),
-        _ => Err(FrameError::Truncated),
+/// A request as it arrived: the frame, and the descriptors that came with it.
+#[derive(Debug)]
+struct Received {
+    request: Request,
+    /// The first descriptor that came with it, if any.
+    fds: Vec<OwnedFd>,
+    /// How many more came (closed at once).
+    dropped: usize,
+    /// Descriptors were sent that the kernel could not hand over (out of descriptors).
+    lost: bool,
+}
+
+/// Answers one request (blocking: it takes the daemon's lock).
+fn answer(received: Received, daemon: &Mutex<Daemon>, config: &ConfigSource) -> Response {
+    let Received {
+        request,
+        mut fds,
+        dropped,
+        lost,
+    } = received;
+    if lost {
+        return error(
+            ErrorKind::Internal,
+            &"a descriptor sent with the request could not be received: handoffd is out of file descriptors (raise its LimitNOFILE), or a security module refused it",
+        );
     }
+    if dropped > 0 {
+        return error(
+            ErrorKind::BadRequest,
+            &format!(
+                "{} descriptors came with the request; a promote takes one pidfd at most",
+                dropped + 1
+            ),
+        );
+    }
+    match request {
+        Request::Promote { service, .. } if !fds.is_empty() => {
+            let Some(pidfd) = fds.pop() else {
+                return error(ErrorKind::Internal, &"no descriptor");
+            };
+            // The process the client named by its pidfd, pinned by it; the pid field is
+            // the client's view and may mean nothing here (another pid namespace).
+            match Member::from_pidfd(pidfd) {
+                Ok(leader) => {
+                    tracing::debug!(pid = leader.pid, "promote by pidfd");
+                    Daemon::lock(daemon).promote_member(leader, service.as_deref())
+                }
+                Err(e) => {
+                    tracing::info!(error = %one_line(&e), "promote by pidfd refused");
+                    error(e.kind(), &one_line(&e))
+                }
+            }
+        }
+        _ if !fds.is_empty() => error(
+            ErrorKind::BadRequest,
+            &"a descriptor came with a request that takes none (only promote takes a pidfd)",
+        ),
+        Request::Status {} => {
+            let mut d = Daemon::lock(daemon);
+            // The socket dumps run after the lock is released.
+            let plans = d.status_plans();
+            let kernel = d.kernel_status();
+            drop(d);
+            finish_status(plans, Some(kernel))
+        }
+        Request::Reload {} => match state::reload(daemon, config) {
+            Ok(reloaded) => Response::Reloaded(reloaded),
+            Err(e) => error(e.kind(), &e),
+        },
+        request => Daemon::lock(daemon).handle(request),
+    }
+}
+
+/// Reads one frame, and the descriptors sent with it: the first is kept, any more are
+/// closed at once (and refuse the request), so a client cannot make the daemon hold
+/// many.
+async fn read_request(stream: &UnixStream) -> Result<Received, FrameError> {
+    let mut frame = Vec::new();
+    let mut fds = Vec::new();
+    let mut dropped = 0usize;
+    let mut lost = false;
+    let read = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            stream.readable().await?;
+            let got = stream.try_io(Interest::READABLE, || {
+                sys::recv_with_fds(stream.as_fd(), &mut buf, &mut fds)
+            });
+            let n = match got {
+                Ok((0, _)) => return io::Result::Ok(()),
+                Ok((n, cut)) => {
+                    lost |= cut;
+                    n
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            if fds.len() > 1 {
+                dropped = dropped.saturating_add(fds.len() - 1);
+                fds.truncate(1);
+            }
+            let chunk = buf.get(..n).unwrap_or_default();
+            if let Some(end) = chunk.iter().position(|&b| b == b'\n') {
+                frame.extend_from_slice(chunk.get(..=end).unwrap_or_default());
+                return Ok(());
+            }
+            frame.extend_from_slice(chunk);
+            if frame.len() > MAX_FRAME {
+                return Ok(());
+            }
+        }
+    };
+    let done = tokio::time::timeout(READ_TIMEOUT, read).await;
+    let request = match done {
+        Ok(Ok(())) if frame.len() > MAX_FRAME => Err(FrameError::TooLong),
+        Ok(Ok(())) if frame.last() == Some(&b'\n') => proto::decode(&frame),
+        _ => Err(FrameError::Truncated),
+    }?;
+    Ok(Received {
+        request,
+        fds,
+        dropped,
+        lost,
+    })
 }
 
 /// Why a client got no answer it can believe.
@@ -312,6 +427,16 @@ pub fn request(
     request: &Request,
     daemon_uid: Option<u32>,
 ) -> Result<Response, ClientError> {
+    request_with_fd(path, request, None, daemon_uid)
+}
+
+/// As [`request`], sending `fd` with the frame (`SCM_RIGHTS`): a promote's pidfd.
+pub fn request_with_fd(
+    path: &Path,
+    request: &Request,
+    fd: Option<BorrowedFd<'_>>,
+    daemon_uid: Option<u32>,
+) -> Result<Response, ClientError> {
     use std::io::{BufRead, Write};
     let gone = |source| ClientError::Unreachable {
         path: path.to_path_buf(),
@@ -328,7 +453,14 @@ pub fn request(
     }
     // The daemon may answer and close before reading (an unauthorised peer): a failed
     // write still leaves its answer to read.
-    let written = stream.write_all(&proto::encode(request));
+    let frame = proto::encode(request);
+    let written = match fd {
+        // The descriptor goes with the frame's first bytes; the rest, if the kernel took
+        // only part, follows as plain data.
+        Some(fd) => send_with_fd(&stream, &frame, fd)
+            .and_then(|sent| stream.write_all(frame.get(sent..).unwrap_or_default())),
+        None => stream.write_all(&frame),
+    };
     let mut frame = Vec::new();
     let read = io::BufReader::new(io::Read::take(&stream, MAX_FRAME as u64 + 1))
         .read_until(b'\n', &mut frame);
@@ -337,6 +469,46 @@ pub fn request(
         (Err(_), Err(e), _) | (Err(_), Ok(()), Err(e)) => Err(gone(e)),
         (Err(e), Ok(()), Ok(_)) => Err(gone(io::Error::other(e))),
     }
+}
+
+/// For a client: a pidfd of `pid` in the caller's own pid namespace, to send with the
+/// promote. `None` for a pid no process can have (0 or less: the daemon gives its usual
+/// refusal) or on a kernel without pidfd_open (the pid is then taken in the daemon's
+/// namespace). A pid that names no process here is refused with one line.
+pub fn caller_pidfd(pid: i32) -> Result<Option<OwnedFd>, String> {
+    if pid <= 0 {
+        return Ok(None);
+    }
+    match sys::pidfd_open(pid) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) => match e.raw_os_error() {
+            Some(libc::ESRCH) => Err(format!("no process with pid {pid}")),
+            // Not a thread group leader (ENOENT since Linux 6.9, EINVAL before).
+            Some(libc::ENOENT | libc::EINVAL) => Err(format!(
+                "pid {pid} is a thread, not a process: promote the process it belongs to"
+            )),
+            Some(libc::ENOSYS) => Ok(None),
+            _ => Err(format!("pidfd_open({pid}) failed: {e}")),
+        },
+    }
+}
+
+/// `sendmsg` of `data` with `fd` attached; returns the bytes sent.
+fn send_with_fd(
+    stream: &std::os::unix::net::UnixStream,
+    data: &[u8],
+    fd: BorrowedFd<'_>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
+    let fds = [fd.as_raw_fd()];
+    sendmsg::<UnixAddr>(
+        stream.as_raw_fd(),
+        &[io::IoSlice::new(data)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)
 }
 
 /// The response to an unreachable daemon, for the client.
@@ -349,4 +521,62 @@ pub fn unreachable(path: &Path, e: &io::Error) -> String {
     format!("cannot reach handoffd at {}: {e} {hint}", path.display())
         .trim_end()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads one request from `peer` on a runtime of its own.
+    fn read(peer: std::os::unix::net::UnixStream) -> Result<Received, FrameError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async {
+            peer.set_nonblocking(true).expect("nonblocking");
+            let stream = UnixStream::from_std(peer).expect("a tokio stream");
+            read_request(&stream).await
+        })
+    }
+
+    fn devnull() -> OwnedFd {
+        File::open("/dev/null").expect("opening /dev/null").into()
+    }
+
+    #[test]
+    fn a_frame_brings_at_most_one_descriptor() {
+        let status = proto::encode(&Request::Status {});
+
+        // One descriptor with the frame: kept.
+        let (client, peer) = std::os::unix::net::UnixStream::pair().expect("a pair");
+        let null = devnull();
+        assert_eq!(
+            send_with_fd(&client, &status, null.as_fd()).expect("sent"),
+            status.len()
+        );
+        let got = read(peer).expect("a request");
+        assert_eq!(got.request, Request::Status {});
+        assert_eq!((got.fds.len(), got.dropped), (1, 0));
+
+        // One with each of two parts of the frame: the second is closed and counted.
+        let (client, peer) = std::os::unix::net::UnixStream::pair().expect("a pair");
+        let (head, tail) = status.split_at(3);
+        send_with_fd(&client, head, null.as_fd()).expect("sent");
+        send_with_fd(&client, tail, null.as_fd()).expect("sent");
+        let got = read(peer).expect("a request");
+        assert_eq!((got.fds.len(), got.dropped), (1, 1));
+
+        // None: a plain request, as before.
+        let (mut client, peer) = std::os::unix::net::UnixStream::pair().expect("a pair");
+        io::Write::write_all(&mut client, &status).expect("sent");
+        let got = read(peer).expect("a request");
+        assert_eq!((got.fds.len(), got.dropped), (0, 0));
+
+        // A frame cut short, with a descriptor: refused, and the descriptor dropped with it.
+        let (client, peer) = std::os::unix::net::UnixStream::pair().expect("a pair");
+        send_with_fd(&client, head, null.as_fd()).expect("sent");
+        drop(client);
+        assert!(matches!(read(peer), Err(FrameError::Truncated)));
+    }
 }

@@ -1,12 +1,16 @@
 //! The daemon's state and its answer to each control request.
 
-use handoff_common::proto::{ErrorKind, ErrorReply, Promoted, Request, Response, Status};
+use handoff_common::proto::{ErrorKind, ErrorReply, Promoted, Reloaded, Request, Response, Status};
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::config::{ConfigError, Overrides};
+use crate::config_file::{self, ConfigFileError};
 use crate::generation::{Ctx, PromoteError, Service, ServiceConfig, StatusPlan};
 use crate::loader::{DrainEvent, EventStats};
+use crate::members::Member;
 use crate::state::{SavedService, SavedState};
 
 /// While the kernel holds bind events back, how often the daemon reads its counters (and
@@ -376,7 +380,31 @@ impl Daemon {
                 let plans = self.status_plans();
                 finish_status(plans, Some(self.kernel_status()))
             }
+            // The file is read by `reload`, which needs the daemon's --config.
+            Request::Reload {} => error(
+                ErrorKind::Internal,
+                &"reload is answered by the control socket, not the daemon's table",
+            ),
         }
+    }
+
+    /// Promotes `leader`, a process already opened from a pidfd a client passed (see
+    /// [`Member::from_pidfd`]), as a promote request naming `service` would.
+    pub fn promote_member(&mut self, leader: Member, service: Option<&str>) -> Response {
+        self.guarded("request", |d| {
+            let response = match d.service(service) {
+                Ok(i) => d.change(i, |s, ctx| s.promote_member(leader, ctx)),
+                Err(e) => e,
+            };
+            d.persist();
+            response
+        })
+        .unwrap_or_else(|| {
+            error(
+                ErrorKind::Internal,
+                &"the request failed on an internal error (logged); the daemon took up its last consistent state and serves on: check `handoffctl status` and retry",
+            )
+        })
     }
 
     /// Runs a promote or rollback on service `i`, counting it in the metrics.
@@ -466,6 +494,84 @@ impl Daemon {
             )),
         }
     }
+}
+
+/// Where the daemon's configuration comes from: the `--config` file, if any, and the
+/// flags that override its service. A reload (SIGHUP or `handoffctl reload`) reads the
+/// file again through [`reload`].
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// `--config`; none: the flags alone, and nothing to reload.
+    pub file: Option<PathBuf>,
+    /// The flags, applied to the file's service as at start.
+    pub overrides: Overrides,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The daemon was started without `--config`.
+    #[error(
+        "handoffd runs without --config: there is no configuration file to reload (restart it with --config FILE)"
+    )]
+    NoConfig,
+    /// The file is refused; its own error names `FILE:LINE:COLUMN`.
+    #[error("configuration refused, the running one stays: {}", one_line(.0))]
+    File(#[source] ConfigFileError),
+    /// The file is fine but the flags cannot apply to it.
+    #[error("configuration refused, the running one stays: {}: {}", file.display(), one_line(source))]
+    Overrides {
+        /// The file.
+        file: PathBuf,
+        /// Why the flags do not fit it.
+        #[source]
+        source: ConfigError,
+    },
+}
+
+impl ReloadError {
+    /// The protocol kind of this refusal.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ReloadError::NoConfig => ErrorKind::NoConfig,
+            ReloadError::File(_) | ReloadError::Overrides { .. } => ErrorKind::ConfigRefused,
+        }
+    }
+}
+
+impl ConfigSource {
+    /// The services to run: the file's, if any, with the flags applied.
+    pub fn load(&self) -> Result<Vec<ServiceConfig>, ReloadError> {
+        let file = match &self.file {
+            Some(path) => Some(config_file::load(path).map_err(ReloadError::File)?),
+            None => None,
+        };
+        self.overrides
+            .apply(file)
+            .map_err(|source| ReloadError::Overrides {
+                file: self.file.clone().unwrap_or_default(),
+                source,
+            })
+    }
+}
+
+/// Reads the configuration file again and applies it: the one path of SIGHUP and of
+/// `handoffctl reload`. The file is read and checked before the daemon is locked; a
+/// refused file changes nothing. Blocking (it takes the daemon's lock): call it off the
+/// async runtime's threads. The outcome is logged either way.
+pub fn reload(daemon: &Mutex<Daemon>, source: &ConfigSource) -> Result<Reloaded, ReloadError> {
+    let Some(path) = &source.file else {
+        tracing::warn!("reload ignored: handoffd runs without --config");
+        return Err(ReloadError::NoConfig);
+    };
+    let services = source.load().inspect_err(|e| tracing::error!("{e}"))?;
+    let names = services.iter().map(|s| s.name.clone()).collect();
+    tracing::info!(file = %path.display(), "reloading the configuration");
+    Daemon::lock(daemon).reload(services);
+    Ok(Reloaded {
+        file: path.display().to_string(),
+        services: names,
+    })
 }
 
 /// Completes status plans from socket dumps: the answer to a status request.

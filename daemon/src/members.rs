@@ -253,6 +253,98 @@ fn pidfd_pid(pidfd: &OwnedFd) -> Result<Option<i32>, std::io::Error> {
         .and_then(|p| p.trim().parse().ok()))
 }
 
+/// `PIDFD_THREAD` (`O_EXCL`) in a pidfd's file flags: the pidfd names one thread.
+const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
+
+/// The most of a descriptor's fdinfo that is read: a pidfd's is about 100 bytes.
+const MAX_FDINFO: u64 = 4096;
+
+/// Why a pidfd a client passed names no process that can be promoted.
+#[derive(Debug, thiserror::Error)]
+pub enum PidfdError {
+    /// The descriptor is not a pidfd.
+    #[error(
+        "the descriptor passed with the request is not a pidfd (it is {what}); pass pidfd_open(PID), or no descriptor and the pid"
+    )]
+    NotPidfd {
+        /// What `/proc/self/fd` says it is.
+        what: String,
+    },
+    /// A pidfd of one thread (`PIDFD_THREAD`), not of a process.
+    #[error(
+        "the pidfd passed with the request names a thread (PIDFD_THREAD); pass a pidfd of the process"
+    )]
+    Thread,
+    /// The process has exited.
+    #[error("the process of the pidfd passed with the request has exited")]
+    Exited,
+    /// The process has no pid in handoffd's pid namespace.
+    #[error(
+        "the process of the pidfd passed with the request has no pid in handoffd's pid namespace; run handoffd in the host's pid namespace"
+    )]
+    OtherPidNamespace,
+    /// The process is one that may not be a member.
+    #[error(transparent)]
+    Member(#[from] MemberError),
+    /// The descriptor's entries in handoffd's /proc could not be read.
+    #[error("reading /proc/self/fd of the descriptor passed with the request failed")]
+    Proc(#[source] std::io::Error),
+}
+
+impl PidfdError {
+    /// The protocol kind of this refusal.
+    pub fn kind(&self) -> handoff_common::proto::ErrorKind {
+        use handoff_common::proto::ErrorKind;
+        match self {
+            PidfdError::NotPidfd { .. } | PidfdError::Thread => ErrorKind::BadRequest,
+            PidfdError::Exited => ErrorKind::NoSuchProcess,
+            // As for a pid handoffd's /proc cannot name: no listener it may promote.
+            PidfdError::OtherPidNamespace => ErrorKind::NoListener,
+            PidfdError::Member(MemberError::NoSuchProcess { .. }) => ErrorKind::NoSuchProcess,
+            // As a promote by pid gives them (`CandidateError::kind`).
+            PidfdError::Member(MemberError::Excluded {
+                why: Excluded::OtherNetns,
+                ..
+            }) => ErrorKind::WrongGroup,
+            PidfdError::Member(MemberError::Excluded { .. }) => ErrorKind::NoListener,
+            PidfdError::Member(_) | PidfdError::Proc(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+/// What the fdinfo of a descriptor says, if it is a pidfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PidfdInfo {
+    /// Its file flags (octal `flags:`).
+    flags: u32,
+    /// `Pid:`: the pid in the pid namespace of handoffd's /proc, 0 when it has none
+    /// there, -1 once the process has exited.
+    pid: i32,
+}
+
+/// Parses a pidfd's fdinfo; `None` unless both lines are there and well formed.
+fn parse_pidfd_info(info: &str) -> Option<PidfdInfo> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    Some(PidfdInfo {
+        flags: u32::from_str_radix(field("flags:")?, 8).ok()?,
+        pid: field("Pid:")?.parse().ok()?,
+    })
+}
+
+/// Reads the fdinfo of `fd` (capped at [`MAX_FDINFO`] bytes).
+fn read_fdinfo(fd: std::os::fd::RawFd) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut info = String::new();
+    fs::File::open(format!("/proc/self/fdinfo/{fd}"))?
+        .take(MAX_FDINFO)
+        .read_to_string(&mut info)?;
+    Ok(info)
+}
+
 /// Checks the rule against the process `pid` (pinned by `pidfd`) with `facts`.
 fn check_rule(pid: i32, pidfd: &OwnedFd, facts: &Facts) -> Result<(), MemberError> {
     let view = self_view();
@@ -311,6 +403,54 @@ impl Member {
         };
         if facts.zombie || !member.alive() {
             return Err(MemberError::NoSuchProcess { pid });
+        }
+        Ok(member)
+    }
+
+    /// Takes a pidfd a client passed as a member: the process it names, with its pid
+    /// in handoffd's pid namespace (`Pid:` of the descriptor's fdinfo, read through
+    /// handoffd's own /proc), checked like [`Member::open`]. The descriptor itself is kept
+    /// as the member's pidfd: it pins the process the client meant.
+    pub fn from_pidfd(pidfd: OwnedFd) -> Result<Self, PidfdError> {
+        use std::os::fd::AsRawFd;
+        let fd = pidfd.as_raw_fd();
+        // A pidfd is an anonymous inode of that name (also with pidfs, Linux >= 6.9).
+        let link = fs::read_link(format!("/proc/self/fd/{fd}")).map_err(PidfdError::Proc)?;
+        let what = link.to_string_lossy();
+        if what != "anon_inode:[pidfd]" {
+            return Err(PidfdError::NotPidfd {
+                what: what.chars().take(64).collect(),
+            });
+        }
+        let info = read_fdinfo(fd).map_err(PidfdError::Proc)?;
+        let info = parse_pidfd_info(&info).ok_or_else(|| PidfdError::NotPidfd {
+            what: "a descriptor without a pid in its fdinfo".into(),
+        })?;
+        if info.flags & PIDFD_THREAD != 0 {
+            return Err(PidfdError::Thread);
+        }
+        let pid = match info.pid {
+            p if p > 0 => p,
+            0 => return Err(PidfdError::OtherPidNamespace),
+            _ => return Err(PidfdError::Exited),
+        };
+        let facts = read_facts(pid)?;
+        // The facts were read from /proc/PID: they are the pidfd's process only if it
+        // still has that pid now (a live process keeps its pid, so it was not recycled).
+        if pidfd_pid(&pidfd).map_err(PidfdError::Proc)? != Some(pid) {
+            return Err(PidfdError::Exited);
+        }
+        check_rule(pid, &pidfd, &facts)?;
+        let member = Self {
+            pid,
+            start_time: facts.start_time,
+            uids: facts.uids,
+            ppid: facts.ppid,
+            pidfd: Arc::new(pidfd),
+            verified: true,
+        };
+        if facts.zombie || !member.alive() {
+            return Err(PidfdError::Exited);
         }
         Ok(member)
     }
@@ -458,6 +598,62 @@ mod tests {
         let _ = child.wait();
         let m = m.expect("a child of ours is a possible member");
         assert_eq!(m.ppid, me);
+    }
+
+    #[test]
+    fn pidfd_info_parses_flags_and_pid() {
+        let info =
+            "pos:\t0\nflags:\t02000202\nmnt_id:\t4\nino:\t1\nPid:\t12330\nNSpid:\t12330\t5\n";
+        assert_eq!(
+            parse_pidfd_info(info),
+            Some(PidfdInfo {
+                flags: 0o2000202,
+                pid: 12330
+            })
+        );
+        let exited = "flags:\t02000002\nPid:\t-1\n";
+        assert_eq!(parse_pidfd_info(exited).map(|i| i.pid), Some(-1));
+        for bad in [
+            "",
+            "pos:\t0\nflags:\t02\n",
+            "flags:\t9\nPid:\t1\n",
+            "flags:\t02\nPid:\t99999999999\n",
+            "flags:\t02\nPid:\tone\n",
+        ] {
+            assert_eq!(parse_pidfd_info(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_passed_pidfd_names_its_process_or_is_refused() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id() as i32;
+        let pidfd = sys::pidfd_open(pid).expect("pidfd_open of a child");
+        let m = Member::from_pidfd(pidfd).expect("a child's pidfd names a possible member");
+        assert_eq!(m.pid, pid);
+        assert!(m.alive());
+        let file: OwnedFd = fs::File::open("/dev/null").expect("open").into();
+        match Member::from_pidfd(file) {
+            Err(PidfdError::NotPidfd { what }) => assert_eq!(what, "/dev/null"),
+            other => panic!("{other:?}"),
+        }
+        let own = sys::pidfd_open(std::process::id() as i32).expect("own pidfd");
+        assert!(matches!(
+            Member::from_pidfd(own),
+            Err(PidfdError::Member(MemberError::Excluded {
+                why: Excluded::Daemon,
+                ..
+            }))
+        ));
+        let pidfd = sys::pidfd_open(pid).expect("pidfd_open of a child");
+        let _ = child.kill();
+        let _ = child.wait();
+        let e = Member::from_pidfd(pidfd).expect_err("exited");
+        assert!(matches!(e, PidfdError::Exited), "{e:?}");
+        assert_eq!(e.kind(), handoff_common::proto::ErrorKind::NoSuchProcess);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Every raw syscall and `unsafe` block of the daemon, each with why it is sound.
 //!
-//! pidfds (open, fd duplication, signals), the socket cookie, element operations on the
-//! REUSEPORT_SOCKARRAY (aya's wrapper forces 4-byte values, which cannot be read back),
-//! and the shared mapping of the steering index.
+//! pidfds (open, fd duplication, signals), descriptors received on a Unix socket, the
+//! socket cookie, element operations on the REUSEPORT_SOCKARRAY (aya's wrapper forces
+//! 4-byte values, which cannot be read back), and the shared mapping of the steering
+//! index.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -52,6 +53,132 @@ fn owned_fd(rc: libc::c_long) -> io::Result<OwnedFd> {
     let fd = RawFd::try_from(rc).map_err(|_| io::Error::other("fd out of range"))?;
     // SAFETY: the syscall returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The most descriptors one `sendmsg` can carry (the kernel's `SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
+/// `recvmsg` on a Unix stream socket without blocking: data into `buf`, and every
+/// descriptor that came with it (`SCM_RIGHTS`, close-on-exec) pushed onto `fds`, owned.
+/// Returns the bytes read (0 at the end of the stream) and whether descriptors were lost
+/// on the way (`MSG_CTRUNC`: the kernel could not install them all, e.g. out of
+/// descriptors; those it did install are in `fds` all the same).
+///
+/// The control buffer holds [`SCM_MAX_FD`] descriptors, the most one message can carry,
+/// and one `recvmsg` on a stream socket returns the descriptors of one message at most:
+/// none is ever cut off for want of room.
+pub fn recv_with_fds(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<(usize, bool)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let (bytes, lost) = (msg.bytes, msg.flags.contains(MsgFlags::MSG_CTRUNC));
+    let received: Vec<RawFd> = match msg.cmsgs() {
+        Ok(cmsgs) => cmsgs
+            .flat_map(|c| match c {
+                ControlMessageOwned::ScmRights(received) => received,
+                _ => Vec::new(),
+            })
+            .collect(),
+        // nix reads nothing of a truncated buffer; the kernel wrote the descriptors it
+        // installed into the first header all the same.
+        Err(_) => rights_in(&cmsg),
+    };
+    for fd in received {
+        // SAFETY: the kernel installed this descriptor in our table for this recvmsg;
+        // nothing else knows it, so it is owned here exactly once.
+        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    Ok((bytes, lost))
+}
+
+/// The descriptors of the first control message in `buf` (zeroed before `recvmsg`), if
+/// it is `SCM_RIGHTS`: the only kind this socket can receive (no `SO_PASSCRED`).
+fn rights_in(buf: &[u8]) -> Vec<RawFd> {
+    use std::mem::{offset_of, size_of};
+    let field = |at: usize, len: usize| buf.get(at..at + len);
+    let int = |at: usize| {
+        field(at, 4)
+            .and_then(|b| b.try_into().ok())
+            .map(i32::from_ne_bytes)
+    };
+    let Some(len) = field(0, size_of::<usize>())
+        .and_then(|b| b.try_into().ok())
+        .map(usize::from_ne_bytes)
+    else {
+        return Vec::new();
+    };
+    let level = int(offset_of!(libc::cmsghdr, cmsg_level));
+    let kind = int(offset_of!(libc::cmsghdr, cmsg_type));
+    if level != Some(libc::SOL_SOCKET) || kind != Some(libc::SCM_RIGHTS) {
+        return Vec::new();
+    }
+    // CMSG_DATA: the header rounded up to the size of a long.
+    let data = size_of::<libc::cmsghdr>().next_multiple_of(size_of::<libc::c_long>());
+    let end = len.min(buf.len());
+    (data..end)
+        .step_by(size_of::<RawFd>())
+        .filter(|at| at + size_of::<RawFd>() <= end)
+        .filter_map(int)
+        .collect()
+}
+
+// Here rather than at the end of the file: the tests of `recv_with_fds` alone.
+#[cfg(test)]
+mod recv_tests {
+    use super::*;
+    use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+    #[test]
+    fn rights_are_read_as_the_kernel_writes_them() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("a pair");
+        let null = std::fs::File::open("/dev/null").expect("open");
+        let sent = [null.as_raw_fd(), a.as_raw_fd()];
+        sendmsg::<()>(
+            a.as_raw_fd(),
+            &[io::IoSlice::new(b"x")],
+            &[ControlMessage::ScmRights(&sent)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("sendmsg");
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let mut data = [0u8; 4];
+        let mut iov = [io::IoSliceMut::new(&mut data)];
+        let msg = recvmsg::<()>(b.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+            .expect("recvmsg");
+        let by_nix: Vec<RawFd> = msg
+            .cmsgs()
+            .expect("not truncated")
+            .flat_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => fds,
+                _ => Vec::new(),
+            })
+            .collect();
+        let ours = rights_in(&cmsg);
+        // SAFETY: the two descriptors recvmsg just installed, owned once each here.
+        let _owned: Vec<OwnedFd> = by_nix
+            .iter()
+            .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        assert_eq!(by_nix.len(), 2);
+        assert_eq!(ours, by_nix);
+        assert!(
+            rights_in(&[0u8; 64]).is_empty(),
+            "a zeroed buffer holds none"
+        );
+        assert!(rights_in(&[0xff; 7]).is_empty(), "too short");
+    }
 }
 
 /// `getsockopt(SO_COOKIE)`: the kernel's 64-bit id of the socket.

@@ -342,7 +342,10 @@ fn a_control_socket_served_by_another_user_is_not_believed() {
     fake.wait_line(Stream::Stdout, "fake daemon ready", Duration::from_secs(10))
         .expect("the fake daemon listens");
 
-    let out = ctl(&socket, &["promote", "4242"]);
+    // A pid that exists: handoffctl opens a pidfd of it before it connects (and never
+    // sends it to a peer it does not believe).
+    let target = fake.pid.to_string();
+    let out = ctl(&socket, &["promote", &target]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "refused: {stderr}");
     assert!(out.stdout.is_empty(), "no forged success printed");
@@ -352,10 +355,11 @@ fn a_control_socket_served_by_another_user_is_not_believed() {
         "{stderr}"
     );
     // The check is what refused it: told to trust uid 65534, handoffctl believes it.
-    let out = ctl(&socket, &["--daemon-uid", "65534", "promote", "4242"]);
+    let out = ctl(&socket, &["--daemon-uid", "65534", "promote", &target]);
     assert!(out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("generation 7 (pid 4242"),
+        String::from_utf8_lossy(&out.stdout)
+            .contains(&format!("generation 7 (pid {target}, host pid 4242")),
         "the forged answer reached the peer check"
     );
 }

@@ -87,7 +87,16 @@ fn metrics_agree_with_the_connections_made() {
     );
 
     // A refused promote, then a handoff and A's retirement once its connections close.
-    assert!(!d.ctl(&["promote", "4000000"]).status.success());
+    // (A process that holds no listener: a pid that names none is refused by handoffctl
+    // itself, which cannot open a pidfd of it, and never reaches the daemon.)
+    let mut idle = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("starting sleep");
+    let refused = d.ctl(&["promote", &idle.id().to_string()]);
+    let _ = idle.kill();
+    let _ = idle.wait();
+    assert!(!refused.status.success());
     let b = testsrv("B", &[addr], &[]);
     d.promote(b.pid);
     drop(held);

@@ -191,3 +191,141 @@ fn sighup_applies_a_new_user_to_the_next_promote() {
     assert!(d.ctl(&["promote", &pid]).status.success());
     assert_eq!(answers(addr, 10), only("NOBODY", 10));
 }
+
+/// Per generation: id, pid, state and listeners.
+type Generations = Vec<(u64, i32, &'static str, usize)>;
+
+/// What a refused reload must leave as it was: every service, its addresses and its
+/// generations (the counters move with probes and traffic, so they are left out).
+fn shape(d: &Handoffd) -> Vec<(String, Vec<String>, Generations)> {
+    d.status()
+        .services
+        .into_iter()
+        .map(|s| {
+            let gens = s
+                .generations
+                .iter()
+                .map(|g| (g.id, g.pid, g.state.as_str(), g.listeners))
+                .collect();
+            (s.name, s.listen, gens)
+        })
+        .collect()
+}
+
+/// `handoffctl reload`'s exit status and its one line, on stdout or stderr.
+fn reload(d: &Handoffd) -> (Option<i32>, String, String) {
+    let out = d.ctl(&["reload"]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
+    if !privileged("handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one") {
+        return;
+    }
+    let (one, two) = (loopback(), loopback());
+    let mut d = Handoffd::new("ctl-reload");
+    let tag = std::process::id();
+    let (a, b) = (format!("one-{tag}"), format!("two-{tag}"));
+    let config = d.socket.with_file_name("handoffd.toml");
+    write_config(&config, &[(&a, one)]);
+    let config_arg = config.display().to_string();
+    d.spawn(&[], &["--config", &config_arg]);
+    let a1 = testsrv("A1", &[one], &[]);
+    assert!(
+        d.ctl(&["promote", &a1.pid.to_string(), "--service", &a])
+            .status
+            .success()
+    );
+
+    // A good file: a service added, answered at once with the file and the services.
+    write_config(&config, &[(&a, one), (&b, two)]);
+    let (code, stdout, stderr) = reload(&d);
+    assert_eq!(code, Some(0), "reload of a good file: {stderr}");
+    assert_eq!(stderr, "", "nothing on stderr");
+    assert_eq!(
+        stdout,
+        format!("reloaded {config_arg}: services {a}, {b}\n"),
+        "one line naming the file and the services"
+    );
+    assert_eq!(names(&d), vec![a.clone(), b.clone()]);
+    let b1 = testsrv("B1", &[two], &[]);
+    assert!(
+        d.ctl(&["promote", &b1.pid.to_string(), "--service", &b])
+            .status
+            .success(),
+        "the added service takes a promote"
+    );
+    assert_eq!(answers(two, 10), only("B1", 10));
+
+    // A bad file: exit 1, the FILE:LINE:COL line, nothing changed.
+    let before = shape(&d);
+    std::fs::write(
+        &config,
+        format!("[[service]]\nname = \"{a}\"\nlisten = [\"not an address\"]\n"),
+    )
+    .expect("writing");
+    let (code, stdout, stderr) = reload(&d);
+    assert_eq!(code, Some(1), "a refused file exits 1: {stdout}{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    let prefix =
+        format!("Error: configuration refused, the running one stays: {config_arg}:3:11: ");
+    assert!(
+        stderr.starts_with(&prefix),
+        "{stderr:?} starts with {prefix:?}"
+    );
+    assert!(stderr.contains("not an address"), "{stderr}");
+    assert_eq!(shape(&d), before, "a refused file changes nothing");
+    assert_eq!(answers(one, 10), only("A1", 10));
+    assert_eq!(answers(two, 10), only("B1", 10));
+
+    // A file that is gone: its name, no line.
+    std::fs::remove_file(&config).expect("removing the config");
+    let (code, _, stderr) = reload(&d);
+    assert_eq!(code, Some(1));
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr.starts_with(&format!(
+            "Error: configuration refused, the running one stays: {config_arg}: cannot be read"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(shape(&d), before, "a missing file changes nothing");
+
+    // SIGHUP takes the same path: the file back, without `two`.
+    write_config(&config, &[(&a, one)]);
+    d.proc().signal(Signal::SIGHUP);
+    assert!(
+        d.proc()
+            .wait_line(
+                handoff_tests::Stream::Stderr,
+                "service removed from the configuration",
+                scaled(Duration::from_secs(5))
+            )
+            .is_some(),
+        "SIGHUP reloaded the file"
+    );
+}
+
+#[test]
+fn handoffctl_reload_without_config_is_refused() {
+    if !privileged("handoffctl_reload_without_config_is_refused") {
+        return;
+    }
+    let d = Handoffd::start("ctl-reload-none", &[loopback()]);
+    let before = shape(&d);
+    let (code, stdout, stderr) = reload(&d);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert_eq!(stdout, "");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr.starts_with("Error: handoffd runs without --config"),
+        "{stderr}"
+    );
+    assert_eq!(shape(&d), before);
+}

@@ -1,4 +1,9 @@
-//! handoffctl: promote a process, roll back, or read the state of handoffd.
+//! handoffctl: promote a process, roll back, reload the configuration, or read the state
+//! of handoffd.
+//!
+//! `promote PID` opens a pidfd of PID in handoffctl's own pid namespace and sends it with
+//! the request: the daemon promotes the process the pidfd names, so a pid typed inside a
+//! container means what the caller meant, and names only a process the caller can see.
 //!
 //! An answer is believed only from a socket whose peer (the process that listens on it,
 //! as the kernel reports it) is root, the caller's own uid, or `--daemon-uid`: a socket
@@ -10,12 +15,13 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use handoff::control;
-use handoff_common::proto::{DEFAULT_CONTROL_SOCKET, Request, Response, Status};
+use handoff_common::proto::{DEFAULT_CONTROL_SOCKET, ErrorKind, Request, Response, Status};
 
 /// Control handoffd.
 #[derive(Debug, Parser)]
@@ -35,7 +41,8 @@ struct Args {
 enum Command {
     /// Make PID (and its descendants) the active generation; exits 0 once the kernel steers to it.
     Promote {
-        /// The process to promote.
+        /// The process to promote, as handoffctl's pid namespace sees it (a pidfd of it is
+        /// passed to handoffd).
         pid: i32,
         /// The service (may be left out when handoffd runs one).
         #[arg(long)]
@@ -47,6 +54,12 @@ enum Command {
         #[arg(long)]
         service: Option<String>,
     },
+    /// Reload handoffd's --config file, as SIGHUP does; exits 1 with the reason if refused.
+    ///
+    /// Answers once the file is applied: one line naming the file and its services. A
+    /// refused file changes nothing (the running configuration stays) and is reported as
+    /// `Error: configuration refused, the running one stays: FILE:LINE:COL: reason`.
+    Reload,
     /// Show services and generations.
     Status {
         /// Print JSON (the shape is stable).
@@ -57,27 +70,58 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let mut typed = None;
+    let mut pidfd = None;
     let (request, json) = match args.command {
-        Command::Promote { pid, service } => (Request::Promote { pid, service }, false),
+        Command::Promote { pid, service } => {
+            typed = Some(pid);
+            match control::caller_pidfd(pid) {
+                Ok(fd) => pidfd = fd,
+                Err(line) => return fail(&line),
+            }
+            (Request::Promote { pid, service }, false)
+        }
         Command::Rollback { service } => (Request::Rollback { service }, false),
+        Command::Reload => (Request::Reload {}, false),
         Command::Status { json } => (Request::Status {}, json),
     };
-    let text = match control::request(&args.control_socket, &request, args.daemon_uid) {
+    let answer = control::request_with_fd(
+        &args.control_socket,
+        &request,
+        pidfd.as_ref().map(AsFd::as_fd),
+        args.daemon_uid,
+    );
+    let text = match answer {
         Ok(Response::Promoted(p)) => {
             let draining = p
                 .draining
                 .map(|d| format!(", generation {d} draining"))
                 .unwrap_or_default();
+            // The daemon answers with the pid in its own (the host's) pid namespace.
+            let pid = match typed {
+                Some(t) if t != p.pid && pidfd.is_some() => format!("pid {t}, host pid {}", p.pid),
+                _ => format!("pid {}", p.pid),
+            };
             format!(
-                "service {}: generation {} (pid {}, {} listeners) is active{draining}\n",
-                p.service, p.generation, p.pid, p.listeners
+                "service {}: generation {} ({pid}, {} listeners) is active{draining}\n",
+                p.service, p.generation, p.listeners
             )
+        }
+        Ok(Response::Reloaded(r)) => {
+            format!("reloaded {}: services {}\n", r.file, r.services.join(", "))
         }
         Ok(Response::Status(status)) if json => match serde_json::to_string(&status) {
             Ok(text) => text + "\n",
             Err(e) => return fail(&e.to_string()),
         },
         Ok(Response::Status(status)) => status_text(&status),
+        // The reload's refusals, in the form the unit's `ExecReload=` logs.
+        Ok(Response::Error(e))
+            if matches!(e.kind, ErrorKind::ConfigRefused | ErrorKind::NoConfig) =>
+        {
+            let _ = writeln!(std::io::stderr(), "Error: {}", e.message);
+            return ExitCode::FAILURE;
+        }
         Ok(Response::Error(e)) => return fail(&e.message),
         Err(e) => return fail(&e.to_string()),
     };

@@ -160,9 +160,11 @@ fn run() -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let daemon = Arc::new(Mutex::new(Daemon::new(services, ctx, saved, Some(state_file))));
+        // What SIGHUP and `handoffctl reload` read again.
+        let config = Arc::new(handoff::daemon::ConfigSource { file: args.config.clone(), overrides });
         let tasks = vec![
             tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx)).abort_handle(),
-            tokio::spawn(reload_on_hup(Arc::clone(&daemon), args.config.clone(), overrides)).abort_handle(),
+            tokio::spawn(reload_on_hup(Arc::clone(&daemon), Arc::clone(&config))).abort_handle(),
         ];
         if let Some(addr) = args.metrics_addr.0 {
             // Its own threads; an address taken now is retried there, steering goes on.
@@ -185,7 +187,7 @@ fn run() -> anyhow::Result<()> {
             tracing::warn!(error = %e, "notifying systemd failed");
         }
         tracing::info!(control = %paths.control_socket.display(), "handoffd ready: {summary}; {kernel}");
-        control::serve(listener, paths.control_socket.clone(), daemon, shutdown).await;
+        control::serve(listener, paths.control_socket.clone(), daemon, config, shutdown).await;
         for task in tasks {
             task.abort();
         }
@@ -202,29 +204,19 @@ fn load_services(
     Ok(overrides.apply(file)?)
 }
 
-/// Reloads the config file on SIGHUP; a bad file is refused and the running one stays.
+/// Reloads the config file on SIGHUP, as `handoffctl reload` does (one code path:
+/// [`handoff::daemon::reload`]); a bad file is refused and the running one stays.
 async fn reload_on_hup(
     daemon: Arc<Mutex<Daemon>>,
-    config: Option<PathBuf>,
-    overrides: Overrides,
+    config: Arc<handoff::daemon::ConfigSource>,
 ) -> std::io::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     while hup.recv().await.is_some() {
-        let Some(path) = &config else {
-            tracing::warn!("SIGHUP ignored: handoffd runs without --config");
-            continue;
-        };
-        match load_services(Some(path), &overrides) {
-            Ok(services) => {
-                tracing::info!(file = %path.display(), "reloading the configuration");
-                let daemon = Arc::clone(&daemon);
-                let _ = tokio::task::spawn_blocking(move || {
-                    Daemon::lock(&daemon).reload(services);
-                })
-                .await;
-            }
-            Err(e) => tracing::error!("configuration refused, the running one stays: {e:#}"),
-        }
+        let daemon = Arc::clone(&daemon);
+        let config = Arc::clone(&config);
+        // The outcome is logged by `reload`; the signal has no one to answer.
+        let _ =
+            tokio::task::spawn_blocking(move || handoff::daemon::reload(&daemon, &config)).await;
     }
     Ok(())
 }

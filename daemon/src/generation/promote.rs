@@ -13,6 +13,7 @@ use super::{Block, Generation, Service};
 use crate::candidate::{self, Candidate, CandidateError, Target};
 use crate::group::GroupKey;
 use crate::loader::{GroupProgram, LoaderError};
+use crate::members::Member;
 use crate::probe::{self, ProbeError, ProbeResult};
 
 /// Why a promote or rollback was refused. Nothing changed.
@@ -105,6 +106,25 @@ impl PromoteError {
 impl Service {
     /// Makes `pid` the active generation, verified by a probe in every group.
     pub fn promote(&mut self, pid: i32, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
+        self.promote_as(pid, None, ctx)
+    }
+
+    /// Makes `leader`, already opened (from a pidfd a client passed), the active
+    /// generation, as [`Service::promote`] does for a pid.
+    pub fn promote_member(
+        &mut self,
+        leader: Member,
+        ctx: &mut Ctx,
+    ) -> Result<Promoted, PromoteError> {
+        self.promote_as(leader.pid, Some(leader), ctx)
+    }
+
+    fn promote_as(
+        &mut self,
+        pid: i32,
+        leader: Option<Member>,
+        ctx: &mut Ctx,
+    ) -> Result<Promoted, PromoteError> {
         let started = std::time::Instant::now();
         self.reap(ctx);
         // A pid that already leads a live generation: the active one is a no-op refused,
@@ -128,7 +148,10 @@ impl Service {
             groups: self.groups.iter().map(|g| g.key).collect(),
             user: self.config.user,
         };
-        let candidate = candidate::take(pid, &target, ctx)?;
+        let candidate = match leader {
+            Some(leader) => candidate::take_leader(leader, &target, ctx)?,
+            None => candidate::take(pid, &target, ctx)?,
+        };
         self.check_not_shared(&candidate)?;
         let blocks = self.allocate_blocks()?;
         let id = self.next_id;
