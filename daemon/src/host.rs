@@ -175,10 +175,15 @@ impl Facts {
             Some(path) => node(path),
             None => Err("no cgroup2 file system is mounted".to_owned()),
         };
-        let host_bpffs = match node(Path::new(HOST_BPFFS)) {
-            Ok(node) => HostView::Seen(node),
-            Err(_) if host_root_readable() => HostView::Missing,
-            Err(e) => HostView::Unreadable(e),
+        // Not found: the host's root was read, and has no /sys/fs/bpf. Anything else
+        // (EACCES: no ptrace read access to pid 1) says nothing about the host.
+        let host_bpffs = match std::fs::metadata(HOST_BPFFS) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HostView::Missing,
+            Err(e) => HostView::Unreadable(e.to_string()),
+            Ok(_) => match node(Path::new(HOST_BPFFS)) {
+                Ok(node) => HostView::Seen(node),
+                Err(e) => HostView::Unreadable(e),
+            },
         };
         let ns = |path: &str| std::fs::metadata(path).map(|m| m.ino()).ok();
         Self {
@@ -190,12 +195,6 @@ impl Facts {
             mnt_ns: ns("/proc/self/ns/mnt").zip(ns("/proc/1/ns/mnt")),
         }
     }
-}
-
-/// Whether the host's root can be looked into at all (so that a missing /sys/fs/bpf
-/// there is the host's, not a refused look).
-fn host_root_readable() -> bool {
-    std::fs::metadata("/proc/1/root/").is_ok()
 }
 
 fn node(path: &Path) -> Result<Node, String> {

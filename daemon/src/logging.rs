@@ -5,7 +5,8 @@
 //!
 //! journald is recognised as systemd documents it: `JOURNAL_STREAM` holds `DEV:INO` (both
 //! decimal) of the stream it connected to the service's stderr. The variable is inherited
-//! by every child, so it counts only when fd 2 is that very stream.
+//! by every child, so it counts only when fd 2 is that very stream. The prefixes apply to
+//! `--log-format json` too (one line per event, so one prefix each).
 
 use std::io::{IsTerminal, Write};
 use std::os::fd::AsFd;
