@@ -10,9 +10,9 @@ use anyhow::Context;
 use clap::Parser;
 use handoff::config::{self, DEFAULT_STATE_DIR, Overrides, Paths, Sig};
 use handoff::generation::{Ctx, ServiceConfig};
+use handoff::logging;
 use handoff::{
-    cleanup, config_file, control, daemon::Daemon, host, logging, metrics, notify, pins, state,
-    supervise,
+    cleanup, config_file, control, daemon::Daemon, metrics, notify, pins, state, supervise,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -136,7 +136,7 @@ fn run(args: Args, target: logging::Target) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(handoff::daemon::one_line(&e)))?;
     // The kernel programs see the host: in a container's pid namespace, cgroup namespace
     // or bpffs they would work on the wrong pids, cgroup or pins. One line, nothing made.
-    let checked = host::check_host(cgroup_root)?;
+    let checked = handoff::host::check_host(cgroup_root)?;
     if let Some(why) = checked.bpffs_unverified {
         tracing::info!(
             "{} could not be compared with the host's ({why}); using it",
