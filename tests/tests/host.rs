@@ -109,6 +109,17 @@ fn refused(mut cmd: Command, state: &Path) -> String {
     cmd.env_remove("RUST_LOG").env_remove("JOURNAL_STREAM");
     let mut p = Proc::spawn(&mut cmd);
     let status = p.wait_exit(scaled(Duration::from_secs(20)));
+    if status.is_none() {
+        // Where it hangs, for the failure message.
+        let what = |f: &str| std::fs::read_to_string(format!("/proc/{}/{f}", p.pid));
+        panic!(
+            "{cmd:?} did not exit: cmdline {:?}, wchan {:?}, stack {:?}, stderr {:?}",
+            what("cmdline"),
+            what("wchan"),
+            what("stack"),
+            p.lines(Stream::Stderr)
+        );
+    }
     // Until stderr is closed: every line read.
     assert!(
         p.wait_closed(Stream::Stderr, scaled(Duration::from_secs(5))),
