@@ -95,7 +95,8 @@ pub fn write_stderr(target: Target, priority: u8, text: &str) {
 }
 
 /// Installs the global subscriber: `json` or text, coloured only on a terminal,
-/// priority-prefixed under journald. `RUST_LOG` overrides `default_filter`.
+/// priority-prefixed and without timestamps under journald. `RUST_LOG` overrides
+/// `default_filter`.
 pub fn init(target: Target, json: bool, default_filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
     let logs = tracing_subscriber::fmt()
@@ -105,10 +106,12 @@ pub fn init(target: Target, json: bool, default_filter: &str) {
             inner: std::io::stderr,
             journald: target.journald,
         });
-    if json {
-        logs.json().init();
-    } else {
-        logs.init();
+    // journald stamps each record itself.
+    match (json, target.journald) {
+        (true, false) => logs.json().init(),
+        (true, true) => logs.json().without_time().init(),
+        (false, false) => logs.init(),
+        (false, true) => logs.without_time().init(),
     }
 }
 
