@@ -2,6 +2,7 @@
 //! namespace that shows another root, or given a cgroup below the root, it refuses with one
 //! line saying what to run instead, having made nothing; given a bind mount of the real
 //! cgroup v2 root (as a pod's hostPath volume is), it starts and steers.
+//! A bpffs of its own is refused when the host's can be seen through /proc/1/root.
 //! Each case is run for real, under `unshare`.
 
 mod support;
@@ -269,4 +270,52 @@ fn a_bind_mount_of_the_real_root_is_accepted() {
     support::wait_until("A retired", Duration::from_secs(10), || {
         d.state_of(a.pid) == Some(GenerationState::Retired)
     });
+}
+
+/// A bpffs of handoffd's own (mounted in a new mount namespace, as a container would) is
+/// refused when the host's can be looked at through /proc/1/root; when pid 1's root is
+/// out of reach (no ptrace read access to pid 1, as in some sandboxes), the start goes on
+/// and says that it could not compare. Either way the outcome is checked, never skipped.
+#[test]
+fn a_bpffs_of_its_own_is_refused_when_the_host_is_visible() {
+    if !privileged("a_bpffs_of_its_own_is_refused_when_the_host_is_visible") {
+        return;
+    }
+    let dir = TempDir::new("bpffs");
+    let handoffd = std::iter::once(bin_path("handoffd").display().to_string())
+        .chain(handoffd_args(&dir.0, &[]))
+        .collect::<Vec<_>>()
+        .join(" ");
+    // The mount namespace, and the bpffs in it, end with the process.
+    let inner = format!("mount -t bpf bpf /sys/fs/bpf && exec {handoffd}");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "sh", "-c", &inner]);
+    if std::fs::metadata("/proc/1/root/sys/fs/bpf").is_ok() {
+        let line = refused(cmd, &dir.0.join("state"));
+        assert!(
+            line.contains("/sys/fs/bpf is a bpf file system of its own"),
+            "{line}"
+        );
+        assert!(line.contains("hostPath"), "{line}");
+    } else {
+        cmd.env_remove("RUST_LOG").env_remove("JOURNAL_STREAM");
+        let mut p = Proc::spawn(&mut cmd);
+        let ready = p.wait_line(
+            Stream::Stderr,
+            "handoffd ready",
+            scaled(Duration::from_secs(20)),
+        );
+        let stderr = p.lines(Stream::Stderr).join("\n");
+        assert!(ready.is_some(), "handoffd did not start: {stderr}");
+        assert!(
+            stderr.contains("/sys/fs/bpf could not be compared with the host's"),
+            "{stderr}"
+        );
+        p.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(
+            p.wait_exit(scaled(Duration::from_secs(10)))
+                .is_some_and(|s| s.success()),
+            "handoffd stops on SIGTERM: {stderr}"
+        );
+    }
 }
