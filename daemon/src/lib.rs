@@ -12,6 +12,8 @@
 //! - [`candidate`]: turns a pid into listeners in the service's groups, or a refusal.
 //! - [`group`]: the kernel's reuseport group tuple.
 //! - [`kernel`]: what the kernel offers, and the one-line refusal when it lacks a feature.
+//! - [`host`]: the start-up check that handoffd runs on the host: its pid namespace, the
+//!   real cgroup v2 root, the host's bpffs.
 //! - [`members`]: processes held as pidfds.
 //! - [`loader`]: the steering program and its maps (the only module using aya).
 //! - [`probe`]: the probe connection that shows what the kernel chooses.
@@ -20,6 +22,7 @@
 //!   symlinks.
 //! - [`state`], [`pins`]: what survives the daemon: the generation table in the state
 //!   directory, the maps pinned on the host's bpffs.
+//! - [`logging`]: the log format for a terminal, a file or journald (priority prefixes).
 //! - [`notify`]: systemd's READY/STATUS notifications.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`supervise`]: the event loop for drain events, member exits and deadlines.
@@ -36,8 +39,10 @@ pub mod dirs;
 pub mod discover;
 pub mod generation;
 pub mod group;
+pub mod host;
 pub mod kernel;
 pub mod loader;
+pub mod logging;
 pub mod members;
 pub mod metrics;
 pub mod notify;

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use handoff::config::{self, DEFAULT_STATE_DIR, Overrides, Paths, Sig};
 use handoff::generation::{Ctx, ServiceConfig};
+use handoff::logging;
 use handoff::{
     cleanup, config_file, control, daemon::Daemon, metrics, notify, pins, state, supervise,
 };
@@ -60,7 +61,13 @@ struct Args {
     /// Remove what a stopped daemon left (pins, state, socket) and exit.
     #[arg(long, conflicts_with_all = ["listen", "config"])]
     cleanup: bool,
-    /// Log format.
+    /// The root of the host's cgroup v2 hierarchy, where the drain programs attach, if
+    /// not the mounted one: in a Kubernetes pod (which cannot ask for the host's cgroup
+    /// namespace), a hostPath mount of it. Refused unless it is the real root.
+    #[arg(long, value_name = "PATH")]
+    cgroup_root: Option<PathBuf>,
+    /// Log format. Text has no colour unless stderr is a terminal (and NO_COLOR is
+    /// unset); under journald each line is prefixed with its priority.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -71,33 +78,39 @@ enum LogFormat {
     Json,
 }
 
-/// A refusal at start is one line: the error and its causes (`what: why`).
+/// A refusal at start is one line: the error and its causes (`what: why`), with its
+/// priority (error) under journald, like every line of the log.
 fn main() -> std::process::ExitCode {
-    match run() {
+    handoff::compact_malloc();
+    let target = logging::Target::detect();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // Usage errors too carry their priority in the journal; --help and --version
+        // (stdout) are clap's as they are.
+        Err(e) if target.journald && e.use_stderr() => {
+            logging::write_stderr(target, 3, &e.render().to_string());
+            return std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+        Err(e) => e.exit(),
+    };
+    match run(args, target) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "Error: {e:#}");
+            logging::write_stderr(target, 3, &format!("Error: {e:#}\n"));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    handoff::compact_malloc();
-    let args = Args::parse();
+fn run(args: Args, target: logging::Target) -> anyhow::Result<()> {
     // aya's own warnings (e.g. an object's BTF the kernel would not take, which it works
     // around) are not the operator's business unless asked for: handoffd states what it
     // lacks itself, and a refused start prints its one line alone.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,aya=error,aya_obj=error".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    logging::init(
+        target,
+        matches!(args.log_format, LogFormat::Json),
+        "info,aya=error,aya_obj=error",
+    );
     let paths = Paths::new(args.state_dir.clone(), args.control_socket.clone());
     if args.cleanup {
         return Ok(cleanup::run(&paths, args.service.as_deref())?);
@@ -118,8 +131,18 @@ fn run() -> anyhow::Result<()> {
     // the directory is ours.
     let whole_host =
         handoff::kernel::force_whole_host(std::env::var_os("HANDOFF_FORCE_WHOLE_HOST").as_deref());
-    let mut program = handoff::loader::features::check(whole_host)
+    let cgroup_root = args.cgroup_root.as_deref();
+    let mut program = handoff::loader::features::check(whole_host, cgroup_root)
         .map_err(|e| anyhow::anyhow!(handoff::daemon::one_line(&e)))?;
+    // The kernel programs see the host: in a container's pid namespace, cgroup namespace
+    // or bpffs they would work on the wrong pids, cgroup or pins. One line, nothing made.
+    let checked = handoff::host::check_host(cgroup_root)?;
+    if let Some(why) = checked.bpffs_unverified {
+        tracing::info!(
+            "{} could not be compared with the host's ({why}); using it",
+            handoff::pins::BPFFS
+        );
+    }
     program.log_modes();
     match handoff::raise_nofile_limit() {
         Ok((before, now)) => tracing::info!(before, now, "open file limit (RLIMIT_NOFILE)"),
@@ -145,11 +168,10 @@ fn run() -> anyhow::Result<()> {
         ctx.guard = if std::env::var_os("HANDOFF_TEST_NO_GUARD").is_some() {
             tracing::warn!("HANDOFF_TEST_NO_GUARD is set: the guard of the groups' programs is not loaded, steering is checked by probes only");
             None
-        } else if !handoff::loader::in_initial_pid_namespace() {
-            tracing::warn!("handoffd is not in the initial pid namespace: the guard of the groups' programs is not loaded (it knows handoffd by its pid there, and would refuse handoffd's own attaches); steering is checked by probes only; run handoffd in the host's pid namespace");
-            None
         } else {
-            match handoff::loader::GuardProgram::load() {
+            // In the initial pid namespace (checked at start), where the guard knows
+            // handoffd by its pid.
+            match handoff::loader::GuardProgram::load(cgroup_root) {
                 Ok(guard) => Some(guard),
                 Err(e) => {
                     tracing::warn!(error = %handoff::daemon::one_line(&e), "the guard of the groups' programs is not loaded (needs Linux >= 5.14 with cgroup/setsockopt and SO_NETNS_COOKIE): steering is checked by probes only");

@@ -81,9 +81,14 @@ pub fn cgroup2_root() -> Option<PathBuf> {
     })
 }
 
-/// The root of the cgroup v2 hierarchy, opened to attach programs that see every socket.
-pub fn open_cgroup2_root() -> Result<File, LoaderError> {
-    let root = cgroup2_root().ok_or(LoaderError::NoCgroup2)?;
+/// The root of the cgroup v2 hierarchy, opened to attach programs that see every socket:
+/// `explicit` (`--cgroup-root`, e.g. a hostPath mount of the host's root in a pod) or the
+/// mounted one. That it is the real root is checked at start ([`crate::host`]).
+pub fn open_cgroup2_root(explicit: Option<&Path>) -> Result<File, LoaderError> {
+    let root = match explicit {
+        Some(path) => path.to_path_buf(),
+        None => cgroup2_root().ok_or(LoaderError::NoCgroup2)?,
+    };
     File::open(&root).map_err(|source| LoaderError::Io {
         op: "opening",
         path: root,
@@ -107,18 +112,20 @@ impl DrainProgram {
     /// without it, it warns and watches every namespace). `whole_host`: walk every
     /// process in each tag pass, as on a kernel without the per-process iterator.
     pub fn prepare(whole_host: bool) -> Result<Self, LoaderError> {
-        Self::prepare_probing(whole_host, None)
+        Self::prepare_probing(whole_host, None, None)
     }
 
     /// [`Self::prepare`], and if `steer` is given, the steering probe (see
     /// [`super::steer::probe_with`]) made with the same loader: aya's loader parses the
     /// kernel's BTF when it is made (some 20 ms here, seconds under emulation), once
-    /// for both objects. `steer` stays `None` if the loader was never made.
+    /// for both objects. `steer` stays `None` if the loader was never made. `cgroup`:
+    /// the cgroup v2 root to attach at, if not the mounted one (see [`open_cgroup2_root`]).
     pub(super) fn prepare_probing(
         whole_host: bool,
+        cgroup: Option<&Path>,
         steer: Option<&mut Option<Result<(), LoaderError>>>,
     ) -> Result<Self, LoaderError> {
-        let cgroup = open_cgroup2_root()?;
+        let cgroup = open_cgroup2_root(cgroup)?;
         // The kernel's BTF is parsed once, for both the CO-RE relocations and the
         // iterator's attach point.
         let btf = Btf::from_sys_fs().map_err(|e| LoaderError::Load {

@@ -89,14 +89,14 @@ pub enum CheckError {
 
 /// The drain programs, loaded and not attached, after the kernel was found to offer
 /// everything handoffd needs; or why not. Every verifier log seen is logged once at
-/// debug level.
-pub fn check(whole_host: bool) -> Result<DrainProgram, CheckError> {
+/// debug level. `cgroup`: the cgroup v2 root to attach at, if not the mounted one.
+pub fn check(whole_host: bool, cgroup: Option<&Path>) -> Result<DrainProgram, CheckError> {
     let started = std::time::Instant::now();
     let mut missing = separately();
     // The steering program is loaded by the drain object's loader (one parse of the
     // kernel's BTF for both), or on its own if that loader was never made.
     let mut steer = None;
-    let drain = DrainProgram::prepare_probing(whole_host, Some(&mut steer));
+    let drain = DrainProgram::prepare_probing(whole_host, cgroup, Some(&mut steer));
     let steer = steer.unwrap_or_else(super::steer::probe);
     let mut refused = Vec::new();
     match steer {

@@ -44,9 +44,9 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoaderError {
 
 impl GuardProgram {
     /// Loads the guard, lets this process (handoffd) through, and attaches it at the root
-    /// of the cgroup v2 hierarchy.
-    pub fn load() -> Result<Self, LoaderError> {
-        let cgroup = open_cgroup2_root()?;
+    /// of the cgroup v2 hierarchy: `cgroup`, or the mounted one.
+    pub fn load(cgroup: Option<&std::path::Path>) -> Result<Self, LoaderError> {
+        let cgroup = open_cgroup2_root(cgroup)?;
         // Without it no socket would match a watched address: nothing would be guarded.
         let netns = crate::sys::netns_cookie().map_err(|source| LoaderError::Io {
             op: "reading the network namespace cookie (SO_NETNS_COOKIE, Linux >= 5.14) of",
@@ -128,47 +128,4 @@ fn guard_key(netns: u64, addr: SocketAddr) -> [u8; GUARD_KEY_SIZE] {
     key[12..16].copy_from_slice(&u32::from(addr.port()).to_ne_bytes());
     key[16..].copy_from_slice(&ip);
     key
-}
-
-/// The inode of the initial pid namespace (`PROC_PID_INIT_INO`, fixed in the kernel).
-const INITIAL_PID_NS_INODE: u64 = 0xEFFF_FFFC;
-
-/// Whether this process is in the initial pid namespace, where the guard's
-/// `bpf_get_current_pid_tgid()` numbers processes: elsewhere the pid the guard lets
-/// through is not handoffd's, and handoffd's own attaches would be refused.
-///
-/// Every available sign must agree: the namespace's inode is the initial one, it is the
-/// namespace of the pid 1 this /proc shows (when readable), and `NSpid` in
-/// /proc/self/status lists one pid (a nested namespace lists one per level, as far as
-/// the mounted /proc sees). Unreadable /proc/self: not initial.
-pub fn in_initial_pid_namespace() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(own) = std::fs::metadata("/proc/self/ns/pid") else {
-        return false;
-    };
-    if own.ino() != INITIAL_PID_NS_INODE {
-        return false;
-    }
-    if let Ok(init) = std::fs::metadata("/proc/1/ns/pid")
-        && (init.ino(), init.dev()) != (own.ino(), own.dev())
-    {
-        return false;
-    }
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .is_none_or(|pids| pids.split_whitespace().count() == 1)
-}
-
-#[cfg(test)]
-mod tests {
-    /// The tests run on the host, in its pid namespace; in a new pid namespace (unshare
-    /// with its own /proc) the same check says no: see tests/tests/hostile_group.rs.
-    #[test]
-    fn the_host_pid_namespace_is_initial() {
-        assert!(super::in_initial_pid_namespace());
-    }
 }

@@ -13,9 +13,9 @@ use aya::maps::{Map, MapError};
 use aya::programs::ProgramError;
 use aya::{Ebpf, EbpfError};
 
-pub use drain::DrainProgram;
+pub use drain::{DrainProgram, cgroup2_root};
 pub use events::{DrainEvent, EventRings, EventStats};
-pub use guard::{GuardProgram, in_initial_pid_namespace};
+pub use guard::GuardProgram;
 pub use steer::GroupProgram;
 
 /// Detaches whatever sk_reuseport program the group of `socket` has.

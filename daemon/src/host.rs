@@ -1,0 +1,495 @@
+//! The start-up check that handoffd runs on the host, not in a container's view of it.
+//!
+//! The kernel programs see the host: pids in the initial pid namespace, every socket
+//! from the root of the cgroup v2 hierarchy, pins on the host's bpffs. handoffd refuses to
+//! start, with one line saying what to run instead, unless
+//! - it is in the initial pid namespace (a promote would otherwise name pids the BPF side
+//!   does not know, and fail with "holds no TCP listener");
+//! - the cgroup v2 directory the drain programs attach to is the real root (the root's
+//!   inode is 1; a cgroup namespace shows its own root, another cgroup, at its mount);
+//! - `/sys/fs/bpf` is the host's bpffs (a bpffs mounted in a container is a file system
+//!   of its own: pins there would be gone with the container).
+//!
+//! [`Facts::gather`] reads everything; [`check`] is a pure function of the facts.
+//!
+//! Why the bpffs comparison holds: every `mount -t bpf` makes a new superblock, so a new
+//! device number, while a bind mount (a hostPath volume, `-v /sys/fs/bpf:...`) shares the
+//! host's. `/proc/1/root` is the host's root because the pid check has passed first:
+//! `/proc/self` resolves only in a proc of our own pid namespace or an ancestor, and the
+//! initial namespace has none, so `/proc` is the host's and pid 1 is the host's init.
+//! Reading `/proc/1/root` needs ptrace read access to pid 1 (CAP_SYS_PTRACE and no LSM
+//! saying no, e.g. a container runtime's AppArmor profile): when it is refused the
+//! comparison cannot be made, and the start goes on with a note, since a refusal then
+//! would refuse hosts that are fine.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, FsType, statfs};
+
+/// The inode of the initial pid namespace (`PROC_PID_INIT_INO`), the same on every Linux.
+pub const INITIAL_PID_NS_INODE: u64 = 0xEFFF_FFFC;
+/// The inode of the root of a cgroup v2 hierarchy (kernfs numbers its root 1).
+pub const CGROUP_ROOT_INODE: u64 = 1;
+/// Where handoffd's pins live.
+const BPFFS: &str = crate::pins::BPFFS;
+/// The host's view of [`BPFFS`], through the root of the host's pid 1.
+const HOST_BPFFS: &str = "/proc/1/root/sys/fs/bpf";
+
+/// What [`check`] needs to know, gathered in one place.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// handoffd's pid namespace, or why it could not be read.
+    pub pid_ns: Result<PidNs, String>,
+    /// The cgroup v2 directory the programs attach to (see [`cgroup_dir`]).
+    pub cgroup: PathBuf,
+    /// What that directory is, or why it could not be inspected.
+    pub cgroup_node: Result<Node, String>,
+    /// What `/sys/fs/bpf` is here, or why it could not be inspected.
+    pub bpffs: Result<Node, String>,
+    /// What `/sys/fs/bpf` is for the host's pid 1.
+    pub host_bpffs: HostView,
+    /// handoffd's mount namespace and the host's pid 1's (inodes), when both are readable.
+    pub mnt_ns: Option<(u64, u64)>,
+}
+
+/// A pid namespace, as /proc shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PidNs {
+    /// The inode of `/proc/self/ns/pid`.
+    pub inode: u64,
+    /// How many pids `NSpid` in /proc/self/status lists (one per nesting level).
+    pub levels: usize,
+}
+
+/// A file, as far as the checks care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Node {
+    /// Its file system's magic number.
+    pub fs: FsType,
+    /// The device of that file system.
+    pub dev: u64,
+    /// Its inode.
+    pub ino: u64,
+}
+
+/// What the host's pid 1 sees at `/sys/fs/bpf`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostView {
+    /// The file there.
+    Seen(Node),
+    /// Nothing: the host has no `/sys/fs/bpf`.
+    Missing,
+    /// `/proc/1/root` could not be read (the error).
+    Unreadable(String),
+}
+
+/// Why handoffd refuses to start here. Each is one line ending with what to run instead.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HostError {
+    /// `/proc/self/ns/pid` or /proc/self/status could not be read.
+    #[error(
+        "cannot read handoffd's pid namespace ({0}): mount the host's /proc on /proc and run handoffd in the host's pid namespace"
+    )]
+    PidNsUnreadable(String),
+    /// handoffd is in a pid namespace of its own.
+    #[error(
+        "handoffd runs in a pid namespace of its own (pid:[{inode}], {levels} levels), not the host's: the kernel programs see host pids, so a promote would find no listener; run handoffd in the host's pid namespace (on the host or under systemd, `docker run --pid=host`, `hostPID: true` in a Kubernetes pod; not under `unshare --pid` or systemd-nspawn)"
+    )]
+    PidNs {
+        /// The inode of its pid namespace.
+        inode: u64,
+        /// The nesting levels `NSpid` shows.
+        levels: usize,
+    },
+    /// The cgroup v2 directory could not be inspected.
+    #[error("cannot inspect the cgroup v2 root {path}: {error}")]
+    CgroupUnreadable {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        error: String,
+    },
+    /// The directory is not on a cgroup v2 file system.
+    #[error(
+        "{path} is not a cgroup v2 file system: pass the host's cgroup v2 root (its mount point, e.g. /sys/fs/cgroup) with --cgroup-root"
+    )]
+    NotCgroup2 {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The directory is a cgroup below the root (or a cgroup namespace's root).
+    #[error(
+        "{path} is not the root of the cgroup v2 hierarchy (its inode is {ino}, the root's is 1: a cgroup namespace or a cgroup below the root), and the drain programs attached there would miss every socket outside it; run handoffd in the host's cgroup namespace (`docker run --cgroupns=host`), or mount the host's cgroup v2 root (a hostPath volume of /sys/fs/cgroup in a Kubernetes pod) and pass it with --cgroup-root"
+    )]
+    CgroupNotRoot {
+        /// The directory.
+        path: PathBuf,
+        /// Its inode.
+        ino: u64,
+    },
+    /// /sys/fs/bpf could not be inspected.
+    #[error(
+        "cannot inspect {BPFFS} ({0}): mount the host's bpffs there (a hostPath volume of /sys/fs/bpf in a Kubernetes pod)"
+    )]
+    BpffsUnreadable(String),
+    /// /sys/fs/bpf is a bpffs, but not the host's.
+    #[error(
+        "{BPFFS} is a bpf file system of its own (device {dev}), not the host's ({host}): pins there would be lost with this mount namespace; mount the host's /sys/fs/bpf there instead (a hostPath volume in a Kubernetes pod, `-v /sys/fs/bpf:/sys/fs/bpf` for a container)"
+    )]
+    NotHostBpffs {
+        /// Its device (major:minor).
+        dev: String,
+        /// What the host has there.
+        host: String,
+    },
+    /// /sys/fs/bpf is no bpffs, and one mounted by handoffd would not be the host's.
+    #[error(
+        "{BPFFS} is not a bpf file system, and handoffd is not in the host's mount namespace (a bpffs it mounted would not be the host's): mount a bpffs on the host (`mount -t bpf bpf /sys/fs/bpf`) and the host's /sys/fs/bpf into handoffd's mount namespace"
+    )]
+    NoBpffs,
+}
+
+/// What passed without being verified, to be logged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// Why the bpffs could not be compared with the host's, if it could not.
+    pub bpffs_unverified: Option<String>,
+}
+
+/// The cgroup v2 directory the drain programs and the guard attach to: `explicit`
+/// (`--cgroup-root`) or the mounted hierarchy ([`crate::loader::cgroup2_root`]).
+pub fn cgroup_dir(explicit: Option<&Path>) -> Option<PathBuf> {
+    match explicit {
+        Some(path) => Some(path.to_path_buf()),
+        None => crate::loader::cgroup2_root(),
+    }
+}
+
+impl Facts {
+    /// Reads what the checks need: /proc/self, the cgroup directory `explicit` or the
+    /// mounted one, /sys/fs/bpf here and for pid 1.
+    pub fn gather(explicit_cgroup: Option<&Path>) -> Self {
+        let cgroup = cgroup_dir(explicit_cgroup);
+        let cgroup_node = match &cgroup {
+            Some(path) => node(path),
+            None => Err("no cgroup2 file system is mounted".to_owned()),
+        };
+        // Not found: the host's root was read, and has no /sys/fs/bpf. Anything else
+        // (EACCES: no ptrace read access to pid 1) says nothing about the host.
+        let host_bpffs = match std::fs::metadata(HOST_BPFFS) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HostView::Missing,
+            Err(e) => HostView::Unreadable(e.to_string()),
+            Ok(_) => match node(Path::new(HOST_BPFFS)) {
+                Ok(node) => HostView::Seen(node),
+                Err(e) => HostView::Unreadable(e),
+            },
+        };
+        let ns = |path: &str| std::fs::metadata(path).map(|m| m.ino()).ok();
+        Self {
+            pid_ns: pid_ns(),
+            cgroup: cgroup.unwrap_or_default(),
+            cgroup_node,
+            bpffs: node(Path::new(BPFFS)),
+            host_bpffs,
+            mnt_ns: ns("/proc/self/ns/mnt").zip(ns("/proc/1/ns/mnt")),
+        }
+    }
+}
+
+fn node(path: &Path) -> Result<Node, String> {
+    let fs = statfs(path).map_err(|e| e.to_string())?;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    Ok(Node {
+        fs: fs.filesystem_type(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+fn pid_ns() -> Result<PidNs, String> {
+    let inode = std::fs::metadata("/proc/self/ns/pid")
+        .map_err(|e| format!("/proc/self/ns/pid: {e}"))?
+        .ino();
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("/proc/self/status: {e}"))?;
+    // Kernels before 4.1 have no NSpid: one level as far as can be told.
+    let levels = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map_or(1, |pids| pids.split_whitespace().count());
+    Ok(PidNs { inode, levels })
+}
+
+/// Whether handoffd is in the initial pid namespace, where the kernel programs number
+/// processes (the guard lets handoffd through by that pid). Unreadable: no.
+pub fn in_initial_pid_namespace() -> bool {
+    pid_ns().is_ok_and(|ns| ns.is_initial())
+}
+
+impl PidNs {
+    /// Whether this is the initial pid namespace.
+    pub fn is_initial(&self) -> bool {
+        self.inode == INITIAL_PID_NS_INODE && self.levels == 1
+    }
+}
+
+/// Whether handoffd may run on what `facts` describe: the first thing wrong, or what could
+/// not be verified. Pid namespace first: in a container it is the cause of the rest.
+pub fn check(facts: &Facts) -> Result<Checked, HostError> {
+    let pid_ns = facts
+        .pid_ns
+        .as_ref()
+        .map_err(|e| HostError::PidNsUnreadable(e.clone()))?;
+    if !pid_ns.is_initial() {
+        return Err(HostError::PidNs {
+            inode: pid_ns.inode,
+            levels: pid_ns.levels,
+        });
+    }
+    let cgroup = facts
+        .cgroup_node
+        .as_ref()
+        .map_err(|e| HostError::CgroupUnreadable {
+            path: facts.cgroup.clone(),
+            error: e.clone(),
+        })?;
+    if cgroup.fs != CGROUP2_SUPER_MAGIC {
+        return Err(HostError::NotCgroup2 {
+            path: facts.cgroup.clone(),
+        });
+    }
+    if cgroup.ino != CGROUP_ROOT_INODE {
+        return Err(HostError::CgroupNotRoot {
+            path: facts.cgroup.clone(),
+            ino: cgroup.ino,
+        });
+    }
+    check_bpffs(facts)
+}
+
+fn check_bpffs(facts: &Facts) -> Result<Checked, HostError> {
+    let own = facts
+        .bpffs
+        .as_ref()
+        .map_err(|e| HostError::BpffsUnreadable(e.clone()))?;
+    if own.fs != BPF_FS_MAGIC {
+        // handoffd mounts one after taking its state directory (pins::ensure_bpffs):
+        // the host's only if this is the host's mount namespace.
+        return match facts.mnt_ns {
+            Some((mine, host)) if mine != host => Err(HostError::NoBpffs),
+            _ => Ok(Checked::default()),
+        };
+    }
+    match &facts.host_bpffs {
+        HostView::Seen(host) if host.fs == BPF_FS_MAGIC && host.dev == own.dev => {
+            Ok(Checked::default())
+        }
+        HostView::Seen(host) => Err(HostError::NotHostBpffs {
+            dev: dev_name(own.dev),
+            host: if host.fs == BPF_FS_MAGIC {
+                format!("device {}", dev_name(host.dev))
+            } else {
+                "no bpf file system there".to_owned()
+            },
+        }),
+        HostView::Missing => Err(HostError::NotHostBpffs {
+            dev: dev_name(own.dev),
+            host: "no /sys/fs/bpf".to_owned(),
+        }),
+        HostView::Unreadable(e) => Ok(Checked {
+            bpffs_unverified: Some(format!("{HOST_BPFFS}: {e}")),
+        }),
+    }
+}
+
+fn dev_name(dev: u64) -> String {
+    format!(
+        "{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    )
+}
+
+/// Gathers the facts and checks them (see the module's documentation).
+pub fn check_host(explicit_cgroup: Option<&Path>) -> Result<Checked, HostError> {
+    check(&Facts::gather(explicit_cgroup))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TMPFS: FsType = nix::sys::statfs::TMPFS_MAGIC;
+
+    /// A host as it should be: initial pid namespace, the cgroup2 root, the host's bpffs.
+    fn host() -> Facts {
+        let bpffs = Node {
+            fs: BPF_FS_MAGIC,
+            dev: 40,
+            ino: 1,
+        };
+        Facts {
+            pid_ns: Ok(PidNs {
+                inode: INITIAL_PID_NS_INODE,
+                levels: 1,
+            }),
+            cgroup: "/sys/fs/cgroup".into(),
+            cgroup_node: Ok(Node {
+                fs: CGROUP2_SUPER_MAGIC,
+                dev: 30,
+                ino: 1,
+            }),
+            bpffs: Ok(bpffs),
+            host_bpffs: HostView::Seen(bpffs),
+            mnt_ns: Some((4026531841, 4026531841)),
+        }
+    }
+
+    #[test]
+    fn the_host_passes() {
+        assert_eq!(check(&host()), Ok(Checked::default()));
+    }
+
+    #[test]
+    fn a_pid_namespace_of_its_own_is_refused() {
+        let mut f = host();
+        f.pid_ns = Ok(PidNs {
+            inode: 4026532500,
+            levels: 2,
+        });
+        let e = check(&f).expect_err("refused");
+        assert!(
+            matches!(
+                e,
+                HostError::PidNs {
+                    inode: 4026532500,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let line = e.to_string();
+        assert!(!line.contains('\n'));
+        assert!(
+            line.contains("pid namespace") && line.contains("--pid=host"),
+            "{line}"
+        );
+        // The initial inode seen through a /proc of a nested namespace: still refused.
+        f.pid_ns = Ok(PidNs {
+            inode: INITIAL_PID_NS_INODE,
+            levels: 2,
+        });
+        assert!(matches!(check(&f), Err(HostError::PidNs { .. })));
+        f.pid_ns = Err("/proc/self/ns/pid: No such file or directory".into());
+        assert!(matches!(check(&f), Err(HostError::PidNsUnreadable(_))));
+    }
+
+    #[test]
+    fn the_pid_namespace_is_checked_first() {
+        let mut f = host();
+        f.pid_ns = Ok(PidNs {
+            inode: 4026532500,
+            levels: 2,
+        });
+        f.cgroup_node = Err("gone".into());
+        f.bpffs = Err("gone".into());
+        assert!(matches!(check(&f), Err(HostError::PidNs { .. })));
+    }
+
+    #[test]
+    fn a_cgroup_below_the_root_is_refused() {
+        let mut f = host();
+        f.cgroup = "/sys/fs/cgroup/system.slice".into();
+        f.cgroup_node = Ok(Node {
+            fs: CGROUP2_SUPER_MAGIC,
+            dev: 30,
+            ino: 4242,
+        });
+        let e = check(&f).expect_err("refused");
+        assert_eq!(
+            e,
+            HostError::CgroupNotRoot {
+                path: "/sys/fs/cgroup/system.slice".into(),
+                ino: 4242
+            }
+        );
+        assert!(e.to_string().contains("--cgroup-root"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_of_another_file_system_is_refused() {
+        let mut f = host();
+        f.cgroup = "/tmp/x".into();
+        // A tmpfs root has an inode of its own, but 1 must not pass on its own.
+        f.cgroup_node = Ok(Node {
+            fs: TMPFS,
+            dev: 50,
+            ino: 1,
+        });
+        assert!(matches!(check(&f), Err(HostError::NotCgroup2 { .. })));
+        f.cgroup_node = Err("No such file or directory".into());
+        let e = check(&f).expect_err("refused");
+        assert!(e.to_string().contains("/tmp/x"), "{e}");
+    }
+
+    #[test]
+    fn a_bpffs_of_its_own_is_refused() {
+        let mut f = host();
+        f.bpffs = Ok(Node {
+            fs: BPF_FS_MAGIC,
+            dev: 99,
+            ino: 1,
+        });
+        let e = check(&f).expect_err("refused");
+        assert!(matches!(e, HostError::NotHostBpffs { .. }), "{e}");
+        assert!(e.to_string().contains("hostPath"), "{e}");
+        // The host has none: ours cannot be it.
+        f.host_bpffs = HostView::Missing;
+        assert!(matches!(check(&f), Err(HostError::NotHostBpffs { .. })));
+        f.host_bpffs = HostView::Seen(Node {
+            fs: nix::sys::statfs::SYSFS_MAGIC,
+            dev: 99,
+            ino: 7,
+        });
+        assert!(matches!(check(&f), Err(HostError::NotHostBpffs { .. })));
+    }
+
+    #[test]
+    fn an_unreadable_host_root_leaves_the_bpffs_unverified() {
+        let mut f = host();
+        f.host_bpffs = HostView::Unreadable("Permission denied (os error 13)".into());
+        let checked = check(&f).expect("not refused: nothing says it is wrong");
+        assert!(
+            checked
+                .bpffs_unverified
+                .is_some_and(|w| w.contains("Permission denied"))
+        );
+    }
+
+    #[test]
+    fn no_bpffs_yet_is_fine_in_the_host_mount_namespace_only() {
+        let mut f = host();
+        f.bpffs = Ok(Node {
+            fs: nix::sys::statfs::SYSFS_MAGIC,
+            dev: 20,
+            ino: 9,
+        });
+        f.host_bpffs = HostView::Seen(f.bpffs.clone().expect("set"));
+        assert_eq!(check(&f), Ok(Checked::default()));
+        f.mnt_ns = None;
+        assert_eq!(check(&f), Ok(Checked::default()));
+        f.mnt_ns = Some((4026532600, 4026531841));
+        assert_eq!(check(&f), Err(HostError::NoBpffs));
+        f.bpffs = Err("No such file or directory".into());
+        assert!(matches!(check(&f), Err(HostError::BpffsUnreadable(_))));
+    }
+
+    /// The unit tests run on the host (in a new pid namespace the same check says no:
+    /// see tests/tests/host.rs).
+    #[test]
+    fn this_host_is_the_host() {
+        let facts = Facts::gather(None);
+        assert!(facts.pid_ns.expect("readable").is_initial());
+    }
+}
