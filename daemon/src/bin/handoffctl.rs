@@ -119,7 +119,12 @@ fn main() -> ExitCode {
         Ok(Response::Error(e))
             if matches!(e.kind, ErrorKind::ConfigRefused | ErrorKind::NoConfig) =>
         {
-            let _ = writeln!(std::io::stderr(), "Error: {}", e.message);
+            // `<3>` first when run by the unit (journald's stream is stderr).
+            handoff::logging::write_stderr(
+                handoff::logging::Target::detect(),
+                3,
+                &format!("Error: {}\n", e.message),
+            );
             return ExitCode::FAILURE;
         }
         Ok(Response::Error(e)) => return fail(&e.message),
@@ -133,8 +138,13 @@ fn main() -> ExitCode {
 }
 
 fn fail(message: &str) -> ExitCode {
-    // Not eprintln!: it panics when stderr is closed.
-    let _ = writeln!(std::io::stderr(), "handoffctl: {message}");
+    // Not eprintln!: it panics when stderr is closed. Under journald (handoffctl run by a
+    // unit) the line carries its priority.
+    handoff::logging::write_stderr(
+        handoff::logging::Target::detect(),
+        3,
+        &format!("handoffctl: {message}\n"),
+    );
     ExitCode::FAILURE
 }
 
