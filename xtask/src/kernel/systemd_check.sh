@@ -9,9 +9,9 @@ CONFIG=/etc/handoff/handoffd.toml
 FAILED=0
 
 # pass|fail NAME DETAIL...: one line, whatever DETAIL holds.
-pass() { echo "@@handoff check $1 PASS $(echo "${*:2}" | tr -s '\n' ' ')"; }
+pass() { echo "@@handoff check $1 PASS $(printf '%s' "${*:2}" | tr -s '\n' ' ')"; }
 fail() {
-    echo "@@handoff check $1 FAIL $(echo "${*:2}" | tr -s '\n' ' ')"
+    echo "@@handoff check $1 FAIL $(printf '%s' "${*:2}" | tr -s '\n' ' ')"
     FAILED=1
 }
 
@@ -70,8 +70,9 @@ dump() {
 }
 
 echo "@@handoff started $(uname -r) systemd $(systemctl --version | head -n 1 | cut -d' ' -f2)"
-echo "@@handoff info $(systemd-analyze time 2>&1 | head -n 1)"
-echo "@@handoff info slowest units: $(systemd-analyze blame --no-pager 2>&1 | head -n 5 | tr -s ' \n' ' ')"
+# When handoffd started and became ready, in seconds since the kernel started.
+secs() { echo "$(($(systemctl show -p "$1" --value handoffd) / 1000))" | sed 's/...$/.&/'; }
+echo "@@handoff info uptime $(cut -d' ' -f1 /proc/uptime) s; handoffd started at $(secs ExecMainStartTimestampMonotonic) s, active at $(secs ActiveEnterTimestampMonotonic) s"
 
 # The package's postinst enabled the unit (the multi-user.target.wants link), and
 # systemd started it at boot from that link alone.
