@@ -159,8 +159,10 @@ out=$(systemctl reload handoffd 2>&1)
 bad=$?
 cp /tmp/good.toml "$CONFIG"
 state=$(systemctl is-active handoffd)
-reason=$(journalctl -u handoffd -n 1 -o cat --no-pager)
-if [ "$bad" != 0 ] && [ "$bad" != "$good" ] && [ "$state" = active ]; then
+# handoffctl's one stderr line: the reason with FILE:LINE:COL.
+reason=$(journalctl -t handoffctl -n 1 -o cat --no-pager)
+if [ "$bad" != 0 ] && [ "$bad" != "$good" ] && [ "$state" = active ] &&
+    echo "$reason" | grep -Eq "refused.*$CONFIG:[0-9]+:[0-9]+:"; then
     pass reload-bad "systemctl reload: exit $bad (good file: $good), handoffd still $state; $reason"
 else
     fail reload-bad "systemctl reload with a refused file: exit $bad (good file: $good), handoffd $state; $reason"
