@@ -22,7 +22,13 @@
 //!    a failed run's console log is kept in `$TMPDIR` and its path printed.
 //!
 //! Needs root (debootstrap, chroot), `debootstrap`, `qemu-system-x86`, `dpkg`, `tar`, and
-//! network access to deb.debian.org for a cold cache.
+//! network access to deb.debian.org (and crates.io for cargo-deb) for a cold cache.
+//!
+//! Measured on the 2-core development VM (no KVM, shared with other builds), 2026-12-01:
+//! cold (cargo-deb not installed: `cargo install` 212 s; empty root cache: debootstrap
+//! 108 s; release and static builds from scratch: 2-6 min depending on load); warm 31-66 s
+//! (cargo-deb packaging 4-12 s, image 1-2.5 s, boot to the first check 16-34 s, the
+//! checks 8-15 s). The initramfs is 105 MB.
 
 use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
