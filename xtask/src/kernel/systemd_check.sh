@@ -9,9 +9,10 @@ CONFIG=/etc/handoff/handoffd.toml
 FAILED=0
 
 # pass|fail NAME DETAIL...: one line, whatever DETAIL holds.
-pass() { echo "@@handoff check $1 PASS $(printf '%s' "${*:2}" | tr -s '\n' ' ')"; }
+oneline() { printf '%s' "$*" | tr -s '\n' ' ' | sed 's/ *$//'; }
+pass() { echo "@@handoff check $1 PASS $(oneline "${*:2}")"; }
 fail() {
-    echo "@@handoff check $1 FAIL $(printf '%s' "${*:2}" | tr -s '\n' ' ')"
+    echo "@@handoff check $1 FAIL $(oneline "${*:2}")"
     FAILED=1
 }
 
