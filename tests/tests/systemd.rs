@@ -11,9 +11,17 @@ fn unit_passes_systemd_analyze_verify() {
         unit.contains("Type=notify"),
         "the daemon tells systemd when it is ready"
     );
-    // verify checks that ExecStart= is executable: point it at the built binary.
-    let built = bin_path("handoffd");
-    let unit = unit.replace("/usr/bin/handoffd", &built.display().to_string());
+    // verify checks that ExecStart= and ExecReload= are executable: point them at the
+    // built binaries.
+    let unit = unit
+        .replace(
+            "/usr/bin/handoffd",
+            &bin_path("handoffd").display().to_string(),
+        )
+        .replace(
+            "/usr/bin/handoffctl",
+            &bin_path("handoffctl").display().to_string(),
+        );
     let dir = std::env::temp_dir().join(format!("handoff-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
     let path = dir.join("handoffd.service");

@@ -7,6 +7,8 @@
 //! - `bench [--quick] [--only NAME]`: the benchmarks, a table and `BENCHMARKS.md` (root).
 //! - `kernel-test [--kernel 6.1|6.12|5.10 ...] [--quick]`: Debian's kernels under qemu, a
 //!   smoke handoff and the integration tests in each (see `kernel`).
+//! - `systemd-test`: the .deb installed into a Debian 12 root booted under qemu with
+//!   systemd as PID 1, the unit's checks (root; see `kernel::systemd`).
 
 mod bench;
 mod build_ebpf;
@@ -79,6 +81,9 @@ enum Task {
         #[arg(long = "test", value_name = "NAME")]
         tests: Vec<String>,
     },
+    /// Build the .deb, install it into a Debian 12 root and boot that root under qemu with
+    /// systemd as PID 1: the unit's checks (needs root).
+    SystemdTest,
     /// The scale benchmark's client (started by `bench`, inside its network namespace).
     #[command(hide = true)]
     BenchHold(bench::HoldArgs),
@@ -124,6 +129,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             // The tables say what failed; a failure only sets the exit status.
             if !kernel::run(&root, &kernels, quick, &tests)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Task::SystemdTest => {
+            // The table says what failed; a failure only sets the exit status.
+            if !kernel::systemd::run(&root)? {
                 return Ok(ExitCode::FAILURE);
             }
         }

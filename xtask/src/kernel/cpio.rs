@@ -2,7 +2,8 @@
 //! unpacks as an initramfs (Documentation/driver-api/early-userspace/buffer-format.rst).
 //!
 //! Every entry gets its own inode number and one link, so the kernel never takes two
-//! entries for hard links of one file. Owner is root, mtime 0 (the image is reproducible).
+//! entries for hard links of one file. Owner is root unless given ([`Writer::raw`]),
+//! mtime 0 (the image is reproducible).
 
 use std::io::{self, Write};
 
@@ -11,6 +12,18 @@ const S_IFDIR: u32 = 0o040_000;
 const S_IFREG: u32 = 0o100_000;
 const S_IFLNK: u32 = 0o120_000;
 const S_IFCHR: u32 = 0o020_000;
+
+/// The numeric fields of an entry's header.
+struct Head {
+    ino: u32,
+    mode: u32,
+    /// uid, gid.
+    owner: (u32, u32),
+    nlink: u32,
+    /// Device major, minor.
+    rdev: (u32, u32),
+    size: u32,
+}
 
 /// Writes newc entries to `out`; [`Writer::finish`] writes the trailer.
 pub struct Writer<W: Write> {
@@ -51,9 +64,31 @@ impl<W: Write> Writer<W> {
         self.entry(path, S_IFCHR | perm, 1, (major, minor), &[])
     }
 
+    /// Any entry: `mode` with its file type bits, owner `uid`:`gid`, device `rdev` (for
+    /// character and block devices), content `data` (a file's bytes, a link's target).
+    pub fn raw(
+        &mut self,
+        path: &str,
+        mode: u32,
+        (uid, gid): (u32, u32),
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
+        let nlink = if mode & 0o170_000 == S_IFDIR { 2 } else { 1 };
+        self.entry_owned(path, mode, (uid, gid), nlink, rdev, data)
+    }
+
     /// Writes the trailer entry and returns the output.
     pub fn finish(mut self) -> io::Result<W> {
-        self.header("TRAILER!!!", 0, 0, 1, (0, 0), 0)?;
+        let trailer = Head {
+            ino: 0,
+            mode: 0,
+            owner: (0, 0),
+            nlink: 1,
+            rdev: (0, 0),
+            size: 0,
+        };
+        self.header("TRAILER!!!", trailer)?;
         self.out.flush()?;
         Ok(self.out)
     }
@@ -66,23 +101,35 @@ impl<W: Write> Writer<W> {
         rdev: (u32, u32),
         data: &[u8],
     ) -> io::Result<()> {
+        self.entry_owned(path, mode, (0, 0), nlink, rdev, data)
+    }
+
+    fn entry_owned(
+        &mut self,
+        path: &str,
+        mode: u32,
+        owner: (u32, u32),
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> io::Result<()> {
         let ino = self.next_ino;
         self.next_ino += 1;
         let size = u32::try_from(data.len())
             .map_err(|_| io::Error::other(format!("{path}: larger than 4 GiB")))?;
-        self.header(path, ino, mode, nlink, rdev, size)?;
+        let head = Head {
+            ino,
+            mode,
+            owner,
+            nlink,
+            rdev,
+            size,
+        };
+        self.header(path, head)?;
         self.write_padded(data)
     }
 
-    fn header(
-        &mut self,
-        name: &str,
-        ino: u32,
-        mode: u32,
-        nlink: u32,
-        (rdev_major, rdev_minor): (u32, u32),
-        size: u32,
-    ) -> io::Result<()> {
+    fn header(&mut self, name: &str, head: Head) -> io::Result<()> {
         // The kernel's names are relative to the root ("bin/sh", not "/bin/sh").
         let name = name.trim_start_matches('/');
         if name.is_empty() || name.contains('\0') {
@@ -92,26 +139,26 @@ impl<W: Write> Writer<W> {
         // Fields: ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor
         // rdevminor namesize check.
         let fields = [
-            ino,
-            mode,
+            head.ino,
+            head.mode,
+            head.owner.0,
+            head.owner.1,
+            head.nlink,
+            0,
+            head.size,
             0,
             0,
-            nlink,
-            0,
-            size,
-            0,
-            0,
-            rdev_major,
-            rdev_minor,
+            head.rdev.0,
+            head.rdev.1,
             u32::try_from(name_size).map_err(|_| io::Error::other("cpio name too long"))?,
             0,
         ];
-        let mut head = String::with_capacity(110 + name_size);
-        head.push_str("070701");
+        let mut text = String::with_capacity(110 + name_size);
+        text.push_str("070701");
         for field in fields {
-            head.push_str(&format!("{field:08x}"));
+            text.push_str(&format!("{field:08x}"));
         }
-        let mut bytes = head.into_bytes();
+        let mut bytes = text.into_bytes();
         bytes.extend_from_slice(name.as_bytes());
         bytes.push(0);
         self.write_padded(&bytes)

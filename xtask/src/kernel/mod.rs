@@ -39,6 +39,7 @@ mod boot;
 mod cpio;
 mod fetch;
 mod image;
+pub mod systemd;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
