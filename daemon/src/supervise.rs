@@ -70,15 +70,12 @@ pub async fn supervise(
             }
         };
         tokio::select! {
-            // Zero events first: a retirement never waits behind binds.
+            // Zero events first: a retirement never waits behind binds. Bind events last:
+            // their ring may never be empty while binds stream in faster than this loop
+            // takes them (a flood by the service's uid, a slow machine: seen under qemu),
+            // and deadlines, exits and watched members must not wait for it to run dry.
             biased;
             ready = zeros.readable_mut() => {
-                let batch = drain_ring(&mut ready?);
-                if !batch.is_empty() {
-                    with_daemon(&daemon, move |d| d.on_events(&batch)).await;
-                }
-            }
-            ready = binds.readable_mut() => {
                 let batch = drain_ring(&mut ready?);
                 if !batch.is_empty() {
                     with_daemon(&daemon, move |d| d.on_events(&batch)).await;
@@ -101,6 +98,12 @@ pub async fn supervise(
             }
             () = sleep => {
                 with_daemon(&daemon, |d| d.tick(Instant::now())).await;
+            }
+            ready = binds.readable_mut() => {
+                let batch = drain_ring(&mut ready?);
+                if !batch.is_empty() {
+                    with_daemon(&daemon, move |d| d.on_events(&batch)).await;
+                }
             }
             // A deadline was brought forward (a drain started): look again.
             () = wake.notified() => {}
