@@ -23,7 +23,7 @@ pub use sys::{attach_reuseport_cbpf, detach_reuseport, reuseport_listener, setso
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread;
@@ -379,6 +379,31 @@ fn capture(pipe: impl Read + Send + 'static, stream: Stream, pid: u32, output: A
         output.lock().closed[stream as usize] = true;
         output.changed.notify_all();
     });
+}
+
+/// A directory of one test's own, `$TMPDIR/handoff-test-NAME-PID`: emptied when made,
+/// removed when dropped, whether the test passed or failed.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Makes (or empties) the directory for `name`.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("handoff-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the test's directory");
+        Self(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[cfg(test)]

@@ -7,37 +7,18 @@ mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
-use handoff_tests::{Proc, Stream, bin_path};
+use handoff_tests::{Proc, Stream, TempDir, bin_path};
 use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
-
-/// A test directory, removed when dropped (also when the test fails).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("handoff-test-absurd-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("a test dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs handoffd with `args` in a fresh directory, expecting it to exit with `code` at
 /// once, having created nothing; returns its stderr.
 fn refused(name: &str, args: &[&str], code: i32) -> String {
-    let tmp = TempDir::new(name);
+    let tmp = TempDir::new(&format!("absurd-{name}"));
     let dir = &tmp.0;
     let state = dir.join("state");
     let mut cmd = Command::new(bin_path("handoffd"));
@@ -88,7 +69,7 @@ fn absurd_numbers_in_the_config_file_are_refused_at_parse() {
     if !privileged("absurd_numbers_in_the_config_file_are_refused_at_parse") {
         return;
     }
-    let tmp = TempDir::new("config");
+    let tmp = TempDir::new("absurd-config");
     let dir = &tmp.0;
     let port = loopback().port();
     let many: Vec<String> = (1..=65)

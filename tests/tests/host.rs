@@ -13,27 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
-use handoff_tests::{Proc, Stream, bin_path, scaled};
+use handoff_tests::{Proc, Stream, TempDir, bin_path, scaled};
 use support::{Handoffd, answers, loopback, only, privileged, testsrv};
-
-/// A directory of this test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("handoff-test-host-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the test dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The mount point of the cgroup v2 hierarchy (as handoffd finds it).
 fn cgroup2_root() -> PathBuf {
@@ -162,7 +143,7 @@ fn a_pid_namespace_of_its_own_is_refused() {
     if !privileged("a_pid_namespace_of_its_own_is_refused") {
         return;
     }
-    let dir = TempDir::new("pidns");
+    let dir = TempDir::new("host-pidns");
     let mut cmd = Command::new("unshare");
     cmd.args(["--pid", "--fork", "--kill-child"])
         .arg(bin_path("handoffd"))
@@ -181,7 +162,7 @@ fn a_cgroup_namespace_root_is_refused() {
     if !privileged("a_cgroup_namespace_root_is_refused") {
         return;
     }
-    let dir = TempDir::new("cgns");
+    let dir = TempDir::new("host-cgns");
     // The process moves itself into a cgroup below the root, then makes a cgroup
     // namespace (rooted there) and a mount namespace in which cgroup2 is mounted again:
     // what a container with its own cgroup namespace shows at /sys/fs/cgroup. Both
@@ -219,7 +200,7 @@ fn a_cgroup_below_the_root_is_refused() {
     if !privileged("a_cgroup_below_the_root_is_refused") {
         return;
     }
-    let dir = TempDir::new("cgchild");
+    let dir = TempDir::new("host-cgchild");
     let cgroup = Cgroup::new("child");
     let path = cgroup.0.display().to_string();
     let mut cmd = Command::new(bin_path("handoffd"));
@@ -248,7 +229,7 @@ fn a_bind_mount_of_the_real_root_is_accepted() {
     if !privileged("a_bind_mount_of_the_real_root_is_accepted") {
         return;
     }
-    let dir = TempDir::new("cgbind");
+    let dir = TempDir::new("host-cgbind");
     // Dropped last: after the daemon is gone.
     let mount = BindMount::new(&cgroup2_root(), dir.0.join("cgroup"));
     assert_eq!(
@@ -281,7 +262,7 @@ fn a_bpffs_of_its_own_is_refused_when_the_host_is_visible() {
     if !privileged("a_bpffs_of_its_own_is_refused_when_the_host_is_visible") {
         return;
     }
-    let dir = TempDir::new("bpffs");
+    let dir = TempDir::new("host-bpffs");
     let handoffd = std::iter::once(bin_path("handoffd").display().to_string())
         .chain(handoffd_args(&dir.0, &[]))
         .collect::<Vec<_>>()

@@ -13,33 +13,17 @@ use std::process::Command;
 use std::time::Duration;
 
 use handoff_common::proto::{self, Promoted, Response};
-use handoff_tests::{Proc, Stream, bin_path, scaled};
+use handoff_tests::{Proc, Stream, TempDir, bin_path, scaled};
 use support::{Handoffd, ctl, loopback, privileged, testsrv};
 
 const NOBODY: u32 = 65534;
 
-/// A directory of this test, removed when dropped; `sticky` makes it like /tmp (anyone
-/// may create entries, only their owner may remove them).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str, sticky: bool) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "handoff-test-hostile-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the test dir");
-        let mode = if sticky { 0o1777 } else { 0o755 };
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A test directory `hostile-NAME`, sticky and world-writable like /tmp if `sticky`.
+fn hostile_dir(name: &str, sticky: bool) -> TempDir {
+    let dir = TempDir::new(&format!("hostile-{name}"));
+    let mode = if sticky { 0o1777 } else { 0o755 };
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
+    dir
 }
 
 /// Runs `program args` as uid/gid 65534 and checks it succeeded.
@@ -110,7 +94,7 @@ fn state_directories_another_user_could_write_are_refused() {
     if !privileged("state_directories_another_user_could_write_are_refused") {
         return;
     }
-    let tmp = TempDir::new("dirs", true);
+    let tmp = hostile_dir("dirs", true);
     let victim = victim(&tmp.0);
     let socket = tmp.0.join("root-ctl").join("ctl.sock");
 
@@ -168,7 +152,7 @@ fn symlinks_in_a_root_state_directory_are_never_followed() {
     if !privileged("symlinks_in_a_root_state_directory_are_never_followed") {
         return;
     }
-    let tmp = TempDir::new("links", false);
+    let tmp = hostile_dir("links", false);
     let victim = victim(&tmp.0);
     let socket = tmp.0.join("ctl.sock");
     // state.json or the lock as a symlink: refused, the target untouched.
@@ -330,7 +314,7 @@ fn a_control_socket_served_by_another_user_is_not_believed() {
     if !privileged("a_control_socket_served_by_another_user_is_not_believed") {
         return;
     }
-    let tmp = TempDir::new("fake", true);
+    let tmp = hostile_dir("fake", true);
     let socket = tmp.0.join("evil").join("ctl.sock");
     // The fake daemon: this test binary's helper below, run as nobody.
     let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));

@@ -13,29 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff_tests::{bin_path, scaled};
+use handoff_tests::{TempDir, bin_path, scaled};
 use support::{ctl, loopback, privileged};
-
-/// A directory of this test, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "handoff-test-logging-{name}-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating the test dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A handoffd writing its stderr to a file; killed, and what it left cleaned up, when
 /// dropped.
@@ -139,7 +118,7 @@ fn under_journald_a_refusal_carries_priority_3() {
     if !privileged("under_journald_a_refusal_carries_priority_3") {
         return;
     }
-    let dir = TempDir::new("refusal");
+    let dir = TempDir::new("logging-refusal");
     let missing = dir.0.join("missing.toml").display().to_string();
     let (status, text) = run(&dir.0, true, &["--config", &missing]);
     assert_eq!(status.code(), Some(1), "{text}");
@@ -185,7 +164,7 @@ fn under_journald_every_line_of_a_run_carries_its_priority() {
     if !privileged("under_journald_every_line_of_a_run_carries_its_priority") {
         return;
     }
-    let dir = TempDir::new("run");
+    let dir = TempDir::new("logging-run");
     let text = start_and_stop(&dir.0, true);
     let p = priorities(&text);
     for (priority, what) in [(4, "warning"), (6, "info"), (7, "debug")] {
@@ -205,7 +184,7 @@ fn an_inherited_journal_stream_is_not_journald() {
     if !privileged("an_inherited_journal_stream_is_not_journald") {
         return;
     }
-    let dir = TempDir::new("inherited");
+    let dir = TempDir::new("logging-inherited");
     let missing = dir.0.join("missing.toml").display().to_string();
     let (status, text) = run(&dir.0, false, &["--config", &missing]);
     assert_eq!(status.code(), Some(1), "{text}");

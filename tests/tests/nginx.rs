@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::load::{self, LoadConfig, LoadReport};
-use handoff_tests::{Proc, Stream, free_port, scaled, scaled_down, slowdown};
+use handoff_tests::{Proc, Stream, TempDir, free_port, scaled, scaled_down, slowdown};
 use nix::errno::Errno;
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::killpg;
@@ -536,28 +536,6 @@ fn nginx_binary() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("handoff-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("creating the test's temp dir");
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// One nginx generation: master and workers in a process group of their own, killed when

@@ -499,6 +499,35 @@ impl Drop for Qemu {
     }
 }
 
+/// Starts qemu (TCG: no KVM here; 2 CPUs, 2 GB) on `image` and `initrd` with the kernel
+/// command line `append`; every console line (stdout and stderr) comes through the
+/// receiver. qemu is killed when the returned guard is dropped.
+fn start_qemu(image: &Path, initrd: &Path, append: &str) -> Result<(Qemu, mpsc::Receiver<String>)> {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "2G",
+        ])
+        .args(["-nographic", "-no-reboot", "-kernel"])
+        .arg(image)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", append])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("qemu has no stdout")?;
+    let stderr = child.stderr.take().context("qemu has no stderr")?;
+    let qemu = Qemu(child);
+    let (tx, rx) = mpsc::channel::<String>();
+    let tx_err = tx.clone();
+    // Console bytes are not always UTF-8 (firmware escapes): read lines as bytes.
+    std::thread::spawn(move || forward_lines(stdout, &tx));
+    std::thread::spawn(move || forward_lines(stderr, &tx_err));
+    Ok((qemu, rx))
+}
+
 /// Boots `image` with `initrd`, logs the console to `log`, and fills `outcome` from the
 /// guest's `@@handoff` lines until the guest powers off or `deadline` passes.
 fn boot_and_read(
@@ -510,28 +539,7 @@ fn boot_and_read(
 ) -> Result<()> {
     let mut log_file =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "2G",
-        ])
-        .args(["-nographic", "-no-reboot", "-kernel"])
-        .arg(image)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start qemu-system-x86_64")?;
-    let stdout = child.stdout.take().context("qemu has no stdout")?;
-    let stderr = child.stderr.take().context("qemu has no stderr")?;
-    let _qemu = Qemu(child);
-    let (tx, rx) = mpsc::channel::<String>();
-    let tx_err = tx.clone();
-    // Console bytes are not always UTF-8 (firmware escapes): read lines as bytes.
-    std::thread::spawn(move || forward_lines(stdout, &tx));
-    std::thread::spawn(move || forward_lines(stderr, &tx_err));
+    let (_qemu, rx) = start_qemu(image, initrd, "console=ttyS0 panic=-1 quiet")?;
 
     let started = Instant::now();
     let end = started + deadline;

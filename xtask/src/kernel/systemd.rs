@@ -35,13 +35,13 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::boot::{KERNELS, MODULES};
-use super::{Qemu, build_static, cpio, fetch, forward_lines, print_tail};
+use super::{build_static, cpio, fetch, print_tail, start_qemu};
 use crate::children::{catch_interrupts, check_interrupted};
 use crate::{TempDir, cargo, run_checked};
 
@@ -613,30 +613,11 @@ struct Outcome {
 fn boot_and_read(image: &Path, initrd: &Path, log: &Path, outcome: &mut Outcome) -> Result<()> {
     let mut log_file =
         std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "2G",
-        ])
-        .args(["-nographic", "-no-reboot", "-kernel"])
-        .arg(image)
-        .arg("-initrd")
-        .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet rdinit=/sbin/init systemd.show_status=error",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start qemu-system-x86_64")?;
-    let stdout = child.stdout.take().context("qemu has no stdout")?;
-    let stderr = child.stderr.take().context("qemu has no stderr")?;
-    let _qemu = Qemu(child);
-    let (tx, rx) = mpsc::channel::<String>();
-    let tx_err = tx.clone();
-    std::thread::spawn(move || forward_lines(stdout, &tx));
-    std::thread::spawn(move || forward_lines(stderr, &tx_err));
+    let (_qemu, rx) = start_qemu(
+        image,
+        initrd,
+        "console=ttyS0 panic=-1 quiet rdinit=/sbin/init systemd.show_status=error",
+    )?;
 
     let started = Instant::now();
     let mut end = started + DEADLINE;
