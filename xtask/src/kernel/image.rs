@@ -12,12 +12,15 @@ use anyhow::{Context, Result, bail};
 use super::cpio;
 
 /// Host programs the guest needs, with the Debian package that provides each.
-const HOST_PROGRAMS: [(&str, &str); 6] = [
+const HOST_PROGRAMS: [(&str, &str); 8] = [
     ("/usr/sbin/ip", "iproute2"),
     ("/usr/sbin/tc", "iproute2"),
     ("/usr/bin/ss", "iproute2"),
     ("/usr/bin/prlimit", "util-linux"),
     ("/usr/bin/setpriv", "util-linux"),
+    // busybox's lack --cgroup and --kill-child (the host test's).
+    ("/usr/bin/unshare", "util-linux"),
+    ("/usr/bin/nsenter", "util-linux"),
     ("/usr/sbin/nginx", "nginx-light"),
 ];
 
