@@ -487,7 +487,9 @@ pub fn caller_pidfd(pid: i32) -> Result<Option<OwnedFd>, String> {
             Some(libc::ENOENT | libc::EINVAL) => Err(format!(
                 "pid {pid} is a thread, not a process: promote the process it belongs to"
             )),
-            Some(libc::ENOSYS) => Ok(None),
+            // No pidfd_open (before Linux 5.3), or a seccomp profile that refuses it: the
+            // plain pid, as a client without pidfds sends.
+            Some(libc::ENOSYS | libc::EPERM) => Ok(None),
             _ => Err(format!("pidfd_open({pid}) failed: {e}")),
         },
     }

@@ -139,23 +139,29 @@ impl Daemon {
     /// Applies a new configuration (SIGHUP): new services start, changed drain settings
     /// apply (also to drains under way), unchanged services are not touched. A removed
     /// service keeps being steered until it has one live generation left; then its
-    /// program is detached and its pins removed. Changing the addresses of a service
-    /// with live generations is refused for that service (it keeps its old ones).
-    pub fn reload(&mut self, configs: Vec<ServiceConfig>) {
-        self.guarded("reload", |d| d.reload_unguarded(configs));
+    /// program is detached and its pins removed. A configuration that changes the
+    /// addresses of a service with live generations is refused whole: nothing changes.
+    pub fn reload(&mut self, configs: Vec<ServiceConfig>) -> Result<(), ReloadError> {
+        if let Some(service) = configs.iter().find_map(|c| {
+            self.services
+                .iter()
+                .find(|s| s.name() == c.name && s.listen() != c.listen.as_slice() && s.live() > 0)
+                .map(|s| s.name().to_owned())
+        }) {
+            return Err(ReloadError::AddressesInUse { service });
+        }
+        self.guarded("reload", |d| d.reload_unguarded(configs))
+            .ok_or(ReloadError::Internal)
     }
 
     fn reload_unguarded(&mut self, configs: Vec<ServiceConfig>) {
         for config in &configs {
             match self.services.iter().position(|s| s.name() == config.name) {
+                // With no live generation (checked by `reload`): a service anew.
                 Some(i) if self.services[i].listen() != config.listen.as_slice() => {
-                    if self.services[i].live() == 0 {
-                        tracing::info!(service = %config.name, listen = ?config.listen, "service addresses changed");
-                        self.services[i] = Service::new(config.clone());
-                        self.watch_port(config);
-                    } else {
-                        tracing::error!(service = %config.name, "the addresses of a service with live generations cannot change: keeping the old ones (retire its generations, or use a new service name)");
-                    }
+                    tracing::info!(service = %config.name, listen = ?config.listen, "service addresses changed");
+                    self.services[i] = Service::new(config.clone());
+                    self.watch_port(config);
                 }
                 Some(i) => {
                     self.services[i].set_drain(config.drain);
@@ -527,6 +533,20 @@ pub enum ReloadError {
         #[source]
         source: ConfigError,
     },
+    /// The file changes the addresses of a service that still has live generations.
+    #[error(
+        "configuration refused, the running one stays: service {service} has live generations, so its addresses cannot change (retire them first, or use a new service name)"
+    )]
+    AddressesInUse {
+        /// The service.
+        service: String,
+    },
+    /// Applying it failed inside the daemon; the table was rebuilt from its last
+    /// consistent state (logged).
+    #[error(
+        "the reload failed inside handoffd (see its log); the table was rebuilt from its last consistent state"
+    )]
+    Internal,
 }
 
 impl ReloadError {
@@ -534,7 +554,10 @@ impl ReloadError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ReloadError::NoConfig => ErrorKind::NoConfig,
-            ReloadError::File(_) | ReloadError::Overrides { .. } => ErrorKind::ConfigRefused,
+            ReloadError::File(_)
+            | ReloadError::Overrides { .. }
+            | ReloadError::AddressesInUse { .. } => ErrorKind::ConfigRefused,
+            ReloadError::Internal => ErrorKind::Internal,
         }
     }
 }
@@ -567,7 +590,9 @@ pub fn reload(daemon: &Mutex<Daemon>, source: &ConfigSource) -> Result<Reloaded,
     let services = source.load().inspect_err(|e| tracing::error!("{e}"))?;
     let names = services.iter().map(|s| s.name.clone()).collect();
     tracing::info!(file = %path.display(), "reloading the configuration");
-    Daemon::lock(daemon).reload(services);
+    Daemon::lock(daemon)
+        .reload(services)
+        .inspect_err(|e| tracing::error!("{e}"))?;
     Ok(Reloaded {
         file: path.display().to_string(),
         services: names,

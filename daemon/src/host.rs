@@ -278,7 +278,14 @@ fn check_bpffs(facts: &Facts) -> Result<Checked, HostError> {
         // the host's only if this is the host's mount namespace.
         return match facts.mnt_ns {
             Some((mine, host)) if mine != host => Err(HostError::NoBpffs),
-            _ => Ok(Checked::default()),
+            Some(_) => Ok(Checked::default()),
+            // Not known to be the host's mount namespace: the bpffs handoffd would mount
+            // may be a private one. Said, like an unreadable /proc/1/root.
+            None => Ok(Checked {
+                bpffs_unverified: Some(
+                    "no bpffs at /sys/fs/bpf yet, and pid 1's mount namespace is unreadable: a bpffs mounted now may not be the host's".to_owned(),
+                ),
+            }),
         };
     }
     match &facts.host_bpffs {
@@ -477,8 +484,14 @@ mod tests {
         });
         f.host_bpffs = HostView::Seen(f.bpffs.clone().expect("set"));
         assert_eq!(check(&f), Ok(Checked::default()));
+        // Unknown: started, and said.
         f.mnt_ns = None;
-        assert_eq!(check(&f), Ok(Checked::default()));
+        let checked = check(&f).expect("started");
+        assert!(
+            checked
+                .bpffs_unverified
+                .is_some_and(|why| why.contains("mount namespace is unreadable")),
+        );
         f.mnt_ns = Some((4026532600, 4026531841));
         assert_eq!(check(&f), Err(HostError::NoBpffs));
         f.bpffs = Err("No such file or directory".into());

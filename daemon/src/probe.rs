@@ -86,8 +86,9 @@ impl ProbeError {
 /// the daemon's lock while probing, so this bounds how long one probe holds it.
 pub const PROBE_DEADLINE: Duration = Duration::from_millis(100);
 
-/// How long a promote's probe that the program has not seen by [`PROBE_DEADLINE`] waits
-/// in all. On a host slow enough that loopback's softirq runs late (a loaded machine, an
+/// How long a promote's or rollback's probes that the program has not seen by
+/// [`PROBE_DEADLINE`] may wait, in all, for the whole operation (each group's probe gets
+/// what is left, at least [`PROBE_DEADLINE`]). On a host slow enough that loopback's softirq runs late (a loaded machine, an
 /// emulated CPU: seen at 117 ms under qemu), the SYN has not reached the program yet;
 /// giving up then would fail a promote that is sound. Only a probe that no handoff
 /// program saw waits this long, so a healthy group never does. The watch's probes keep

@@ -284,6 +284,29 @@ fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
     assert_eq!(answers(one, 10), only("A1", 10));
     assert_eq!(answers(two, 10), only("B1", 10));
 
+    // A file that moves a service with a live generation to another address: refused
+    // whole (service b's removal in it does not happen either).
+    let three = loopback();
+    write_config(&config, &[(&a, three)]);
+    let (code, stdout, stderr) = reload(&d);
+    assert_eq!(
+        code,
+        Some(1),
+        "an address change of a live service: {stdout}{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr.starts_with(&format!(
+            "Error: configuration refused, the running one stays: service {a} has live generations"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(
+        shape(&d),
+        before,
+        "an address change of a live service changes nothing"
+    );
+
     // A file that is gone: its name, no line.
     std::fs::remove_file(&config).expect("removing the config");
     let (code, _, stderr) = reload(&d);

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
 
 use handoff_common::maps::{BLOCKS, GEN_SLOTS, SteerRecord};
 use handoff_common::proto::{ErrorKind, GenerationState, Promoted};
@@ -231,12 +232,14 @@ impl Service {
         let target = self.generations[index].blocks.clone();
         let mut flipped = Vec::new();
         let mut result = Ok(());
+        let started = Instant::now();
         for i in 0..self.groups.len() {
             result = self.flip_back(
                 i,
                 &target[i],
                 current.as_ref().map(|c| &c[i]),
                 &mut flipped,
+                started,
                 ctx,
             );
             if result.is_err() {
@@ -274,6 +277,7 @@ impl Service {
         block: &Block,
         previous: Option<&Block>,
         flipped: &mut Vec<(usize, SteerRecord)>,
+        started: Instant,
         ctx: &mut Ctx,
     ) -> Result<(), PromoteError> {
         let key = self.groups[i].key;
@@ -282,7 +286,7 @@ impl Service {
         };
         flipped.push((i, program.record()?));
         program.publish(record_for(block, previous))?;
-        match verify(program, key, block) {
+        match verify(program, key, block, patience(started)) {
             Err(PromoteError::Probe(e)) if e.lost() => {
                 tracing::warn!(service = %self.config.name, error = %e, "the group lost handoff's program: attaching it again");
                 if !self.reattach(i, ctx)? {
@@ -292,7 +296,8 @@ impl Service {
                     .program
                     .as_mut()
                     .ok_or(LoaderError::MissingMap("program"))?;
-                verify(program, key, block)
+                // Just attached: the program answers at once or not at all.
+                verify(program, key, block, probe::PROBE_DEADLINE)
             }
             other => other,
         }
@@ -402,6 +407,7 @@ impl Service {
     ) -> Result<Vec<Block>, PromoteError> {
         let mut done: Vec<(usize, Option<SteerRecord>)> = Vec::new();
         let mut blocks = Vec::with_capacity(self.groups.len());
+        let started = Instant::now();
         let result = (|| {
             for (i, taken) in candidate.listeners.iter().enumerate() {
                 let block = Block {
@@ -429,7 +435,7 @@ impl Service {
                 // detach, a group re-formed since); attaching again replaces whatever it
                 // runs, ours included, at the cost of one setsockopt.
                 program.attach(taken[0].fd.as_fd())?;
-                verify(program, Some(taken[0].key), &block)?;
+                verify(program, Some(taken[0].key), &block, patience(started))?;
                 blocks.push(block);
             }
             Ok(())
@@ -470,15 +476,26 @@ fn record_for(active: &Block, previous: Option<&Block>) -> SteerRecord {
     }
 }
 
+/// How long the next probe of an operation that began at `started` may wait for a SYN
+/// the program has not seen yet: what is left of one [`probe::PROBE_SLOW_DEADLINE`] for
+/// the whole operation, at least [`probe::PROBE_DEADLINE`]. The daemon's lock is held
+/// throughout, so a slow softirq costs one second per promote, not one per group.
+fn patience(started: Instant) -> Duration {
+    probe::PROBE_SLOW_DEADLINE
+        .saturating_sub(started.elapsed())
+        .max(probe::PROBE_DEADLINE)
+}
+
 /// Probes the group and checks that the program chose a slot of `block`.
 fn verify(
     program: &mut GroupProgram,
     key: Option<GroupKey>,
     block: &Block,
+    patience: Duration,
 ) -> Result<(), PromoteError> {
     let Some(key) = key else { return Ok(()) };
     let range = block.first()..block.first() + block.cookies.len() as u32;
-    match probe::probe(program, key.probe_target(), probe::PROBE_SLOW_DEADLINE)? {
+    match probe::probe(program, key.probe_target(), patience)? {
         ProbeResult::Slot(s) if range.contains(&s) => Ok(()),
         ProbeResult::Slot(s) => Err(PromoteError::ProbeMismatch {
             group: key,

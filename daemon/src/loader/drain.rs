@@ -72,13 +72,25 @@ pub(super) fn map_err(name: &'static str) -> impl Fn(MapError) -> LoaderError {
 
 /// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on a unified system,
 /// `/sys/fs/cgroup/unified` on a hybrid one).
+///
+/// Of several cgroup2 mounts (a bind mount of a subtree besides the hierarchy's own), the
+/// first that shows the root (inode 1), else the first: the start-up check then says why
+/// it is not the root.
 pub fn cgroup2_root() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
     let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(path))
-    })
+    let all: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(path))
+        })
+        .collect();
+    all.iter()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == crate::host::CGROUP_ROOT_INODE))
+        .or(all.first())
+        .cloned()
 }
 
 /// The root of the cgroup v2 hierarchy, opened to attach programs that see every socket:
