@@ -505,12 +505,15 @@ impl Daemon {
 /// Where the daemon's configuration comes from: the `--config` file, if any, and the
 /// flags that override its service. A reload (SIGHUP or `handoffctl reload`) reads the
 /// file again through [`reload`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct ConfigSource {
     /// `--config`; none: the flags alone, and nothing to reload.
-    pub file: Option<PathBuf>,
+    file: Option<PathBuf>,
     /// The flags, applied to the file's service as at start.
-    pub overrides: Overrides,
+    overrides: Overrides,
+    /// Held from reading the file to applying it: of two reloads at once (SIGHUP and a
+    /// request), the one that read the file last applies last.
+    reloading: Mutex<()>,
 }
 
 /// Why a reload changed nothing.
@@ -563,6 +566,15 @@ impl ReloadError {
 }
 
 impl ConfigSource {
+    /// The source of a daemon started with `file` (`--config`) and the flags.
+    pub fn new(file: Option<PathBuf>, overrides: Overrides) -> Self {
+        Self {
+            file,
+            overrides,
+            reloading: Mutex::new(()),
+        }
+    }
+
     /// The services to run: the file's, if any, with the flags applied.
     pub fn load(&self) -> Result<Vec<ServiceConfig>, ReloadError> {
         let file = match &self.file {
@@ -587,6 +599,8 @@ pub fn reload(daemon: &Mutex<Daemon>, source: &ConfigSource) -> Result<Reloaded,
         tracing::warn!("reload ignored: handoffd runs without --config");
         return Err(ReloadError::NoConfig);
     };
+    // Not the daemon's lock: reading the file holds up no drain.
+    let _one_at_a_time = source.reloading.lock().unwrap_or_else(|p| p.into_inner());
     let services = source.load().inspect_err(|e| tracing::error!("{e}"))?;
     let names = services.iter().map(|s| s.name.clone()).collect();
     tracing::info!(file = %path.display(), "reloading the configuration");

@@ -183,7 +183,7 @@ fn run(args: Args, target: logging::Target) -> anyhow::Result<()> {
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let daemon = Arc::new(Mutex::new(Daemon::new(services, ctx, saved, Some(state_file))));
         // What SIGHUP and `handoffctl reload` read again.
-        let config = Arc::new(handoff::daemon::ConfigSource { file: args.config.clone(), overrides });
+        let config = Arc::new(handoff::daemon::ConfigSource::new(args.config.clone(), overrides));
         let tasks = vec![
             tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx)).abort_handle(),
             tokio::spawn(reload_on_hup(Arc::clone(&daemon), Arc::clone(&config))).abort_handle(),
