@@ -393,6 +393,12 @@ impl Member {
         })?;
         let facts = read_facts(pid)?;
         check_rule(pid, &pidfd, &facts)?;
+        Self::live_verified(pid, pidfd, &facts).ok_or(MemberError::NoSuchProcess { pid })
+    }
+
+    /// The member `pid`, whose facts were read after `pidfd` was opened and passed the
+    /// rule; none if it has exited or is a zombie.
+    fn live_verified(pid: i32, pidfd: OwnedFd, facts: &Facts) -> Option<Self> {
         let member = Self {
             pid,
             start_time: facts.start_time,
@@ -401,10 +407,7 @@ impl Member {
             pidfd: Arc::new(pidfd),
             verified: true,
         };
-        if facts.zombie || !member.alive() {
-            return Err(MemberError::NoSuchProcess { pid });
-        }
-        Ok(member)
+        (!facts.zombie && member.alive()).then_some(member)
     }
 
     /// Takes a pidfd a client passed as a member: the process it names, with its pid
@@ -441,18 +444,7 @@ impl Member {
             return Err(PidfdError::Exited);
         }
         check_rule(pid, &pidfd, &facts)?;
-        let member = Self {
-            pid,
-            start_time: facts.start_time,
-            uids: facts.uids,
-            ppid: facts.ppid,
-            pidfd: Arc::new(pidfd),
-            verified: true,
-        };
-        if facts.zombie || !member.alive() {
-            return Err(PidfdError::Exited);
-        }
-        Ok(member)
+        Self::live_verified(pid, pidfd, &facts).ok_or(PidfdError::Exited)
     }
 
     /// Whether it is still running (not exited, not a zombie).

@@ -75,18 +75,8 @@ pub(super) fn probe() -> Result<(), LoaderError> {
 /// [`probe`] with a loader made already (for the drain object: see
 /// [`super::DrainProgram`]); it must not give the object the kernel's BTF.
 pub(super) fn probe_with(loader: &mut EbpfLoader<'_>) -> Result<(), LoaderError> {
-    let mut ebpf = loader
-        .load(handoff_ebpf::HANDOFF_BPF)
-        .map_err(|source| LoaderError::Load {
-            what: "the steering program",
-            source,
-        })?;
-    let program: &mut SkReuseport = ebpf
-        .program_mut(maps::PROGRAM)
-        .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
-        .try_into()
-        .map_err(program_err)?;
-    program.load().map_err(|e| {
+    let mut ebpf = open_object(loader)?;
+    steering_program(&mut ebpf)?.load().map_err(|e| {
         LoaderError::Refused(vec![super::features::Refusal::new(
             maps::PROGRAM,
             crate::kernel::ProgramKind::Steering,
@@ -95,26 +85,32 @@ pub(super) fn probe_with(loader: &mut EbpfLoader<'_>) -> Result<(), LoaderError>
     })
 }
 
+/// The steering object, its maps created, its program not loaded yet.
+fn open_object(loader: &mut EbpfLoader<'_>) -> Result<Ebpf, LoaderError> {
+    loader
+        .load(handoff_ebpf::HANDOFF_BPF)
+        .map_err(|source| LoaderError::Load {
+            what: "the steering program",
+            source,
+        })
+}
+
+/// The object's sk_reuseport program.
+fn steering_program(ebpf: &mut Ebpf) -> Result<&mut SkReuseport, LoaderError> {
+    ebpf.program_mut(maps::PROGRAM)
+        .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
+        .try_into()
+        .map_err(program_err)
+}
+
 impl GroupProgram {
     /// Loads a fresh instance: empty sockarray, record 0 in force and empty (every
     /// connection left to the kernel's hash until a generation is published).
     pub fn load(pin_dir: &Path) -> Result<Self, LoaderError> {
-        let mut ebpf =
-            // No kernel BTF: the steering object has no CO-RE relocation, and parsing the
-            // kernel's BTF for every group would cost megabytes of memory each.
-            EbpfLoader::new()
-                .btf(None)
-                .load(handoff_ebpf::HANDOFF_BPF)
-                .map_err(|source| LoaderError::Load {
-                what: "the steering program",
-                source,
-            })?;
-        let program: &mut SkReuseport = ebpf
-            .program_mut(maps::PROGRAM)
-            .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
-            .try_into()
-            .map_err(program_err)?;
-        program.load().map_err(program_err)?;
+        // No kernel BTF: the steering object has no CO-RE relocation, and parsing the
+        // kernel's BTF for every group would cost megabytes of memory each.
+        let mut ebpf = open_object(EbpfLoader::new().btf(None))?;
+        steering_program(&mut ebpf)?.load().map_err(program_err)?;
         std::fs::create_dir_all(pin_dir).map_err(|source| LoaderError::Io {
             op: "creating",
             path: pin_dir.to_path_buf(),
@@ -133,12 +129,7 @@ impl GroupProgram {
         // Pinned too, so that a restarted daemon can attach it again to a group that lost it.
         let path = pin_dir.join(maps::PROGRAM);
         let _ = std::fs::remove_file(&path);
-        let program: &mut SkReuseport = ebpf
-            .program_mut(maps::PROGRAM)
-            .ok_or(LoaderError::MissingMap(maps::PROGRAM))?
-            .try_into()
-            .map_err(program_err)?;
-        program
+        steering_program(&mut ebpf)?
             .pin(&path)
             .map_err(|source| LoaderError::Pin { path, source })?;
         group.ebpf = Some(ebpf);
