@@ -499,33 +499,79 @@ impl Drop for Qemu {
     }
 }
 
-/// Starts qemu (TCG: no KVM here; 2 CPUs, 2 GB) on `image` and `initrd` with the kernel
-/// command line `append`; every console line (stdout and stderr) comes through the
-/// receiver. qemu is killed when the returned guard is dropped.
-fn start_qemu(image: &Path, initrd: &Path, append: &str) -> Result<(Qemu, mpsc::Receiver<String>)> {
-    let mut child = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "2G",
-        ])
-        .args(["-nographic", "-no-reboot", "-kernel"])
-        .arg(image)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", append])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start qemu-system-x86_64")?;
-    let stdout = child.stdout.take().context("qemu has no stdout")?;
-    let stderr = child.stderr.take().context("qemu has no stderr")?;
-    let qemu = Qemu(child);
-    let (tx, rx) = mpsc::channel::<String>();
-    let tx_err = tx.clone();
-    // Console bytes are not always UTF-8 (firmware escapes): read lines as bytes.
-    std::thread::spawn(move || forward_lines(stdout, &tx));
-    std::thread::spawn(move || forward_lines(stderr, &tx_err));
-    Ok((qemu, rx))
+/// A booted guest's console: qemu (killed when this is dropped), every line of its
+/// output written to a log file, and the guest's `@@handoff` markers handed out.
+struct Console {
+    _qemu: Qemu,
+    rx: mpsc::Receiver<String>,
+    log: std::fs::File,
+}
+
+/// What the console gave before a deadline.
+enum Next {
+    /// A `@@handoff` line: what follows the marker.
+    Marker(String),
+    /// qemu exited (the guest powered off) and both pipes are closed.
+    Exited,
+    /// The deadline passed.
+    Deadline,
+}
+
+impl Console {
+    /// Starts qemu (TCG: no KVM here; 2 CPUs, 2 GB) on `image` and `initrd` with the
+    /// kernel command line `append`, logging its console (stdout and stderr) to `log`.
+    fn boot(image: &Path, initrd: &Path, append: &str, log: &Path) -> Result<Self> {
+        let log = std::fs::File::create(log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        let mut child = Command::new("qemu-system-x86_64")
+            .args([
+                "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "2G",
+            ])
+            .args(["-nographic", "-no-reboot", "-kernel"])
+            .arg(image)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", append])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start qemu-system-x86_64")?;
+        let stdout = child.stdout.take().context("qemu has no stdout")?;
+        let stderr = child.stderr.take().context("qemu has no stderr")?;
+        let qemu = Qemu(child);
+        let (tx, rx) = mpsc::channel::<String>();
+        let tx_err = tx.clone();
+        // Console bytes are not always UTF-8 (firmware escapes): read lines as bytes.
+        std::thread::spawn(move || forward_lines(stdout, &tx));
+        std::thread::spawn(move || forward_lines(stderr, &tx_err));
+        Ok(Self {
+            _qemu: qemu,
+            rx,
+            log,
+        })
+    }
+
+    /// Reads (and logs) lines until the next marker, qemu's exit or `end`; an interrupt
+    /// (Ctrl-C) is noticed within 200 ms.
+    fn next_marker(&mut self, end: Instant) -> Result<Next> {
+        loop {
+            check_interrupted()?;
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Next::Deadline);
+            }
+            let line = match self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Ok(Next::Exited),
+            };
+            let _ = writeln!(self.log, "{line}");
+            if let Some(at) = line.find("@@handoff ") {
+                return Ok(Next::Marker(line[at + 10..].to_owned()));
+            }
+        }
+    }
 }
 
 /// Boots `image` with `initrd`, logs the console to `log`, and fills `outcome` from the
@@ -537,31 +583,19 @@ fn boot_and_read(
     deadline: Duration,
     outcome: &mut Outcome,
 ) -> Result<()> {
-    let mut log_file =
-        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    let (_qemu, rx) = start_qemu(image, initrd, "console=ttyS0 panic=-1 quiet")?;
-
+    let mut console = Console::boot(image, initrd, "console=ttyS0 panic=-1 quiet", log)?;
     let started = Instant::now();
     let end = started + deadline;
     loop {
-        check_interrupted()?;
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            bail!(
+        let marker = match console.next_marker(end)? {
+            Next::Marker(marker) => marker,
+            Next::Exited => break,
+            Next::Deadline => bail!(
                 "the guest did not finish within {} s (qemu killed)",
                 deadline.as_secs()
-            );
-        }
-        let line = match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => continue,
-            // qemu exited (poweroff) and both pipes are closed.
-            Err(RecvTimeoutError::Disconnected) => break,
+            ),
         };
-        let _ = writeln!(log_file, "{line}");
-        let Some(marker) = line.find("@@handoff ").map(|at| &line[at + 10..]) else {
-            continue;
-        };
+        let marker = marker.as_str();
         println!(
             "  [{:>5.0} s] {} {marker}",
             started.elapsed().as_secs_f64(),

@@ -31,17 +31,16 @@
 //! checks 8-15 s). The initramfs is 105 MB.
 
 use std::collections::BTreeMap;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::boot::{KERNELS, MODULES};
-use super::{build_static, cpio, fetch, print_tail, start_qemu};
+use super::{Console, Next, build_static, cpio, fetch, print_tail};
 use crate::children::{catch_interrupts, check_interrupted};
 use crate::{TempDir, cargo, run_checked};
 
@@ -611,38 +610,26 @@ struct Outcome {
 /// `@@handoff` lines until `@@handoff done` (then qemu gets a few seconds to power off
 /// before it is killed) or the deadline.
 fn boot_and_read(image: &Path, initrd: &Path, log: &Path, outcome: &mut Outcome) -> Result<()> {
-    let mut log_file =
-        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    let (_qemu, rx) = start_qemu(
+    let mut console = Console::boot(
         image,
         initrd,
         "console=ttyS0 panic=-1 quiet rdinit=/sbin/init systemd.show_status=error",
+        log,
     )?;
-
     let started = Instant::now();
     let mut end = started + DEADLINE;
     loop {
-        check_interrupted()?;
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            if outcome.done {
-                // Powered off too slowly: the results are in, qemu goes on drop.
-                return Ok(());
-            }
-            bail!(
+        let marker = match console.next_marker(end)? {
+            Next::Marker(marker) => marker,
+            Next::Exited => break,
+            // Powered off too slowly: the results are in, qemu goes on drop.
+            Next::Deadline if outcome.done => return Ok(()),
+            Next::Deadline => bail!(
                 "the guest did not finish within {} s (qemu killed)",
                 DEADLINE.as_secs()
-            );
-        }
-        let line = match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => break,
+            ),
         };
-        let _ = writeln!(log_file, "{line}");
-        let Some(marker) = line.find("@@handoff ").map(|at| &line[at + 10..]) else {
-            continue;
-        };
+        let marker = marker.as_str();
         let at = started.elapsed();
         println!("  [{:>5.1} s] {marker}", at.as_secs_f64());
         let (key, rest) = marker.split_once(' ').unwrap_or((marker, ""));
