@@ -44,13 +44,7 @@ fn waits_for_last_connection(name: &str, extra: &[&str]) {
     let b = testsrv("B", &[addr], &[]);
     d.promote(b.pid);
 
-    let gen_a = |d: &Handoffd| {
-        d.service()
-            .generations
-            .into_iter()
-            .find(|g| g.pid as u32 == a.pid)
-            .expect("A listed")
-    };
+    let gen_a = |d: &Handoffd| d.generation_of(a.pid).expect("A listed");
     let g = gen_a(&d);
     assert_eq!(
         (g.state, g.connections),
@@ -272,12 +266,7 @@ fn respawned_worker_of_the_active_generation_gets_connections() {
         by_pid.keys().all(|p| *p == fresh || *p == survivor),
         "{by_pid:?}"
     );
-    let g = d
-        .service()
-        .generations
-        .into_iter()
-        .find(|g| g.pid as u32 == m.pid)
-        .expect("M listed");
+    let g = d.generation_of(m.pid).expect("M listed");
     assert_eq!(
         g.listeners, 2,
         "the new listener took the closed one's slot"

@@ -50,12 +50,7 @@ fn drains_and_retires(name: &str, force: bool) {
     assert!(a.workers.contains(&held.2), "A's worker accepted it");
     let b = testsrv("B", &[addr], &[]);
     d.promote(b.pid);
-    let g = d
-        .service()
-        .generations
-        .into_iter()
-        .find(|g| g.pid as u32 == a.pid)
-        .expect("A listed");
+    let g = d.generation_of(a.pid).expect("A listed");
     assert_eq!((g.state, g.connections), (GenerationState::Draining, 1));
     drop(held);
     a.wait_line(Stream::Stderr, "term ", Duration::from_secs(5))

@@ -136,13 +136,7 @@ fn bind_flood_neither_delays_retirement_nor_reaches_the_daemon() {
     let held = load::hold(addr).expect("a connection to A");
     let b = testsrv("B", &[addr], &[]);
     d.promote(b.pid);
-    let gen_a = |d: &Handoffd| {
-        d.service()
-            .generations
-            .into_iter()
-            .find(|g| g.pid as u32 == a.pid)
-            .expect("A listed")
-    };
+    let gen_a = |d: &Handoffd| d.generation_of(a.pid).expect("A listed");
     wait_until(
         "A to drain holding one connection",
         Duration::from_secs(5),

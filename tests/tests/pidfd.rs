@@ -18,25 +18,6 @@ use handoff_tests::{Proc, Stream, bin_path, scaled};
 use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
 
-/// Per generation: its pid, state and listeners.
-type Generations = Vec<(i32, &'static str, usize)>;
-
-/// Per service: name, and its generations.
-fn shape(d: &Handoffd) -> Vec<(String, Generations)> {
-    d.status()
-        .services
-        .into_iter()
-        .map(|s| {
-            let gens = s
-                .generations
-                .iter()
-                .map(|g| (g.pid, g.state.as_str(), g.listeners))
-                .collect();
-            (s.name, gens)
-        })
-        .collect()
-}
-
 /// The pids whose parent is `pid` (from /proc, as the host sees them).
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
@@ -216,7 +197,7 @@ fn promote_by_pidfd_from_another_pid_namespace() {
 
     // A pid the namespace cannot see (the host's server, numbered far above anything
     // the new namespace has), and one no process has: refused by handoffctl there.
-    let before = shape(&d);
+    let before = d.shape();
     for pid in [h.pid.to_string(), "4000000".to_string()] {
         let out = ctl_inside(&c, d.socket.as_path(), &["promote", &pid]);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -226,7 +207,7 @@ fn promote_by_pidfd_from_another_pid_namespace() {
             format!("handoffctl: no process with pid {pid}\n"),
             "one clear line"
         );
-        assert_eq!(shape(&d), before, "nothing changed");
+        assert_eq!(d.shape(), before, "nothing changed");
     }
     // A process it can see that holds no listener: the daemon's usual refusal.
     let out = ctl_inside(&c, d.socket.as_path(), &["promote", &c.sleeper.to_string()]);
@@ -234,7 +215,7 @@ fn promote_by_pidfd_from_another_pid_namespace() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("holds no TCP listener"), "{stderr}");
-    assert_eq!(shape(&d), before, "nothing changed");
+    assert_eq!(d.shape(), before, "nothing changed");
 
     // The server's pid as the namespace sees it: the daemon promotes the host process.
     let out = ctl_inside(&c, d.socket.as_path(), &["promote", &c.inner.to_string()]);
@@ -272,7 +253,7 @@ fn descriptors_that_are_not_one_pidfd_are_refused() {
     let mut d = d;
     d.promote(a.pid);
     let b = testsrv("B", &[addr], &[]);
-    let before = shape(&d);
+    let before = d.shape();
     let daemon = d.proc().pid;
     // Its stdin, at least.
     let held = dev_nulls(daemon);
@@ -305,7 +286,7 @@ fn descriptors_that_are_not_one_pidfd_are_refused() {
     assert_eq!(kind, ErrorKind::BadRequest, "{message}");
     assert!(message.contains("only promote takes a pidfd"), "{message}");
 
-    assert_eq!(shape(&d), before, "nothing changed");
+    assert_eq!(d.shape(), before, "nothing changed");
     assert_eq!(answers(addr, 10), only("A", 10));
     assert_eq!(
         dev_nulls(daemon),

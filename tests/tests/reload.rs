@@ -192,26 +192,6 @@ fn sighup_applies_a_new_user_to_the_next_promote() {
     assert_eq!(answers(addr, 10), only("NOBODY", 10));
 }
 
-/// Per generation: id, pid, state and listeners.
-type Generations = Vec<(u64, i32, &'static str, usize)>;
-
-/// What a refused reload must leave as it was: every service, its addresses and its
-/// generations (the counters move with probes and traffic, so they are left out).
-fn shape(d: &Handoffd) -> Vec<(String, Vec<String>, Generations)> {
-    d.status()
-        .services
-        .into_iter()
-        .map(|s| {
-            let gens = s
-                .generations
-                .iter()
-                .map(|g| (g.id, g.pid, g.state.as_str(), g.listeners))
-                .collect();
-            (s.name, s.listen, gens)
-        })
-        .collect()
-}
-
 /// `handoffctl reload`'s exit status and its one line, on stdout or stderr.
 fn reload(d: &Handoffd) -> (Option<i32>, String, String) {
     let out = d.ctl(&["reload"]);
@@ -263,7 +243,7 @@ fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
     assert_eq!(answers(two, 10), only("B1", 10));
 
     // A bad file: exit 1, the FILE:LINE:COL line, nothing changed.
-    let before = shape(&d);
+    let before = d.shape();
     std::fs::write(
         &config,
         format!("[[service]]\nname = \"{a}\"\nlisten = [\"not an address\"]\n"),
@@ -280,7 +260,7 @@ fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
         "{stderr:?} starts with {prefix:?}"
     );
     assert!(stderr.contains("not an address"), "{stderr}");
-    assert_eq!(shape(&d), before, "a refused file changes nothing");
+    assert_eq!(d.shape(), before, "a refused file changes nothing");
     assert_eq!(answers(one, 10), only("A1", 10));
     assert_eq!(answers(two, 10), only("B1", 10));
 
@@ -302,7 +282,7 @@ fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
         "{stderr}"
     );
     assert_eq!(
-        shape(&d),
+        d.shape(),
         before,
         "an address change of a live service changes nothing"
     );
@@ -318,7 +298,7 @@ fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
         )),
         "{stderr}"
     );
-    assert_eq!(shape(&d), before, "a missing file changes nothing");
+    assert_eq!(d.shape(), before, "a missing file changes nothing");
 
     // SIGHUP takes the same path: the file back, without `two`.
     write_config(&config, &[(&a, one)]);
@@ -341,7 +321,7 @@ fn handoffctl_reload_without_config_is_refused() {
         return;
     }
     let d = Handoffd::start("ctl-reload-none", &[loopback()]);
-    let before = shape(&d);
+    let before = d.shape();
     let (code, stdout, stderr) = reload(&d);
     assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert_eq!(stdout, "");
@@ -350,5 +330,5 @@ fn handoffctl_reload_without_config_is_refused() {
         stderr.starts_with("Error: handoffd runs without --config"),
         "{stderr}"
     );
-    assert_eq!(shape(&d), before);
+    assert_eq!(d.shape(), before);
 }

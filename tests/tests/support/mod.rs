@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use handoff_common::proto::{GenerationState, ServiceStatus, Status};
+use handoff_common::proto::{GenerationState, GenerationStatus, ServiceStatus, Status};
 use handoff_tests::{Proc, bin_path, free_port, load, scaled};
 
 pub use handoff_tests::privileged;
@@ -180,15 +180,41 @@ impl Handoffd {
         s.services.remove(0)
     }
 
-    /// The state of the generation of `pid`.
-    pub fn state_of(&self, pid: u32) -> Option<GenerationState> {
+    /// The generation of the one service whose promoted pid is `pid`, if listed.
+    pub fn generation_of(&self, pid: u32) -> Option<GenerationStatus> {
         self.service()
             .generations
-            .iter()
+            .into_iter()
             .find(|g| g.pid as u32 == pid)
-            .map(|g| g.state)
+    }
+
+    /// The state of the generation of `pid`.
+    pub fn state_of(&self, pid: u32) -> Option<GenerationState> {
+        self.generation_of(pid).map(|g| g.state)
+    }
+
+    /// What a refused request must leave as it was: every service, its addresses, and its
+    /// generations' ids, pids, states and listeners (the counters move with probes and
+    /// traffic, so they are left out).
+    pub fn shape(&self) -> Vec<ServiceShape> {
+        self.status()
+            .services
+            .into_iter()
+            .map(|s| {
+                let gens = s
+                    .generations
+                    .iter()
+                    .map(|g| (g.id, g.pid, g.state.as_str(), g.listeners))
+                    .collect();
+                (s.name, s.listen, gens)
+            })
+            .collect()
     }
 }
+
+/// A service as [`Handoffd::shape`] sees it: name, addresses, and per generation its id,
+/// pid, state and listeners.
+pub type ServiceShape = (String, Vec<String>, Vec<(u64, i32, &'static str, usize)>);
 
 impl Drop for Handoffd {
     fn drop(&mut self) {
