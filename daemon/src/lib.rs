@@ -41,6 +41,7 @@ pub mod generation;
 pub mod group;
 pub mod host;
 pub mod kernel;
+pub mod lifecycle;
 pub mod loader;
 pub mod logging;
 pub mod members;

@@ -1,0 +1,384 @@
+//! Draining and retirement: counts, the retire signal at zero or at the timeout,
+//! kill-after, the end of a watch window, exits, and recovery of a saved table.
+
+use handoff_common::maps::GEN_SLOTS;
+
+use super::event::{Effect, RollbackReason, SignalScope, Why};
+use super::model::{Drain, GenId, Generation, Millis, Phase, RetireReason, Retirement, Steer};
+use super::operation::Flip;
+use super::service::{KEEP_RETIRED, Lifecycle};
+
+/// How long to wait before counting again while connections wait in an accept queue.
+const RECHECK_MS: u64 = 5;
+
+impl Lifecycle {
+    /// Starts draining the generation at `index`: members read again, counting under a
+    /// new tag, the drain signal; the first count at the next tick (after the promote
+    /// that demoted it has answered: a socket closed meanwhile was never counted, so
+    /// nothing is missed).
+    pub(super) fn start_drain(&mut self, index: usize, out: &mut Vec<Effect>) {
+        let now = self.now;
+        let policy = self.policy;
+        let g = &mut self.generations[index];
+        g.phase = Phase::Draining;
+        g.drain = Some(Drain {
+            tag: 0,
+            started: now,
+            deadline: now.after(policy.drain_timeout_ms),
+            retire: None,
+            kill_at: None,
+            killed: false,
+            recheck_at: Some(now),
+            counted: false,
+        });
+        // Members are read before the drain signal: a leader that exits on it must not
+        // take the knowledge of its workers with it.
+        out.push(Effect::Adopt { generation: g.id });
+        out.push(Effect::StartCount { generation: g.id });
+        if let Some(signal) = policy.drain_signal {
+            out.push(Effect::Signal {
+                generation: g.id,
+                signal,
+                why: Why::Drain,
+                scope: SignalScope::Leader,
+            });
+        }
+        out.push(Effect::Wake);
+    }
+
+    pub(super) fn tagged(&mut self, generation: GenId, tag: u32) {
+        if let Some(d) = self.drain_mut(generation) {
+            d.tag = tag;
+        }
+    }
+
+    fn drain_mut(&mut self, generation: GenId) -> Option<&mut Drain> {
+        let i = self.index(generation)?;
+        self.generations[i].drain.as_mut()
+    }
+
+    /// Counts the generation at `index`, if it drains and was not told to retire.
+    fn count(&mut self, index: usize, out: &mut Vec<Effect>) {
+        let g = &self.generations[index];
+        let Some(d) = g.drain.as_ref() else { return };
+        if g.phase != Phase::Draining || d.retire.is_some() {
+            return;
+        }
+        out.push(Effect::Count {
+            generation: g.id,
+            tag: d.tag,
+            first: !d.counted,
+        });
+    }
+
+    pub(super) fn counted(&mut self, id: GenId, counted: u64, queued: u64, out: &mut Vec<Effect>) {
+        let now = self.now;
+        let Some(index) = self.index(id) else { return };
+        let g = &mut self.generations[index];
+        let Some(d) = g.drain.as_mut() else { return };
+        if g.phase != Phase::Draining || d.retire.is_some() {
+            return;
+        }
+        d.counted = true;
+        if counted > 0 {
+            d.recheck_at = None;
+        } else if queued > 0 {
+            // Accepted soon (then counted), or migrated when the listener closes.
+            d.recheck_at = Some(now.after(RECHECK_MS));
+        } else {
+            self.retire(index, RetireReason::Drained, out);
+        }
+    }
+
+    pub(super) fn count_failed(&mut self, id: GenId) {
+        if let Some(d) = self.drain_mut(id) {
+            // Not counted again: the drain timeout retires it.
+            d.recheck_at = None;
+        }
+    }
+
+    /// A tag's count reached zero in the kernel: count once more (a socket may be on
+    /// its way), retire if still zero.
+    pub(super) fn zero(&mut self, tag: u32, out: &mut Vec<Effect>) {
+        if tag == 0 {
+            return;
+        }
+        let found = self
+            .generations
+            .iter()
+            .position(|g| g.drain.as_ref().is_some_and(|d| d.tag == tag));
+        if let Some(index) = found {
+            self.count(index, out);
+        }
+    }
+
+    pub(super) fn recount_draining(&mut self, out: &mut Vec<Effect>) {
+        for index in 0..self.generations.len() {
+            self.count(index, out);
+        }
+    }
+
+    /// Sends the retire signal (to the leader, or every member if it is gone).
+    fn retire(&mut self, index: usize, reason: RetireReason, out: &mut Vec<Effect>) {
+        let now = self.now;
+        let policy = self.policy;
+        let g = &mut self.generations[index];
+        if let Some(d) = g.drain.as_mut() {
+            d.retire = Some((now, reason));
+            d.recheck_at = None;
+            d.kill_at = policy.kill_after_ms.map(|k| now.after(k));
+        }
+        out.push(Effect::Signal {
+            generation: g.id,
+            signal: policy.retire_signal,
+            why: Why::Retire(reason),
+            scope: SignalScope::Leader,
+        });
+        out.push(Effect::Persist);
+    }
+
+    /// Acts on every deadline up to now: ends of watch windows, drain timeouts,
+    /// kill-after, recounts.
+    pub(super) fn tick(&mut self, out: &mut Vec<Effect>) {
+        let now = self.now;
+        for index in 0..self.generations.len() {
+            let g = &self.generations[index];
+            if let Phase::Standby { until } = g.phase {
+                if until <= now {
+                    self.start_drain(index, out);
+                    out.push(Effect::Persist);
+                }
+                continue;
+            }
+            let Some(d) = g.drain.as_ref().filter(|_| g.phase == Phase::Draining) else {
+                continue;
+            };
+            if d.retire.is_none() && d.deadline <= now {
+                self.retire(index, RetireReason::Timeout, out);
+            }
+            self.kill_due(index, out);
+            let g = &self.generations[index];
+            if g.drain
+                .as_ref()
+                .and_then(|d| d.recheck_at)
+                .is_some_and(|r| r <= now)
+            {
+                self.count(index, out);
+            }
+        }
+    }
+
+    fn kill_due(&mut self, index: usize, out: &mut Vec<Effect>) {
+        let now = self.now;
+        let g = &mut self.generations[index];
+        let Some(d) = g.drain.as_mut() else { return };
+        if d.kill_at.is_none_or(|k| k > now) {
+            return;
+        }
+        d.kill_at = None;
+        d.killed = true;
+        // Processes forked since the last look are members too.
+        out.push(Effect::Adopt { generation: g.id });
+        out.push(Effect::Signal {
+            generation: g.id,
+            signal: libc::SIGKILL,
+            why: Why::Kill,
+            scope: SignalScope::All,
+        });
+        out.push(Effect::Persist);
+    }
+
+    /// Every member of a generation exited: it is retired, its slots emptied. An active
+    /// generation that dies inside its watch window hands traffic back to the standby.
+    pub(super) fn exited(&mut self, id: GenId, out: &mut Vec<Effect>) {
+        let now = self.now;
+        let Some(index) = self.index(id) else { return };
+        let g = &mut self.generations[index];
+        let was = g.phase;
+        if !was.live() {
+            return;
+        }
+        let how = match &g.drain {
+            Some(d) if d.killed => Retirement::Killed,
+            Some(d) => match d.retire {
+                Some((_, RetireReason::Drained)) => Retirement::Drained,
+                Some((_, RetireReason::Timeout)) => Retirement::Timeout,
+                None => Retirement::Exited,
+            },
+            None => Retirement::Exited,
+        };
+        g.phase = Phase::Retired(how);
+        let drained_ms = g.drain.as_ref().map(|d| now.since(d.started));
+        if let Some(tag) = g.drain.as_ref().map(|d| d.tag).filter(|&t| t != 0) {
+            out.push(Effect::Forget { tag });
+        }
+        for (group, block) in g.blocks.iter().enumerate() {
+            out.push(Effect::RemoveSlots {
+                group,
+                first: block.first(),
+                count: u32::try_from(block.cookies.len()).unwrap_or(GEN_SLOTS),
+            });
+        }
+        out.push(Effect::Retired {
+            generation: id,
+            how,
+            drained_ms,
+        });
+        out.push(Effect::Persist);
+        self.prune(out);
+        match was {
+            Phase::Active => self.fail_over(RollbackReason::Exited, out),
+            Phase::Canary { .. } => self.resteer_quietly(out),
+            _ => {}
+        }
+    }
+
+    /// Forgets the oldest retired generations beyond [`KEEP_RETIRED`].
+    fn prune(&mut self, out: &mut Vec<Effect>) {
+        let retired = self.generations.iter().filter(|g| !g.phase.live()).count();
+        let mut drop = retired.saturating_sub(KEEP_RETIRED);
+        self.generations.retain(|g| {
+            let forget = drop > 0 && !g.phase.live();
+            if forget {
+                drop -= 1;
+                out.push(Effect::Release { generation: g.id });
+            }
+            !forget
+        });
+    }
+
+    /// The active generation lost every listener of a group.
+    pub(super) fn listeners_lost(&mut self, id: GenId, out: &mut Vec<Effect>) {
+        if self.active().is_some_and(|g| g.id == id) {
+            self.fail_over(RollbackReason::ListenersLost, out);
+        }
+    }
+
+    /// Traffic goes back to the standby, if the watch window keeps one.
+    fn fail_over(&mut self, reason: RollbackReason, out: &mut Vec<Effect>) {
+        if self.op.is_some() {
+            return;
+        }
+        let standby = self
+            .generations
+            .iter()
+            .rev()
+            .find(|g| matches!(g.phase, Phase::Standby { .. }))
+            .map(|g| g.id);
+        if let Some(target) = standby {
+            self.flip(Flip::Reactivate { target, reason }, out);
+        }
+    }
+
+    /// Records without the canary that is gone.
+    fn resteer_quietly(&mut self, out: &mut Vec<Effect>) {
+        for group in 0..self.records.len() {
+            let record = self.record_for_table(group);
+            if record != self.records[group] {
+                self.records[group] = record;
+                out.push(Effect::Republish { group, record });
+            }
+        }
+    }
+
+    /// A listener opened since the promote joined the active generation's block: a grown
+    /// block is published (one atomic flip).
+    pub(super) fn listener_joined(
+        &mut self,
+        id: GenId,
+        group: usize,
+        offset: usize,
+        cookie: u64,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(index) = self.index(id) else { return };
+        let g = &mut self.generations[index];
+        let Some(block) = g.blocks.get_mut(group).filter(|_| g.phase == Phase::Active) else {
+            return;
+        };
+        if offset < block.cookies.len() {
+            block.cookies[offset] = cookie;
+            return;
+        }
+        if offset != block.cookies.len() || offset >= GEN_SLOTS as usize {
+            return;
+        }
+        let before = block.span();
+        block.cookies.push(cookie);
+        let grown = block.span();
+        let record = &mut self.records[group];
+        if record.active == Some(before) {
+            record.active = Some(grown);
+            out.push(Effect::Republish {
+                group,
+                record: *record,
+            });
+        }
+        out.push(Effect::Persist);
+    }
+
+    /// Takes up a saved table: generations whose processes were found again, their
+    /// drains counted afresh under new tags (a retired entry, which a state file should
+    /// not hold, is dropped).
+    pub(super) fn recover(
+        &mut self,
+        next_id: GenId,
+        records: Vec<Steer>,
+        generations: Vec<Generation>,
+        out: &mut Vec<Effect>,
+    ) {
+        let groups = self.records.len();
+        self.next_id = next_id.max(self.next_id);
+        self.records = records;
+        self.records.resize(groups, Steer::default());
+        for mut g in generations {
+            if !g.phase.live() || g.blocks.len() != groups {
+                continue;
+            }
+            let drained = matches!(g.phase, Phase::Draining | Phase::Standby { .. });
+            let Some(mut d) = g.drain.take().filter(|_| drained) else {
+                let index = self.generations.len();
+                let phase = g.phase;
+                self.generations.push(g);
+                if drained {
+                    // Saved before its drain began (a standby): it drains now.
+                    self.start_drain(index, out);
+                } else {
+                    self.generations[index].phase = phase;
+                }
+                continue;
+            };
+            g.phase = Phase::Draining;
+            d.tag = 0;
+            d.recheck_at = d.retire.is_none().then_some(self.now);
+            d.counted = false;
+            d.kill_at = match (d.retire, self.policy.kill_after_ms) {
+                (Some((sent, _)), Some(k)) if !d.killed => Some(sent.after(k)),
+                _ => None,
+            };
+            out.push(Effect::StartCount { generation: g.id });
+            g.drain = Some(d);
+            self.generations.push(g);
+        }
+        out.push(Effect::Wake);
+    }
+}
+
+/// A drain's deadlines as saved, for tests and the runtime's conversions.
+pub fn resumed(
+    started: Millis,
+    deadline: Millis,
+    retire: Option<(Millis, RetireReason)>,
+    killed: bool,
+) -> Drain {
+    Drain {
+        tag: 0,
+        started,
+        deadline,
+        retire,
+        kill_at: None,
+        killed,
+        recheck_at: None,
+        counted: false,
+    }
+}
