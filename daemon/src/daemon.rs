@@ -96,7 +96,7 @@ impl Daemon {
             services: self
                 .services
                 .iter()
-                .map(Service::save)
+                .map(|s| s.save(&self.ctx))
                 .chain(self.orphans.iter().cloned())
                 .collect(),
         }
@@ -164,7 +164,7 @@ impl Daemon {
                     self.watch_port(config);
                 }
                 Some(i) => {
-                    self.services[i].set_drain(config.drain);
+                    self.services[i].set_drain(config.drain, &mut self.ctx);
                     self.services[i].set_user(config.user, &mut self.ctx);
                     self.services[i].removing = false;
                 }
@@ -209,7 +209,7 @@ impl Daemon {
             .partition(|s| s.removing && s.live() <= 1);
         self.services = kept;
         for s in done {
-            for line in crate::cleanup::detach(&s.save()) {
+            for line in crate::cleanup::detach(&s.save(&self.ctx)) {
                 tracing::info!(service = %s.name(), "{line}");
             }
             if let Err(e) = crate::pins::remove_service(s.name()) {
@@ -348,7 +348,7 @@ impl Daemon {
     pub fn next_deadline(&self) -> Option<Instant> {
         self.services
             .iter()
-            .filter_map(Service::next_deadline)
+            .filter_map(|s| s.next_deadline(&self.ctx))
             .chain(self.stats_check_at)
             .chain(self.services.iter().filter_map(Service::watch_due))
             .min()

@@ -65,7 +65,7 @@ impl Daemon {
                 };
                 // The failed operation may have flipped a group already: the kernel
                 // follows the rebuilt table, so the two never disagree after the reply.
-                service.resteer();
+                service.resteer(&mut self.ctx);
                 self.services.push(service);
             }
             self.persist();
@@ -141,7 +141,7 @@ mod tests {
         fn drop(&mut self) {
             let d = Daemon::lock(&self.0);
             for s in &d.services {
-                crate::cleanup::detach(&s.save());
+                crate::cleanup::detach(&s.save(&d.ctx));
                 let _ = crate::pins::remove_service(s.name());
             }
         }
@@ -190,7 +190,7 @@ mod tests {
         });
         assert!(out.is_none());
         // The table is the one before the operation, and so is the kernel.
-        let gens = &d.services[0].save().generations;
+        let gens = &d.services[0].save(&d.ctx).generations;
         assert_eq!(gens.len(), 1, "{gens:?}");
         assert_eq!(gens[0].leader.pid, a.pid as i32);
         assert_eq!(d.services[0].records(), steering_a);

@@ -3,26 +3,49 @@
 
 use std::time::Instant;
 
-use handoff_common::proto::GenerationState;
-
-use super::{Service, drain::Ctx};
+use super::{Ctx, Service};
+use crate::lifecycle::{Event, GenId};
 
 impl Service {
     /// Counts every draining generation again now: a zero event may have been lost, and
     /// a generation whose count is zero must not wait for its drain timeout.
     pub fn recount_draining(&mut self, ctx: &mut Ctx) {
-        for index in 0..self.generations.len() {
-            let g = &self.generations[index];
-            if g.state == GenerationState::Draining && g.drain.is_some() {
-                self.count(index, ctx);
-            }
+        self.drive(Event::RecountDraining, ctx);
+    }
+
+    /// A tag's count reached zero in the kernel: count once more, retire if still zero.
+    pub fn on_zero(&mut self, tag: u32, ctx: &mut Ctx) {
+        self.drive(Event::Zero { tag }, ctx);
+    }
+
+    /// Acts on every deadline that has passed: drain timeouts, kill-after, rechecks, the
+    /// end of watch windows; and looks for new listeners.
+    pub fn tick(&mut self, now: Instant, ctx: &mut Ctx) {
+        self.rescan_due(now, ctx);
+        if self
+            .machine
+            .next_deadline()
+            .is_some_and(|at| ctx.instant(at) <= now)
+        {
+            self.drive(Event::Tick, ctx);
         }
+    }
+
+    /// The earliest deadline of any generation, or of the look for new listeners.
+    pub fn next_deadline(&self, ctx: &Ctx) -> Option<Instant> {
+        self.machine
+            .next_deadline()
+            .map(|at| ctx.instant(at))
+            .into_iter()
+            .chain(self.rescan.as_ref().map(|r| r.next))
+            .min()
     }
 
     /// Looks for new listeners of the active generation as if its leader had bound the
     /// port: a bind event of the service's uid was held back by the rate limit or lost.
     pub fn look_for_listeners(&mut self, now: Instant, ctx: &Ctx) {
-        if let Some(pid) = self.active().map(|g| g.leader.pid) {
+        if let Some(id) = self.active().map(|g| g.id) {
+            let pid = self.leader_pid(id);
             self.on_bind(pid, now, ctx);
         }
     }
@@ -41,19 +64,15 @@ impl Service {
 
     /// [`Service::watch_owner`] for the active generation a restarted daemon took up.
     pub fn watch_recovered_owner(&self, ctx: &mut Ctx) {
-        if let Some(index) = self
-            .generations
-            .iter()
-            .position(|g| g.state == GenerationState::Active)
-        {
-            self.watch_owner(index, ctx);
+        if let Some(id) = self.active().map(|g| g.id) {
+            self.watch_owner(id, ctx);
         }
     }
 
     /// Tells the bind watch whose binds of the service's addresses to report: the uid of
-    /// the generation at `index` (just made active), from now on.
-    pub fn watch_owner(&self, index: usize, ctx: &mut Ctx) {
-        let Some(g) = self.generations.get(index) else {
+    /// generation `id` (just made active), from now on.
+    pub(super) fn watch_owner(&self, id: GenId, ctx: &mut Ctx) {
+        let Some(g) = self.members.get(&id) else {
             return;
         };
         // Read after the pidfd was opened: a recycled pid's uid is never taken (the

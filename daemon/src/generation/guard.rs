@@ -9,10 +9,10 @@
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant, SystemTime};
 
-use handoff_common::proto::{GenerationState, SteeringWatchStatus};
+use handoff_common::proto::SteeringWatchStatus;
 
-use super::drain::Ctx;
-use super::{Generation, Service};
+use super::{Ctx, Members, Service};
+use crate::lifecycle::Phase;
 use crate::members::Member;
 use crate::probe;
 
@@ -76,10 +76,7 @@ impl Watch {
 impl Service {
     /// Whether anything is steered: an active generation and a loaded program.
     fn steered(&self) -> bool {
-        self.generations
-            .iter()
-            .any(|g| g.state == GenerationState::Active)
-            && self.groups.iter().any(|g| g.program.is_some())
+        self.active().is_some() && self.groups.iter().any(|g| g.program.is_some())
     }
 
     /// When the next probe is due; none while nothing is steered.
@@ -203,18 +200,25 @@ impl Service {
         ctx: &mut Ctx,
     ) -> Result<bool, crate::loader::LoaderError> {
         let port = self.port();
-        let mut order: Vec<usize> = (0..self.generations.len())
-            .filter(|&g| self.generations[g].state != GenerationState::Retired)
-            .collect();
         // The active generation first, then the newest.
-        order.sort_by_key(|&g| {
-            (
-                self.generations[g].state != GenerationState::Active,
-                std::cmp::Reverse(g),
-            )
-        });
-        for g in order {
-            let Some(fd) = listener_of(&self.generations[g], i, port, ctx)? else {
+        let mut order: Vec<(bool, usize, crate::lifecycle::GenId)> = self
+            .machine
+            .generations()
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.phase.live())
+            .map(|(k, g)| (g.phase != Phase::Active, k, g.id))
+            .collect();
+        order.sort_by_key(|&(not_active, k, _)| (not_active, std::cmp::Reverse(k)));
+        for (_, _, id) in order {
+            let cookies = match self.machine.generation(id).and_then(|g| g.blocks.get(i)) {
+                Some(block) => block.cookies.clone(),
+                None => continue,
+            };
+            let Some(members) = self.members.get(&id) else {
+                continue;
+            };
+            let Some(fd) = listener_of(members, &cookies, port, ctx)? else {
                 continue;
             };
             if let Some(program) = self.groups[i].program.as_mut() {
@@ -226,22 +230,20 @@ impl Service {
     }
 }
 
-/// A duplicate of one of `g`'s listeners in group `i`, if it still holds one.
+/// A duplicate of one of `members`' listeners with one of `cookies`, if one still holds
+/// one.
 fn listener_of(
-    g: &Generation,
-    i: usize,
+    members: &Members,
+    cookies: &[u64],
     port: u16,
     ctx: &mut Ctx,
 ) -> Result<Option<std::os::fd::OwnedFd>, crate::loader::LoaderError> {
-    let Some(block) = g.blocks.get(i) else {
-        return Ok(None);
-    };
-    let pids: Vec<i32> = g.members().filter(|m| m.alive()).map(|m| m.pid).collect();
+    let pids = members.alive();
     for (pid, fd, _inode) in ctx.program.listeners(port, &pids)? {
-        let Some(member) = g.members().find(|m| m.pid == pid) else {
+        let Some(member) = members.all().find(|m| m.pid == pid) else {
             continue;
         };
-        if let Some(fd) = duplicate_listener(member, fd, &block.cookies) {
+        if let Some(fd) = duplicate_listener(member, fd, cookies) {
             return Ok(Some(fd));
         }
     }

@@ -10,12 +10,12 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use handoff_common::maps::GEN_SLOTS;
-use handoff_common::proto::GenerationState;
 
-use super::{Service, drain::Ctx};
+use super::{Ctx, Service};
 use crate::candidate;
 use crate::discover;
 use crate::group::GroupKey;
+use crate::lifecycle::{Event, GenId, Phase};
 use crate::members::Member;
 
 /// Looking for new listeners after a bind: first soon, then less often, for a second.
@@ -42,17 +42,12 @@ impl Service {
     /// Process `pid` bound the service port: if it belongs to the active generation, a new
     /// listener may follow (bind, then listen).
     pub fn on_bind(&mut self, pid: i32, now: Instant, ctx: &Ctx) {
-        let Some(index) = self
-            .generations
-            .iter()
-            .position(|g| g.state == GenerationState::Active)
-        else {
+        let Some(generation) = self.active().map(|g| g.id) else {
             return;
         };
-        if !self.adopt_process(index, pid, ctx) {
+        if !self.adopt_process(generation, pid, ctx) {
             return;
         }
-        let generation = self.generations[index].id;
         let mut pids = match self.rescan.take() {
             Some(r) if r.generation == generation => r.pids,
             _ => Vec::new(),
@@ -69,14 +64,16 @@ impl Service {
         });
     }
 
-    /// Whether `pid` is a member of the generation at `index`, or a descendant of one:
-    /// then it, and every process between it and that member, become members.
-    fn adopt_process(&mut self, index: usize, pid: i32, ctx: &Ctx) -> bool {
-        let g = &mut self.generations[index];
+    /// Whether `pid` is a member of generation `id`, or a descendant of one: then it, and
+    /// every process between it and that member, become members.
+    fn adopt_process(&mut self, id: GenId, pid: i32, ctx: &Ctx) -> bool {
+        let Some(g) = self.members.get_mut(&id) else {
+            return false;
+        };
         let mut chain = Vec::new();
         let mut at = pid;
         // Up to a verified member: an unverified leader is no ground for new members.
-        while !g.members().any(|m| m.pid == at && m.verified()) {
+        while !g.all().any(|m| m.pid == at && m.verified()) {
             // Reparented to init (or a subreaper), gone, or too far: not this generation's.
             if at <= 1 || chain.len() >= MAX_DEPTH {
                 return false;
@@ -95,15 +92,15 @@ impl Service {
                 // never joins.
                 Ok(m) if m.uids.within(&g.trusted) => adopted.push(m),
                 Ok(m) => {
-                    tracing::info!(service = %self.config.name, generation = g.id, pid = p, uids = ?m.uids, trusted = ?g.trusted, "a process of another uid bound the port: not a member");
+                    tracing::info!(service = %self.config.name, generation = id, pid = p, uids = ?m.uids, trusted = ?g.trusted, "a process of another uid bound the port: not a member");
                     return false;
                 }
                 Err(e @ crate::members::MemberError::FdLimit { .. }) => {
-                    tracing::error!(service = %self.config.name, generation = g.id, error = %e, "a process of the generation cannot be tracked");
+                    tracing::error!(service = %self.config.name, generation = id, error = %e, "a process of the generation cannot be tracked");
                     return false;
                 }
                 Err(e @ crate::members::MemberError::Excluded { .. }) => {
-                    tracing::info!(service = %self.config.name, generation = g.id, error = %e, "not a member");
+                    tracing::info!(service = %self.config.name, generation = id, error = %e, "not a member");
                     return false;
                 }
                 // One that exited meanwhile has no listener to give.
@@ -124,13 +121,10 @@ impl Service {
             self.rescan = Some(r);
             return;
         }
-        let Some(index) = self
-            .generations
-            .iter()
-            .position(|g| g.id == r.generation && g.state == GenerationState::Active)
-        else {
+        if !self.is(r.generation, Phase::Active) {
             return; // promoted or rolled back meanwhile: the look is over
-        };
+        }
+        let id = r.generation;
         let pids = r.pids.clone();
         self.rescan = (now < r.until).then(|| Rescan {
             next: now + r.step,
@@ -138,27 +132,28 @@ impl Service {
             pids: r.pids,
             ..r
         });
-        self.adopt_listeners(index, &pids, ctx);
+        self.adopt_listeners(id, &pids, ctx);
     }
 
-    /// Puts listeners that the active generation (at `index`) opened since its promote
-    /// into its block: in a slot whose listener has closed, or after the last one. Looks
-    /// in `pids` first; if a new listener is held by none of them (a binder that handed
-    /// it to a child), in every member, descendants forked since included.
-    fn adopt_listeners(&mut self, index: usize, pids: &[i32], ctx: &mut Ctx) {
+    /// Puts listeners that the active generation `id` opened since its promote into its
+    /// block: in a slot whose listener has closed, or after the last one. Looks in `pids`
+    /// first; if a new listener is held by none of them (a binder that handed it to a
+    /// child), in every member, descendants forked since included.
+    fn adopt_listeners(&mut self, id: GenId, pids: &[i32], ctx: &mut Ctx) {
         let port = self.port();
-        let known: HashSet<u64> = self.generations.iter().flat_map(|g| g.cookies()).collect();
+        let known: HashSet<u64> = self
+            .machine
+            .generations()
+            .iter()
+            .flat_map(|g| g.blocks.iter().flat_map(|b| b.cookies.iter().copied()))
+            .collect();
         let Ok(mut found) = discover::new_listeners(port, pids, &known, ctx) else {
             return;
         };
         if found.iter().any(|l| l.held_by.is_none()) {
             // A child forked since (it never bound) may hold it: members read again.
-            self.adopt_descendants(index, ctx);
-            let all: Vec<i32> = self.generations[index]
-                .members()
-                .filter(|m| m.alive())
-                .map(|m| m.pid)
-                .collect();
+            self.adopt_descendants(id, ctx);
+            let all = self.members.get(&id).map(|m| m.alive()).unwrap_or_default();
             let Ok(again) = discover::new_listeners(port, &all, &known, ctx) else {
                 return;
             };
@@ -166,16 +161,23 @@ impl Service {
         }
         for l in found {
             let Some(at) = l.held_by else { continue };
-            let g = &self.generations[index];
-            if g.cookies().any(|c| c == l.diag.cookie) {
-                continue;
-            }
             let key = GroupKey::of(&l.diag);
             let Some(i) = self.groups.iter().position(|group| group.key == Some(key)) else {
                 continue; // outside the service's groups: status reports it
             };
+            let Some(block) = self.machine.generation(id).and_then(|g| g.blocks.get(i)) else {
+                continue;
+            };
+            if block.cookies.contains(&l.diag.cookie) {
+                continue;
+            }
+            let (first, len) = (block.first(), block.cookies.len());
             // Held by a member only: a candidate starting, or anyone else, is not adopted.
-            let Some(owner) = g.members().find(|m| m.pid == at.pid) else {
+            let Some(owner) = self
+                .members
+                .get(&id)
+                .and_then(|m| m.all().find(|m| m.pid == at.pid))
+            else {
                 continue;
             };
             let fd = match candidate::duplicate(owner, at, l.diag.cookie, l.diag.local) {
@@ -188,42 +190,29 @@ impl Service {
             let Some(program) = self.groups[i].program.as_mut() else {
                 continue;
             };
-            let block = &self.generations[index].blocks[i];
             // A slot whose listener closed (the map dropped it), else the next one.
-            let free = (0..block.cookies.len())
-                .find(|&k| {
-                    program
-                        .cookie_at(block.first() + k as u32)
-                        .ok()
-                        .flatten()
-                        .is_none()
-                })
-                .unwrap_or(block.cookies.len());
+            let free = (0..len)
+                .find(|&k| program.cookie_at(first + k as u32).ok().flatten().is_none())
+                .unwrap_or(len);
             if free >= GEN_SLOTS as usize {
                 tracing::warn!(service = %self.config.name, "the active generation has {GEN_SLOTS} listeners in one group; a new one cannot join");
                 continue;
             }
-            let slot = block.first() + free as u32;
+            let slot = first + free as u32;
             if let Err(e) = program.insert(slot, fd.as_fd()) {
                 tracing::warn!(service = %self.config.name, error = %e, "a new listener cannot join");
                 continue;
             }
             drop(fd); // the map holds no reference; a kept duplicate would keep it alive
-            let block = &mut self.generations[index].blocks[i];
-            if free == block.cookies.len() {
-                block.cookies.push(l.diag.cookie);
-                // One more listener in the active range: a new record, flipped atomically.
-                let grown = program.record().map(|mut r| {
-                    r.active_len = block.cookies.len() as u32;
-                    r
-                });
-                if let Err(e) = grown.and_then(|r| program.publish(r)) {
-                    tracing::error!(service = %self.config.name, error = %e, "publishing the grown generation failed");
-                }
-            } else {
-                block.cookies[free] = l.diag.cookie;
-            }
-            tracing::info!(service = %self.config.name, generation = self.generations[index].id, pid = at.pid, addr = %l.diag.local, slot, "a new listener joined the active generation");
+            // A grown block is published by the machine (one atomic flip).
+            let joined = Event::ListenerJoined {
+                generation: id,
+                group: i,
+                offset: free,
+                cookie: l.diag.cookie,
+            };
+            self.drive(joined, ctx);
+            tracing::info!(service = %self.config.name, generation = id, pid = at.pid, addr = %l.diag.local, slot, "a new listener joined the active generation");
         }
     }
 }

@@ -1,31 +1,35 @@
-//! The table of services and generations, and the only place that changes it: promote,
-//! rollback, retirement.
+//! The runtime of a service's generations: the kernel's programs and the processes of
+//! each generation, driven by the pure [`crate::lifecycle`] machine. Every change of a
+//! generation's state is the machine's; this module discovers, applies the machine's
+//! effects (map writes, probes, signals, counts) and reports their outcome back.
 
+mod ctx;
 mod drain;
+mod drive;
 mod events;
 mod guard;
 mod listeners;
 mod persist;
 mod promote;
 mod status;
+mod trace;
 
+pub use trace::TRACE_ENV;
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use handoff_common::maps::GEN_SLOTS;
 use handoff_common::proto::GenerationState;
 
-use drain::DrainState;
-pub use drain::{Ctx, RetireReason};
+pub use ctx::Ctx;
 pub use promote::PromoteError;
 pub use status::StatusPlan;
 
 use crate::config::DrainSettings;
 use crate::group::GroupKey;
+use crate::lifecycle::{Event, GenId, Generation, Lifecycle, Phase, Policy};
 use crate::loader::GroupProgram;
 use crate::members::Member;
-
-/// How many retired generations a service keeps listing.
-const KEEP_RETIRED: usize = 8;
 
 /// A service as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,56 +54,37 @@ struct Group {
     program: Option<GroupProgram>,
 }
 
-/// A generation's listeners in one group.
-#[derive(Debug, Clone)]
-struct Block {
-    /// Index of its block of slots.
-    index: u32,
-    /// Cookies of its listeners, by slot offset in the block.
-    cookies: Vec<u64>,
-}
-
-impl Block {
-    fn first(&self) -> u32 {
-        self.index * GEN_SLOTS
-    }
-}
-
-/// A promoted process tree.
+/// A generation's processes, held as pidfds.
 #[derive(Debug)]
-struct Generation {
-    id: u64,
-    state: GenerationState,
-    /// The promoted process.
+struct Members {
+    /// The promoted process; its pidfd names the generation until it is forgotten.
     leader: Member,
-    /// Its descendants at promote time.
+    /// Its descendants at promote time, and those adopted since.
     descendants: Vec<Member>,
-    /// Its listeners, per group (same order as the service's groups).
-    blocks: Vec<Block>,
-    /// Set while it drains (and after, until it is retired).
-    drain: Option<DrainState>,
     /// Uids whose processes in the leader's tree are members (see
     /// [`crate::candidate::Candidate::trusted`]).
     trusted: Vec<u32>,
 }
 
-impl Generation {
-    fn members(&self) -> impl Iterator<Item = &Member> {
+impl Members {
+    fn all(&self) -> impl Iterator<Item = &Member> {
         std::iter::once(&self.leader).chain(&self.descendants)
     }
 
-    fn cookies(&self) -> impl Iterator<Item = u64> + '_ {
-        self.blocks.iter().flat_map(|b| b.cookies.iter().copied())
+    fn alive(&self) -> Vec<i32> {
+        self.all().filter(|m| m.alive()).map(|m| m.pid).collect()
     }
 }
 
-/// A service: its groups and its generations, oldest first.
+/// A service: its groups, its generations' lifecycle and their processes.
 #[derive(Debug)]
 pub struct Service {
     config: ServiceConfig,
     groups: Vec<Group>,
-    generations: Vec<Generation>,
-    next_id: u64,
+    /// Every generation's state: changed only by the machine.
+    machine: Lifecycle,
+    /// Each live generation's processes, by id.
+    members: HashMap<GenId, Members>,
     /// A pending look for new listeners, after a bind on the port.
     rescan: Option<listeners::Rescan>,
     /// Descendants found not to be members, by (pid, start time): not opened again on
@@ -109,6 +94,17 @@ pub struct Service {
     pub removing: bool,
     /// Probes that check the groups still run handoff's program.
     watch: guard::Watch,
+}
+
+/// The machine's drain policy from the configured settings.
+fn policy(d: DrainSettings) -> Policy {
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Policy {
+        drain_signal: d.drain_signal.map(|s| s.0),
+        retire_signal: d.retire_signal.0,
+        drain_timeout_ms: ms(d.drain_timeout),
+        kill_after_ms: d.kill_after.map(ms),
+    }
 }
 
 impl Service {
@@ -122,11 +118,17 @@ impl Service {
                 program: None,
             })
             .collect();
+        let machine = Lifecycle::new(config.listen.len(), policy(config.drain));
+        trace::record(&trace::Line::New {
+            service: &config.name,
+            groups: config.listen.len(),
+            policy: machine.policy(),
+        });
         Self {
             config,
             groups,
-            generations: Vec::new(),
-            next_id: 1,
+            machine,
+            members: HashMap::new(),
             rescan: None,
             outsiders: std::collections::HashSet::new(),
             removing: false,
@@ -146,27 +148,28 @@ impl Service {
 
     /// Generations not retired.
     pub fn live(&self) -> usize {
-        self.generations
-            .iter()
-            .filter(|g| g.state != GenerationState::Retired)
-            .count()
+        self.machine.live()
     }
 
     /// New drain settings; drains under way keep their start and take the new timeout.
-    pub fn set_drain(&mut self, settings: crate::config::DrainSettings) {
+    pub fn set_drain(&mut self, settings: DrainSettings, ctx: &mut Ctx) {
         if settings == self.config.drain {
             return;
         }
         tracing::info!(service = %self.config.name, ?settings, "drain settings changed");
         self.config.drain = settings;
-        for d in self.generations.iter_mut().filter_map(|g| g.drain.as_mut()) {
-            d.deadline = d.started + settings.drain_timeout;
-        }
+        self.drive(Event::Policy(policy(settings)), ctx);
     }
 
     /// Active and draining generations.
     pub fn counts(&self) -> (usize, usize) {
-        let n = |s| self.generations.iter().filter(|g| g.state == s).count();
+        let n = |s| {
+            self.machine
+                .generations()
+                .iter()
+                .filter(|g| g.phase.public() == s)
+                .count()
+        };
         (n(GenerationState::Active), n(GenerationState::Draining))
     }
 
@@ -176,64 +179,47 @@ impl Service {
     }
 
     fn active(&self) -> Option<&Generation> {
-        self.generations
-            .iter()
-            .find(|g| g.state == GenerationState::Active)
+        self.machine.active()
+    }
+
+    /// The leader's pid of generation `id` (0 if unknown).
+    fn leader_pid(&self, id: GenId) -> i32 {
+        self.members.get(&id).map_or(0, |m| m.leader.pid)
     }
 
     /// Marks generations whose members have all exited as retired, and takes their
     /// slots and counts out of the kernel's maps.
     pub fn reap(&mut self, ctx: &mut Ctx) {
-        for g in &mut self.generations {
+        let mut events = Vec::new();
+        for g in self.machine.generations().iter().filter(|g| g.phase.live()) {
+            let Some(m) = self.members.get_mut(&g.id) else {
+                events.push(Event::Exited { generation: g.id });
+                continue;
+            };
             // An exited descendant's pidfd is closed now (the leader's stays: it names
-            // the generation until it retires).
-            g.descendants.retain(Member::alive);
+            // the generation until it is forgotten).
+            m.descendants.retain(Member::alive);
+            if g.leader != 0 && !m.leader.alive() {
+                events.push(Event::LeaderExited { generation: g.id });
+            }
             // An unverified leader (see `Member::verified`) keeps nothing alive: it is
             // not the daemon's to wait for.
-            if g.state == GenerationState::Retired
-                || g.members().filter(|m| m.verified()).any(Member::alive)
-            {
-                continue;
+            if !m.all().filter(|m| m.verified()).any(Member::alive) {
+                events.push(Event::Exited { generation: g.id });
             }
-            let how = match &g.drain {
-                Some(d) if d.killed => "killed",
-                Some(d) => match d.retire {
-                    Some((_, RetireReason::Drained)) => "drained",
-                    Some((_, RetireReason::Timeout)) => "timeout",
-                    None => "exited",
-                },
-                None => "exited",
-            };
-            let drained = g.drain.as_ref().map(|d| d.started.elapsed());
-            let drained_ms = drained.map(|d| d.as_millis());
-            ctx.metrics
-                .retirement(&self.config.name, how, drained.map(|d| d.as_secs_f64()));
-            tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, how, drained_ms, "generation retired: every member exited");
-            g.state = GenerationState::Retired;
-            if let Some(d) = &g.drain {
-                ctx.program.forget(d.tag);
-            }
-            for (block, group) in g.blocks.iter().zip(&self.groups) {
-                if let Some(program) = &group.program {
-                    for k in 0..block.cookies.len() as u32 {
-                        let _ = program.remove(block.first() + k);
-                    }
-                }
-            }
+        }
+        for event in events {
+            self.drive(event, ctx);
         }
         self.outsiders.retain(|&(pid, start)| {
             crate::discover::read_stat(pid).is_some_and(|s| s.start_time == start && s.state != 'Z')
         });
-        let retired = self
-            .generations
-            .iter()
-            .filter(|g| g.state == GenerationState::Retired)
-            .count();
-        let mut drop = retired.saturating_sub(KEEP_RETIRED);
-        self.generations.retain(|g| {
-            let forget = drop > 0 && g.state == GenerationState::Retired;
-            drop -= usize::from(forget);
-            !forget
-        });
+    }
+
+    /// Whether generation `id` is in `phase`.
+    fn is(&self, id: GenId, phase: Phase) -> bool {
+        self.machine
+            .generation(id)
+            .is_some_and(|g| g.phase == phase)
     }
 }

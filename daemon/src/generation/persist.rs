@@ -6,10 +6,10 @@ use std::collections::HashSet;
 use handoff_common::maps::{BLOCKS, GEN_SLOTS};
 use handoff_common::proto::GenerationState;
 
-use super::drain::{Ctx, DrainState, RetireReason};
-use super::{Block, Generation, Group, Service, ServiceConfig};
+use super::{Ctx, Group, Members, Service, ServiceConfig};
 use crate::candidate;
 use crate::discover;
+use crate::lifecycle::{self, Block, Drain, Event, Generation, Phase, RetireReason};
 use crate::loader::GroupProgram;
 use crate::members::{self, Member};
 use crate::pins;
@@ -40,16 +40,33 @@ fn reopen(service: &str, m: &SavedMember) -> Option<Member> {
 /// How far below the leader a saved member may be.
 const MAX_DEPTH: usize = 64;
 
-impl DrainState {
-    fn save(&self) -> SavedDrain {
-        SavedDrain {
-            started_ms: to_wall(self.started),
-            deadline_ms: to_wall(self.deadline),
-            retired_ms: self.retire.map(|(at, _)| to_wall(at)),
-            timed_out: matches!(self.retire, Some((_, RetireReason::Timeout))),
-            killed: self.killed,
-        }
+/// A drain as the state file keeps it: instants of the lifecycle's clock as wall-clock
+/// milliseconds.
+fn save_drain(d: &Drain, ctx: &Ctx) -> SavedDrain {
+    let wall = |at| to_wall(ctx.instant(at));
+    SavedDrain {
+        started_ms: wall(d.started),
+        deadline_ms: wall(d.deadline),
+        retired_ms: d.retire.map(|(at, _)| wall(at)),
+        timed_out: matches!(d.retire, Some((_, RetireReason::Timeout))),
+        killed: d.killed,
     }
+}
+
+/// A saved drain on the lifecycle's clock.
+fn load_drain(d: &SavedDrain, ctx: &Ctx) -> Drain {
+    let at = |ms| ctx.millis(from_wall(ms));
+    let reason = if d.timed_out {
+        RetireReason::Timeout
+    } else {
+        RetireReason::Drained
+    };
+    lifecycle::resumed(
+        at(d.started_ms),
+        at(d.deadline_ms),
+        d.retired_ms.map(|ms| (at(ms), reason)),
+        d.killed,
+    )
 }
 
 impl Service {
@@ -75,30 +92,34 @@ impl Service {
     }
 
     /// What the state file keeps of this service: everything but retired generations.
-    pub fn save(&self) -> SavedService {
+    pub fn save(&self, ctx: &Ctx) -> SavedService {
         SavedService {
             name: self.config.name.clone(),
             listen: self.config.listen.clone(),
-            next_id: self.next_id,
+            next_id: self.machine.next_id(),
             groups: self.groups.iter().map(|g| g.key).collect(),
             generations: self
-                .generations
+                .machine
+                .generations()
                 .iter()
-                .filter(|g| g.state != GenerationState::Retired)
-                .map(|g| SavedGeneration {
-                    id: g.id,
-                    state: g.state,
-                    leader: saved(&g.leader),
-                    descendants: g.descendants.iter().map(saved).collect(),
-                    blocks: g
-                        .blocks
-                        .iter()
-                        .map(|b| SavedBlock {
-                            index: b.index,
-                            cookies: b.cookies.clone(),
-                        })
-                        .collect(),
-                    drain: g.drain.as_ref().map(DrainState::save),
+                .filter(|g| g.phase.live())
+                .filter_map(|g| {
+                    let m = self.members.get(&g.id)?;
+                    Some(SavedGeneration {
+                        id: g.id,
+                        state: g.phase.public(),
+                        leader: saved(&m.leader),
+                        descendants: m.descendants.iter().map(saved).collect(),
+                        blocks: g
+                            .blocks
+                            .iter()
+                            .map(|b| SavedBlock {
+                                index: b.index,
+                                cookies: b.cookies.clone(),
+                            })
+                            .collect(),
+                        drain: g.drain.as_ref().map(|d| save_drain(d, ctx)),
+                    })
                 })
                 .collect(),
         }
@@ -112,7 +133,6 @@ impl Service {
             tracing::warn!(service = %service.config.name, "the saved state is for other addresses; starting afresh");
             return service;
         }
-        service.next_id = saved.next_id;
         for (i, (group, key)) in service.groups.iter_mut().zip(&saved.groups).enumerate() {
             let Some(key) = key else { continue };
             let dir = pins::group_dir(&service.config.name, i);
@@ -135,6 +155,7 @@ impl Service {
         }
         let name = service.config.name.clone();
         let port = service.port();
+        let mut recovered = Vec::with_capacity(saved.generations.len());
         for g in saved.generations {
             let Some(leader) = reopen(&name, &g.leader) else {
                 tracing::info!(service = %service.config.name, generation = g.id, pid = g.leader.pid, "generation ended while the daemon was away");
@@ -222,11 +243,15 @@ impl Service {
             for m in std::iter::once(&leader).chain(&descendants) {
                 ctx.watch(m);
             }
-            service.generations.push(Generation {
+            tracing::info!(service = %service.config.name, generation = g.id, pid = g.leader.pid, state = g.state.as_str(), "generation taken up");
+            recovered.push(Generation {
                 id: g.id,
-                state: g.state,
-                leader,
-                descendants,
+                leader: leader.pid,
+                phase: match g.state {
+                    GenerationState::Active => Phase::Active,
+                    GenerationState::Draining => Phase::Draining,
+                    GenerationState::Retired => Phase::Retired(lifecycle::Retirement::Exited),
+                },
                 blocks: g
                     .blocks
                     .into_iter()
@@ -235,15 +260,34 @@ impl Service {
                         cookies: b.cookies,
                     })
                     .collect(),
-                drain: None,
-                trusted,
+                drain: g.drain.as_ref().map(|d| load_drain(d, ctx)),
             });
-            if let Some(d) = g.drain {
-                let index = service.generations.len() - 1;
-                service.resume_drain(index, &d, from_wall, ctx);
-            }
-            tracing::info!(service = %service.config.name, generation = g.id, pid = g.leader.pid, state = g.state.as_str(), "generation taken up");
+            service.members.insert(
+                g.id,
+                Members {
+                    leader,
+                    descendants,
+                    trusted,
+                },
+            );
         }
+        let records = service
+            .groups
+            .iter()
+            .map(|g| {
+                g.program
+                    .as_ref()
+                    .and_then(|p| p.record().ok())
+                    .map(super::drive::decode)
+                    .unwrap_or_default()
+            })
+            .collect();
+        let event = Event::Recover {
+            next_id: saved.next_id,
+            records,
+            generations: recovered,
+        };
+        service.drive(event, ctx);
         service
     }
 }

@@ -2,19 +2,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use handoff_common::maps::Counters;
-use handoff_common::proto::{ForeignListener, GenerationState, GenerationStatus, ServiceStatus};
+use handoff_common::proto::{ForeignListener, GenerationStatus, ServiceStatus};
 
-use super::drain::Ctx;
-use super::{Generation, Service};
+use super::{Ctx, Service};
 use crate::discover::{self, DiscoverError};
 use crate::group::GroupKey;
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
+use crate::lifecycle::{GenId, Generation};
 
 impl Service {
     /// Listeners still open per group of `g` (a closed one has left the map).
@@ -50,37 +45,40 @@ impl Service {
     /// here): a copy of small numbers and the kernel's counters, for the metrics thread,
     /// which holds the daemon's lock only this long.
     pub fn metrics_plan(&self, ctx: &Ctx) -> StatusPlan {
-        let now = Instant::now();
-        let mut generations = Vec::with_capacity(self.generations.len());
-        let mut pending = Vec::with_capacity(self.generations.len());
-        for g in &self.generations {
-            let cookies = g.cookies().collect();
-            pending.push(match (&g.drain, g.state) {
-                (_, GenerationState::Retired) => Pending::None,
+        let now = ctx.now();
+        let generations_all = self.machine.generations();
+        let mut generations = Vec::with_capacity(generations_all.len());
+        let mut pending = Vec::with_capacity(generations_all.len());
+        for g in generations_all {
+            let cookies = g
+                .blocks
+                .iter()
+                .flat_map(|b| b.cookies.iter().copied())
+                .collect();
+            let members = self.members.get(&g.id);
+            pending.push(match &g.drain {
+                _ if !g.phase.live() => Pending::None,
                 // What the drain accounting counts, live: the number retirement waits on.
                 // Before its first tag pass (just after the promote), counted like an
                 // active generation.
-                (Some(d), _) if d.counted => Pending::Queued {
-                    counted: d.connections(ctx, 0),
+                Some(d) if d.counted => Pending::Queued {
+                    counted: connections(ctx, d.tag),
                     cookies,
                 },
                 _ => Pending::Held {
-                    leader: g.leader.alive().then_some(g.leader.pid),
-                    members: g.members().filter(|m| m.alive()).map(|m| m.pid).collect(),
+                    leader: members.filter(|m| m.leader.alive()).map(|m| m.leader.pid),
+                    members: members.map(|m| m.alive()).unwrap_or_default(),
                     cookies,
                 },
             });
             generations.push(GenerationStatus {
                 id: g.id,
-                pid: g.leader.pid,
-                state: g.state,
+                pid: self.leader_pid(g.id),
+                state: g.phase.public(),
                 listeners: self.listening(g).iter().sum(),
                 connections: 0,
-                drain_age_ms: g.drain.as_ref().map(|d| millis(now - d.started)),
-                drain_deadline_ms: g
-                    .drain
-                    .as_ref()
-                    .map(|d| millis(d.deadline.saturating_duration_since(now))),
+                drain_age_ms: g.drain.as_ref().map(|d| now.since(d.started)),
+                drain_deadline_ms: g.drain.as_ref().map(|d| d.deadline.since(now)),
             });
         }
         let mut steering = Counters::default();
@@ -111,11 +109,27 @@ impl Service {
         }
     }
 
-    /// Connections waiting in the accept queues of `g`'s listeners.
-    pub(super) fn queued(&self, g: &Generation) -> Result<u64, DiscoverError> {
+    /// Connections waiting in the accept queues of generation `id`'s listeners.
+    pub(super) fn queued(&self, id: GenId) -> Result<u64, DiscoverError> {
         let listeners = discover::listeners(self.port(), &[], &mut discover::ProcFs)?;
-        Ok(queued_on(&listeners, &g.cookies().collect()))
+        let cookies = self
+            .machine
+            .generation(id)
+            .map(|g| {
+                g.blocks
+                    .iter()
+                    .flat_map(|b| b.cookies.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(queued_on(&listeners, &cookies))
     }
+}
+
+/// Connections counted in the kernel under `tag` (a negative count, a socket closed
+/// before the pass saw it, as none).
+fn connections(ctx: &Ctx, tag: u32) -> u64 {
+    ctx.program.count(tag).unwrap_or(0).max(0).unsigned_abs()
 }
 
 /// Connections waiting in the accept queues of the listeners with `cookies`.

@@ -349,8 +349,9 @@ pub struct Promoted {
 }
 
 /// Why a promote or rollback did nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
+    #[error("pid {pid} is already the active generation ({generation})")]
     /// The pid leads the active generation already.
     AlreadyActive {
         /// The pid.
@@ -358,6 +359,7 @@ pub enum Refusal {
         /// The generation.
         generation: GenId,
     },
+    #[error("generation {generation} (pid {pid}) is retiring: start a new process instead")]
     /// The generation got its retire signal and is exiting.
     Retiring {
         /// The pid.
@@ -365,8 +367,10 @@ pub enum Refusal {
         /// The generation.
         generation: GenId,
     },
+    #[error("no draining generation with live listeners to roll back to")]
     /// No generation to roll back to.
     NothingToRollBack,
+    #[error("a listener of the candidate already belongs to generation {generation} (pid {owner})")]
     /// A listener of the candidate is a socket of a live generation already.
     SharedSocket {
         /// The group it is in.
@@ -378,8 +382,10 @@ pub enum Refusal {
         /// That generation's leader.
         owner: i32,
     },
+    #[error("every block of slots is held by a live generation: let some retire first")]
     /// Every block of a group is held by live generations.
     NoFreeBlock,
+    #[error("the probe of group {group} chose {seen}: steering left as it was")]
     /// A probe saw the program choose something else than the generation.
     ProbeMismatch {
         /// The group.
@@ -387,12 +393,18 @@ pub enum Refusal {
         /// What it chose.
         seen: ProbeSeen,
     },
+    #[error("a step of the operation failed: steering left as it was")]
     /// A step failed (the runtime holds the error).
     Failed,
+    #[error("another promote or rollback of the service is under way: retry")]
     /// Another operation is under way.
     Busy,
+    #[error(
+        "a canary needs an active generation to share traffic with: promote without a weight first"
+    )]
     /// A canary needs an active generation to share the traffic with.
     NoActive,
+    #[error("weight {weight} is not a percentage from 1 to 99 (100 completes a promote)")]
     /// A weight outside 1–99.
     BadWeight {
         /// The weight asked for.

@@ -14,6 +14,8 @@ mod event;
 mod model;
 mod operation;
 mod promote;
+#[cfg(test)]
+mod replay;
 mod service;
 #[cfg(test)]
 mod tests;
