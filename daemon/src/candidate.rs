@@ -221,9 +221,43 @@ pub fn take_leader(
             port,
         });
     }
+    let by_group = sort_into_groups(held, target)?;
+    // Every holder opened (pinned) before anything is taken from it.
+    let mut pidfds = open_holders(&by_group, pid, target)?;
+    let leader_holds = holding.contains(&pid);
+    let trusted = trusted_uids(&leader, leader_holds, pidfds.values(), target.user)?;
+    let listeners = duplicate_all(by_group, &leader, &pidfds, target)?;
+    // The owners of listeners are members already; the other descendants are members if
+    // their uids are trusted. Every one must be tracked: running out of descriptors
+    // refuses the promote rather than leaving members untracked.
+    let mut descendants = Vec::with_capacity(tree.len().saturating_sub(1));
+    for p in &tree[1..] {
+        if let Some(m) = pidfds.remove(p) {
+            descendants.push(m);
+            continue;
+        }
+        let holds = leader_holds && holding.contains(p);
+        if let Some(m) = descendant(*p, &leader, holds, &trusted)? {
+            descendants.push(m);
+        }
+    }
+    Ok(Candidate {
+        leader,
+        descendants,
+        listeners,
+        trusted,
+    })
+}
 
-    // Sort the listeners into the service's groups, refusing any outside them.
-    let mut by_group: Vec<Vec<_>> = target.listen.iter().map(|_| Vec::new()).collect();
+/// A listener found in the candidate's tree: its group, cookie and holder.
+type Held = (GroupKey, u64, discover::FdRef);
+
+/// Sorts the listeners into the service's groups, refusing any outside them.
+fn sort_into_groups(
+    held: Vec<(crate::diag::DiagSocket, discover::FdRef)>,
+    target: &Target<'_>,
+) -> Result<Vec<Vec<Held>>, CandidateError> {
+    let mut by_group: Vec<Vec<Held>> = target.listen.iter().map(|_| Vec::new()).collect();
     for (diag, at) in held {
         let key = GroupKey::of(&diag);
         let Some(i) = target.listen.iter().position(|a| *a == diag.local) else {
@@ -243,27 +277,40 @@ pub fn take_leader(
         }
         by_group[i].push((key, diag.cookie, at));
     }
+    Ok(by_group)
+}
 
-    // Every holder opened (pinned) before anything is taken from it.
+/// Opens every holder but the leader (`pid`).
+fn open_holders(
+    by_group: &[Vec<Held>],
+    pid: i32,
+    target: &Target<'_>,
+) -> Result<HashMap<i32, Member>, CandidateError> {
     let mut pidfds: HashMap<i32, Member> = HashMap::new();
-    for group in &by_group {
-        for (_, _, at) in group {
-            if at.pid == pid || pidfds.contains_key(&at.pid) {
-                continue;
-            }
-            let owner = Member::open(at.pid).map_err(|e| match e {
-                MemberError::NoSuchProcess { .. } => CandidateError::Raced {
-                    pid: at.pid,
-                    addr: target.listen[0],
-                },
-                e => CandidateError::Member(e),
-            })?;
-            pidfds.insert(at.pid, owner);
+    for (_, _, at) in by_group.iter().flatten() {
+        if at.pid == pid || pidfds.contains_key(&at.pid) {
+            continue;
         }
+        let owner = Member::open(at.pid).map_err(|e| match e {
+            MemberError::NoSuchProcess { .. } => CandidateError::Raced {
+                pid: at.pid,
+                addr: target.listen[0],
+            },
+            e => CandidateError::Member(e),
+        })?;
+        pidfds.insert(at.pid, owner);
     }
-    let leader_holds = holding.contains(&pid);
-    let trusted = trusted_uids(&leader, leader_holds, pidfds.values(), target.user)?;
+    Ok(pidfds)
+}
 
+/// Duplicates every listener from its holder, group by group.
+fn duplicate_all(
+    by_group: Vec<Vec<Held>>,
+    leader: &Member,
+    pidfds: &HashMap<i32, Member>,
+    target: &Target<'_>,
+) -> Result<Vec<Vec<TakenListener>>, CandidateError> {
+    let pid = leader.pid;
     let mut listeners = Vec::with_capacity(by_group.len());
     for (i, group) in by_group.into_iter().enumerate() {
         let addr = target.listen[i];
@@ -280,7 +327,7 @@ pub fn take_leader(
         let mut taken = Vec::with_capacity(group.len());
         for (key, cookie, at) in group {
             let owner = if at.pid == pid {
-                &leader
+                leader
             } else {
                 pidfds
                     .get(&at.pid)
@@ -291,45 +338,40 @@ pub fn take_leader(
         }
         listeners.push(taken);
     }
+    Ok(listeners)
+}
 
-    // The owners of listeners are members already; the other descendants are members if
-    // their uids are trusted. Every one must be tracked: running out of descriptors
-    // refuses the promote rather than leaving members untracked.
-    let mut descendants = Vec::with_capacity(tree.len().saturating_sub(1));
-    for p in &tree[1..] {
-        if let Some(m) = pidfds.remove(p) {
-            descendants.push(m);
-            continue;
+/// Descendant `p` of `leader`, if it is a member: it holds a service listener
+/// (`holds`), or its uids are trusted.
+fn descendant(
+    p: i32,
+    leader: &Member,
+    holds: bool,
+    trusted: &[u32],
+) -> Result<Option<Member>, CandidateError> {
+    match Member::open(p) {
+        // The snapshot's pid may have been reused before the pidfd pinned it.
+        Ok(m) if !crate::members::member_descends_from(&m, leader, TREE_DEPTH) => {
+            tracing::info!(
+                pid = m.pid,
+                "a pid of the snapshot no longer descends from the leader: not a member"
+            );
+            Ok(None)
         }
-        match Member::open(*p) {
-            // The snapshot's pid may have been reused before the pidfd pinned it.
-            Ok(m) if !crate::members::member_descends_from(&m, &leader, TREE_DEPTH) => {
-                tracing::info!(
-                    pid = m.pid,
-                    "a pid of the snapshot no longer descends from the leader: not a member"
-                );
-            }
-            // Holding a service listener ties it to the service, whatever its uid.
-            Ok(m) if (leader_holds && holding.contains(p)) || m.uids.within(&trusted) => {
-                descendants.push(m)
-            }
-            Ok(m) => {
-                tracing::info!(pid = m.pid, uids = ?m.uids, ?trusted, "a descendant of another uid holding no listener is not a member (never signalled)");
-            }
-            Err(e @ MemberError::FdLimit { .. }) => return Err(e.into()),
-            Err(MemberError::Excluded { pid, why }) => {
-                tracing::info!(pid, %why, "a descendant is not a member");
-            }
-            // Exited meanwhile.
-            Err(_) => {}
+        // Holding a service listener ties it to the service, whatever its uid.
+        Ok(m) if holds || m.uids.within(trusted) => Ok(Some(m)),
+        Ok(m) => {
+            tracing::info!(pid = m.pid, uids = ?m.uids, ?trusted, "a descendant of another uid holding no listener is not a member (never signalled)");
+            Ok(None)
         }
+        Err(e @ MemberError::FdLimit { .. }) => Err(e.into()),
+        Err(MemberError::Excluded { pid, why }) => {
+            tracing::info!(pid, %why, "a descendant is not a member");
+            Ok(None)
+        }
+        // Exited meanwhile.
+        Err(_) => Ok(None),
     }
-    Ok(Candidate {
-        leader,
-        descendants,
-        listeners,
-        trusted,
-    })
 }
 
 /// How many parent steps a member may be below its leader.

@@ -131,9 +131,16 @@ impl Service {
                     "health check",
                 ))),
             )),
+            other => self.apply_other(other, run, ctx),
+        }
+    }
+
+    /// Applies an effect that is not a step of an operation.
+    fn apply_other(&mut self, effect: Effect, run: &mut Run, ctx: &mut Ctx) -> Option<Event> {
+        match effect {
             Effect::Republish { group, record } => {
                 if let Err(e) = self.publish(group, record) {
-                    tracing::error!(service = %self.config.name, error = %e, "restoring the previous steering failed");
+                    tracing::error!(service = %self.config.name, group, error = %e, "publishing the steering record failed");
                 }
                 None
             }
@@ -208,6 +215,14 @@ impl Service {
                 run.reply = Some(reply);
                 None
             }
+            // The steps, applied by `apply`.
+            Effect::Discover { .. }
+            | Effect::Insert { .. }
+            | Effect::Attach { .. }
+            | Effect::Publish { .. }
+            | Effect::Probe { .. }
+            | Effect::Reattach { .. }
+            | Effect::Check(_) => None,
         }
     }
 

@@ -9,6 +9,7 @@ use handoff_common::proto::GenerationState;
 use super::{Ctx, Group, Members, Service, ServiceConfig};
 use crate::candidate;
 use crate::discover;
+use crate::group::GroupKey;
 use crate::lifecycle::{self, Block, Drain, Event, Generation, Phase, RetireReason};
 use crate::loader::GroupProgram;
 use crate::members::{self, Member};
@@ -133,117 +134,19 @@ impl Service {
             tracing::warn!(service = %service.config.name, "the saved state is for other addresses; starting afresh");
             return service;
         }
-        for (i, (group, key)) in service.groups.iter_mut().zip(&saved.groups).enumerate() {
-            let Some(key) = key else { continue };
-            let dir = pins::group_dir(&service.config.name, i);
-            match GroupProgram::from_pins(&dir) {
-                Ok(program) => {
-                    *group = Group {
-                        key: Some(*key),
-                        program: Some(program),
-                    };
-                }
-                Err(e) => {
-                    tracing::warn!(service = %service.config.name, group = %key, error = %e, "pinned maps not found; their generations are gone")
-                }
-            }
-        }
-        if service.groups.iter().any(|g| g.program.is_none())
-            && saved.groups.iter().any(Option::is_some)
-        {
+        if !service.open_pins(&saved.groups) {
             return service;
         }
-        let name = service.config.name.clone();
-        let port = service.port();
         let mut recovered = Vec::with_capacity(saved.generations.len());
         for g in saved.generations {
-            let Some(leader) = reopen(&name, &g.leader) else {
-                tracing::info!(service = %service.config.name, generation = g.id, pid = g.leader.pid, "generation ended while the daemon was away");
+            let Some((members, trusted)) = service.take_up(&g, ctx) else {
                 continue;
             };
-            let saved_descendants: Vec<Member> = g
-                .descendants
-                .iter()
-                .filter_map(|m| reopen(&name, m))
-                .collect();
-            // The state file is not trusted to say who the members are: each is tied to
-            // the generation's sockets in the kernel, or to the verified leader's tree.
-            let pinned = service.pinned_cookies(&g.blocks);
-            let pids: Vec<i32> = std::iter::once(leader.pid)
-                .chain(saved_descendants.iter().map(|m| m.pid))
-                .collect();
-            let holders = if pinned.is_empty() {
-                HashSet::new()
-            } else {
-                match discover::held_listeners(port, &pids, 0, Some(&pinned), ctx) {
-                    Ok((_, holders)) => holders,
-                    Err(e) => {
-                        tracing::warn!(service = %name, error = %e, "reading the saved members' listeners failed");
-                        HashSet::new()
-                    }
-                }
-            };
-            // A generation that closed its listeners on the drain signal (nginx on
-            // SIGQUIT) has emptied its slots: its served connections on the port tie it.
-            let holders = match discover::connection_holders(port, &pids) {
-                Ok(conns) => holders.union(&conns).copied().collect(),
-                Err(e) => {
-                    tracing::warn!(service = %name, error = %e, "reading the saved members' connections failed");
-                    holders
-                }
-            };
-            let leader_holds = holders.contains(&leader.pid);
-            // Only used when the leader holds a pinned socket: then promote trusted
-            // exactly these uids (see `candidate::trusted_uids`).
-            let tree_uids: Vec<u32> = service
-                .config
-                .user
-                .into_iter()
-                .chain([leader.uids.effective])
-                .collect();
-            let mut descendants = Vec::with_capacity(saved_descendants.len());
-            for m in saved_descendants {
-                let tied = holders.contains(&m.pid)
-                    || (leader_holds
-                        && m.uids.within(&tree_uids)
-                        && members::descends_from(m.pid, &leader, MAX_DEPTH));
-                if tied {
-                    descendants.push(m);
-                } else {
-                    tracing::warn!(service = %name, generation = g.id, pid = m.pid, "the state file names a member tied neither to the generation's pinned sockets nor to its leader's tree: dropped, never signalled");
-                }
-            }
-            // The same rule as promote: the leader's uid is trusted only when the leader,
-            // or a holder of its uid, holds a pinned socket; holders of other uids that
-            // are not the configured one earn the generation nothing but the configured uid.
-            let holding = descendants.iter().filter(|m| holders.contains(&m.pid));
-            let trusted = match candidate::trusted_uids(
-                &leader,
-                leader_holds,
-                holding,
-                service.config.user,
-            ) {
-                Ok(trusted) => trusted,
-                Err(e) => {
-                    tracing::warn!(service = %name, generation = g.id, error = %e, "the saved generation's holders would be refused by promote: only the configured uid is trusted");
-                    service.config.user.into_iter().collect()
-                }
-            };
-            let leader = if leader_holds {
-                leader
-            } else if descendants.is_empty() {
-                tracing::warn!(service = %name, generation = g.id, pid = leader.pid, "the state file names a leader that holds none of the generation's pinned sockets, nor does any of its members: generation dropped, its processes are never signalled");
-                continue;
-            } else {
-                // Workers that listen after fork hold the sockets, their parent none: it
-                // is kept as the leader, but neither signalled nor adopted from.
-                tracing::warn!(service = %name, generation = g.id, pid = leader.pid, members = descendants.len(), "the state file names a leader that holds none of the generation's pinned sockets: kept, never signalled; its members that hold them get its signals");
-                leader.unverified()
-            };
-            for m in std::iter::once(&leader).chain(&descendants) {
+            for m in members.iter() {
                 ctx.watch(m);
             }
             tracing::info!(service = %service.config.name, generation = g.id, pid = g.leader.pid, state = g.state.as_str(), "generation taken up");
+            let Tree(leader, descendants) = members;
             recovered.push(Generation {
                 id: g.id,
                 leader: leader.pid,
@@ -262,14 +165,12 @@ impl Service {
                     .collect(),
                 drain: g.drain.as_ref().map(|d| load_drain(d, ctx)),
             });
-            service.members.insert(
-                g.id,
-                Members {
-                    leader,
-                    descendants,
-                    trusted,
-                },
-            );
+            let members = Members {
+                leader,
+                descendants,
+                trusted,
+            };
+            service.members.insert(g.id, members);
         }
         let records = service
             .groups
@@ -289,5 +190,151 @@ impl Service {
         };
         service.drive(event, ctx);
         service
+    }
+
+    /// Opens the pinned maps of the saved groups; false if one is missing (then the
+    /// generations steered in it are gone).
+    fn open_pins(&mut self, saved: &[Option<GroupKey>]) -> bool {
+        for (i, (group, key)) in self.groups.iter_mut().zip(saved).enumerate() {
+            let Some(key) = key else { continue };
+            let dir = pins::group_dir(&self.config.name, i);
+            match GroupProgram::from_pins(&dir) {
+                Ok(program) => {
+                    *group = Group {
+                        key: Some(*key),
+                        program: Some(program),
+                    };
+                }
+                Err(e) => {
+                    tracing::warn!(service = %self.config.name, group = %key, error = %e, "pinned maps not found; their generations are gone")
+                }
+            }
+        }
+        !(self.groups.iter().any(|g| g.program.is_none()) && saved.iter().any(Option::is_some))
+    }
+
+    /// The processes of a saved generation that still run and that the kernel ties to
+    /// it (the state file is not trusted to say who the members are), and the uids it
+    /// trusts; `None` if nothing of it is left to take up.
+    fn take_up(&self, g: &SavedGeneration, ctx: &mut Ctx) -> Option<(Tree, Vec<u32>)> {
+        let name = self.config.name.as_str();
+        let Some(leader) = reopen(name, &g.leader) else {
+            tracing::info!(
+                service = name,
+                generation = g.id,
+                pid = g.leader.pid,
+                "generation ended while the daemon was away"
+            );
+            return None;
+        };
+        let saved_descendants: Vec<Member> = g
+            .descendants
+            .iter()
+            .filter_map(|m| reopen(name, m))
+            .collect();
+        let pids: Vec<i32> = std::iter::once(leader.pid)
+            .chain(saved_descendants.iter().map(|m| m.pid))
+            .collect();
+        let holders = self.saved_holders(&g.blocks, &pids, ctx);
+        let leader_holds = holders.contains(&leader.pid);
+        // Only used when the leader holds a pinned socket: then promote trusted
+        // exactly these uids (see `candidate::trusted_uids`).
+        let tree_uids: Vec<u32> = self
+            .config
+            .user
+            .into_iter()
+            .chain([leader.uids.effective])
+            .collect();
+        let mut descendants = Vec::with_capacity(saved_descendants.len());
+        for m in saved_descendants {
+            let tied = holders.contains(&m.pid)
+                || (leader_holds
+                    && m.uids.within(&tree_uids)
+                    && members::descends_from(m.pid, &leader, MAX_DEPTH));
+            if tied {
+                descendants.push(m);
+            } else {
+                tracing::warn!(
+                    service = name,
+                    generation = g.id,
+                    pid = m.pid,
+                    "the state file names a member tied neither to the generation's pinned sockets nor to its leader's tree: dropped, never signalled"
+                );
+            }
+        }
+        // The same rule as promote: the leader's uid is trusted only when the leader,
+        // or a holder of its uid, holds a pinned socket; holders of other uids that
+        // are not the configured one earn the generation nothing but the configured uid.
+        let holding = descendants.iter().filter(|m| holders.contains(&m.pid));
+        let trusted = match candidate::trusted_uids(
+            &leader,
+            leader_holds,
+            holding,
+            self.config.user,
+        ) {
+            Ok(trusted) => trusted,
+            Err(e) => {
+                tracing::warn!(service = name, generation = g.id, error = %e, "the saved generation's holders would be refused by promote: only the configured uid is trusted");
+                self.config.user.into_iter().collect()
+            }
+        };
+        let leader = if leader_holds {
+            leader
+        } else if descendants.is_empty() {
+            tracing::warn!(
+                service = name,
+                generation = g.id,
+                pid = leader.pid,
+                "the state file names a leader that holds none of the generation's pinned sockets, nor does any of its members: generation dropped, its processes are never signalled"
+            );
+            return None;
+        } else {
+            // Workers that listen after fork hold the sockets, their parent none: it
+            // is kept as the leader, but neither signalled nor adopted from.
+            tracing::warn!(
+                service = name,
+                generation = g.id,
+                pid = leader.pid,
+                members = descendants.len(),
+                "the state file names a leader that holds none of the generation's pinned sockets: kept, never signalled; its members that hold them get its signals"
+            );
+            leader.unverified()
+        };
+        Some((Tree(leader, descendants), trusted))
+    }
+
+    /// Which of `pids` hold a socket pinned in `blocks`, or a connection on the port: a
+    /// generation that closed its listeners on the drain signal (nginx on SIGQUIT) has
+    /// emptied its slots, and its served connections tie it.
+    fn saved_holders(&self, blocks: &[SavedBlock], pids: &[i32], ctx: &mut Ctx) -> HashSet<i32> {
+        let (name, port) = (self.config.name.as_str(), self.port());
+        let pinned = self.pinned_cookies(blocks);
+        let holders = if pinned.is_empty() {
+            HashSet::new()
+        } else {
+            match discover::held_listeners(port, pids, 0, Some(&pinned), ctx) {
+                Ok((_, holders)) => holders,
+                Err(e) => {
+                    tracing::warn!(service = name, error = %e, "reading the saved members' listeners failed");
+                    HashSet::new()
+                }
+            }
+        };
+        match discover::connection_holders(port, pids) {
+            Ok(conns) => holders.union(&conns).copied().collect(),
+            Err(e) => {
+                tracing::warn!(service = name, error = %e, "reading the saved members' connections failed");
+                holders
+            }
+        }
+    }
+}
+
+/// A generation's leader and descendants.
+struct Tree(Member, Vec<Member>);
+
+impl Tree {
+    fn iter(&self) -> impl Iterator<Item = &Member> {
+        std::iter::once(&self.0).chain(&self.1)
     }
 }
