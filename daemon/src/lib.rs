@@ -31,7 +31,6 @@
 pub mod candidate;
 pub mod cleanup;
 pub mod config;
-pub mod config_file;
 pub mod control;
 pub mod daemon;
 pub mod diag;

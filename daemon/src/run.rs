@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::config::file::{self as config_file, ConfigFileError};
 use crate::config::{ConfigError, Overrides, Paths};
-use crate::config_file::{self, ConfigFileError};
 use crate::control::{self, ControlError};
 use crate::daemon::{ConfigSource, Daemon, one_line};
 use crate::generation::{Ctx, ServiceConfig};
