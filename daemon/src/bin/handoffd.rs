@@ -95,6 +95,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Starts logging, then cleans up (`--cleanup`) or runs the daemon until SIGTERM or SIGINT.
 fn run(args: Args, target: logging::Target) -> anyhow::Result<()> {
     // aya's own warnings (e.g. an object's BTF the kernel would not take, which it works
     // around) are not the operator's business unless asked for: handoffd states what it

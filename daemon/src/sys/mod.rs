@@ -1,9 +1,10 @@
 //! Every raw syscall and `unsafe` block of the daemon, each with why it is sound.
 //!
-//! pidfds (open, fd duplication, signals), descriptors received on a Unix socket, the
-//! socket cookie, element operations on the REUSEPORT_SOCKARRAY (aya's wrapper forces
-//! 4-byte values, which cannot be read back), and the shared mapping of the steering
-//! index.
+//! Here: pidfds (open, fd duplication, signals), descriptors received on a Unix socket,
+//! socket options, descriptors registered with tokio, the allocator and the open file
+//! limit. In `bpf`: element operations on the REUSEPORT_SOCKARRAY (aya's wrapper forces
+//! 4-byte values, which cannot be read back), the shared mapping of the steering index,
+//! and the task iterator.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
