@@ -1,4 +1,4 @@
-//! Daemon settings: services and where the daemon keeps its state; [`file`] reads them
+//! Daemon settings: services and where the daemon keeps its state; [`file`](mod@file) reads them
 //! from the configuration file.
 
 use std::fmt;
