@@ -267,3 +267,28 @@ async fn reload_on_hup(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_config_refuses_the_start_before_anything_is_made() {
+        let dir = std::env::temp_dir().join(format!("handoff-run-{}", std::process::id()));
+        let options = Options {
+            paths: Paths::new(dir.join("state"), None),
+            config_file: Some(dir.join("missing.toml")),
+            overrides: Overrides::default(),
+            metrics_addr: None,
+            cgroup_root: None,
+        };
+        let shutdown =
+            || -> Result<std::future::Ready<()>, RunError> { panic!("the daemon started") };
+        let err = run(options, shutdown).expect_err("a missing config file");
+        assert!(
+            matches!(err, RunError::ConfigFile(ConfigFileError::Read { .. })),
+            "{err:?}"
+        );
+        assert!(!dir.exists(), "the refused start made {}", dir.display());
+    }
+}

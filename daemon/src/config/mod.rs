@@ -1,5 +1,5 @@
-//! Daemon settings: services and where the daemon keeps its state; [`file`](mod@file) reads them
-//! from the configuration file.
+//! Daemon settings: services and where the daemon keeps its state; [`file`](mod@file)
+//! reads them from the configuration file.
 
 use std::fmt;
 use std::net::SocketAddr;
