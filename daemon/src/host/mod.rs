@@ -138,10 +138,10 @@ pub enum HostError {
         "{BPFFS} is a bpf file system of its own (device {dev}), not the host's ({host}): pins there would be lost with this mount namespace; mount the host's /sys/fs/bpf there instead (a hostPath volume in a Kubernetes pod, `-v /sys/fs/bpf:/sys/fs/bpf` for a container)"
     )]
     NotHostBpffs {
-        /// Its device (major:minor).
-        dev: String,
+        /// Its device.
+        dev: Device,
         /// What the host has there.
-        host: String,
+        host: HostBpffs,
     },
     /// /sys/fs/bpf is no bpffs, and one mounted by handoffd would not be the host's.
     #[error(
@@ -293,16 +293,16 @@ fn check_bpffs(facts: &Facts) -> Result<Checked, HostError> {
             Ok(Checked::default())
         }
         HostView::Seen(host) => Err(HostError::NotHostBpffs {
-            dev: dev_name(own.dev),
+            dev: Device(own.dev),
             host: if host.fs == BPF_FS_MAGIC {
-                format!("device {}", dev_name(host.dev))
+                HostBpffs::Other(Device(host.dev))
             } else {
-                "no bpf file system there".to_owned()
+                HostBpffs::NotBpf
             },
         }),
         HostView::Missing => Err(HostError::NotHostBpffs {
-            dev: dev_name(own.dev),
-            host: "no /sys/fs/bpf".to_owned(),
+            dev: Device(own.dev),
+            host: HostBpffs::Missing,
         }),
         HostView::Unreadable(e) => Ok(Checked {
             bpffs_unverified: Some(format!("{HOST_BPFFS}: {e}")),
@@ -310,12 +310,41 @@ fn check_bpffs(facts: &Facts) -> Result<Checked, HostError> {
     }
 }
 
-fn dev_name(dev: u64) -> String {
-    format!(
-        "{}:{}",
-        nix::sys::stat::major(dev),
-        nix::sys::stat::minor(dev)
-    )
+/// A file system's device, shown as `major:minor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Device(pub u64);
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Device(dev) = *self;
+        write!(
+            f,
+            "{}:{}",
+            nix::sys::stat::major(dev),
+            nix::sys::stat::minor(dev)
+        )
+    }
+}
+
+/// What the host has at `/sys/fs/bpf` when it is not the bpffs handoffd sees there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostBpffs {
+    /// Another bpf file system.
+    Other(Device),
+    /// Some other file system.
+    NotBpf,
+    /// Nothing.
+    Missing,
+}
+
+impl std::fmt::Display for HostBpffs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostBpffs::Other(dev) => write!(f, "device {dev}"),
+            HostBpffs::NotBpf => f.write_str("no bpf file system there"),
+            HostBpffs::Missing => f.write_str("no /sys/fs/bpf"),
+        }
+    }
 }
 
 /// Gathers the facts and checks them (see the module's documentation).

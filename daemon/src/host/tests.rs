@@ -180,3 +180,27 @@ fn this_host_is_the_host() {
     let facts = Facts::gather(None);
     assert!(facts.pid_ns.expect("readable").is_initial());
 }
+
+#[test]
+fn a_foreign_bpffs_is_named_by_its_devices() {
+    let mut f = host();
+    f.host_bpffs = HostView::Seen(Node {
+        fs: BPF_FS_MAGIC,
+        dev: nix::sys::stat::makedev(0, 99),
+        ino: 1,
+    });
+    let e = check(&f).expect_err("another bpffs");
+    assert!(
+        e.to_string().starts_with(&format!(
+            "{BPFFS} is a bpf file system of its own (device 0:40), not the host's (device 0:99):"
+        )),
+        "{e}"
+    );
+    f.host_bpffs = HostView::Missing;
+    let e = check(&f).expect_err("no bpffs on the host");
+    assert!(
+        e.to_string()
+            .contains("(device 0:40), not the host's (no /sys/fs/bpf)"),
+        "{e}"
+    );
+}
