@@ -154,7 +154,27 @@ pub enum HostError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checked {
     /// Why the bpffs could not be compared with the host's, if it could not.
-    pub bpffs_unverified: Option<String>,
+    pub bpffs_unverified: Option<Unverified>,
+}
+
+/// Why `/sys/fs/bpf` passed without being compared with the host's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unverified {
+    /// No bpffs is there yet, and pid 1's mount namespace is unreadable.
+    NoBpffsYet,
+    /// The host's `/sys/fs/bpf` could not be read (the error).
+    HostUnreadable(String),
+}
+
+impl std::fmt::Display for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unverified::NoBpffsYet => f.write_str(
+                "no bpffs at /sys/fs/bpf yet, and pid 1's mount namespace is unreadable: a bpffs mounted now may not be the host's",
+            ),
+            Unverified::HostUnreadable(e) => write!(f, "{HOST_BPFFS}: {e}"),
+        }
+    }
 }
 
 /// The cgroup v2 directory the drain programs and the guard attach to: `explicit`
@@ -282,9 +302,7 @@ fn check_bpffs(facts: &Facts) -> Result<Checked, HostError> {
             // Not known to be the host's mount namespace: the bpffs handoffd would mount
             // may be a private one. Said, like an unreadable /proc/1/root.
             None => Ok(Checked {
-                bpffs_unverified: Some(
-                    "no bpffs at /sys/fs/bpf yet, and pid 1's mount namespace is unreadable: a bpffs mounted now may not be the host's".to_owned(),
-                ),
+                bpffs_unverified: Some(Unverified::NoBpffsYet),
             }),
         };
     }
@@ -305,7 +323,7 @@ fn check_bpffs(facts: &Facts) -> Result<Checked, HostError> {
             host: HostBpffs::Missing,
         }),
         HostView::Unreadable(e) => Ok(Checked {
-            bpffs_unverified: Some(format!("{HOST_BPFFS}: {e}")),
+            bpffs_unverified: Some(Unverified::HostUnreadable(e.clone())),
         }),
     }
 }
