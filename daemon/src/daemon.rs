@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::config::file::{self as config_file, ConfigFileError};
 use crate::config::{ConfigError, Overrides};
-use crate::config_file::{self, ConfigFileError};
 use crate::generation::{Ctx, PromoteError, Service, ServiceConfig, StatusPlan};
 use crate::loader::{DrainEvent, EventStats};
 use crate::members::Member;

@@ -31,7 +31,6 @@
 pub mod candidate;
 pub mod cleanup;
 pub mod config;
-pub mod config_file;
 pub mod control;
 pub mod daemon;
 pub mod diag;
@@ -49,9 +48,12 @@ pub mod metrics;
 pub mod notify;
 pub mod pins;
 pub mod probe;
+pub mod run;
 pub mod state;
 pub mod supervise;
 mod sys;
+
+pub use run::run;
 
 /// Keeps the allocator compact (one malloc arena, freed memory returned): the daemon's
 /// memory then follows its live data, not the peak of a tag pass or a status dump. Call

@@ -138,10 +138,10 @@ pub enum HostError {
         "{BPFFS} is a bpf file system of its own (device {dev}), not the host's ({host}): pins there would be lost with this mount namespace; mount the host's /sys/fs/bpf there instead (a hostPath volume in a Kubernetes pod, `-v /sys/fs/bpf:/sys/fs/bpf` for a container)"
     )]
     NotHostBpffs {
-        /// Its device (major:minor).
-        dev: String,
+        /// Its device.
+        dev: Device,
         /// What the host has there.
-        host: String,
+        host: HostBpffs,
     },
     /// /sys/fs/bpf is no bpffs, and one mounted by handoffd would not be the host's.
     #[error(
@@ -154,7 +154,27 @@ pub enum HostError {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checked {
     /// Why the bpffs could not be compared with the host's, if it could not.
-    pub bpffs_unverified: Option<String>,
+    pub bpffs_unverified: Option<Unverified>,
+}
+
+/// Why `/sys/fs/bpf` passed without being compared with the host's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unverified {
+    /// No bpffs is there yet, and pid 1's mount namespace is unreadable.
+    NoBpffsYet,
+    /// The host's `/sys/fs/bpf` could not be read (the error).
+    HostUnreadable(String),
+}
+
+impl std::fmt::Display for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unverified::NoBpffsYet => f.write_str(
+                "no bpffs at /sys/fs/bpf yet, and pid 1's mount namespace is unreadable: a bpffs mounted now may not be the host's",
+            ),
+            Unverified::HostUnreadable(e) => write!(f, "{HOST_BPFFS}: {e}"),
+        }
+    }
 }
 
 /// The cgroup v2 directory the drain programs and the guard attach to: `explicit`
@@ -282,9 +302,7 @@ fn check_bpffs(facts: &Facts) -> Result<Checked, HostError> {
             // Not known to be the host's mount namespace: the bpffs handoffd would mount
             // may be a private one. Said, like an unreadable /proc/1/root.
             None => Ok(Checked {
-                bpffs_unverified: Some(
-                    "no bpffs at /sys/fs/bpf yet, and pid 1's mount namespace is unreadable: a bpffs mounted now may not be the host's".to_owned(),
-                ),
+                bpffs_unverified: Some(Unverified::NoBpffsYet),
             }),
         };
     }
@@ -293,29 +311,58 @@ fn check_bpffs(facts: &Facts) -> Result<Checked, HostError> {
             Ok(Checked::default())
         }
         HostView::Seen(host) => Err(HostError::NotHostBpffs {
-            dev: dev_name(own.dev),
+            dev: Device(own.dev),
             host: if host.fs == BPF_FS_MAGIC {
-                format!("device {}", dev_name(host.dev))
+                HostBpffs::Other(Device(host.dev))
             } else {
-                "no bpf file system there".to_owned()
+                HostBpffs::NotBpf
             },
         }),
         HostView::Missing => Err(HostError::NotHostBpffs {
-            dev: dev_name(own.dev),
-            host: "no /sys/fs/bpf".to_owned(),
+            dev: Device(own.dev),
+            host: HostBpffs::Missing,
         }),
         HostView::Unreadable(e) => Ok(Checked {
-            bpffs_unverified: Some(format!("{HOST_BPFFS}: {e}")),
+            bpffs_unverified: Some(Unverified::HostUnreadable(e.clone())),
         }),
     }
 }
 
-fn dev_name(dev: u64) -> String {
-    format!(
-        "{}:{}",
-        nix::sys::stat::major(dev),
-        nix::sys::stat::minor(dev)
-    )
+/// A file system's device, shown as `major:minor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Device(pub u64);
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Device(dev) = *self;
+        write!(
+            f,
+            "{}:{}",
+            nix::sys::stat::major(dev),
+            nix::sys::stat::minor(dev)
+        )
+    }
+}
+
+/// What the host has at `/sys/fs/bpf` when it is not the bpffs handoffd sees there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostBpffs {
+    /// Another bpf file system.
+    Other(Device),
+    /// Some other file system.
+    NotBpf,
+    /// Nothing.
+    Missing,
+}
+
+impl std::fmt::Display for HostBpffs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostBpffs::Other(dev) => write!(f, "device {dev}"),
+            HostBpffs::NotBpf => f.write_str("no bpf file system there"),
+            HostBpffs::Missing => f.write_str("no /sys/fs/bpf"),
+        }
+    }
 }
 
 /// Gathers the facts and checks them (see the module's documentation).
@@ -324,185 +371,4 @@ pub fn check_host(explicit_cgroup: Option<&Path>) -> Result<Checked, HostError> 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const TMPFS: FsType = nix::sys::statfs::TMPFS_MAGIC;
-
-    /// A host as it should be: initial pid namespace, the cgroup2 root, the host's bpffs.
-    fn host() -> Facts {
-        let bpffs = Node {
-            fs: BPF_FS_MAGIC,
-            dev: 40,
-            ino: 1,
-        };
-        Facts {
-            pid_ns: Ok(PidNs {
-                inode: INITIAL_PID_NS_INODE,
-                levels: 1,
-            }),
-            cgroup: "/sys/fs/cgroup".into(),
-            cgroup_node: Ok(Node {
-                fs: CGROUP2_SUPER_MAGIC,
-                dev: 30,
-                ino: 1,
-            }),
-            bpffs: Ok(bpffs),
-            host_bpffs: HostView::Seen(bpffs),
-            mnt_ns: Some((4026531841, 4026531841)),
-        }
-    }
-
-    #[test]
-    fn the_host_passes() {
-        assert_eq!(check(&host()), Ok(Checked::default()));
-    }
-
-    #[test]
-    fn a_pid_namespace_of_its_own_is_refused() {
-        let mut f = host();
-        f.pid_ns = Ok(PidNs {
-            inode: 4026532500,
-            levels: 2,
-        });
-        let e = check(&f).expect_err("refused");
-        assert!(
-            matches!(
-                e,
-                HostError::PidNs {
-                    inode: 4026532500,
-                    ..
-                }
-            ),
-            "{e}"
-        );
-        let line = e.to_string();
-        assert!(!line.contains('\n'));
-        assert!(
-            line.contains("pid namespace") && line.contains("--pid=host"),
-            "{line}"
-        );
-        // The initial inode seen through a /proc of a nested namespace: still refused.
-        f.pid_ns = Ok(PidNs {
-            inode: INITIAL_PID_NS_INODE,
-            levels: 2,
-        });
-        assert!(matches!(check(&f), Err(HostError::PidNs { .. })));
-        f.pid_ns = Err("/proc/self/ns/pid: No such file or directory".into());
-        assert!(matches!(check(&f), Err(HostError::PidNsUnreadable(_))));
-    }
-
-    #[test]
-    fn the_pid_namespace_is_checked_first() {
-        let mut f = host();
-        f.pid_ns = Ok(PidNs {
-            inode: 4026532500,
-            levels: 2,
-        });
-        f.cgroup_node = Err("gone".into());
-        f.bpffs = Err("gone".into());
-        assert!(matches!(check(&f), Err(HostError::PidNs { .. })));
-    }
-
-    #[test]
-    fn a_cgroup_below_the_root_is_refused() {
-        let mut f = host();
-        f.cgroup = "/sys/fs/cgroup/system.slice".into();
-        f.cgroup_node = Ok(Node {
-            fs: CGROUP2_SUPER_MAGIC,
-            dev: 30,
-            ino: 4242,
-        });
-        let e = check(&f).expect_err("refused");
-        assert_eq!(
-            e,
-            HostError::CgroupNotRoot {
-                path: "/sys/fs/cgroup/system.slice".into(),
-                ino: 4242
-            }
-        );
-        assert!(e.to_string().contains("--cgroup-root"), "{e}");
-    }
-
-    #[test]
-    fn a_directory_of_another_file_system_is_refused() {
-        let mut f = host();
-        f.cgroup = "/tmp/x".into();
-        // A tmpfs root has an inode of its own, but 1 must not pass on its own.
-        f.cgroup_node = Ok(Node {
-            fs: TMPFS,
-            dev: 50,
-            ino: 1,
-        });
-        assert!(matches!(check(&f), Err(HostError::NotCgroup2 { .. })));
-        f.cgroup_node = Err("No such file or directory".into());
-        let e = check(&f).expect_err("refused");
-        assert!(e.to_string().contains("/tmp/x"), "{e}");
-    }
-
-    #[test]
-    fn a_bpffs_of_its_own_is_refused() {
-        let mut f = host();
-        f.bpffs = Ok(Node {
-            fs: BPF_FS_MAGIC,
-            dev: 99,
-            ino: 1,
-        });
-        let e = check(&f).expect_err("refused");
-        assert!(matches!(e, HostError::NotHostBpffs { .. }), "{e}");
-        assert!(e.to_string().contains("hostPath"), "{e}");
-        // The host has none: ours cannot be it.
-        f.host_bpffs = HostView::Missing;
-        assert!(matches!(check(&f), Err(HostError::NotHostBpffs { .. })));
-        f.host_bpffs = HostView::Seen(Node {
-            fs: nix::sys::statfs::SYSFS_MAGIC,
-            dev: 99,
-            ino: 7,
-        });
-        assert!(matches!(check(&f), Err(HostError::NotHostBpffs { .. })));
-    }
-
-    #[test]
-    fn an_unreadable_host_root_leaves_the_bpffs_unverified() {
-        let mut f = host();
-        f.host_bpffs = HostView::Unreadable("Permission denied (os error 13)".into());
-        let checked = check(&f).expect("not refused: nothing says it is wrong");
-        assert!(
-            checked
-                .bpffs_unverified
-                .is_some_and(|w| w.contains("Permission denied"))
-        );
-    }
-
-    #[test]
-    fn no_bpffs_yet_is_fine_in_the_host_mount_namespace_only() {
-        let mut f = host();
-        f.bpffs = Ok(Node {
-            fs: nix::sys::statfs::SYSFS_MAGIC,
-            dev: 20,
-            ino: 9,
-        });
-        f.host_bpffs = HostView::Seen(f.bpffs.clone().expect("set"));
-        assert_eq!(check(&f), Ok(Checked::default()));
-        // Unknown: started, and said.
-        f.mnt_ns = None;
-        let checked = check(&f).expect("started");
-        assert!(
-            checked
-                .bpffs_unverified
-                .is_some_and(|why| why.contains("mount namespace is unreadable")),
-        );
-        f.mnt_ns = Some((4026532600, 4026531841));
-        assert_eq!(check(&f), Err(HostError::NoBpffs));
-        f.bpffs = Err("No such file or directory".into());
-        assert!(matches!(check(&f), Err(HostError::BpffsUnreadable(_))));
-    }
-
-    /// The unit tests run on the host (in a new pid namespace the same check says no:
-    /// see tests/tests/host.rs).
-    #[test]
-    fn this_host_is_the_host() {
-        let facts = Facts::gather(None);
-        assert!(facts.pid_ns.expect("readable").is_initial());
-    }
-}
+mod tests;

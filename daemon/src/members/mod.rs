@@ -8,18 +8,18 @@
 
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::discover;
-use crate::sys;
+use crate::{discover, sys};
 
-/// `PF_KTHREAD` in /proc/PID/stat's flags: a kernel thread.
-const PF_KTHREAD: u64 = 0x0020_0000;
+mod pidfd;
+mod rule;
 
-/// How far up the parent chain handoffd's ancestors are looked for.
-const MAX_ANCESTORS: usize = 64;
+pub use pidfd::PidfdError;
+use pidfd::{PIDFD_THREAD, parse_pidfd_info, read_fdinfo};
+use rule::{Facts, check_rule, pidfd_pid, read_facts};
 
 /// A process's real, effective and saved uids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,248 +134,6 @@ pub enum MemberError {
 /// Whether `e` says the daemon ran out of descriptors (not that the process is gone).
 pub fn is_fd_limit(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
-}
-
-/// What /proc says of a process, read after its pidfd was opened.
-#[derive(Debug, Clone, Copy)]
-struct Facts {
-    ppid: i32,
-    start_time: u64,
-    zombie: bool,
-    kthread: bool,
-    uids: Uids,
-}
-
-fn read_facts(pid: i32) -> Result<Facts, MemberError> {
-    let map = |source: std::io::Error| {
-        if is_fd_limit(&source) {
-            MemberError::FdLimit { pid, source }
-        } else if matches!(
-            source.kind(),
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
-        ) || source.raw_os_error() == Some(libc::ESRCH)
-        {
-            MemberError::NoSuchProcess { pid }
-        } else {
-            MemberError::Pidfd { pid, source }
-        }
-    };
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(map)?;
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(map)?;
-    let gone = || MemberError::NoSuchProcess { pid };
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .ok_or_else(gone)?
-        .1
-        .split_whitespace()
-        .collect();
-    let field = |i: usize| fields.get(i).copied().ok_or_else(gone);
-    let flags: u64 = field(6)?.parse().map_err(|_| gone())?;
-    let uid_line = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .ok_or_else(gone)?;
-    let uids: Vec<u32> = uid_line
-        .split_whitespace()
-        .filter_map(|u| u.parse().ok())
-        .collect();
-    let [real, effective, saved, ..] = uids[..] else {
-        return Err(gone());
-    };
-    Ok(Facts {
-        zombie: field(0)?.starts_with('Z'),
-        ppid: field(1)?.parse().map_err(|_| gone())?,
-        start_time: field(19)?.parse().map_err(|_| gone())?,
-        kthread: flags & PF_KTHREAD != 0,
-        uids: Uids {
-            real,
-            effective,
-            saved,
-        },
-    })
-}
-
-/// handoffd's pid and its network namespace, read once (they do not change while it
-/// runs).
-struct SelfView {
-    me: i32,
-    netns: Option<u64>,
-}
-
-fn self_view() -> &'static SelfView {
-    static VIEW: OnceLock<SelfView> = OnceLock::new();
-    VIEW.get_or_init(|| {
-        let me = std::process::id() as i32;
-        SelfView {
-            me,
-            netns: discover::netns(me).ok(),
-        }
-    })
-}
-
-/// handoffd's ancestors as (pid, start time), nearest first. Read again whenever the
-/// parent changed (reparented to a subreaper, say), so a new ancestor is refused too and
-/// a recycled pid of a former one is not.
-fn ancestors() -> Vec<(i32, u64)> {
-    static CACHE: Mutex<Vec<(i32, u64)>> = Mutex::new(Vec::new());
-    let parent = nix::unistd::getppid().as_raw();
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    if cache.first().map(|a| a.0) != Some(parent) {
-        cache.clear();
-        let mut at = parent;
-        while at > 0 && cache.len() < MAX_ANCESTORS {
-            let Some(stat) = discover::read_stat(at) else {
-                break;
-            };
-            cache.push((at, stat.start_time));
-            at = stat.ppid;
-        }
-    }
-    cache.clone()
-}
-
-/// The pid the pidfd names in this daemon's /proc (`Pid:` of its fdinfo; -1 or missing
-/// when the process is not visible in this pid namespace).
-///
-/// Reading the fdinfo opens a file: out of descriptors, that error is returned (never
-/// taken for a process outside our pid namespace); any other failure gives `None`.
-fn pidfd_pid(pidfd: &OwnedFd) -> Result<Option<i32>, std::io::Error> {
-    use std::os::fd::AsRawFd;
-    let info = match fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())) {
-        Ok(info) => info,
-        Err(e) if is_fd_limit(&e) => return Err(e),
-        Err(_) => return Ok(None),
-    };
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|p| p.trim().parse().ok()))
-}
-
-/// `PIDFD_THREAD` (`O_EXCL`) in a pidfd's file flags: the pidfd names one thread.
-const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
-
-/// The most of a descriptor's fdinfo that is read: a pidfd's is about 100 bytes.
-const MAX_FDINFO: u64 = 4096;
-
-/// Why a pidfd a client passed names no process that can be promoted.
-#[derive(Debug, thiserror::Error)]
-pub enum PidfdError {
-    /// The descriptor is not a pidfd.
-    #[error(
-        "the descriptor passed with the request is not a pidfd (it is {what}); pass pidfd_open(PID), or no descriptor and the pid"
-    )]
-    NotPidfd {
-        /// What `/proc/self/fd` says it is.
-        what: String,
-    },
-    /// A pidfd of one thread (`PIDFD_THREAD`), not of a process.
-    #[error(
-        "the pidfd passed with the request names a thread (PIDFD_THREAD); pass a pidfd of the process"
-    )]
-    Thread,
-    /// The process has exited.
-    #[error("the process of the pidfd passed with the request has exited")]
-    Exited,
-    /// The process has no pid in handoffd's pid namespace.
-    #[error(
-        "the process of the pidfd passed with the request has no pid in handoffd's pid namespace; run handoffd in the host's pid namespace"
-    )]
-    OtherPidNamespace,
-    /// The process is one that may not be a member.
-    #[error(transparent)]
-    Member(#[from] MemberError),
-    /// The descriptor's entries in handoffd's /proc could not be read.
-    #[error("reading /proc/self/fd of the descriptor passed with the request failed")]
-    Proc(#[source] std::io::Error),
-}
-
-impl PidfdError {
-    /// The protocol kind of this refusal.
-    pub fn kind(&self) -> handoff_common::proto::ErrorKind {
-        use handoff_common::proto::ErrorKind;
-        match self {
-            PidfdError::NotPidfd { .. } | PidfdError::Thread => ErrorKind::BadRequest,
-            PidfdError::Exited => ErrorKind::NoSuchProcess,
-            // As for a pid handoffd's /proc cannot name: no listener it may promote.
-            PidfdError::OtherPidNamespace => ErrorKind::NoListener,
-            PidfdError::Member(MemberError::NoSuchProcess { .. }) => ErrorKind::NoSuchProcess,
-            // As a promote by pid gives them (`CandidateError::kind`).
-            PidfdError::Member(MemberError::Excluded {
-                why: Excluded::OtherNetns,
-                ..
-            }) => ErrorKind::WrongGroup,
-            PidfdError::Member(MemberError::Excluded { .. }) => ErrorKind::NoListener,
-            PidfdError::Member(_) | PidfdError::Proc(_) => ErrorKind::Internal,
-        }
-    }
-}
-
-/// What the fdinfo of a descriptor says, if it is a pidfd.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PidfdInfo {
-    /// Its file flags (octal `flags:`).
-    flags: u32,
-    /// `Pid:`: the pid in the pid namespace of handoffd's /proc, 0 when it has none
-    /// there, -1 once the process has exited.
-    pid: i32,
-}
-
-/// Parses a pidfd's fdinfo; `None` unless both lines are there and well formed.
-fn parse_pidfd_info(info: &str) -> Option<PidfdInfo> {
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-    };
-    Some(PidfdInfo {
-        flags: u32::from_str_radix(field("flags:")?, 8).ok()?,
-        pid: field("Pid:")?.parse().ok()?,
-    })
-}
-
-/// Reads the fdinfo of `fd` (capped at [`MAX_FDINFO`] bytes).
-fn read_fdinfo(fd: std::os::fd::RawFd) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut info = String::new();
-    fs::File::open(format!("/proc/self/fdinfo/{fd}"))?
-        .take(MAX_FDINFO)
-        .read_to_string(&mut info)?;
-    Ok(info)
-}
-
-/// Checks the rule against the process `pid` (pinned by `pidfd`) with `facts`.
-fn check_rule(pid: i32, pidfd: &OwnedFd, facts: &Facts) -> Result<(), MemberError> {
-    let view = self_view();
-    let why = if pid == 1 {
-        Some(Excluded::Init)
-    } else if pid == view.me {
-        Some(Excluded::Daemon)
-    } else if ancestors().contains(&(pid, facts.start_time)) {
-        Some(Excluded::Ancestor)
-    } else if facts.kthread || pid == 2 || facts.ppid == 2 {
-        Some(Excluded::KernelThread)
-    } else if match pidfd_pid(pidfd) {
-        Ok(seen) => seen != Some(pid),
-        Err(source) => return Err(MemberError::FdLimit { pid, source }),
-    } {
-        Some(Excluded::OtherPidNamespace)
-    } else {
-        match (view.netns, discover::netns(pid)) {
-            (Some(ours), Ok(theirs)) if ours != theirs => Some(Excluded::OtherNetns),
-            (_, Err(discover::DiscoverError::Proc { source, .. })) if is_fd_limit(&source) => {
-                return Err(MemberError::FdLimit { pid, source });
-            }
-            // Unreadable: it cannot be shown to share ours.
-            (None, _) | (_, Err(_)) => Some(Excluded::OtherNetns),
-            _ => None,
-        }
-    };
-    match why {
-        Some(why) => Err(MemberError::Excluded { pid, why }),
-        None => Ok(()),
-    }
 }
 
 impl Member {
@@ -590,30 +348,6 @@ mod tests {
         let _ = child.wait();
         let m = m.expect("a child of ours is a possible member");
         assert_eq!(m.ppid, me);
-    }
-
-    #[test]
-    fn pidfd_info_parses_flags_and_pid() {
-        let info =
-            "pos:\t0\nflags:\t02000202\nmnt_id:\t4\nino:\t1\nPid:\t12330\nNSpid:\t12330\t5\n";
-        assert_eq!(
-            parse_pidfd_info(info),
-            Some(PidfdInfo {
-                flags: 0o2000202,
-                pid: 12330
-            })
-        );
-        let exited = "flags:\t02000002\nPid:\t-1\n";
-        assert_eq!(parse_pidfd_info(exited).map(|i| i.pid), Some(-1));
-        for bad in [
-            "",
-            "pos:\t0\nflags:\t02\n",
-            "flags:\t9\nPid:\t1\n",
-            "flags:\t02\nPid:\t99999999999\n",
-            "flags:\t02\nPid:\tone\n",
-        ] {
-            assert_eq!(parse_pidfd_info(bad), None, "{bad:?}");
-        }
     }
 
     #[test]

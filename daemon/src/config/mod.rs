@@ -1,4 +1,5 @@
-//! Daemon settings: services and where the daemon keeps its state.
+//! Daemon settings: services and where the daemon keeps its state; [`file`](mod@file)
+//! reads them from the configuration file.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -7,6 +8,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::generation::ServiceConfig;
+
+pub mod file;
 
 /// Default state directory: control socket, lock, generation table.
 pub const DEFAULT_STATE_DIR: &str = "/run/handoff";
