@@ -99,7 +99,15 @@ impl Ctx {
             Ok(found) => Some(
                 found
                     .into_iter()
-                    .map(|(pid, fd, inode)| (inode, discover::FdRef { pid, fd }))
+                    .map(|l| {
+                        (
+                            l.inode,
+                            discover::FdRef {
+                                pid: l.pid,
+                                fd: l.fd,
+                            },
+                        )
+                    })
                     .collect(),
             ),
             Err(e) => {

@@ -237,11 +237,11 @@ fn listener_of(
         return Ok(None);
     };
     let pids: Vec<i32> = g.members().filter(|m| m.alive()).map(|m| m.pid).collect();
-    for (pid, fd, _inode) in ctx.program.listeners(port, &pids)? {
-        let Some(member) = g.members().find(|m| m.pid == pid) else {
+    for l in ctx.program.listeners(port, &pids)? {
+        let Some(member) = g.members().find(|m| m.pid == l.pid) else {
             continue;
         };
-        if let Some(fd) = duplicate_listener(member, fd, &block.cookies) {
+        if let Some(fd) = duplicate_listener(member, l.fd, &block.cookies) {
             return Ok(Some(fd));
         }
     }
