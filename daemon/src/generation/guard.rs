@@ -14,6 +14,7 @@ use handoff_common::proto::{GenerationState, SteeringWatchStatus};
 use super::drain::Ctx;
 use super::{Generation, Service};
 use crate::members::Member;
+use crate::metrics::SteeringWatch;
 use crate::probe;
 
 /// The backstop's period.
@@ -144,7 +145,8 @@ impl Service {
             if !known {
                 self.watch.lost += 1;
                 self.watch.last_lost = Some(SystemTime::now());
-                ctx.metrics.steering_watch(&self.config.name, "lost");
+                ctx.metrics
+                    .steering_watch(&self.config.name, SteeringWatch::Lost);
             }
             let group = self.groups[i]
                 .key
@@ -157,7 +159,8 @@ impl Service {
                 Ok(true) if !self.group_lost(i) => {
                     self.watch.restored += 1;
                     self.watch.last_restored = Some(SystemTime::now());
-                    ctx.metrics.steering_watch(&self.config.name, "restored");
+                    ctx.metrics
+                        .steering_watch(&self.config.name, SteeringWatch::Restored);
                     tracing::warn!(service = %self.config.name, %group, "steering restored: handoff's program attached again and seen by a probe");
                 }
                 Ok(_) => {

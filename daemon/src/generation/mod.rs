@@ -23,6 +23,7 @@ use crate::config::DrainSettings;
 use crate::group::GroupKey;
 use crate::loader::GroupProgram;
 use crate::members::Member;
+use crate::metrics::Retirement;
 
 /// How many retired generations a service keeps listing.
 const KEEP_RETIRED: usize = 8;
@@ -196,19 +197,19 @@ impl Service {
                 continue;
             }
             let how = match &g.drain {
-                Some(d) if d.killed => "killed",
+                Some(d) if d.killed => Retirement::Killed,
                 Some(d) => match d.retire {
-                    Some((_, RetireReason::Drained)) => "drained",
-                    Some((_, RetireReason::Timeout)) => "timeout",
-                    None => "exited",
+                    Some((_, RetireReason::Drained)) => Retirement::Drained,
+                    Some((_, RetireReason::Timeout)) => Retirement::Timeout,
+                    None => Retirement::Exited,
                 },
-                None => "exited",
+                None => Retirement::Exited,
             };
             let drained = g.drain.as_ref().map(|d| d.started.elapsed());
             let drained_ms = drained.map(|d| d.as_millis());
             ctx.metrics
                 .retirement(&self.config.name, how, drained.map(|d| d.as_secs_f64()));
-            tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, how, drained_ms, "generation retired: every member exited");
+            tracing::info!(service = %self.config.name, generation = g.id, pid = g.leader.pid, how = how.as_str(), drained_ms, "generation retired: every member exited");
             g.state = GenerationState::Retired;
             if let Some(d) = &g.drain {
                 ctx.program.forget(d.tag);
