@@ -18,9 +18,12 @@ const OBJECTS: [(&str, &[u8]); 3] = [
     ("guard.bpf.o", include_bytes!("../../ebpf/guard.bpf.o")),
 ];
 
-const HEADERS: [(&str, &str); 2] = [
+/// Where the records are declared: the headers, and the guard's source (its one record,
+/// `struct guard_key`, has no header).
+const HEADERS: [(&str, &str); 3] = [
     ("handoff.h", include_str!("../../ebpf/handoff.h")),
     ("drain.h", include_str!("../../ebpf/drain.h")),
+    ("guard.bpf.c", include_str!("../../ebpf/guard.bpf.c")),
 ];
 
 /// Records clang leaves out of the objects' BTF: written by the programs through a

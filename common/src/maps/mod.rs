@@ -10,8 +10,8 @@ pub mod records;
 
 pub use counters::{Counter, Counters, Stat};
 pub use records::{
-    DrainEventRaw, DrainMember, EventKind, ListenerRaw, PROBE_KEY_SIZE, ProbeKey, ProcRaw,
-    SteerRecord, Watch, WatchKey,
+    DrainEventRaw, DrainMember, EventKind, GuardKey, ListenerRaw, PROBE_KEY_SIZE, ProbeKey,
+    ProcRaw, SteerRecord, Watch, WatchKey,
 };
 
 /// Sockarray slots given to one generation in one group.

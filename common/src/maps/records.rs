@@ -6,7 +6,7 @@
 //! the test that compares them with the BTF of the committed `ebpf/*.bpf.o` objects.
 
 use std::mem::offset_of;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// A field type of a record: read and written in native byte order, as the kernel does.
 trait Field: Sized + Copy {
@@ -126,7 +126,21 @@ pub const MIRRORS: &[fn() -> Layout] = &[
     DrainEventRaw::layout,
     ListenerRaw::layout,
     ProcRaw::layout,
+    GuardKey::layout,
 ];
+
+/// An IP address as the records hold it: network byte order in native-endian words,
+/// IPv4 in the first word and the rest zero (as the kernel's `src_ip4`/`src_ip6`).
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    let word = |o: [u8; 16], i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    match ip {
+        IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            [word(o, 0), word(o, 4), word(o, 8), word(o, 12)]
+        }
+    }
+}
 
 /// `struct handoff_probe_key`: a registered probe connection, the key of `probes`.
 #[repr(C)]
@@ -157,11 +171,11 @@ impl ProbeKey {
     pub fn new(source: SocketAddr, target: SocketAddr) -> Self {
         let mut saddr = [0u8; 16];
         let family = match source.ip() {
-            std::net::IpAddr::V4(a) => {
+            IpAddr::V4(a) => {
                 saddr[..4].copy_from_slice(&a.octets());
                 4
             }
-            std::net::IpAddr::V6(a) => {
+            IpAddr::V6(a) => {
                 saddr.copy_from_slice(&a.octets());
                 6
             }
@@ -326,6 +340,23 @@ pub struct ProcRaw {
 
 record!(ProcRaw, "handoff_proc", 8, [tgid, ppid]);
 
+/// `struct guard_key` of `guard.bpf.c` (the guard has no header: this is the one record
+/// that is not in `ebpf/*.h`): a watched service address, the key of `guard_ports`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuardKey {
+    /// The network namespace's cookie.
+    pub netns: u64,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Host byte order.
+    pub port: u32,
+    /// See [`addr_words`].
+    pub addr: [u32; 4],
+}
+
+record!(GuardKey, "guard_key", 32, [netns, family, port, addr]);
+
 /// Decodes the records of type `T` that an iterator wrote back to back (a trailing
 /// partial record is dropped).
 pub fn decode_all<T>(bytes: &[u8], size: usize, decode: fn(&[u8]) -> Option<T>) -> Vec<T> {
@@ -390,6 +421,22 @@ mod tests {
             decode_all(&bytes, ProcRaw::SIZE, ProcRaw::from_bytes),
             two.to_vec()
         );
+    }
+
+    #[test]
+    fn addresses_in_network_order() {
+        let v4 = addr_words("127.0.0.1".parse().unwrap());
+        assert_eq!(v4[0].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(v4[1..], [0, 0, 0]);
+        let v6 = addr_words("::1".parse().unwrap());
+        assert_eq!(v6[3].to_ne_bytes(), [0, 0, 0, 1]);
+        let key = GuardKey {
+            netns: 9,
+            family: 2,
+            port: 80,
+            addr: v4,
+        };
+        assert_eq!(&key.to_bytes()[16..20], &[127, 0, 0, 1]);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use aya::maps::{MapData, RingBuf};
 use handoff_common::maps::{
     ANY_UID, DrainEventRaw, EventKind, MAP_PORTS, MAP_STATS, MAP_WATCHED, Stat, Watch, WatchKey,
+    records,
 };
 
 use super::LoaderError;
@@ -97,21 +98,14 @@ impl EventStats {
 
 /// The key of `addr` in the watched map.
 fn key(ip: IpAddr, port: u16) -> WatchKey {
-    let (family, addr) = match ip {
-        IpAddr::V4(v4) => (
-            libc::AF_INET as u32,
-            [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        ),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            (libc::AF_INET6 as u32, [w(0), w(4), w(8), w(12)])
-        }
+    let family = match ip {
+        IpAddr::V4(_) => libc::AF_INET,
+        IpAddr::V6(_) => libc::AF_INET6,
     };
     WatchKey {
-        family,
+        family: family as u32,
         port: u32::from(port),
-        addr,
+        addr: records::addr_words(ip),
     }
 }
 
