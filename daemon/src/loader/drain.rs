@@ -45,7 +45,7 @@ pub struct DrainProgram {
     cgroup: Option<File>,
     /// Why the bind watch reports binds in every network namespace, if it does (`None`:
     /// only in handoffd's).
-    netns_error: Option<String>,
+    netns_error: Option<std::io::Error>,
 }
 
 /// A TCP listener that the listener iterator found.
@@ -65,7 +65,7 @@ enum WholeHost {
     /// `HANDOFF_FORCE_WHOLE_HOST` asked for it.
     Forced,
     /// The kernel refused an iterator over one process (the error).
-    Kernel(String),
+    Kernel(std::io::Error),
 }
 
 impl std::fmt::Debug for DrainProgram {
@@ -158,7 +158,7 @@ impl DrainProgram {
         })?;
         let (netns, netns_error) = match crate::sys::netns_cookie() {
             Ok(cookie) => (cookie, None),
-            Err(e) => (0, Some(e.to_string())),
+            Err(e) => (0, Some(e)),
         };
         let mut loader = EbpfLoader::new();
         // Not `must_exist`: the steering object, loaded by the same loader, has no such
@@ -406,7 +406,7 @@ impl DrainProgram {
 /// nothing while the members map is empty). Older kernels refuse the larger link info
 /// with E2BIG, or EINVAL.
 /// Ok(Err(why)) when not.
-fn per_process_supported(ebpf: &mut Ebpf) -> Result<Result<(), String>, LoaderError> {
+fn per_process_supported(ebpf: &mut Ebpf) -> Result<Result<(), std::io::Error>, LoaderError> {
     let prog = program::<Iter>(ebpf, PROG_LISTENERS)?
         .fd()
         .map_err(program_err(PROG_LISTENERS))?;
@@ -415,9 +415,7 @@ fn per_process_supported(ebpf: &mut Ebpf) -> Result<Result<(), String>, LoaderEr
             read_iter(File::from(fd), PROG_LISTENERS, &mut Vec::new())?;
             Ok(Ok(()))
         }
-        Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::EINVAL)) => {
-            Ok(Err(e.to_string()))
-        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::EINVAL)) => Ok(Err(e)),
         Err(source) => Err(LoaderError::Io {
             op: "trying an iterator over one process on",
             path: PathBuf::from("/proc/self"),

@@ -23,9 +23,10 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GenerationLabels {
     service: String,
-    generation: String,
-    pid: String,
-    state: String,
+    generation: u64,
+    pid: i32,
+    /// [`handoff_common::proto::GenerationState::as_str`].
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -214,9 +215,9 @@ impl Metrics {
                 self.connections
                     .get_or_create(&GenerationLabels {
                         service: s.name.clone(),
-                        generation: g.id.to_string(),
-                        pid: g.pid.to_string(),
-                        state: g.state.as_str().into(),
+                        generation: g.id,
+                        pid: g.pid,
+                        state: g.state.as_str(),
                     })
                     .set(i64::try_from(g.connections).unwrap_or(i64::MAX));
             }
