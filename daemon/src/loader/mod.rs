@@ -61,7 +61,7 @@ pub enum LoaderError {
         /// The error.
         what: String,
     },
-    /// A map of the object is missing or has another shape than common/maps.rs says.
+    /// A map of the object is missing or has another shape than common/src/maps/ says.
     #[error("map {name}: {source}")]
     Map {
         /// The map.
