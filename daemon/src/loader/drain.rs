@@ -174,30 +174,7 @@ impl DrainProgram {
             what: "the drain accounting programs",
             source,
         })?;
-        let mut refused = Vec::new();
-        for (name, target) in [
-            (PROG_TAG, "task_file"),
-            (PROG_LISTENERS, "task_file"),
-            (PROG_PROCS, "task"),
-        ] {
-            let iter: &mut Iter = program(&mut ebpf, name)?;
-            if let Err(e) = iter.load(target, &btf) {
-                refused.push(Refusal::new(name, ProgramKind::Iterator, e));
-            }
-        }
-        for (name, kind) in [
-            (PROG_RELEASE, ProgramKind::SockRelease),
-            (PROG_POST_BIND4, ProgramKind::PostBind),
-            (PROG_POST_BIND6, ProgramKind::PostBind),
-        ] {
-            let sock: &mut CgroupSock = program(&mut ebpf, name)?;
-            if let Err(e) = sock.load() {
-                refused.push(Refusal::new(name, kind, e));
-            }
-        }
-        if !refused.is_empty() {
-            return Err(LoaderError::Refused(refused));
-        }
+        load_programs(&mut ebpf, &btf)?;
         let counts =
             HashMap::try_from(take(&mut ebpf, MAP_COUNTS)?).map_err(map_err(MAP_COUNTS))?;
         let members =
@@ -398,6 +375,37 @@ impl DrainProgram {
         let mut out = Vec::new();
         read_iter(file, name, &mut out)?;
         Ok(out)
+    }
+}
+
+/// Loads every program of the drain object (the iterators against the kernel's `btf`),
+/// trying them all, so that a refusal lists every one the kernel refused.
+fn load_programs(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), LoaderError> {
+    let mut refused = Vec::new();
+    for (name, target) in [
+        (PROG_TAG, "task_file"),
+        (PROG_LISTENERS, "task_file"),
+        (PROG_PROCS, "task"),
+    ] {
+        let iter: &mut Iter = program(ebpf, name)?;
+        if let Err(e) = iter.load(target, btf) {
+            refused.push(Refusal::new(name, ProgramKind::Iterator, e));
+        }
+    }
+    for (name, kind) in [
+        (PROG_RELEASE, ProgramKind::SockRelease),
+        (PROG_POST_BIND4, ProgramKind::PostBind),
+        (PROG_POST_BIND6, ProgramKind::PostBind),
+    ] {
+        let sock: &mut CgroupSock = program(ebpf, name)?;
+        if let Err(e) = sock.load() {
+            refused.push(Refusal::new(name, kind, e));
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(LoaderError::Refused(refused))
     }
 }
 
