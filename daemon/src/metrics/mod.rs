@@ -248,16 +248,24 @@ impl Metrics {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetricsAddr(pub Option<SocketAddr>);
 
-impl std::str::FromStr for MetricsAddr {
-    type Err = String;
+/// `--metrics-addr` was given something else than `ADDR:PORT` or `off`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{given:?} is not ADDR:PORT or off")]
+pub struct BadMetricsAddr {
+    /// What was given.
+    pub given: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for MetricsAddr {
+    type Err = BadMetricsAddr;
+
+    fn from_str(s: &str) -> Result<Self, BadMetricsAddr> {
         if s == "off" {
             return Ok(MetricsAddr(None));
         }
         s.parse()
             .map(|a| MetricsAddr(Some(a)))
-            .map_err(|_| format!("{s:?} is not ADDR:PORT or off"))
+            .map_err(|_| BadMetricsAddr { given: s.into() })
     }
 }
 
@@ -319,6 +327,7 @@ mod tests {
             "127.0.0.1:9464".parse(),
             Ok(MetricsAddr(Some("127.0.0.1:9464".parse().unwrap())))
         );
-        assert!("nine".parse::<MetricsAddr>().is_err());
+        let bad = "nine".parse::<MetricsAddr>().unwrap_err();
+        assert_eq!(bad.to_string(), "\"nine\" is not ADDR:PORT or off");
     }
 }
