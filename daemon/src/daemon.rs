@@ -11,6 +11,7 @@ use crate::config::{ConfigError, Overrides};
 use crate::generation::{Ctx, PromoteError, Service, ServiceConfig, StatusPlan};
 use crate::loader::{DrainEvent, EventStats};
 use crate::members::Member;
+use crate::metrics::PromotionResult;
 use crate::state::{SavedService, SavedState};
 
 /// While the kernel holds bind events back, how often the daemon reads its counters (and
@@ -425,14 +426,16 @@ impl Daemon {
         match result {
             Ok(p) => {
                 let seconds = started.elapsed().as_secs_f64();
-                self.ctx.metrics.promotion(name, "ok", Some(seconds));
+                self.ctx
+                    .metrics
+                    .promotion(name, PromotionResult::Ok, Some(seconds));
                 Response::Promoted(p)
             }
             Err(e) => {
                 let kind = e.kind();
                 let result = match kind {
-                    ErrorKind::Kernel | ErrorKind::Internal => "failed",
-                    _ => "refused",
+                    ErrorKind::Kernel | ErrorKind::Internal => PromotionResult::Failed,
+                    _ => PromotionResult::Refused,
                 };
                 self.ctx.metrics.promotion(name, result, None);
                 error(kind, &one_line(&e))

@@ -20,3 +20,10 @@ pub static DRAIN_BPF: &[u8] = &AlignedObject(*include_bytes!("../drain.bpf.o")).
 /// The ELF object holding the guard (`cgroup/setsockopt`): only handoffd attaches or
 /// detaches sk_reuseport programs on TCP sockets bound to a watched service port.
 pub static GUARD_BPF: &[u8] = &AlignedObject(*include_bytes!("../guard.bpf.o")).0;
+
+/// Every committed object, by file name (what the BTF test of `handoff-common` reads).
+pub static OBJECTS: [(&str, &[u8]); 3] = [
+    ("handoff.bpf.o", HANDOFF_BPF),
+    ("drain.bpf.o", DRAIN_BPF),
+    ("guard.bpf.o", GUARD_BPF),
+];

@@ -117,7 +117,13 @@ impl Ctx {
             Ok(found) => Some(
                 found
                     .into_iter()
-                    .map(|(pid, fd, inode)| (inode, discover::FdRef { pid, fd }))
+                    .map(|l| {
+                        let holder = discover::FdRef {
+                            pid: l.pid,
+                            fd: l.fd,
+                        };
+                        (l.inode, holder)
+                    })
                     .collect(),
             ),
             Err(e) => {

@@ -315,9 +315,9 @@ impl Service {
     /// Every member of generation `id` exited: logged and counted; its leader's pidfd is
     /// kept until the machine forgets the generation.
     fn retired(&mut self, id: GenId, how: Retirement, drained_ms: Option<u64>, ctx: &mut Ctx) {
-        let how = how.as_str();
         let drained = drained_ms.map(|ms| ms as f64 / 1e3);
         ctx.metrics.retirement(&self.config.name, how, drained);
+        let how = how.as_str();
         if let Some(m) = self.members.get_mut(&id) {
             m.descendants.clear();
         }

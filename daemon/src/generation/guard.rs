@@ -14,6 +14,7 @@ use handoff_common::proto::SteeringWatchStatus;
 use super::{Ctx, Members, Service};
 use crate::lifecycle::Phase;
 use crate::members::Member;
+use crate::metrics::SteeringWatch;
 use crate::probe;
 
 /// The backstop's period.
@@ -141,7 +142,8 @@ impl Service {
             if !known {
                 self.watch.lost += 1;
                 self.watch.last_lost = Some(SystemTime::now());
-                ctx.metrics.steering_watch(&self.config.name, "lost");
+                ctx.metrics
+                    .steering_watch(&self.config.name, SteeringWatch::Lost);
             }
             let group = self.groups[i]
                 .key
@@ -154,7 +156,8 @@ impl Service {
                 Ok(true) if !self.group_lost(i) => {
                     self.watch.restored += 1;
                     self.watch.last_restored = Some(SystemTime::now());
-                    ctx.metrics.steering_watch(&self.config.name, "restored");
+                    ctx.metrics
+                        .steering_watch(&self.config.name, SteeringWatch::Restored);
                     tracing::warn!(service = %self.config.name, %group, "steering restored: handoff's program attached again and seen by a probe");
                 }
                 Ok(_) => {
@@ -239,11 +242,11 @@ fn listener_of(
     ctx: &mut Ctx,
 ) -> Result<Option<std::os::fd::OwnedFd>, crate::loader::LoaderError> {
     let pids = members.alive();
-    for (pid, fd, _inode) in ctx.program.listeners(port, &pids)? {
-        let Some(member) = members.all().find(|m| m.pid == pid) else {
+    for l in ctx.program.listeners(port, &pids)? {
+        let Some(member) = members.all().find(|m| m.pid == l.pid) else {
             continue;
         };
-        if let Some(fd) = duplicate_listener(member, fd, cookies) {
+        if let Some(fd) = duplicate_listener(member, l.fd, cookies) {
             return Ok(Some(fd));
         }
     }

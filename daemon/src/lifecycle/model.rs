@@ -86,7 +86,7 @@ impl Phase {
 }
 
 /// How a generation ended, as metrics and logs name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Retirement {
     /// Its members exited after the retire signal sent when its count reached zero.
     Drained,
@@ -99,6 +99,14 @@ pub enum Retirement {
 }
 
 impl Retirement {
+    /// Every kind, in the order the metrics' help lists them.
+    pub const ALL: &'static [Retirement] = &[
+        Retirement::Drained,
+        Retirement::Timeout,
+        Retirement::Exited,
+        Retirement::Killed,
+    ];
+
     /// The label used in metrics and logs.
     pub fn as_str(self) -> &'static str {
         match self {

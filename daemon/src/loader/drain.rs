@@ -12,9 +12,9 @@ use aya::maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSock, Iter, ProgramError};
 use aya::{Ebpf, EbpfLoader};
 use handoff_common::maps::{
-    GLOBAL_NETNS, ListenerRaw, MAP_BINDS, MAP_COUNTS, MAP_MEMBERS, MAP_PORTS, MAP_STATS,
-    MAP_WATCHED, MAP_ZERO_PENDING, MAP_ZEROS, PROG_LISTENERS, PROG_POST_BIND4, PROG_POST_BIND6,
-    PROG_PROCS, PROG_RELEASE, PROG_TAG, ProcRaw,
+    DrainMember, GLOBAL_NETNS, ListenerRaw, MAP_BINDS, MAP_COUNTS, MAP_MEMBERS, MAP_PORTS,
+    MAP_STATS, MAP_WATCHED, MAP_ZERO_PENDING, MAP_ZEROS, PROG_LISTENERS, PROG_POST_BIND4,
+    PROG_POST_BIND6, PROG_PROCS, PROG_RELEASE, PROG_TAG, ProcRaw, Watch, WatchKey, records,
 };
 
 use super::events::EventRings;
@@ -27,10 +27,11 @@ pub struct DrainProgram {
     /// Owns the programs and their cgroup links (dropped: detached).
     ebpf: Ebpf,
     counts: HashMap<MapData, u32, i64>,
-    members: HashMap<MapData, u32, [u32; 2]>,
+    /// tgid -> `struct handoff_member`.
+    members: HashMap<MapData, u32, [u8; DrainMember::SIZE]>,
     pub(super) ports: HashMap<MapData, u32, u32>,
-    /// `struct handoff_addr` -> `struct handoff_watch`, as words.
-    pub(super) watched: HashMap<MapData, [u32; 6], [u32; 6]>,
+    /// `struct handoff_addr` -> `struct handoff_watch`.
+    pub(super) watched: HashMap<MapData, [u8; WatchKey::SIZE], [u8; Watch::SIZE]>,
     /// Tags with an unread zero event.
     pub(super) zero_pending: HashMap<MapData, u32, u32>,
     /// The per-CPU event counters.
@@ -44,7 +45,18 @@ pub struct DrainProgram {
     cgroup: Option<File>,
     /// Why the bind watch reports binds in every network namespace, if it does (`None`:
     /// only in handoffd's).
-    netns_error: Option<String>,
+    netns_error: Option<std::io::Error>,
+}
+
+/// A TCP listener that the listener iterator found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    /// The process holding it.
+    pub pid: i32,
+    /// Its fd number in that process.
+    pub fd: i32,
+    /// The socket's inode.
+    pub inode: u64,
 }
 
 /// Why the tag pass walks the whole host.
@@ -53,7 +65,7 @@ enum WholeHost {
     /// `HANDOFF_FORCE_WHOLE_HOST` asked for it.
     Forced,
     /// The kernel refused an iterator over one process (the error).
-    Kernel(String),
+    Kernel(std::io::Error),
 }
 
 impl std::fmt::Debug for DrainProgram {
@@ -146,7 +158,7 @@ impl DrainProgram {
         })?;
         let (netns, netns_error) = match crate::sys::netns_cookie() {
             Ok(cookie) => (cookie, None),
-            Err(e) => (0, Some(e.to_string())),
+            Err(e) => (0, Some(e)),
         };
         let mut loader = EbpfLoader::new();
         // Not `must_exist`: the steering object, loaded by the same loader, has no such
@@ -162,30 +174,7 @@ impl DrainProgram {
             what: "the drain accounting programs",
             source,
         })?;
-        let mut refused = Vec::new();
-        for (name, target) in [
-            (PROG_TAG, "task_file"),
-            (PROG_LISTENERS, "task_file"),
-            (PROG_PROCS, "task"),
-        ] {
-            let iter: &mut Iter = program(&mut ebpf, name)?;
-            if let Err(e) = iter.load(target, &btf) {
-                refused.push(Refusal::new(name, ProgramKind::Iterator, e));
-            }
-        }
-        for (name, kind) in [
-            (PROG_RELEASE, ProgramKind::SockRelease),
-            (PROG_POST_BIND4, ProgramKind::PostBind),
-            (PROG_POST_BIND6, ProgramKind::PostBind),
-        ] {
-            let sock: &mut CgroupSock = program(&mut ebpf, name)?;
-            if let Err(e) = sock.load() {
-                refused.push(Refusal::new(name, kind, e));
-            }
-        }
-        if !refused.is_empty() {
-            return Err(LoaderError::Refused(refused));
-        }
+        load_programs(&mut ebpf, &btf)?;
         let counts =
             HashMap::try_from(take(&mut ebpf, MAP_COUNTS)?).map_err(map_err(MAP_COUNTS))?;
         let members =
@@ -297,28 +286,21 @@ impl DrainProgram {
         self.count(tag)
     }
 
-    /// The TCP listeners on `port` that `pids` hold: (pid, fd, socket inode) for each fd.
-    pub fn listeners(
-        &mut self,
-        port: u16,
-        pids: &[i32],
-    ) -> Result<Vec<(i32, i32, u64)>, LoaderError> {
+    /// The TCP listeners on `port` that `pids` hold, one for each fd.
+    pub fn listeners(&mut self, port: u16, pids: &[i32]) -> Result<Vec<Listener>, LoaderError> {
         let bytes = self.over_members(PROG_LISTENERS, 0, port, pids)?;
-        Ok(bytes
-            .chunks_exact(size_of::<ListenerRaw>())
-            .filter_map(|c| {
-                let raw = ListenerRaw {
-                    tgid: u32_at(c, 0)?,
-                    fd: u32_at(c, 4)?,
-                    inode: u64::from_ne_bytes(c.get(8..16)?.try_into().ok()?),
-                };
-                Some((
-                    i32::try_from(raw.tgid).ok()?,
-                    i32::try_from(raw.fd).ok()?,
-                    raw.inode,
-                ))
-            })
-            .collect())
+        Ok(
+            records::decode_all(&bytes, ListenerRaw::SIZE, ListenerRaw::from_bytes)
+                .into_iter()
+                .filter_map(|raw| {
+                    Some(Listener {
+                        pid: i32::try_from(raw.tgid).ok()?,
+                        fd: i32::try_from(raw.fd).ok()?,
+                        inode: raw.inode,
+                    })
+                })
+                .collect(),
+        )
     }
 
     /// Runs the task_file iterator `name` over `pids` (entered in the members map with
@@ -330,9 +312,13 @@ impl DrainProgram {
         port: u16,
         pids: &[i32],
     ) -> Result<Vec<u8>, LoaderError> {
+        let member = DrainMember {
+            tag,
+            port: u32::from(port),
+        };
         for &pid in pids {
             self.members
-                .insert(pid as u32, [tag, u32::from(port)], 0)
+                .insert(pid as u32, member.to_bytes(), 0)
                 .map_err(map_err(MAP_MEMBERS))?;
         }
         let result = self.run_over(name, pids);
@@ -370,16 +356,14 @@ impl DrainProgram {
     /// table iterator.
     pub fn processes(&mut self) -> Result<Vec<(i32, i32)>, LoaderError> {
         let bytes = self.run_whole(PROG_PROCS)?;
-        Ok(bytes
-            .chunks_exact(size_of::<ProcRaw>())
-            .filter_map(|c| {
-                let raw = ProcRaw {
-                    tgid: u32_at(c, 0)?,
-                    ppid: u32_at(c, 4)?,
-                };
-                Some((i32::try_from(raw.tgid).ok()?, i32::try_from(raw.ppid).ok()?))
-            })
-            .collect())
+        Ok(
+            records::decode_all(&bytes, ProcRaw::SIZE, ProcRaw::from_bytes)
+                .into_iter()
+                .filter_map(|raw| {
+                    Some((i32::try_from(raw.tgid).ok()?, i32::try_from(raw.ppid).ok()?))
+                })
+                .collect(),
+        )
     }
 
     /// One run of iterator `name` over every task: a link, a file, read to its end.
@@ -394,12 +378,43 @@ impl DrainProgram {
     }
 }
 
+/// Loads every program of the drain object (the iterators against the kernel's `btf`),
+/// trying them all, so that a refusal lists every one the kernel refused.
+fn load_programs(ebpf: &mut Ebpf, btf: &Btf) -> Result<(), LoaderError> {
+    let mut refused = Vec::new();
+    for (name, target) in [
+        (PROG_TAG, "task_file"),
+        (PROG_LISTENERS, "task_file"),
+        (PROG_PROCS, "task"),
+    ] {
+        let iter: &mut Iter = program(ebpf, name)?;
+        if let Err(e) = iter.load(target, btf) {
+            refused.push(Refusal::new(name, ProgramKind::Iterator, e));
+        }
+    }
+    for (name, kind) in [
+        (PROG_RELEASE, ProgramKind::SockRelease),
+        (PROG_POST_BIND4, ProgramKind::PostBind),
+        (PROG_POST_BIND6, ProgramKind::PostBind),
+    ] {
+        let sock: &mut CgroupSock = program(ebpf, name)?;
+        if let Err(e) = sock.load() {
+            refused.push(Refusal::new(name, kind, e));
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(LoaderError::Refused(refused))
+    }
+}
+
 /// Whether the kernel runs an iterator over one process (`bpf_iter_link_info.task`, Linux
 /// 6.1): tried once, over the daemon itself, with the listener iterator (which writes
 /// nothing while the members map is empty). Older kernels refuse the larger link info
 /// with E2BIG, or EINVAL.
 /// Ok(Err(why)) when not.
-fn per_process_supported(ebpf: &mut Ebpf) -> Result<Result<(), String>, LoaderError> {
+fn per_process_supported(ebpf: &mut Ebpf) -> Result<Result<(), std::io::Error>, LoaderError> {
     let prog = program::<Iter>(ebpf, PROG_LISTENERS)?
         .fd()
         .map_err(program_err(PROG_LISTENERS))?;
@@ -408,20 +423,13 @@ fn per_process_supported(ebpf: &mut Ebpf) -> Result<Result<(), String>, LoaderEr
             read_iter(File::from(fd), PROG_LISTENERS, &mut Vec::new())?;
             Ok(Ok(()))
         }
-        Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::EINVAL)) => {
-            Ok(Err(e.to_string()))
-        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::EINVAL)) => Ok(Err(e)),
         Err(source) => Err(LoaderError::Io {
             op: "trying an iterator over one process on",
             path: PathBuf::from("/proc/self"),
             source,
         }),
     }
-}
-
-/// The native-endian `u32` at byte `i` of `bytes`.
-pub(super) fn u32_at(bytes: &[u8], i: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(bytes.get(i..i + 4)?.try_into().ok()?))
 }
 
 /// Reads iterator `name`'s file to its end, which runs the program.

@@ -13,12 +13,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{MapData, RingBuf};
 use handoff_common::maps::{
-    ANY_UID, DrainEventRaw, EV_BIND, EV_HELD, EV_ZERO, MAP_PORTS, MAP_STATS, MAP_WATCHED,
-    STAT_FILTERED, STAT_LOST_BINDS, STAT_LOST_ZEROS, STAT_SUPPRESSED, STATS, Watch, WatchKey,
+    ANY_UID, DrainEventRaw, EventKind, MAP_PORTS, MAP_STATS, MAP_WATCHED, Stat, Watch, WatchKey,
+    records,
 };
 
 use super::LoaderError;
-use super::drain::{DrainProgram, map_err, u32_at};
+use super::drain::{DrainProgram, map_err};
 
 /// What a ring reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,23 +42,16 @@ pub enum DrainEvent {
 impl DrainEvent {
     /// Decodes one ring buffer record.
     pub fn parse(bytes: &[u8]) -> Option<Self> {
-        let word = |i| u32_at(bytes, i);
-        let raw = DrainEventRaw {
-            kind: word(0)?,
-            value: word(4)?,
-            pid: word(8)?,
-            reserved: 0,
-        };
-        match raw.kind {
-            EV_ZERO => Some(DrainEvent::Zero(raw.value)),
-            EV_BIND => Some(DrainEvent::Bind {
+        let raw = DrainEventRaw::from_bytes(bytes)?;
+        match EventKind::from_raw(raw.kind)? {
+            EventKind::Zero => Some(DrainEvent::Zero(raw.value)),
+            EventKind::Bind => Some(DrainEvent::Bind {
                 port: u16::try_from(raw.value).ok()?,
                 pid: i32::try_from(raw.pid).ok()?,
             }),
-            EV_HELD => Some(DrainEvent::Held {
+            EventKind::Held => Some(DrainEvent::Held {
                 port: u16::try_from(raw.value).ok()?,
             }),
-            _ => None,
         }
     }
 }
@@ -91,30 +84,34 @@ pub struct EventStats {
     pub filtered: u64,
 }
 
-/// The key of `addr` in the watched map.
-fn key(ip: IpAddr, port: u16) -> [u32; 6] {
-    let (family, addr) = match ip {
-        IpAddr::V4(v4) => (
-            libc::AF_INET as u32,
-            [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        ),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            (libc::AF_INET6 as u32, [w(0), w(4), w(8), w(12)])
+impl EventStats {
+    /// The total of `stat`.
+    fn field(&mut self, stat: Stat) -> &mut u64 {
+        match stat {
+            Stat::LostZeros => &mut self.lost_zeros,
+            Stat::LostBinds => &mut self.lost_binds,
+            Stat::Suppressed => &mut self.suppressed,
+            Stat::Filtered => &mut self.filtered,
         }
+    }
+}
+
+/// The key of `addr` in the watched map.
+fn key(ip: IpAddr, port: u16) -> WatchKey {
+    let family = match ip {
+        IpAddr::V4(_) => libc::AF_INET,
+        IpAddr::V6(_) => libc::AF_INET6,
     };
     WatchKey {
-        family,
+        family: family as u32,
         port: u32::from(port),
-        addr,
+        addr: records::addr_words(ip),
     }
-    .words()
 }
 
 /// The keys a service listening on `addrs` is watched under: each address and the
 /// wildcard of its family on the same port.
-fn keys(addrs: &[SocketAddr]) -> Vec<[u32; 6]> {
+fn keys(addrs: &[SocketAddr]) -> Vec<WatchKey> {
     let mut keys = Vec::new();
     for a in addrs {
         let wildcard = match a.ip() {
@@ -157,7 +154,7 @@ impl DrainProgram {
     fn set_uids(&mut self, addrs: &[SocketAddr], uids: [u32; 2]) -> Result<(), LoaderError> {
         for k in keys(addrs) {
             self.watched
-                .insert(k, Watch::words(uids), 0)
+                .insert(k.to_bytes(), Watch::new(uids).to_bytes(), 0)
                 .map_err(map_err(MAP_WATCHED))?;
         }
         Ok(())
@@ -179,18 +176,15 @@ impl DrainProgram {
 
     /// The counters, summed over CPUs.
     pub fn stats(&self) -> Result<EventStats, LoaderError> {
-        let mut sums = [0u64; STATS as usize];
-        for (i, sum) in (0u32..).zip(sums.iter_mut()) {
-            let per_cpu = self.stats.get(&i, 0).map_err(map_err(MAP_STATS))?;
-            *sum = per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        let mut out = EventStats::default();
+        for stat in Stat::ALL {
+            let per_cpu = self
+                .stats
+                .get(&stat.index(), 0)
+                .map_err(map_err(MAP_STATS))?;
+            *out.field(stat) = per_cpu.iter().fold(0u64, |a, v| a.wrapping_add(*v));
         }
-        let at = |i: u32| sums.get(i as usize).copied().unwrap_or(0);
-        Ok(EventStats {
-            lost_zeros: at(STAT_LOST_ZEROS),
-            lost_binds: at(STAT_LOST_BINDS),
-            suppressed: at(STAT_SUPPRESSED),
-            filtered: at(STAT_FILTERED),
-        })
+        Ok(out)
     }
 }
 
@@ -200,13 +194,18 @@ mod tests {
 
     #[test]
     fn events_decode() {
-        let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&EV_ZERO.to_ne_bytes());
-        b[4..8].copy_from_slice(&7u32.to_ne_bytes());
+        let event = |kind: u32, value: u32, pid: u32| {
+            DrainEventRaw {
+                kind,
+                value,
+                pid,
+                reserved: 0,
+            }
+            .to_bytes()
+        };
+        let b = event(EventKind::Zero as u32, 7, 0);
         assert_eq!(DrainEvent::parse(&b), Some(DrainEvent::Zero(7)));
-        b[..4].copy_from_slice(&EV_BIND.to_ne_bytes());
-        b[4..8].copy_from_slice(&8080u32.to_ne_bytes());
-        b[8..12].copy_from_slice(&4242u32.to_ne_bytes());
+        let b = event(EventKind::Bind as u32, 8080, 4242);
         assert_eq!(
             DrainEvent::parse(&b),
             Some(DrainEvent::Bind {
@@ -214,10 +213,11 @@ mod tests {
                 pid: 4242
             })
         );
-        b[..4].copy_from_slice(&EV_HELD.to_ne_bytes());
+        let b = event(EventKind::Held as u32, 8080, 4242);
         assert_eq!(DrainEvent::parse(&b), Some(DrainEvent::Held { port: 8080 }));
-        b[..4].copy_from_slice(&9u32.to_ne_bytes());
+        let b = event(9, 8080, 4242);
         assert_eq!(DrainEvent::parse(&b), None, "an unknown kind");
+        let b = event(EventKind::Zero as u32, 7, 0);
         assert_eq!(DrainEvent::parse(&b[..8]), None);
     }
 
@@ -232,9 +232,9 @@ mod tests {
         assert_eq!(k.len(), 5, "two v4, one v6, and a wildcard of each family");
         let lo = key("127.0.0.1".parse().unwrap(), 8080);
         // The address in network byte order, as the kernel's src_ip4 holds it.
-        assert_eq!(lo[2].to_ne_bytes(), [127, 0, 0, 1]);
-        assert_eq!(lo[1], 8080);
-        assert_eq!(lo[0], libc::AF_INET as u32);
+        assert_eq!(lo.addr[0].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(lo.port, 8080);
+        assert_eq!(lo.family, libc::AF_INET as u32);
         assert!(k.contains(&key("0.0.0.0".parse().unwrap(), 8080)));
         assert!(k.contains(&key("::".parse().unwrap(), 8080)));
     }

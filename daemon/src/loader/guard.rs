@@ -10,7 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockopt};
 use aya::{Ebpf, EbpfLoader};
-use handoff_common::maps::{MAP_GUARD_ALLOWED, MAP_GUARD_PORTS, MAP_GUARD_REFUSED, PROG_GUARD};
+use handoff_common::maps::{
+    GuardKey, MAP_GUARD_ALLOWED, MAP_GUARD_PORTS, MAP_GUARD_REFUSED, PROG_GUARD, records,
+};
 
 use super::drain::open_cgroup2_root;
 use super::{LoaderError, take};
@@ -19,7 +21,7 @@ use super::{LoaderError, take};
 pub struct GuardProgram {
     /// Owns the program and its cgroup link (dropped: detached).
     _ebpf: Ebpf,
-    ports: HashMap<MapData, [u8; GUARD_KEY_SIZE], u32>,
+    ports: HashMap<MapData, [u8; GuardKey::SIZE], u32>,
     /// The cookie of handoffd's network namespace.
     netns: u64,
     refused: PerCpuArray<MapData, u64>,
@@ -108,24 +110,17 @@ impl GuardProgram {
     }
 }
 
-/// Size of `struct guard_key` in guard.bpf.c.
-const GUARD_KEY_SIZE: usize = 32;
-
-/// `struct guard_key` for `addr` in the namespace `netns`: the cookie, family, port (host
-/// order) and address (network order, IPv4 in the first word), native-endian words.
-fn guard_key(netns: u64, addr: SocketAddr) -> [u8; GUARD_KEY_SIZE] {
-    let (family, ip) = match addr.ip() {
-        IpAddr::V4(v4) => {
-            let mut ip = [0u8; 16];
-            ip[..4].copy_from_slice(&v4.octets());
-            (libc::AF_INET as u32, ip)
-        }
-        IpAddr::V6(v6) => (libc::AF_INET6 as u32, v6.octets()),
+/// The key of `addr` in the namespace `netns`.
+fn guard_key(netns: u64, addr: SocketAddr) -> [u8; GuardKey::SIZE] {
+    let family = match addr.ip() {
+        IpAddr::V4(_) => libc::AF_INET,
+        IpAddr::V6(_) => libc::AF_INET6,
     };
-    let mut key = [0u8; GUARD_KEY_SIZE];
-    key[..8].copy_from_slice(&netns.to_ne_bytes());
-    key[8..12].copy_from_slice(&family.to_ne_bytes());
-    key[12..16].copy_from_slice(&u32::from(addr.port()).to_ne_bytes());
-    key[16..].copy_from_slice(&ip);
-    key
+    GuardKey {
+        netns,
+        family: family as u32,
+        port: u32::from(addr.port()),
+        addr: records::addr_words(addr.ip()),
+    }
+    .to_bytes()
 }

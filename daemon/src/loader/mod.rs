@@ -13,7 +13,7 @@ use aya::maps::{Map, MapError};
 use aya::programs::ProgramError;
 use aya::{Ebpf, EbpfError};
 
-pub use drain::{DrainProgram, cgroup2_root};
+pub use drain::{DrainProgram, Listener, cgroup2_root};
 pub use events::{DrainEvent, EventRings, EventStats};
 pub use guard::GuardProgram;
 pub use steer::GroupProgram;
@@ -61,7 +61,7 @@ pub enum LoaderError {
         /// The error.
         what: String,
     },
-    /// A map of the object is missing or has another shape than common/maps.rs says.
+    /// A map of the object is missing or has another shape than common/src/maps/ says.
     #[error("map {name}: {source}")]
     Map {
         /// The map.

@@ -43,7 +43,7 @@ pub struct GroupProgram {
     /// The REUSEPORT_SOCKARRAY of the generations' listeners.
     socks: MapData,
     /// The record ring.
-    records: Array<MapData, [u8; 16]>,
+    records: Array<MapData, [u8; SteerRecord::SIZE]>,
     /// The mmapped index of the record in force (the map itself stays open through it).
     current: MappedIndex,
     /// Keeps the `current` map open for the life of the mapping.
@@ -244,14 +244,8 @@ impl GroupProgram {
                 name: MAP_RECORDS,
                 source,
             })?;
-        let word =
-            |i: usize| u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        Ok(SteerRecord {
-            active_first: word(0),
-            active_len: word(4),
-            prev_first: word(8),
-            prev_len: word(12),
-        })
+        // The map's values are SteerRecord::SIZE bytes: the decoder cannot come up short.
+        Ok(SteerRecord::from_bytes(&bytes).unwrap_or_default())
     }
 
     /// Makes `record` the one in force: written into the next ring entry (which nothing
@@ -274,7 +268,7 @@ impl GroupProgram {
         for c in Counter::ALL {
             let per_cpu = self
                 .counters
-                .get(&(c as u32), 0)
+                .get(&c.index(), 0)
                 .map_err(|source| LoaderError::Map {
                     name: MAP_COUNTERS,
                     source,

@@ -3,8 +3,12 @@
 //! scrape needs them, at most once a second (see [`serve`]), so that an idle daemon does
 //! no work for them and a flood of scrapers no more than one.
 
+mod labels;
 pub mod serve;
 
+pub use labels::{PromotionResult, Retirement, SteeringWatch};
+
+use handoff_common::maps::Counter as SteerCounter;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,9 +23,10 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GenerationLabels {
     service: String,
-    generation: String,
-    pid: String,
-    state: String,
+    generation: u64,
+    pid: i32,
+    /// [`handoff_common::proto::GenerationState::as_str`].
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,19 +37,26 @@ struct ServiceLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     service: String,
-    result: String,
+    result: PromotionResult,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
+struct RetireLabels {
     service: String,
-    reason: String,
+    reason: Retirement,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabels {
+    service: String,
+    reason: SteeringWatch,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabels {
     service: String,
-    target: String,
+    /// [`SteerCounter::label`].
+    target: &'static str,
 }
 
 /// 0.5 ms to ~4 s: a promote is a few milliseconds.
@@ -64,12 +76,12 @@ pub struct Metrics {
     registry: Arc<Registry>,
     connections: Family<GenerationLabels, Gauge>,
     promotions: Family<ResultLabels, Counter>,
-    retirements: Family<ReasonLabels, Counter>,
+    retirements: Family<RetireLabels, Counter>,
     steered: Family<TargetLabels, Counter>,
     promote_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     drain_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     foreign: Family<ServiceLabels, Gauge>,
-    steering_watch: Family<ReasonLabels, Counter>,
+    steering_watch: Family<WatchLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -97,13 +109,19 @@ impl Metrics {
         let retirements = Family::default();
         registry.register(
             "handoff_retirements",
-            "Generations retired, by how: drained, timeout, exited, killed",
+            format!(
+                "Generations retired, by how: {}",
+                labels::listed(Retirement::ALL.iter().map(|r| r.as_str()))
+            ),
             retirements.clone(),
         );
         let steered = Family::default();
         registry.register(
             "handoff_steered_connections",
-            "Decisions of the kernel program by target: active, active_retry, fallback, kernel_hash, migrated, probe",
+            format!(
+                "Decisions of the kernel program by target: {}",
+                labels::listed(SteerCounter::ALL.map(SteerCounter::label))
+            ),
             steered.clone(),
         );
         let promote_duration: Family<_, _, fn() -> Histogram> =
@@ -145,12 +163,12 @@ impl Metrics {
         }
     }
 
-    /// Counts a promote or rollback: `ok`, `refused` (nothing changed) or `failed`.
-    pub fn promotion(&self, service: &str, result: &str, seconds: Option<f64>) {
+    /// Counts a promote or rollback, with how long it took if it succeeded.
+    pub fn promotion(&self, service: &str, result: PromotionResult, seconds: Option<f64>) {
         self.promotions
             .get_or_create(&ResultLabels {
                 service: service.into(),
-                result: result.into(),
+                result,
             })
             .inc();
         if let Some(s) = seconds {
@@ -163,11 +181,11 @@ impl Metrics {
     }
 
     /// Counts a retirement, with how long its drain took if it drained.
-    pub fn retirement(&self, service: &str, reason: &str, drain_seconds: Option<f64>) {
+    pub fn retirement(&self, service: &str, reason: Retirement, drain_seconds: Option<f64>) {
         self.retirements
-            .get_or_create(&ReasonLabels {
+            .get_or_create(&RetireLabels {
                 service: service.into(),
-                reason: reason.into(),
+                reason,
             })
             .inc();
         if let Some(s) = drain_seconds {
@@ -179,13 +197,12 @@ impl Metrics {
         }
     }
 
-    /// Counts a steering watch event of `service`: `lost` (a probe found a group without
-    /// handoff's program) or `restored` (attached again, confirmed by a probe).
-    pub fn steering_watch(&self, service: &str, event: &str) {
+    /// Counts a steering watch event of `service`.
+    pub fn steering_watch(&self, service: &str, event: SteeringWatch) {
         self.steering_watch
-            .get_or_create(&ReasonLabels {
+            .get_or_create(&WatchLabels {
                 service: service.into(),
-                reason: event.into(),
+                reason: event,
             })
             .inc();
     }
@@ -198,29 +215,21 @@ impl Metrics {
                 self.connections
                     .get_or_create(&GenerationLabels {
                         service: s.name.clone(),
-                        generation: g.id.to_string(),
-                        pid: g.pid.to_string(),
-                        state: g.state.as_str().into(),
+                        generation: g.id,
+                        pid: g.pid,
+                        state: g.state.as_str(),
                     })
                     .set(i64::try_from(g.connections).unwrap_or(i64::MAX));
             }
-            let c = &s.steering;
-            for (target, value) in [
-                ("active", c.active),
-                ("active_retry", c.active_retry),
-                ("fallback", c.fallback),
-                ("kernel_hash", c.kernel_hash),
-                ("migrated", c.migrated),
-                ("probe", c.probe),
-            ] {
+            for counter in SteerCounter::ALL {
                 // The kernel's counters are the source; the metric mirrors them.
                 self.steered
                     .get_or_create(&TargetLabels {
                         service: s.name.clone(),
-                        target: target.into(),
+                        target: counter.label(),
                     })
                     .inner()
-                    .store(value, Ordering::Relaxed);
+                    .store(s.steering.get(counter), Ordering::Relaxed);
             }
             self.foreign
                 .get_or_create(&ServiceLabels {
@@ -239,16 +248,24 @@ impl Metrics {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetricsAddr(pub Option<SocketAddr>);
 
-impl std::str::FromStr for MetricsAddr {
-    type Err = String;
+/// `--metrics-addr` was given something else than `ADDR:PORT` or `off`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{given:?} is not ADDR:PORT or off")]
+pub struct BadMetricsAddr {
+    /// What was given.
+    pub given: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for MetricsAddr {
+    type Err = BadMetricsAddr;
+
+    fn from_str(s: &str) -> Result<Self, BadMetricsAddr> {
         if s == "off" {
             return Ok(MetricsAddr(None));
         }
         s.parse()
             .map(|a| MetricsAddr(Some(a)))
-            .map_err(|_| format!("{s:?} is not ADDR:PORT or off"))
+            .map_err(|_| BadMetricsAddr { given: s.into() })
     }
 }
 
@@ -260,8 +277,9 @@ mod tests {
     #[test]
     fn exposes_the_documented_names() {
         let m = Metrics::new();
-        m.promotion("web", "ok", Some(0.002));
-        m.retirement("web", "drained", Some(1.5));
+        m.promotion("web", PromotionResult::Ok, Some(0.002));
+        m.retirement("web", Retirement::Drained, Some(1.5));
+        m.steering_watch("web", SteeringWatch::Restored);
         let steering = handoff_common::maps::Counters {
             active: 300,
             ..Default::default()
@@ -294,6 +312,9 @@ mod tests {
             "handoff_promote_duration_seconds_count{service=\"web\"} 1",
             "handoff_drain_duration_seconds_count{service=\"web\"} 1",
             "handoff_foreign_listeners{service=\"web\"} 0",
+            "handoff_steering_watch_total{service=\"web\",reason=\"restored\"} 1",
+            "# HELP handoff_retirements Generations retired, by how: drained, timeout, exited, killed",
+            "# HELP handoff_steered_connections Decisions of the kernel program by target: active, active_retry, fallback, kernel_hash, migrated, probe",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
@@ -306,6 +327,7 @@ mod tests {
             "127.0.0.1:9464".parse(),
             Ok(MetricsAddr(Some("127.0.0.1:9464".parse().unwrap())))
         );
-        assert!("nine".parse::<MetricsAddr>().is_err());
+        let bad = "nine".parse::<MetricsAddr>().unwrap_err();
+        assert_eq!(bad.to_string(), "\"nine\" is not ADDR:PORT or off");
     }
 }
