@@ -308,6 +308,42 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
+/// One frame as it arrives, chunk by chunk: the one reading of a frame, for the daemon
+/// (which reads a request and the descriptors sent with it) and for the client (which
+/// reads the answer).
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    /// What arrived so far: up to and with the newline, or past [`MAX_FRAME`].
+    frame: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Takes the next chunk the peer sent. Returns whether the frame is over (its
+    /// newline came, or more than [`MAX_FRAME`] bytes did): read no more. Bytes after the
+    /// newline are not part of it.
+    pub fn push(&mut self, chunk: &[u8]) -> bool {
+        if let Some(end) = chunk.iter().position(|&b| b == b'\n') {
+            self.frame
+                .extend_from_slice(chunk.get(..=end).unwrap_or_default());
+            return true;
+        }
+        self.frame.extend_from_slice(chunk);
+        self.frame.len() > MAX_FRAME
+    }
+
+    /// The frame read: too long, cut short (the peer stopped, or reading ended, before
+    /// its newline), or the message it carries.
+    pub fn decode<'a, T: Deserialize<'a>>(&'a self) -> Result<T, FrameError> {
+        if self.frame.len() > MAX_FRAME {
+            Err(FrameError::TooLong)
+        } else if self.frame.last() != Some(&b'\n') {
+            Err(FrameError::Truncated)
+        } else {
+            decode(&self.frame)
+        }
+    }
+}
+
 /// Decodes one frame (with or without its newline).
 pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, FrameError> {
     if frame.len() > MAX_FRAME {
@@ -406,6 +442,39 @@ mod tests {
         ));
         let big = vec![b' '; MAX_FRAME + 1];
         assert!(matches!(decode::<Request>(&big), Err(FrameError::TooLong)));
+    }
+
+    #[test]
+    fn a_frame_is_read_to_its_newline() {
+        let status = encode(&Request::Status {});
+        let (head, tail) = status.split_at(3);
+        let mut reader = FrameReader::default();
+        assert!(!reader.push(head));
+        assert!(matches!(
+            reader.decode::<Request>(),
+            Err(FrameError::Truncated)
+        ));
+        // What follows the newline is not part of the frame.
+        assert!(reader.push(&[tail, b"garbage"].concat()));
+        assert_eq!(
+            reader.decode::<Request>().expect("decodes"),
+            Request::Status {}
+        );
+
+        let mut reader = FrameReader::default();
+        assert!(!reader.push(&vec![b' '; MAX_FRAME]));
+        assert!(reader.push(b"  "));
+        assert!(matches!(
+            reader.decode::<Request>(),
+            Err(FrameError::TooLong)
+        ));
+        // A newline past the limit does not make it shorter.
+        let mut reader = FrameReader::default();
+        assert!(reader.push(&[vec![b' '; MAX_FRAME], b"\n".to_vec()].concat()));
+        assert!(matches!(
+            reader.decode::<Request>(),
+            Err(FrameError::TooLong)
+        ));
     }
 
     #[test]
