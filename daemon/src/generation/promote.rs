@@ -83,7 +83,7 @@ pub enum PromoteError {
         /// The group probed.
         group: GroupKey,
         /// What the program chose.
-        chosen: String,
+        chosen: ProbeResult,
     },
 }
 
@@ -497,13 +497,6 @@ fn verify(
     let range = block.first()..block.first() + block.cookies.len() as u32;
     match probe::probe(program, key.probe_target(), patience)? {
         ProbeResult::Slot(s) if range.contains(&s) => Ok(()),
-        ProbeResult::Slot(s) => Err(PromoteError::ProbeMismatch {
-            group: key,
-            chosen: format!("slot {s}"),
-        }),
-        ProbeResult::NoSocket => Err(PromoteError::ProbeMismatch {
-            group: key,
-            chosen: "no socket".into(),
-        }),
+        chosen => Err(PromoteError::ProbeMismatch { group: key, chosen }),
     }
 }
