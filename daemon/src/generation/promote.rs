@@ -58,7 +58,9 @@ pub enum PromoteError {
         owner: i32,
     },
     /// No generation to roll back to.
-    #[error("service {service} has no draining generation with live listeners to roll back to")]
+    #[error(
+        "service {service} has no draining generation with live listeners to roll back to: promote a new process instead"
+    )]
     NothingToRollBack {
         /// The service.
         service: String,
@@ -77,7 +79,7 @@ pub enum PromoteError {
     Probe(#[from] ProbeError),
     /// The probe saw another choice than the new generation.
     #[error(
-        "the probe to {group} chose {chosen} instead of the new generation: steering left as it was"
+        "the probe to {group} chose {chosen} instead of the new generation: steering left as it was; check that the new process still listens, then promote again"
     )]
     ProbeMismatch {
         /// The group probed.
@@ -93,10 +95,10 @@ impl PromoteError {
         match self {
             PromoteError::Candidate(e) => e.kind(),
             PromoteError::AlreadyActive { .. } => ErrorKind::AlreadyActive,
-            PromoteError::Retiring { .. } => ErrorKind::NothingToRollBack,
+            PromoteError::Retiring { .. } => ErrorKind::Retiring,
             PromoteError::SharedSocket { .. } => ErrorKind::SharedSocket,
             PromoteError::NothingToRollBack { .. } => ErrorKind::NothingToRollBack,
-            PromoteError::NoFreeBlock { .. } => ErrorKind::Internal,
+            PromoteError::NoFreeBlock { .. } => ErrorKind::TooManyGenerations,
             PromoteError::Loader(_)
             | PromoteError::Probe(_)
             | PromoteError::ProbeMismatch { .. } => ErrorKind::Kernel,
