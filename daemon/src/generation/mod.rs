@@ -7,6 +7,7 @@ mod guard;
 mod listeners;
 mod persist;
 mod promote;
+mod promote_error;
 mod status;
 
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use handoff_common::proto::GenerationState;
 
 use drain::DrainState;
 pub use drain::{Ctx, RetireReason};
-pub use promote::PromoteError;
+pub use promote_error::PromoteError;
 pub use status::StatusPlan;
 
 use crate::config::DrainSettings;
