@@ -184,3 +184,59 @@ pub fn unreachable(path: &Path, e: &io::Error) -> String {
         .trim_end()
         .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_common::proto::{ErrorKind, ErrorReply};
+
+    /// Answers one request at a fresh socket with `answer`'s bytes, then closes.
+    fn daemon_answering(name: &str, answer: Vec<u8>) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let path =
+            std::env::temp_dir().join(format!("handoff-client-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("binding");
+        let serve = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("a client");
+            let mut request = FrameReader::default();
+            read_frame(&stream, &mut request).expect("reading the request");
+            assert_eq!(
+                request.decode::<Request>().expect("a request"),
+                Request::Status {}
+            );
+            io::Write::write_all(&mut stream, &answer).expect("answering");
+        });
+        (path, serve)
+    }
+
+    #[test]
+    fn the_answer_is_read_to_its_newline() {
+        let refused = Response::Error(ErrorReply {
+            kind: ErrorKind::Retiring,
+            message: "generation 3 (pid 42) is retiring".into(),
+        });
+        let (path, serve) = daemon_answering("whole", proto::encode(&refused));
+        let got = request(&path, &Request::Status {}, None).expect("an answer");
+        serve.join().expect("served");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(got, refused);
+    }
+
+    #[test]
+    fn an_answer_cut_short_is_no_answer() {
+        let mut cut = proto::encode(&Response::Status(Default::default()));
+        cut.pop();
+        let (path, serve) = daemon_answering("cut", cut);
+        let got = request(&path, &Request::Status {}, None);
+        serve.join().expect("served");
+        let _ = std::fs::remove_file(&path);
+        let Err(e) = got else {
+            panic!("an answer without its newline was believed: {got:?}")
+        };
+        assert!(
+            e.to_string()
+                .ends_with("control message ended without a newline"),
+            "{e}"
+        );
+    }
+}
