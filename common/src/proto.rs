@@ -271,6 +271,10 @@ pub enum ErrorKind {
     /// The process (tree) has no usable listener in the service's groups: promote the
     /// process that holds the service's listeners, once it listens.
     NoListener,
+    /// The process can never be a generation (init, handoffd itself or an ancestor of
+    /// it, a kernel thread, a process outside handoffd's pid namespace): promote the
+    /// server's own process, from where handoffd can see it.
+    Excluded,
     /// A listener is in a group the service does not steer, or lacks one it must have:
     /// make the process listen on every address of the service, as its other
     /// generations do (same options, same network namespace).
@@ -517,6 +521,7 @@ mod tests {
             (ErrorKind::Retiring, "retiring"),
             (ErrorKind::TooManyGenerations, "too_many_generations"),
             (ErrorKind::NothingToRollBack, "nothing_to_roll_back"),
+            (ErrorKind::Excluded, "excluded"),
         ] {
             assert_eq!(serde_json::to_value(kind).expect("serializes"), name);
         }
