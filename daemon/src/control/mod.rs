@@ -1,6 +1,6 @@
-//! The control socket: one daemon per state directory ([`lock`]), peers checked by their
-//! credentials, one framed request per connection ([`server`]), and the client side
-//! that `handoffctl` uses ([`client`]). Both sides read a frame with
+//! The control socket: one daemon per state directory (`lock`), peers checked by their
+//! credentials, one framed request per connection (`server`), and the client side that
+//! `handoffctl` uses (`client`). Both sides read a frame with
 //! [`handoff_common::proto::FrameReader`].
 
 mod client;
