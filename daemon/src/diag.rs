@@ -32,11 +32,12 @@ pub enum DiagError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel answered the dump with an error.
-    #[error("sock_diag dump refused by the kernel")]
+    /// The kernel answered the dump with an error. (The cause is in the message too:
+    /// callers log these with `%e`, which shows no source.)
+    #[error("sock_diag dump refused by the kernel: {0}")]
     Kernel(#[source] std::io::Error),
     /// A message could not be decoded.
-    #[error("undecodable sock_diag message")]
+    #[error("undecodable sock_diag message: {0}")]
     Decode(#[source] DecodeError),
     /// The netlink socket ended before the dump did.
     #[error("undecodable sock_diag message: netlink socket closed mid-dump")]
@@ -199,6 +200,7 @@ mod tests {
             crate::daemon::one_line(&e),
             "sock_diag dump refused by the kernel: Operation not permitted (os error 1)"
         );
+        assert_eq!(e.to_string(), crate::daemon::one_line(&e));
         assert_eq!(
             DiagError::Closed.to_string(),
             "undecodable sock_diag message: netlink socket closed mid-dump"
