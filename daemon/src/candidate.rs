@@ -142,9 +142,9 @@ impl CandidateError {
                 why: crate::members::Excluded::OtherNetns,
                 ..
             }) => ErrorKind::WrongGroup,
-            // No listener it may be promoted for: the protocol has no closer kind.
-            CandidateError::Member(MemberError::Excluded { .. })
-            | CandidateError::ForeignHolder { .. } => ErrorKind::NoListener,
+            CandidateError::Member(MemberError::Excluded { .. }) => ErrorKind::Excluded,
+            // No listener it may be promoted for.
+            CandidateError::ForeignHolder { .. } => ErrorKind::NoListener,
             CandidateError::Member(MemberError::Pidfd { .. } | MemberError::FdLimit { .. })
             | CandidateError::Discover(_) => ErrorKind::Internal,
         }

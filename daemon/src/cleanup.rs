@@ -1,14 +1,17 @@
 //! `handoffd --cleanup`: remove what a stopped daemon left — its pins, its generation
 //! table, its socket — and detach its programs where a generation still listens.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
+use crate::candidate::{self, CandidateError};
 use crate::config::Paths;
 use crate::control::{self, ControlError};
 use crate::dirs::{self, DirError};
+use crate::loader::{self, LoaderError};
 use crate::members::Member;
 use crate::state::{self, SavedService, SavedState, StateError};
-use crate::{candidate, discover, loader, pins};
+use crate::{discover, pins};
 
 /// Why a cleanup could not run.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,48 @@ pub enum CleanupError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What [`detach`] did in one group of a service: reported one line each.
+#[derive(Debug)]
+pub struct Detached {
+    /// The service.
+    pub service: String,
+    /// The listener the group was reached through.
+    pub addr: SocketAddr,
+    /// The group's index in the service.
+    pub group: usize,
+    /// Whether the program was detached, or why not.
+    pub outcome: Result<(), DetachError>,
+}
+
+/// Why a group's program could not be detached.
+#[derive(Debug, thiserror::Error)]
+pub enum DetachError {
+    /// The listener could not be taken from its holder.
+    #[error(transparent)]
+    Duplicate(#[from] CandidateError),
+    /// The kernel refused the detach.
+    #[error(transparent)]
+    Detach(#[from] LoaderError),
+}
+
+impl std::fmt::Display for Detached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Detached {
+            service,
+            addr,
+            group,
+            outcome,
+        } = self;
+        match outcome {
+            Ok(()) => write!(
+                f,
+                "detached the program of service {service} from {addr} (group {group})"
+            ),
+            Err(e) => write!(f, "could not detach service {service} from {addr}: {e}"),
+        }
+    }
 }
 
 /// Cleans up `service` (or every service of the state) and reports each step on stdout.
@@ -107,7 +152,7 @@ pub fn run(paths: &Paths, service: Option<&str>) -> Result<(), CleanupError> {
 
 /// Detaches the steering program from each group where a generation of `s` still
 /// listens: the kernel's hash decides again, as before handoff. Returns what it did.
-pub fn detach(s: &SavedService) -> Vec<String> {
+pub fn detach(s: &SavedService) -> Vec<Detached> {
     let mut done = Vec::new();
     let port = s.listen.first().map_or(0, |a| a.port());
     for g in &s.generations {
@@ -133,19 +178,15 @@ pub fn detach(s: &SavedService) -> Vec<String> {
             let Ok(owner) = Member::open(at.pid) else {
                 continue;
             };
-            match candidate::duplicate(&owner, at, l.diag.cookie, l.diag.local)
-                .map_err(|e| e.to_string())
-                .and_then(|fd| loader::detach(&fd).map_err(|e| e.to_string()))
-            {
-                Ok(()) => done.push(format!(
-                    "detached the program of service {} from {} (group {group})",
-                    s.name, l.diag.local
-                )),
-                Err(e) => done.push(format!(
-                    "could not detach service {} from {}: {e}",
-                    s.name, l.diag.local
-                )),
-            }
+            let outcome = candidate::duplicate(&owner, at, l.diag.cookie, l.diag.local)
+                .map_err(DetachError::from)
+                .and_then(|fd| Ok(loader::detach(&fd)?));
+            done.push(Detached {
+                service: s.name.clone(),
+                addr: l.diag.local,
+                group,
+                outcome,
+            });
         }
         break; // one live generation reaches every group
     }

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    DecodeError, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
@@ -32,12 +32,19 @@ pub enum DiagError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel answered the dump with an error.
+    /// The kernel answered the dump with an error. (The cause is in the message too:
+    /// callers log these with `%e`, which shows no source.)
     #[error("sock_diag dump refused by the kernel: {0}")]
-    Kernel(String),
+    Kernel(#[source] std::io::Error),
     /// A message could not be decoded.
     #[error("undecodable sock_diag message: {0}")]
-    Decode(String),
+    Decode(#[source] DecodeError),
+    /// The netlink socket ended before the dump did.
+    #[error("undecodable sock_diag message: netlink socket closed mid-dump")]
+    Closed,
+    /// A message claimed a length of zero (walking on would loop forever).
+    #[error("undecodable sock_diag message: zero-length netlink message")]
+    ZeroLength,
 }
 
 /// One TCP socket as sock_diag reports it.
@@ -131,17 +138,17 @@ fn dump_family(
             .recv(&mut &mut buf[..], 0)
             .map_err(|source| DiagError::Io { op: "recv", source })?;
         if n == 0 {
-            return Err(DiagError::Decode("netlink socket closed mid-dump".into()));
+            return Err(DiagError::Closed);
         }
         // One datagram carries several messages; walk them by their own length.
         let mut offset = 0;
         while offset < n {
             let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[offset..n])
-                .map_err(|e| DiagError::Decode(e.to_string()))?;
+                .map_err(DiagError::Decode)?;
             let len = msg.header.length as usize;
             match msg.payload {
                 NetlinkPayload::Done(_) => return Ok(()),
-                NetlinkPayload::Error(e) => return Err(DiagError::Kernel(e.to_string())),
+                NetlinkPayload::Error(e) => return Err(DiagError::Kernel(e.to_io())),
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
                     out.push(DiagSocket {
                         state: r.header.state,
@@ -167,7 +174,7 @@ fn dump_family(
                 _ => {}
             }
             if len == 0 {
-                return Err(DiagError::Decode("zero-length netlink message".into()));
+                return Err(DiagError::ZeroLength);
             }
             // Messages are 4-byte aligned within the datagram.
             offset += (len + 3) & !3;
@@ -180,4 +187,23 @@ fn cookie(raw: [u8; 8]) -> u64 {
     let lo = u32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
     let hi = u32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]);
     (u64::from(hi) << 32) | u64::from(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_dump_names_the_kernel_error() {
+        let e = DiagError::Kernel(std::io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(
+            crate::daemon::one_line(&e),
+            "sock_diag dump refused by the kernel: Operation not permitted (os error 1)"
+        );
+        assert_eq!(e.to_string(), crate::daemon::one_line(&e));
+        assert_eq!(
+            DiagError::Closed.to_string(),
+            "undecodable sock_diag message: netlink socket closed mid-dump"
+        );
+    }
 }

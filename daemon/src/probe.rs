@@ -105,6 +105,15 @@ pub enum ProbeResult {
     NoSocket,
 }
 
+impl std::fmt::Display for ProbeResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeResult::Slot(s) => write!(f, "slot {s}"),
+            ProbeResult::NoSocket => f.write_str("no socket"),
+        }
+    }
+}
+
 fn socket_err(op: &'static str) -> impl Fn(Errno) -> ProbeError {
     move |source| ProbeError::Socket { op, source }
 }
@@ -287,6 +296,12 @@ mod tests {
         };
         assert!(err.lost());
         drop(held);
+    }
+
+    #[test]
+    fn a_choice_reads_as_before() {
+        assert_eq!(ProbeResult::Slot(17).to_string(), "slot 17");
+        assert_eq!(ProbeResult::NoSocket.to_string(), "no socket");
     }
 
     #[test]

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             typed = Some(pid);
             match control::caller_pidfd(pid) {
                 Ok(fd) => pidfd = fd,
-                Err(line) => return fail(&line),
+                Err(e) => return fail(&handoff::daemon::one_line(&e)),
             }
             (Request::Promote { pid, service }, false)
         }

@@ -8,7 +8,7 @@ use std::time::Instant;
 use handoff_common::maps::SteerRecord;
 
 use super::Members;
-use super::promote::PromoteError;
+use super::promote_error::PromoteError;
 use super::trace;
 use super::{Ctx, Service};
 use crate::candidate::{self, Candidate, TakenListener};

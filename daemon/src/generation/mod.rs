@@ -11,6 +11,7 @@ mod guard;
 mod listeners;
 mod persist;
 mod promote;
+mod promote_error;
 mod status;
 mod trace;
 
@@ -22,7 +23,7 @@ use std::net::SocketAddr;
 use handoff_common::proto::GenerationState;
 
 pub use ctx::Ctx;
-pub use promote::PromoteError;
+pub use promote_error::PromoteError;
 pub use status::StatusPlan;
 
 use crate::config::DrainSettings;

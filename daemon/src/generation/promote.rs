@@ -4,108 +4,16 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use handoff_common::maps::BLOCKS;
-use handoff_common::proto::{ErrorKind, Promoted};
+use handoff_common::proto::Promoted;
 
 use super::Service;
 use super::ctx::Ctx;
 use super::drive::Run;
-use crate::candidate::CandidateError;
+use super::promote_error::PromoteError;
 use crate::group::GroupKey;
-use crate::lifecycle::{Event, PromoteMode, Refusal, Reply};
-use crate::loader::LoaderError;
+use crate::lifecycle::{Event, ProbeSeen, PromoteMode, Refusal, Reply};
 use crate::members::Member;
-use crate::probe::{self, ProbeError};
-
-/// Why a promote or rollback was refused. Nothing changed.
-#[derive(Debug, thiserror::Error)]
-pub enum PromoteError {
-    /// The candidate does not qualify.
-    #[error(transparent)]
-    Candidate(#[from] CandidateError),
-    /// The generation got its retire signal and is exiting.
-    #[error(
-        "generation {id} (pid {pid}) is retiring (its retire signal was sent): start a new process instead"
-    )]
-    Retiring {
-        /// The generation.
-        id: u64,
-        /// Its pid.
-        pid: i32,
-    },
-    /// It is the active generation already.
-    #[error("pid {pid} is already the active generation ({id}) of service {service}")]
-    AlreadyActive {
-        /// The pid.
-        pid: i32,
-        /// The generation.
-        id: u64,
-        /// The service.
-        service: String,
-    },
-    /// A listener is already a socket of another generation.
-    #[error(
-        "listener {addr} of pid {pid} already belongs to generation {id} (pid {owner}); a socket can be in one generation only (a server's own upgrade that hands its sockets to a child cannot be steered)"
-    )]
-    SharedSocket {
-        /// The candidate.
-        pid: i32,
-        /// The listener.
-        addr: SocketAddr,
-        /// The generation holding it.
-        id: u64,
-        /// That generation's pid.
-        owner: i32,
-    },
-    /// No generation to roll back to.
-    #[error("service {service} has no draining generation with live listeners to roll back to")]
-    NothingToRollBack {
-        /// The service.
-        service: String,
-    },
-    /// Every block of slots is taken by live generations.
-    #[error("service {service} has {BLOCKS} generations with listeners; let some retire first")]
-    NoFreeBlock {
-        /// The service.
-        service: String,
-    },
-    /// The kernel program could not be loaded or driven.
-    #[error(transparent)]
-    Loader(#[from] LoaderError),
-    /// The probe did not see the kernel steer to the new generation.
-    #[error("{0}")]
-    Probe(#[from] ProbeError),
-    /// The lifecycle refused (an operation under way, a weight out of range).
-    #[error("{0}")]
-    Refused(Refusal),
-    /// The probe saw another choice than the new generation.
-    #[error(
-        "the probe to {group} chose {chosen} instead of the new generation: steering left as it was"
-    )]
-    ProbeMismatch {
-        /// The group probed.
-        group: GroupKey,
-        /// What the program chose.
-        chosen: String,
-    },
-}
-
-impl PromoteError {
-    /// The protocol kind of this refusal.
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            PromoteError::Candidate(e) => e.kind(),
-            PromoteError::AlreadyActive { .. } => ErrorKind::AlreadyActive,
-            PromoteError::Retiring { .. } => ErrorKind::NothingToRollBack,
-            PromoteError::SharedSocket { .. } => ErrorKind::SharedSocket,
-            PromoteError::NothingToRollBack { .. } => ErrorKind::NothingToRollBack,
-            PromoteError::NoFreeBlock { .. } | PromoteError::Refused(_) => ErrorKind::Internal,
-            PromoteError::Loader(_)
-            | PromoteError::Probe(_)
-            | PromoteError::ProbeMismatch { .. } => ErrorKind::Kernel,
-        }
-    }
-}
+use crate::probe::{self, ProbeResult};
 
 impl Service {
     /// Makes `pid` the active generation, verified by a probe in every group.
@@ -234,7 +142,10 @@ impl Service {
             Refusal::ProbeMismatch { group, seen } => match self.probe_key(group, run) {
                 Some(group) => PromoteError::ProbeMismatch {
                     group,
-                    chosen: seen.to_string(),
+                    chosen: match seen {
+                        ProbeSeen::Slot(s) => ProbeResult::Slot(s),
+                        ProbeSeen::NoSocket => ProbeResult::NoSocket,
+                    },
                 },
                 None => PromoteError::Refused(refusal),
             },

@@ -49,15 +49,15 @@ impl PidfdError {
         match self {
             PidfdError::NotPidfd { .. } | PidfdError::Thread => ErrorKind::BadRequest,
             PidfdError::Exited => ErrorKind::NoSuchProcess,
-            // As for a pid handoffd's /proc cannot name: no listener it may promote.
-            PidfdError::OtherPidNamespace => ErrorKind::NoListener,
+            // The fact `Excluded::OtherPidNamespace` names, found from the pidfd.
+            PidfdError::OtherPidNamespace => ErrorKind::Excluded,
             PidfdError::Member(MemberError::NoSuchProcess { .. }) => ErrorKind::NoSuchProcess,
             // As a promote by pid gives them (`CandidateError::kind`).
             PidfdError::Member(MemberError::Excluded {
                 why: Excluded::OtherNetns,
                 ..
             }) => ErrorKind::WrongGroup,
-            PidfdError::Member(MemberError::Excluded { .. }) => ErrorKind::NoListener,
+            PidfdError::Member(MemberError::Excluded { .. }) => ErrorKind::Excluded,
             PidfdError::Member(_) | PidfdError::Proc(_) => ErrorKind::Internal,
         }
     }

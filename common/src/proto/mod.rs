@@ -15,10 +15,11 @@
 //! one) refuses the request. Without a descriptor the `pid` is taken in the daemon's pid
 //! namespace, as before (callers on the host, older clients).
 
+mod frame;
+
 use serde::{Deserialize, Serialize};
 
-/// The longest frame either side accepts, newline included.
-pub const MAX_FRAME: usize = 1 << 20;
+pub use frame::{FrameError, FrameReader, MAX_FRAME, decode, encode};
 
 /// Default path of the daemon's control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/handoff/handoffd.sock";
@@ -252,69 +253,61 @@ pub struct ErrorReply {
     pub message: String,
 }
 
-/// Kinds of refusal, stable for scripts.
+/// Kinds of refusal, stable for scripts. Each says what the operator can do; the
+/// message with it says it for the case at hand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
-    /// The request could not be parsed or is too large.
+    /// The request could not be parsed or is too large: send one frame of this protocol
+    /// (a `handoffctl` of the daemon's version does).
     BadRequest,
-    /// The peer may not talk to this daemon.
+    /// The peer may not talk to this daemon: run the client as root or as handoffd's
+    /// user.
     Unauthorized,
-    /// No such service, or a service must be named.
+    /// No such service, or a service must be named: pass `--service` with one of the
+    /// names the message lists.
     UnknownService,
-    /// The pid names no live process.
+    /// The pid names no live process: check the pid (in the caller's pid namespace).
     NoSuchProcess,
-    /// The process (tree) has no usable listener in the service's groups.
+    /// The process (tree) has no usable listener in the service's groups: promote the
+    /// process that holds the service's listeners, once it listens.
     NoListener,
-    /// A listener is in a group the service does not steer, or lacks one it must have.
+    /// The process can never be a generation (init, handoffd itself or an ancestor of
+    /// it, a kernel thread, a process outside handoffd's pid namespace): promote the
+    /// server's own process, from where handoffd can see it.
+    Excluded,
+    /// A listener is in a group the service does not steer, or lacks one it must have:
+    /// make the process listen on every address of the service, as its other
+    /// generations do (same options, same network namespace).
     WrongGroup,
-    /// A listener without SO_REUSEPORT.
+    /// A listener without SO_REUSEPORT: make the server set it before `bind`.
     NotReuseport,
-    /// A socket already belongs to another generation.
+    /// A socket already belongs to another generation: promote a process that opened
+    /// its own listeners.
     SharedSocket,
-    /// The pid is already the active generation.
+    /// The pid is already the active generation: nothing to do.
     AlreadyActive,
-    /// There is no generation to roll back to.
+    /// There is no generation to roll back to: promote a new process instead.
     NothingToRollBack,
-    /// The kernel refused an operation, or the probe did not see the new steering.
+    /// The generation named got its retire signal and is exiting, so it cannot take
+    /// connections again: start a new process and promote it.
+    Retiring,
+    /// Every block of slots is taken by a live generation: let a draining generation
+    /// retire (or stop its processes), then promote again.
+    TooManyGenerations,
+    /// The kernel refused an operation, or the probe did not see the new steering:
+    /// steering is left as it was; the message says what the kernel did, retry once it
+    /// is dealt with.
     Kernel,
-    /// The configuration file was refused; the running configuration stays.
+    /// The configuration file was refused; the running configuration stays: fix the
+    /// file at the place the message names, then reload again.
     ConfigRefused,
-    /// A reload was asked of a daemon run without `--config`.
+    /// A reload was asked of a daemon run without `--config`: restart handoffd with
+    /// `--config FILE`.
     NoConfig,
-    /// Anything else that went wrong inside the daemon.
+    /// Anything else that went wrong inside the daemon: see handoffd's log, check
+    /// `handoffctl status`, and retry.
     Internal,
-}
-
-/// Errors of encoding or decoding a frame.
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    /// The frame exceeds [`MAX_FRAME`].
-    #[error("control message longer than {MAX_FRAME} bytes")]
-    TooLong,
-    /// The peer closed before a full frame arrived.
-    #[error("control message ended without a newline")]
-    Truncated,
-    /// The frame is not the JSON expected.
-    #[error("malformed control message: {0}")]
-    Malformed(#[source] serde_json::Error),
-}
-
-/// Encodes one message as a frame: compact JSON and a newline.
-pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
-    // Serializing these plain data types cannot fail: no maps with non-string keys.
-    let mut out = serde_json::to_vec(msg).unwrap_or_default();
-    out.push(b'\n');
-    out
-}
-
-/// Decodes one frame (with or without its newline).
-pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, FrameError> {
-    if frame.len() > MAX_FRAME {
-        return Err(FrameError::TooLong);
-    }
-    let body = frame.strip_suffix(b"\n").unwrap_or(frame);
-    serde_json::from_slice(body).map_err(FrameError::Malformed)
 }
 
 #[cfg(test)]
@@ -391,24 +384,6 @@ mod tests {
     }
 
     #[test]
-    fn malformed_and_oversized_frames_are_refused() {
-        assert!(matches!(
-            decode::<Request>(b"garbage\n"),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            decode::<Request>(br#"{"request":"promote"}"#),
-            Err(FrameError::Malformed(_))
-        ));
-        assert!(matches!(
-            decode::<Request>(br#"{"request":"status","extra":1}"#),
-            Err(FrameError::Malformed(_))
-        ));
-        let big = vec![b' '; MAX_FRAME + 1];
-        assert!(matches!(decode::<Request>(&big), Err(FrameError::TooLong)));
-    }
-
-    #[test]
     fn reload_has_its_wire_shape() {
         assert_eq!(encode(&Request::Reload {}), b"{\"request\":\"reload\"}\n");
         let r = Response::Reloaded(Reloaded {
@@ -421,6 +396,18 @@ mod tests {
         assert_eq!(decode::<Response>(&encode(&r)).expect("decodes"), r);
         let refused = serde_json::to_value(ErrorKind::ConfigRefused).expect("serializes");
         assert_eq!(refused, "config_refused");
+    }
+
+    #[test]
+    fn new_kinds_have_their_wire_names() {
+        for (kind, name) in [
+            (ErrorKind::Retiring, "retiring"),
+            (ErrorKind::TooManyGenerations, "too_many_generations"),
+            (ErrorKind::NothingToRollBack, "nothing_to_roll_back"),
+            (ErrorKind::Excluded, "excluded"),
+        ] {
+            assert_eq!(serde_json::to_value(kind).expect("serializes"), name);
+        }
     }
 
     #[test]
