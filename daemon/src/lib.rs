@@ -3,67 +3,57 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: services and paths, checked before anything starts.
-//! - [`cleanup`]: `handoffd --cleanup`.
-//! - [`daemon`]: the daemon's table of services and its answer to each request.
-//! - [`control`]: the Unix control socket: binding it safely, peer credentials, framing.
-//! - [`generation`]: services and generations; the only place that changes them
-//!   (promote, rollback, retirement).
-//! - [`candidate`]: turns a pid into listeners in the service's groups, or a refusal.
-//! - [`group`]: the kernel's reuseport group tuple.
-//! - [`kernel`]: what the kernel offers, and the one-line refusal when it lacks a feature.
-//! - [`host`]: the start-up check that handoffd runs on the host: its pid namespace, the
-//!   real cgroup v2 root, the host's bpffs.
-//! - [`members`]: processes held as pidfds.
-//! - [`loader`]: the steering program and its maps (the only module using aya).
-//! - [`probe`]: the probe connection that shows what the kernel chooses.
-//! - [`discover`], [`diag`]: /proc and sock_diag.
-//! - [`dirs`]: directories root can trust, and files in them opened without following
-//!   symlinks.
-//! - [`state`], [`pins`]: what survives the daemon: the generation table in the state
-//!   directory, the maps pinned on the host's bpffs.
-//! - [`logging`]: the log format for a terminal, a file or journald (priority prefixes).
-//! - [`notify`]: systemd's READY/STATUS notifications.
-//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
-//! - [`supervise`]: the event loop for drain events, member exits and deadlines.
-//! - `sys`: every raw syscall and `unsafe` block.
+//! Layers, lowest first; a module uses only modules of its own layer or below it, never
+//! one above (`cargo xtask layers` checks this and that no modules import each other in
+//! a cycle):
+//!
+//! 1. `sys` (every raw syscall and `unsafe` block) and [`logging`] (the log format for a
+//!    terminal, a file or journald).
+//! 2. [`config`]: services, drain settings and paths, from flags or the TOML file,
+//!    checked before anything starts.
+//! 3. `lifecycle`: the generation lifecycle as a pure state machine (events in, effects
+//!    out; no I/O, no clock). The only place that changes a generation's state.
+//! 4. `discover`: processes and sockets as /proc and sock_diag show them (`diag`), the
+//!    reuseport group tuple (`group`), processes held as pidfds (`members`), and a pid
+//!    turned into a promote candidate (`candidate`).
+//! 5. `persist`: what survives the daemon: directories root can trust (`dirs`), the
+//!    generation table (`state`), the maps pinned on bpffs (`pins`).
+//! 6. `kernel`: what the kernel offers (the feature check), the host check (`host`), the
+//!    BPF programs and maps (`loader`, the only user of aya), the probe connection
+//!    (`probe`), detaching what a service left in the kernel (`detach`).
+//! 7. `runtime`: the daemon at work. `service` applies the lifecycle's effects with the
+//!    kernel and the processes, `daemon` holds the table of services and answers
+//!    requests, `supervise` is the event loop, `control` the Unix control socket (server
+//!    and client), `metrics` Prometheus, `notify` systemd, `cleanup` `handoffd
+//!    --cleanup`, and `run` starts it all.
+//! 8. The binaries, `handoffd` and `handoffctl`, parse flags and call [`run`], [`cleanup`]
+//!    or the [`client`].
+//!
+//! The public API is what the binaries need: everything else is private.
 
-pub mod candidate;
-pub mod cleanup;
 pub mod config;
-pub mod control;
-pub mod daemon;
-pub mod diag;
-pub mod dirs;
-pub mod discover;
-pub mod generation;
-pub mod group;
-pub mod host;
-pub mod kernel;
-pub mod lifecycle;
-pub mod loader;
+mod discover;
+mod kernel;
+mod lifecycle;
 pub mod logging;
-pub mod members;
-pub mod metrics;
-pub mod notify;
-pub mod pins;
-pub mod probe;
-pub mod run;
-pub mod state;
-pub mod supervise;
+mod persist;
+mod runtime;
 mod sys;
 
-pub use run::run;
+pub use runtime::cleanup::run as cleanup;
+pub use runtime::metrics::MetricsAddr;
+pub use runtime::run::{Options, RunError, on_signal, run};
+
+/// What `handoffctl` uses to talk to the daemon.
+pub mod client {
+    pub use crate::runtime::control::{
+        CallerPidfdError, ClientError, ControlError, caller_pidfd, request, request_with_fd,
+    };
+}
 
 /// Keeps the allocator compact (one malloc arena, freed memory returned): the daemon's
 /// memory then follows its live data, not the peak of a tag pass or a status dump. Call
 /// first thing in `main`, before any thread starts.
 pub fn compact_malloc() {
     sys::compact_malloc();
-}
-
-/// Raises the soft open-file limit to the hard one (a pidfd per member, sockets of every
-/// generation); returns (soft limit before, soft limit now).
-pub fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
-    sys::raise_nofile_limit()
 }

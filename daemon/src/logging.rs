@@ -180,6 +180,21 @@ impl<W: Write> Drop for Event<W> {
     }
 }
 
+/// An error and its chain of causes as one line (`what: why: root cause`).
+pub fn one_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use handoff::control;
+use handoff::client as control;
 use handoff_common::proto::{DEFAULT_CONTROL_SOCKET, ErrorKind, Request, Response, Status};
 
 /// Control handoffd.
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             typed = Some(pid);
             match control::caller_pidfd(pid) {
                 Ok(fd) => pidfd = fd,
-                Err(e) => return fail(&handoff::daemon::one_line(&e)),
+                Err(e) => return fail(&handoff::logging::one_line(&e)),
             }
             (Request::Promote { pid, service }, false)
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use handoff::config::{self, DEFAULT_STATE_DIR, Overrides, Paths, Sig};
-use handoff::{cleanup, logging, metrics};
+use handoff::logging;
 
 /// Zero-downtime restarts for any Linux network service, steered in the kernel.
 #[derive(Debug, Parser)]
@@ -50,7 +50,7 @@ struct Args {
     user: Option<u32>,
     /// Where to serve Prometheus metrics (`/metrics`), or `off`.
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9464")]
-    metrics_addr: metrics::MetricsAddr,
+    metrics_addr: handoff::MetricsAddr,
     /// Remove what a stopped daemon left (pins, state, socket) and exit.
     #[arg(long, conflicts_with_all = ["listen", "config"])]
     cleanup: bool,
@@ -107,7 +107,7 @@ fn run(args: Args, target: logging::Target) -> anyhow::Result<()> {
     );
     let paths = Paths::new(args.state_dir, args.control_socket);
     if args.cleanup {
-        return Ok(cleanup::run(&paths, args.service.as_deref())?);
+        return Ok(handoff::cleanup(&paths, args.service.as_deref())?);
     }
     let overrides = Overrides {
         listen: args.listen,
@@ -118,12 +118,12 @@ fn run(args: Args, target: logging::Target) -> anyhow::Result<()> {
         kill_after: args.kill_after,
         user: args.user,
     };
-    let options = handoff::run::Options {
+    let options = handoff::Options {
         paths,
         config_file: args.config,
         overrides,
         metrics_addr: args.metrics_addr.0,
         cgroup_root: args.cgroup_root,
     };
-    Ok(handoff::run(options, handoff::run::on_signal)?)
+    Ok(handoff::run(options, handoff::on_signal)?)
 }

@@ -7,8 +7,6 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::generation::ServiceConfig;
-
 pub mod file;
 
 /// Default state directory: control socket, lock, generation table.
@@ -341,6 +339,20 @@ pub fn resolve_user(s: &str) -> Result<u32, ConfigError> {
         Ok(Some(user)) => Ok(user.uid.as_raw()),
         _ => Err(bad()),
     }
+}
+
+/// A service as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Its name (used in paths: letters, digits, `-`, `_`).
+    pub name: String,
+    /// Its addresses, all on one port.
+    pub listen: Vec<SocketAddr>,
+    /// Signals and deadlines of its drains.
+    pub drain: DrainSettings,
+    /// The uid its processes run as when it is not the promoted process's own (`user`):
+    /// descendants of that uid are members, and may hold the listeners.
+    pub user: Option<u32>,
 }
 
 #[cfg(test)]

@@ -22,8 +22,7 @@ mod tests;
 
 pub use drain::resumed;
 pub use event::{
-    Check, Effect, Event, Failure, Outcome, ProbeSeen, PromoteMode, Promoted, Refusal, Reply,
-    RollbackReason, SignalScope, Why,
+    Effect, Event, Failure, Outcome, ProbeSeen, PromoteMode, Refusal, Reply, SignalScope, Why,
 };
 pub use model::{
     Block, Drain, GenId, Generation, Millis, Phase, Policy, RetireReason, Retirement, Span, Steer,

@@ -96,11 +96,6 @@ impl Lifecycle {
         self.generations.iter().find(|g| g.phase == Phase::Active)
     }
 
-    /// The record last published in each group.
-    pub fn records(&self) -> &[Steer] {
-        &self.records
-    }
-
     /// The id the next promote gets.
     pub fn next_id(&self) -> GenId {
         self.next_id
@@ -109,11 +104,6 @@ impl Lifecycle {
     /// How generations drain.
     pub fn policy(&self) -> Policy {
         self.policy
-    }
-
-    /// Whether an operation waits for a step's outcome.
-    pub fn busy(&self) -> bool {
-        self.op.is_some()
     }
 
     /// Generations not retired.

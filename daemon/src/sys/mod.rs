@@ -197,7 +197,7 @@ pub fn release_free_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
-/// Registers a member's pidfd, shared with its [`crate::members::Member`], with the tokio
+/// Registers a member's pidfd, shared with its [`crate::discover::members::Member`], with the tokio
 /// reactor to wait for its process's exit: no duplicate descriptor per member.
 pub fn async_shared_pidfd(
     fd: std::sync::Arc<OwnedFd>,

@@ -38,8 +38,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::config::ServiceConfig;
 use crate::config::{self, ConfigError, DrainSettings, Sig};
-use crate::generation::ServiceConfig;
 
 mod error;
 #[cfg(test)]
