@@ -45,8 +45,20 @@ fn a_drain_is_tagged_then_counted_first_at_the_next_tick() {
 fn a_tagged_event_for_an_unknown_or_undrained_generation_is_ignored() {
     let mut d = draining();
     let before = d.snapshot();
-    assert!(d.send(Event::Tagged { generation: 9, tag: 5 }).is_empty());
-    assert!(d.send(Event::Tagged { generation: 2, tag: 5 }).is_empty());
+    assert!(
+        d.send(Event::Tagged {
+            generation: 9,
+            tag: 5
+        })
+        .is_empty()
+    );
+    assert!(
+        d.send(Event::Tagged {
+            generation: 2,
+            tag: 5
+        })
+        .is_empty()
+    );
     assert_eq!(d.snapshot(), before);
 }
 
@@ -73,7 +85,10 @@ fn a_count_of_zero_sends_the_retire_signal_and_sets_kill_after() {
     assert_eq!(drain.kill_at, Some(Millis(1500 + KILL)));
     assert_eq!(drain.recheck_at, None);
     assert_eq!(d.lc.next_deadline(), Some(Millis(1500 + KILL)));
-    assert!(d.counted(1, 0, 0).is_empty(), "counted once retiring: ignored");
+    assert!(
+        d.counted(1, 0, 0).is_empty(),
+        "counted once retiring: ignored"
+    );
 }
 
 #[test]

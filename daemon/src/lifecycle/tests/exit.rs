@@ -151,10 +151,10 @@ fn a_listener_joining_anything_but_the_active_block_or_past_its_end_is_ignored()
     let mut d = Driver::with_generations(1, 2);
     let before = d.snapshot();
     for event in [
-        joined(1, 0, 2, 9),  // draining
-        joined(7, 0, 2, 9),  // unknown
-        joined(2, 0, 3, 9),  // a gap
-        joined(2, 4, 0, 9),  // no such group
+        joined(1, 0, 2, 9), // draining
+        joined(7, 0, 2, 9), // unknown
+        joined(2, 0, 3, 9), // a gap
+        joined(2, 4, 0, 9), // no such group
     ] {
         assert!(d.send(event).is_empty());
     }

@@ -27,7 +27,10 @@ fn took_back(to: GenId, from: GenId, groups: usize) -> Vec<Effect> {
         Effect::Steered { generation: to },
     ];
     want.extend(drain_start(from));
-    want.extend([Effect::Persist, promoted(to, pid(to), 2 * groups, Some(from))]);
+    want.extend([
+        Effect::Persist,
+        promoted(to, pid(to), 2 * groups, Some(from)),
+    ]);
     want
 }
 
@@ -74,7 +77,10 @@ fn rollback_skips_a_generation_not_listening_and_one_retiring() {
     assert_eq!(d.rollback(&[2]), vec![refused(Refusal::NothingToRollBack)]);
     assert_eq!(d.snapshot(), before);
     d.counted(1, 0, 0);
-    assert_eq!(d.rollback(&[1, 2]), vec![refused(Refusal::NothingToRollBack)]);
+    assert_eq!(
+        d.rollback(&[1, 2]),
+        vec![refused(Refusal::NothingToRollBack)]
+    );
 }
 
 #[test]
