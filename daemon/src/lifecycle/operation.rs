@@ -253,6 +253,11 @@ impl Lifecycle {
 
     /// Every step of `op` succeeded.
     fn commit(&mut self, op: Operation, out: &mut Vec<Effect>) {
+        if let OpKind::Flip(flip) = op.kind
+            && let Some(refusal) = self.flip_refusal(flip)
+        {
+            return self.fail(op, refusal, out);
+        }
         match op.kind {
             // Discovery succeeds with its own event ([`Event::Discovered`]), not `Done`.
             OpKind::Discover { .. } => self.fail(op, Refusal::Failed, out),

@@ -342,6 +342,25 @@ impl Lifecycle {
         }
     }
 
+    /// Why a flip whose steps all succeeded must still be undone: the generation it
+    /// makes active (or weighs) exited, or got its retire signal, while a step was
+    /// pending (a tick or a count is handled between steps).
+    pub(super) fn flip_refusal(&self, flip: Flip) -> Option<Refusal> {
+        let target = match flip {
+            Flip::Reactivate { target, .. } => target,
+            Flip::Complete { canary, .. } | Flip::Weigh { canary, .. } => canary,
+            Flip::Abort { .. } => return None,
+        };
+        match self.generation(target) {
+            Some(g) if g.phase.live() && g.retiring() => Some(Refusal::Retiring {
+                pid: g.leader,
+                generation: target,
+            }),
+            Some(g) if g.phase.live() => None,
+            _ => Some(Refusal::Failed),
+        }
+    }
+
     /// Every step of a flip succeeded.
     pub(super) fn flipped(&mut self, flip: Flip, out: &mut Vec<Effect>) {
         let prior = self.active().map(|g| g.id);
@@ -367,7 +386,11 @@ impl Lifecycle {
                 (canary, None)
             }
             Flip::Abort { canary } => {
-                if let Some(i) = self.index(canary) {
+                // A canary that exited meanwhile is retired already: nothing to drain.
+                let live = self
+                    .index(canary)
+                    .filter(|&i| self.generations[i].phase.live());
+                if let Some(i) = live {
                     self.start_drain(i, out);
                 }
                 (prior.unwrap_or(canary), Some(canary))
