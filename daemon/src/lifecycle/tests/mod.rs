@@ -5,6 +5,7 @@
 
 mod awkward;
 mod drain;
+mod during;
 mod exit;
 mod promote;
 mod recover;

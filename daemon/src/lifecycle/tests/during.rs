@@ -1,0 +1,89 @@
+//! Events that arrive while a flip waits for a step: the generation it goes to exits
+//! or is told to retire meanwhile.
+
+use super::*;
+
+/// Rolls back from 2 to 1 (one group), the probe held.
+fn rollback_held() -> Driver {
+    let mut d = Driver::with_generations(1, 2);
+    d.hold(|e| matches!(e, Effect::Probe { .. }));
+    d.rollback(&[1]);
+    assert!(d.lc.busy());
+    d
+}
+
+/// The held probe saw a slot of generation `id`.
+fn probed(d: &mut Driver, id: GenId) -> Vec<Effect> {
+    d.send(Event::Outcome(Outcome::Probed(ProbeSeen::Slot(
+        sp(id).first,
+    ))))
+}
+
+#[test]
+fn a_rollback_target_exiting_before_the_probe_answers_is_not_made_active() {
+    let mut d = rollback_held();
+    d.exited(1);
+    let effects = probed(&mut d, 1);
+    let want = vec![
+        republish(0, steer(Some(sp(2)), Some(sp(1)))),
+        refused(Refusal::Failed),
+    ];
+    assert_eq!(effects, want);
+    assert_eq!(d.phase(1), Phase::Retired(Retirement::Exited));
+    assert_eq!(d.phase(2), Phase::Active);
+}
+
+#[test]
+fn a_rollback_target_told_to_retire_before_the_probe_answers_is_not_made_active() {
+    let mut d = rollback_held();
+    d.counted(1, 0, 0);
+    assert!(d.gen_(1).retiring());
+    let effects = probed(&mut d, 1);
+    let want = vec![
+        republish(0, steer(Some(sp(2)), Some(sp(1)))),
+        refused(Refusal::Retiring {
+            pid: 100,
+            generation: 1,
+        }),
+    ];
+    assert_eq!(effects, want);
+    assert_eq!(d.phase(1), Phase::Draining);
+    assert_eq!(d.phase(2), Phase::Active);
+}
+
+fn canary_mode(weight: Option<u8>) -> PromoteMode {
+    PromoteMode {
+        weight,
+        ..PromoteMode::default()
+    }
+}
+
+#[test]
+fn a_canary_exiting_before_its_completion_or_weight_is_probed_stays_retired() {
+    for weight in [None, Some(30)] {
+        let mut d = Driver::with_generations(1, 1);
+        d.promote_with(200, canary_mode(Some(10)));
+        d.hold(|e| matches!(e, Effect::Probe { .. }));
+        d.promote_with(200, canary_mode(weight));
+        d.exited(2);
+        // Completing expects the canary's slots; weighing, the active's.
+        let effects = probed(&mut d, if weight.is_none() { 2 } else { 1 });
+        assert_eq!(last(&effects), &refused(Refusal::Failed), "{weight:?}");
+        assert_eq!(d.phase(2), Phase::Retired(Retirement::Exited));
+        assert_eq!(d.lc.active().map(|g| g.id), Some(1));
+        // Not checked: the undo puts back the record from before the flip, which still
+        // names the exited canary's (emptied) slots (reported, not fixed).
+    }
+}
+
+#[test]
+fn a_canary_exiting_before_its_abort_is_probed_is_not_drained() {
+    let mut d = Driver::with_generations(1, 1);
+    d.promote_with(200, canary_mode(Some(10)));
+    d.hold(|e| matches!(e, Effect::Probe { .. }));
+    d.rollback(&[]);
+    d.exited(2);
+    let effects = probed(&mut d, 1);
+    assert_eq!(effects, vec![Effect::Persist, promoted(1, 100, 2, Some(2))]);
+    assert_eq!(d.phase(2), Phase::Retired(Retirement::Exited));
+}
