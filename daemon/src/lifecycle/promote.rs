@@ -305,6 +305,12 @@ impl Lifecycle {
         match mode.weight {
             Some(weight) => {
                 generation.phase = Phase::Canary { weight };
+                // The record names one canary: the one it replaces drains.
+                let before = self.canary().and_then(|c| self.index(c));
+                if let Some(i) = before {
+                    promoted.draining = Some(self.generations[i].id);
+                    self.start_drain(i, out);
+                }
                 self.generations.push(generation);
             }
             None => {
