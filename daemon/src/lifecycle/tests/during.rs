@@ -1,5 +1,5 @@
 //! Events that arrive while a flip waits for a step: the generation it goes to exits
-//! or is told to retire meanwhile.
+//! or is told to retire meanwhile; a second canary.
 
 use super::*;
 
@@ -86,4 +86,21 @@ fn a_canary_exiting_before_its_abort_is_probed_is_not_drained() {
     let effects = probed(&mut d, 1);
     assert_eq!(effects, vec![Effect::Persist, promoted(1, 100, 2, Some(2))]);
     assert_eq!(d.phase(2), Phase::Retired(Retirement::Exited));
+}
+
+#[test]
+fn a_second_canary_drains_the_first() {
+    let mut d = Driver::with_generations(1, 1);
+    d.promote_with(200, canary_mode(Some(10)));
+    let effects = d.promote_with(300, canary_mode(Some(20)));
+    let record = Steer {
+        canary: Some((sp(3), 20)),
+        active: Some(sp(1)),
+        previous: None,
+    };
+    assert_eq!(d.lc.records()[0], record);
+    assert!(effects.contains(&Effect::StartCount { generation: 2 }));
+    assert_eq!(last(&effects), &promoted(3, 300, 2, Some(2)));
+    assert_eq!(d.phase(2), Phase::Draining);
+    assert_eq!(d.phase(3), Phase::Canary { weight: 20 });
 }
