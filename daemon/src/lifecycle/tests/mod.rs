@@ -11,6 +11,7 @@ mod promote;
 mod recover;
 mod release;
 mod rollback;
+mod steps;
 
 use std::collections::{HashMap, VecDeque};
 
