@@ -228,7 +228,13 @@ impl Lifecycle {
         self.prune(out);
         match was {
             Phase::Active => self.fail_over(RollbackReason::Exited, out),
-            Phase::Canary { .. } => self.resteer_quietly(out),
+            Phase::Canary { .. } => {
+                // An operation under way that fails must not put the canary back.
+                for undo in self.op.iter_mut().flat_map(|op| op.undo.iter_mut()) {
+                    undo.record.canary = None;
+                }
+                self.resteer_quietly(out)
+            }
             _ => {}
         }
     }
