@@ -71,8 +71,7 @@ fn a_canary_exiting_before_its_completion_or_weight_is_probed_stays_retired() {
         assert_eq!(last(&effects), &refused(Refusal::Failed), "{weight:?}");
         assert_eq!(d.phase(2), Phase::Retired(Retirement::Exited));
         assert_eq!(d.lc.active().map(|g| g.id), Some(1));
-        // Not checked: the undo puts back the record from before the flip, which still
-        // names the exited canary's (emptied) slots (reported, not fixed).
+        assert_eq!(d.lc.records()[0], steer(Some(sp(1)), None), "{weight:?}");
     }
 }
 
