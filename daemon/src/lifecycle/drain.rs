@@ -193,6 +193,7 @@ impl Lifecycle {
     pub(super) fn exited(&mut self, id: GenId, out: &mut Vec<Effect>) {
         let now = self.now;
         let Some(index) = self.index(id) else { return };
+        self.leaders_exited.retain(|&e| e != id);
         let g = &mut self.generations[index];
         let was = g.phase;
         if !was.live() {

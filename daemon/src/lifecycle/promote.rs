@@ -25,10 +25,9 @@ impl Lifecycle {
         if let Some(weight) = mode.weight.filter(|w| !(1..=99).contains(w)) {
             return refuse(out, Refusal::BadWeight { weight });
         }
-        let known = self
-            .generations
-            .iter()
-            .find(|g| g.phase.live() && g.leader == pid && pid > 0);
+        let known = self.generations.iter().find(|g| {
+            g.phase.live() && g.leader == pid && pid > 0 && !self.leaders_exited.contains(&g.id)
+        });
         let Some(g) = known else {
             let op = Operation::new(OpKind::Discover { pid, mode }, vec![Step::Discover { pid }]);
             return self.start(op, out);
