@@ -105,7 +105,7 @@ fn after_its_leader_exited_a_generations_pid_is_discovered_anew() {
     let mut d = Driver::with_generations(1, 2);
     assert!(d.send(Event::LeaderExited { generation: 1 }).is_empty());
     assert!(d.send(Event::LeaderExited { generation: 9 }).is_empty());
-    assert_eq!(d.gen_(1).leader, 0);
+    assert_eq!(d.gen_(1).leader, 100, "replies still name it");
     assert_eq!(d.phase(1), Phase::Draining, "its members live on");
     // A new process that reused the pid would be discovered; this one holds generation
     // 1's sockets, so it is refused as shared.
@@ -114,9 +114,11 @@ fn after_its_leader_exited_a_generations_pid_is_discovered_anew() {
         group: 0,
         cookie: 100_001,
         generation: 1,
-        owner: 0,
+        owner: 100,
     });
     assert_eq!(effects, vec![Effect::Discover { pid: 100 }, shared]);
+    // A rollback to it answers with the pid it was promoted as, as the old code did.
+    assert_eq!(last(&d.rollback(&[1])), &promoted(1, 100, 2, Some(2)));
 }
 
 fn joined(generation: GenId, group: usize, offset: usize, cookie: u64) -> Event {
