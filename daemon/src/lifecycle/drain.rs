@@ -321,6 +321,11 @@ impl Lifecycle {
                 record: *record,
             });
         }
+        // An operation under way publishes, probes for, or puts back records computed
+        // before the block grew: they name the grown block.
+        if let Some(op) = self.op.as_mut() {
+            op.grow(group, before, grown);
+        }
         out.push(Effect::Persist);
     }
 

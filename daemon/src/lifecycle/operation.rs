@@ -146,6 +146,39 @@ impl Operation {
     }
 }
 
+impl Operation {
+    /// Block `before` of `group` grew to `grown`: the records and probes of `op` that
+    /// name it name the grown one.
+    pub fn grow(&mut self, group: usize, before: Span, grown: Span) {
+        let fix = |s: &mut Span| {
+            if *s == before {
+                *s = grown;
+            }
+        };
+        let fix_record = |r: &mut Steer| {
+            r.active.iter_mut().chain(&mut r.previous).for_each(fix);
+            r.canary.iter_mut().for_each(|(s, _)| fix(s));
+        };
+        for step in self.steps.iter_mut().chain(&mut self.pending) {
+            match step {
+                Step::Publish { group: g, record } if *g == group => fix_record(record),
+                Step::Probe {
+                    group: g, expect, ..
+                }
+                | Step::Reattach { group: g, expect }
+                    if *g == group =>
+                {
+                    expect.iter_mut().for_each(fix)
+                }
+                _ => {}
+            }
+        }
+        for undo in self.undo.iter_mut().filter(|u| u.group == group) {
+            fix_record(&mut undo.record);
+        }
+    }
+}
+
 impl Lifecycle {
     /// Starts `op`: its first step, or its end if it has none.
     pub(super) fn start(&mut self, op: Operation, out: &mut Vec<Effect>) {
