@@ -103,3 +103,48 @@ fn a_second_canary_drains_the_first() {
     assert_eq!(d.phase(2), Phase::Draining);
     assert_eq!(d.phase(3), Phase::Canary { weight: 20 });
 }
+
+#[test]
+fn a_listener_joining_the_active_during_a_promote_stays_in_every_record() {
+    let grown = span(1, 3);
+    for fails in [false, true] {
+        let mut d = Driver::with_generations(1, 1);
+        d.hold(|e| matches!(e, Effect::Check(_)));
+        d.promote_with(
+            200,
+            PromoteMode {
+                check: true,
+                weight: Some(10),
+                watch_ms: None,
+            },
+        );
+        d.send(Event::ListenerJoined {
+            generation: 1,
+            group: 0,
+            offset: 2,
+            cookie: 9,
+        });
+        if fails {
+            d.answer(
+                |e| matches!(e, Effect::Probe { .. }),
+                Outcome::Failed(Failure::Error),
+            );
+        }
+        let effects = d.send(Event::Outcome(Outcome::Done));
+        assert!(effects.contains(&Effect::Probe {
+            group: 0,
+            expect: grown,
+            patient: true
+        }));
+        let record = d.lc.records()[0];
+        assert_eq!(record.active, Some(grown), "failed: {fails}");
+        assert_eq!(
+            last(&effects),
+            &if fails {
+                refused(Refusal::Failed)
+            } else {
+                promoted(2, 200, 2, None)
+            }
+        );
+    }
+}
