@@ -4,7 +4,9 @@
 use handoff_common::maps::GEN_SLOTS;
 
 use super::event::{Effect, RollbackReason, SignalScope, Why};
-use super::model::{Drain, GenId, Generation, Millis, Phase, RetireReason, Retirement, Steer};
+use super::model::{
+    Block, Drain, GenId, Generation, Millis, Phase, RetireReason, Retirement, Span, Steer,
+};
 use super::operation::Flip;
 use super::service::{KEEP_RETIRED, Lifecycle};
 
@@ -209,6 +211,7 @@ impl Lifecycle {
             None => Retirement::Exited,
         };
         g.phase = Phase::Retired(how);
+        let spans: Vec<Span> = g.blocks.iter().map(Block::span).collect();
         let drained_ms = g.drain.as_ref().map(|d| now.since(d.started));
         if let Some(tag) = g.drain.as_ref().map(|d| d.tag).filter(|&t| t != 0) {
             out.push(Effect::Forget { tag });
@@ -229,13 +232,7 @@ impl Lifecycle {
         self.prune(out);
         match was {
             Phase::Active => self.fail_over(RollbackReason::Exited, out),
-            Phase::Canary { .. } => {
-                // An operation under way that fails must not put the canary back.
-                for undo in self.op.iter_mut().flat_map(|op| op.undo.iter_mut()) {
-                    undo.record.canary = None;
-                }
-                self.resteer_quietly(out)
-            }
+            Phase::Canary { .. } => self.uncanary(&spans, out),
             _ => {}
         }
     }
@@ -277,13 +274,23 @@ impl Lifecycle {
         }
     }
 
-    /// Records without the canary that is gone.
-    fn resteer_quietly(&mut self, out: &mut Vec<Effect>) {
-        for group in 0..self.records.len() {
-            let record = self.record_for_table(group);
-            if record != self.records[group] {
-                self.records[group] = record;
-                out.push(Effect::Republish { group, record });
+    /// Takes an exited canary (its `spans`, per group) out of every record naming it:
+    /// those in force, and those an operation under way would put back on a failure
+    /// (not the table's records: an operation may have published a new canary).
+    fn uncanary(&mut self, spans: &[Span], out: &mut Vec<Effect>) {
+        let names = |r: &Steer, span: Span| r.canary.is_some_and(|(s, _)| s == span);
+        for (group, &span) in spans.iter().enumerate() {
+            if let Some(record) = self.records.get_mut(group).filter(|r| names(r, span)) {
+                record.canary = None;
+                out.push(Effect::Republish {
+                    group,
+                    record: *record,
+                });
+            }
+            for undo in self.op.iter_mut().flat_map(|op| op.undo.iter_mut()) {
+                if undo.group == group && names(&undo.record, span) {
+                    undo.record.canary = None;
+                }
             }
         }
     }
