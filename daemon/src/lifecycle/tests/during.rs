@@ -148,3 +148,25 @@ fn a_listener_joining_the_active_during_a_promote_stays_in_every_record() {
         );
     }
 }
+
+#[test]
+fn a_canary_exiting_while_a_second_one_is_promoted_leaves_the_second_in_the_record() {
+    let mut d = Driver::with_generations(1, 1);
+    d.promote_with(200, canary_mode(Some(10)));
+    d.hold(|e| matches!(e, Effect::Probe { .. }));
+    d.promote_with(300, canary_mode(Some(20)));
+    let effects = d.exited(2);
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Republish { .. }))
+    );
+    let effects = probed(&mut d, 1);
+    assert_eq!(last(&effects), &promoted(3, 300, 2, None));
+    let record = Steer {
+        canary: Some((sp(3), 20)),
+        active: Some(sp(1)),
+        previous: None,
+    };
+    assert_eq!(d.lc.records()[0], record);
+}
