@@ -7,6 +7,7 @@ mod awkward;
 mod drain;
 mod during;
 mod exit;
+mod fuzz;
 mod promote;
 mod recover;
 mod release;
