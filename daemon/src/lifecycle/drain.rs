@@ -259,7 +259,7 @@ impl Lifecycle {
     }
 
     /// Traffic goes back to the standby, if the watch window keeps one.
-    fn fail_over(&mut self, reason: RollbackReason, out: &mut Vec<Effect>) {
+    pub(super) fn fail_over(&mut self, reason: RollbackReason, out: &mut Vec<Effect>) {
         if self.op.is_some() {
             return;
         }

@@ -265,6 +265,8 @@ impl Lifecycle {
 
     /// Undoes what `op` did, in the order it was done, and answers `refusal`.
     pub(super) fn fail(&mut self, op: Operation, refusal: Refusal, out: &mut Vec<Effect>) {
+        let automatic = matches!(op.kind, OpKind::Flip(Flip::Reactivate { reason, .. })
+            if reason != RollbackReason::Operator);
         for undo in op.undo {
             if let Some(r) = self.records.get_mut(undo.group) {
                 *r = undo.record;
@@ -282,6 +284,11 @@ impl Lifecycle {
             }
         }
         out.push(Effect::Reply(Reply::Refused(refusal)));
+        // The active generation exited while the operation ran: traffic goes back to the
+        // standby now (once: not again when that automatic flip is what failed).
+        if !automatic && self.active().is_none() {
+            self.fail_over(RollbackReason::Exited, out);
+        }
     }
 
     /// Every step of `op` succeeded.

@@ -117,7 +117,13 @@ impl Lifecycle {
             .and_then(|blocks| self.install_plan(leader, listeners, blocks, mode));
         match refused {
             Ok(op) => self.start(op, out),
-            Err(r) => out.push(Effect::Reply(Reply::Refused(r))),
+            Err(r) => {
+                out.push(Effect::Reply(Reply::Refused(r)));
+                // As after a failed operation (see `fail`).
+                if self.active().is_none() {
+                    self.fail_over(RollbackReason::Exited, out);
+                }
+            }
         }
     }
 
