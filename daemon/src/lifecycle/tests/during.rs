@@ -170,3 +170,43 @@ fn a_canary_exiting_while_a_second_one_is_promoted_leaves_the_second_in_the_reco
     };
     assert_eq!(d.lc.records()[0], record);
 }
+
+fn watched() -> PromoteMode {
+    PromoteMode {
+        watch_ms: Some(300),
+        ..PromoteMode::default()
+    }
+}
+
+#[test]
+fn the_active_exiting_in_its_watch_window_during_a_failed_promote_flips_back_after_it() {
+    let mut d = Driver::with_generations(1, 1);
+    d.promote_with(200, watched());
+    d.hold(|e| matches!(e, Effect::Probe { .. }));
+    d.promote(300);
+    d.exited(2);
+    let effects = d.send(Event::Outcome(Outcome::Failed(Failure::Error)));
+    let tail = from(&effects, |e| matches!(e, Effect::Reply(_)));
+    assert_eq!(tail[0], refused(Refusal::Failed));
+    assert_eq!(tail[1], publish(0, steer(Some(sp(1)), None)));
+    let rolled = Effect::RolledBack {
+        to: 1,
+        reason: RollbackReason::Exited,
+    };
+    assert!(tail.contains(&rolled));
+    assert_eq!(d.phase(1), Phase::Active);
+}
+
+#[test]
+fn a_failed_automatic_flip_back_is_not_tried_again() {
+    let mut d = Driver::with_generations(1, 1);
+    d.promote_with(200, watched());
+    d.answer(
+        |e| matches!(e, Effect::Probe { .. }),
+        Outcome::Failed(Failure::Error),
+    );
+    let effects = d.exited(2);
+    assert_eq!(last(&effects), &refused(Refusal::Failed));
+    assert!(!d.lc.busy());
+    assert_eq!(d.phase(1), Phase::Standby { until: Millis(300) });
+}
