@@ -111,6 +111,12 @@ impl Lifecycle {
         self.next_id
     }
 
+    /// Whether the leader of generation `id` was reported exited (its pid may be reused:
+    /// `promote PID` does not find the generation; replies still name the pid).
+    pub fn leader_gone(&self, id: GenId) -> bool {
+        self.leaders_exited.contains(&id)
+    }
+
     /// How generations drain.
     pub fn policy(&self) -> Policy {
         self.policy
