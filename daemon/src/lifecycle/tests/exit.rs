@@ -106,6 +106,7 @@ fn after_its_leader_exited_a_generations_pid_is_discovered_anew() {
     assert!(d.send(Event::LeaderExited { generation: 1 }).is_empty());
     assert!(d.send(Event::LeaderExited { generation: 9 }).is_empty());
     assert_eq!(d.gen_(1).leader, 100, "replies still name it");
+    assert!(d.lc.leader_gone(1) && !d.lc.leader_gone(2));
     assert_eq!(d.phase(1), Phase::Draining, "its members live on");
     // A new process that reused the pid would be discovered; this one holds generation
     // 1's sockets, so it is refused as shared.
