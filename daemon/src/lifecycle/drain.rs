@@ -4,7 +4,9 @@
 use handoff_common::maps::GEN_SLOTS;
 
 use super::event::{Effect, RollbackReason, SignalScope, Why};
-use super::model::{Drain, GenId, Generation, Millis, Phase, RetireReason, Retirement, Steer};
+use super::model::{
+    Block, Drain, GenId, Generation, Millis, Phase, RetireReason, Retirement, Span, Steer,
+};
 use super::operation::Flip;
 use super::service::{KEEP_RETIRED, Lifecycle};
 
@@ -193,6 +195,7 @@ impl Lifecycle {
     pub(super) fn exited(&mut self, id: GenId, out: &mut Vec<Effect>) {
         let now = self.now;
         let Some(index) = self.index(id) else { return };
+        self.leaders_exited.retain(|&e| e != id);
         let g = &mut self.generations[index];
         let was = g.phase;
         if !was.live() {
@@ -208,6 +211,7 @@ impl Lifecycle {
             None => Retirement::Exited,
         };
         g.phase = Phase::Retired(how);
+        let spans: Vec<Span> = g.blocks.iter().map(Block::span).collect();
         let drained_ms = g.drain.as_ref().map(|d| now.since(d.started));
         if let Some(tag) = g.drain.as_ref().map(|d| d.tag).filter(|&t| t != 0) {
             out.push(Effect::Forget { tag });
@@ -228,7 +232,7 @@ impl Lifecycle {
         self.prune(out);
         match was {
             Phase::Active => self.fail_over(RollbackReason::Exited, out),
-            Phase::Canary { .. } => self.resteer_quietly(out),
+            Phase::Canary { .. } => self.uncanary(&spans, out),
             _ => {}
         }
     }
@@ -255,7 +259,7 @@ impl Lifecycle {
     }
 
     /// Traffic goes back to the standby, if the watch window keeps one.
-    fn fail_over(&mut self, reason: RollbackReason, out: &mut Vec<Effect>) {
+    pub(super) fn fail_over(&mut self, reason: RollbackReason, out: &mut Vec<Effect>) {
         if self.op.is_some() {
             return;
         }
@@ -270,13 +274,23 @@ impl Lifecycle {
         }
     }
 
-    /// Records without the canary that is gone.
-    fn resteer_quietly(&mut self, out: &mut Vec<Effect>) {
-        for group in 0..self.records.len() {
-            let record = self.record_for_table(group);
-            if record != self.records[group] {
-                self.records[group] = record;
-                out.push(Effect::Republish { group, record });
+    /// Takes an exited canary (its `spans`, per group) out of every record naming it:
+    /// those in force, and those an operation under way would put back on a failure
+    /// (not the table's records: an operation may have published a new canary).
+    fn uncanary(&mut self, spans: &[Span], out: &mut Vec<Effect>) {
+        let names = |r: &Steer, span: Span| r.canary.is_some_and(|(s, _)| s == span);
+        for (group, &span) in spans.iter().enumerate() {
+            if let Some(record) = self.records.get_mut(group).filter(|r| names(r, span)) {
+                record.canary = None;
+                out.push(Effect::Republish {
+                    group,
+                    record: *record,
+                });
+            }
+            for undo in self.op.iter_mut().flat_map(|op| op.undo.iter_mut()) {
+                if undo.group == group && names(&undo.record, span) {
+                    undo.record.canary = None;
+                }
             }
         }
     }
@@ -313,6 +327,11 @@ impl Lifecycle {
                 group,
                 record: *record,
             });
+        }
+        // An operation under way publishes, probes for, or puts back records computed
+        // before the block grew: they name the grown block.
+        if let Some(op) = self.op.as_mut() {
+            op.grow(group, before, grown);
         }
         out.push(Effect::Persist);
     }

@@ -146,6 +146,39 @@ impl Operation {
     }
 }
 
+impl Operation {
+    /// Block `before` of `group` grew to `grown`: the records and probes of `op` that
+    /// name it name the grown one.
+    pub fn grow(&mut self, group: usize, before: Span, grown: Span) {
+        let fix = |s: &mut Span| {
+            if *s == before {
+                *s = grown;
+            }
+        };
+        let fix_record = |r: &mut Steer| {
+            r.active.iter_mut().chain(&mut r.previous).for_each(fix);
+            r.canary.iter_mut().for_each(|(s, _)| fix(s));
+        };
+        for step in self.steps.iter_mut().chain(&mut self.pending) {
+            match step {
+                Step::Publish { group: g, record } if *g == group => fix_record(record),
+                Step::Probe {
+                    group: g, expect, ..
+                }
+                | Step::Reattach { group: g, expect }
+                    if *g == group =>
+                {
+                    expect.iter_mut().for_each(fix)
+                }
+                _ => {}
+            }
+        }
+        for undo in self.undo.iter_mut().filter(|u| u.group == group) {
+            fix_record(&mut undo.record);
+        }
+    }
+}
+
 impl Lifecycle {
     /// Starts `op`: its first step, or its end if it has none.
     pub(super) fn start(&mut self, op: Operation, out: &mut Vec<Effect>) {
@@ -232,6 +265,8 @@ impl Lifecycle {
 
     /// Undoes what `op` did, in the order it was done, and answers `refusal`.
     pub(super) fn fail(&mut self, op: Operation, refusal: Refusal, out: &mut Vec<Effect>) {
+        let automatic = matches!(op.kind, OpKind::Flip(Flip::Reactivate { reason, .. })
+            if reason != RollbackReason::Operator);
         for undo in op.undo {
             if let Some(r) = self.records.get_mut(undo.group) {
                 *r = undo.record;
@@ -249,10 +284,20 @@ impl Lifecycle {
             }
         }
         out.push(Effect::Reply(Reply::Refused(refusal)));
+        // The active generation exited while the operation ran: traffic goes back to the
+        // standby now (once: not again when that automatic flip is what failed).
+        if !automatic && self.active().is_none() {
+            self.fail_over(RollbackReason::Exited, out);
+        }
     }
 
     /// Every step of `op` succeeded.
     fn commit(&mut self, op: Operation, out: &mut Vec<Effect>) {
+        if let OpKind::Flip(flip) = op.kind
+            && let Some(refusal) = self.flip_refusal(flip)
+        {
+            return self.fail(op, refusal, out);
+        }
         match op.kind {
             // Discovery succeeds with its own event ([`Event::Discovered`]), not `Done`.
             OpKind::Discover { .. } => self.fail(op, Refusal::Failed, out),

@@ -25,10 +25,9 @@ impl Lifecycle {
         if let Some(weight) = mode.weight.filter(|w| !(1..=99).contains(w)) {
             return refuse(out, Refusal::BadWeight { weight });
         }
-        let known = self
-            .generations
-            .iter()
-            .find(|g| g.phase.live() && g.leader == pid && pid > 0);
+        let known = self.generations.iter().find(|g| {
+            g.phase.live() && g.leader == pid && pid > 0 && !self.leaders_exited.contains(&g.id)
+        });
         let Some(g) = known else {
             let op = Operation::new(OpKind::Discover { pid, mode }, vec![Step::Discover { pid }]);
             return self.start(op, out);
@@ -118,7 +117,13 @@ impl Lifecycle {
             .and_then(|blocks| self.install_plan(leader, listeners, blocks, mode));
         match refused {
             Ok(op) => self.start(op, out),
-            Err(r) => out.push(Effect::Reply(Reply::Refused(r))),
+            Err(r) => {
+                out.push(Effect::Reply(Reply::Refused(r)));
+                // As after a failed operation (see `fail`).
+                if self.active().is_none() {
+                    self.fail_over(RollbackReason::Exited, out);
+                }
+            }
         }
     }
 
@@ -305,6 +310,12 @@ impl Lifecycle {
         match mode.weight {
             Some(weight) => {
                 generation.phase = Phase::Canary { weight };
+                // The record names one canary: the one it replaces drains.
+                let before = self.canary().and_then(|c| self.index(c));
+                if let Some(i) = before {
+                    promoted.draining = Some(self.generations[i].id);
+                    self.start_drain(i, out);
+                }
                 self.generations.push(generation);
             }
             None => {
@@ -342,6 +353,25 @@ impl Lifecycle {
         }
     }
 
+    /// Why a flip whose steps all succeeded must still be undone: the generation it
+    /// makes active (or weighs) exited, or got its retire signal, while a step was
+    /// pending (a tick or a count is handled between steps).
+    pub(super) fn flip_refusal(&self, flip: Flip) -> Option<Refusal> {
+        let target = match flip {
+            Flip::Reactivate { target, .. } => target,
+            Flip::Complete { canary, .. } | Flip::Weigh { canary, .. } => canary,
+            Flip::Abort { .. } => return None,
+        };
+        match self.generation(target) {
+            Some(g) if g.phase.live() && g.retiring() => Some(Refusal::Retiring {
+                pid: g.leader,
+                generation: target,
+            }),
+            Some(g) if g.phase.live() => None,
+            _ => Some(Refusal::Failed),
+        }
+    }
+
     /// Every step of a flip succeeded.
     pub(super) fn flipped(&mut self, flip: Flip, out: &mut Vec<Effect>) {
         let prior = self.active().map(|g| g.id);
@@ -367,7 +397,11 @@ impl Lifecycle {
                 (canary, None)
             }
             Flip::Abort { canary } => {
-                if let Some(i) = self.index(canary) {
+                // A canary that exited meanwhile is retired already: nothing to drain.
+                let live = self
+                    .index(canary)
+                    .filter(|&i| self.generations[i].phase.live());
+                if let Some(i) = live {
                     self.start_drain(i, out);
                 }
                 (prior.unwrap_or(canary), Some(canary))

@@ -23,6 +23,10 @@ pub struct Lifecycle {
     pub(super) policy: Policy,
     /// The promote or rollback under way.
     pub(super) op: Option<Operation>,
+    /// Live generations whose leader exited: `promote PID` never finds them again (the
+    /// pid may be reused), but replies still name the pid they were promoted as.
+    #[serde(default)]
+    pub(super) leaders_exited: Vec<GenId>,
     /// The time of the event being handled.
     #[serde(skip)]
     pub(super) now: Millis,
@@ -37,6 +41,7 @@ impl Lifecycle {
             next_id: 1,
             policy,
             op: None,
+            leaders_exited: Vec::new(),
             now: Millis::default(),
         }
     }
@@ -101,6 +106,12 @@ impl Lifecycle {
         self.next_id
     }
 
+    /// Whether the leader of generation `id` was reported exited (its pid may be reused:
+    /// `promote PID` does not find the generation; replies still name the pid).
+    pub fn leader_gone(&self, id: GenId) -> bool {
+        self.leaders_exited.contains(&id)
+    }
+
     /// How generations drain.
     pub fn policy(&self) -> Policy {
         self.policy
@@ -135,9 +146,9 @@ impl Lifecycle {
     }
 
     fn leader_exited(&mut self, generation: GenId) {
-        if let Some(i) = self.index(generation) {
-            // Its pid may be reused: `promote PID` never finds this generation again.
-            self.generations[i].leader = 0;
+        // Its pid may be reused: `promote PID` never finds this generation again.
+        if self.index(generation).is_some() && !self.leaders_exited.contains(&generation) {
+            self.leaders_exited.push(generation);
         }
     }
 
