@@ -21,6 +21,8 @@ mod service;
 mod tests;
 
 pub use drain::resumed;
+#[cfg(test)]
+use event::{Check, Promoted, RollbackReason};
 pub use event::{
     Effect, Event, Failure, Outcome, ProbeSeen, PromoteMode, Refusal, Reply, SignalScope, Why,
 };

@@ -101,6 +101,18 @@ impl Lifecycle {
         self.generations.iter().find(|g| g.phase == Phase::Active)
     }
 
+    /// The record last published in each group.
+    #[cfg(test)]
+    pub fn records(&self) -> &[Steer] {
+        &self.records
+    }
+
+    /// Whether an operation waits for a step's outcome.
+    #[cfg(test)]
+    pub fn busy(&self) -> bool {
+        self.op.is_some()
+    }
+
     /// The id the next promote gets.
     pub fn next_id(&self) -> GenId {
         self.next_id

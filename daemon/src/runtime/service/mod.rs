@@ -186,7 +186,7 @@ impl Service {
             // An exited descendant's pidfd is closed now (the leader's stays: it names
             // the generation until it is forgotten).
             m.descendants.retain(Member::alive);
-            if g.leader != 0 && !m.leader.alive() {
+            if !self.machine.leader_gone(g.id) && !m.leader.alive() {
                 events.push(Event::LeaderExited { generation: g.id });
             }
             // An unverified leader (see `Member::verified`) keeps nothing alive: it is
