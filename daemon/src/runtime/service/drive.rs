@@ -144,6 +144,56 @@ impl Service {
                 }
                 None
             }
+            Effect::RemoveSlots { .. }
+            | Effect::Adopt { .. }
+            | Effect::StartCount { .. }
+            | Effect::Forget { .. }
+            | Effect::Count { .. }
+            | Effect::Signal { .. } => self.apply_drain(effect, ctx),
+            Effect::Steered { generation } => {
+                self.now_steered(generation, run, ctx);
+                None
+            }
+            Effect::Retired {
+                generation,
+                how,
+                drained_ms,
+            } => {
+                self.retired(generation, how, drained_ms, ctx);
+                None
+            }
+            Effect::RolledBack { to, reason } => {
+                tracing::warn!(service = %self.config.name, generation = to, ?reason, "traffic rolled back");
+                None
+            }
+            Effect::Release { generation } => {
+                self.members.remove(&generation);
+                None
+            }
+            // The daemon writes the state file after every batch of events, if it changed.
+            Effect::Persist => None,
+            Effect::Wake => {
+                ctx.waker().notify_one();
+                None
+            }
+            Effect::Reply(reply) => {
+                run.reply = Some(reply);
+                None
+            }
+            // The steps, applied by `apply`.
+            Effect::Discover { .. }
+            | Effect::Insert { .. }
+            | Effect::Attach { .. }
+            | Effect::Publish { .. }
+            | Effect::Probe { .. }
+            | Effect::Reattach { .. }
+            | Effect::Check(_) => None,
+        }
+    }
+
+    /// Applies an effect on a generation's slots, counts or processes.
+    fn apply_drain(&mut self, effect: Effect, ctx: &mut Ctx) -> Option<Event> {
+        match effect {
             Effect::RemoveSlots {
                 group,
                 first,
@@ -185,44 +235,7 @@ impl Service {
                 self.signal(generation, signal, why, scope);
                 None
             }
-            Effect::Steered { generation } => {
-                self.now_steered(generation, run, ctx);
-                None
-            }
-            Effect::Retired {
-                generation,
-                how,
-                drained_ms,
-            } => {
-                self.retired(generation, how, drained_ms, ctx);
-                None
-            }
-            Effect::RolledBack { to, reason } => {
-                tracing::warn!(service = %self.config.name, generation = to, ?reason, "traffic rolled back");
-                None
-            }
-            Effect::Release { generation } => {
-                self.members.remove(&generation);
-                None
-            }
-            // The daemon writes the state file after every batch of events, if it changed.
-            Effect::Persist => None,
-            Effect::Wake => {
-                ctx.waker().notify_one();
-                None
-            }
-            Effect::Reply(reply) => {
-                run.reply = Some(reply);
-                None
-            }
-            // The steps, applied by `apply`.
-            Effect::Discover { .. }
-            | Effect::Insert { .. }
-            | Effect::Attach { .. }
-            | Effect::Publish { .. }
-            | Effect::Probe { .. }
-            | Effect::Reattach { .. }
-            | Effect::Check(_) => None,
+            _ => None,
         }
     }
 

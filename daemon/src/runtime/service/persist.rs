@@ -13,7 +13,7 @@ use crate::discover::candidate;
 use crate::discover::group::GroupKey;
 use crate::discover::members::{self, Member};
 use crate::kernel::loader::GroupProgram;
-use crate::lifecycle::{self, Block, Drain, Event, Generation, Phase, RetireReason};
+use crate::lifecycle::{self, Block, Drain, Event, GenId, Generation, Phase, RetireReason};
 use crate::persist::pins;
 use crate::persist::state::{
     SavedBlock, SavedDrain, SavedGeneration, SavedMember, SavedService, from_wall, to_wall,
@@ -238,31 +238,7 @@ impl Service {
             .collect();
         let holders = self.saved_holders(&g.blocks, &pids, ctx);
         let leader_holds = holders.contains(&leader.pid);
-        // Only used when the leader holds a pinned socket: then promote trusted
-        // exactly these uids (see `candidate::trusted_uids`).
-        let tree_uids: Vec<u32> = self
-            .config
-            .user
-            .into_iter()
-            .chain([leader.uids.effective])
-            .collect();
-        let mut descendants = Vec::with_capacity(saved_descendants.len());
-        for m in saved_descendants {
-            let tied = holders.contains(&m.pid)
-                || (leader_holds
-                    && m.uids.within(&tree_uids)
-                    && members::descends_from(m.pid, &leader, MAX_DEPTH));
-            if tied {
-                descendants.push(m);
-            } else {
-                tracing::warn!(
-                    service = name,
-                    generation = g.id,
-                    pid = m.pid,
-                    "the state file names a member tied neither to the generation's pinned sockets nor to its leader's tree: dropped, never signalled"
-                );
-            }
-        }
+        let descendants = self.tied(g.id, &leader, leader_holds, saved_descendants, &holders);
         // The same rule as promote: the leader's uid is trusted only when the leader,
         // or a holder of its uid, holds a pinned socket; holders of other uids that
         // are not the configured one earn the generation nothing but the configured uid.
@@ -302,6 +278,40 @@ impl Service {
             leader.unverified()
         };
         Some((Tree(leader, descendants), trusted))
+    }
+
+    /// The saved descendants the kernel ties to the generation: holders of its pinned
+    /// sockets or connections, or, when the leader holds one, processes of the trusted
+    /// uids in its tree. Others are dropped (never signalled).
+    fn tied(
+        &self,
+        id: GenId,
+        leader: &Member,
+        leader_holds: bool,
+        saved: Vec<Member>,
+        holders: &HashSet<i32>,
+    ) -> Vec<Member> {
+        // Only used when the leader holds a pinned socket: then promote trusted
+        // exactly these uids (see `candidate::trusted_uids`).
+        let tree_uids: Vec<u32> = self
+            .config
+            .user
+            .into_iter()
+            .chain([leader.uids.effective])
+            .collect();
+        let mut descendants = Vec::with_capacity(saved.len());
+        for m in saved {
+            let tied = holders.contains(&m.pid)
+                || (leader_holds
+                    && m.uids.within(&tree_uids)
+                    && members::descends_from(m.pid, leader, MAX_DEPTH));
+            if tied {
+                descendants.push(m);
+            } else {
+                tracing::warn!(service = %self.config.name, generation = id, pid = m.pid, "the state file names a member tied neither to the generation's pinned sockets nor to its leader's tree: dropped, never signalled");
+            }
+        }
+        descendants
     }
 
     /// Which of `pids` hold a socket pinned in `blocks`, or a connection on the port: a
