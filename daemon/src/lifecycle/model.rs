@@ -243,6 +243,11 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The cookies of its listeners, over every group.
+    pub fn cookies(&self) -> impl Iterator<Item = u64> + '_ {
+        self.blocks.iter().flat_map(|b| b.cookies.iter().copied())
+    }
+
     /// Listeners over every group.
     pub fn listeners(&self) -> usize {
         self.blocks.iter().map(|b| b.cookies.len()).sum()

@@ -63,16 +63,7 @@ impl Service {
     /// worker ran, say) are not members and are never signalled.
     pub(super) fn adopt_descendants(&mut self, id: GenId, ctx: &mut Ctx) {
         let port = self.port();
-        let cookies: HashSet<u64> = self
-            .machine
-            .generation(id)
-            .map(|g| {
-                g.blocks
-                    .iter()
-                    .flat_map(|b| b.cookies.iter().copied())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let cookies: HashSet<u64> = self.cookies(id);
         let Some(g) = self.members.get_mut(&id) else {
             return;
         };

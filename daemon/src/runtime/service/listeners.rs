@@ -145,7 +145,7 @@ impl Service {
             .machine
             .generations()
             .iter()
-            .flat_map(|g| g.blocks.iter().flat_map(|b| b.cookies.iter().copied()))
+            .flat_map(|g| g.cookies())
             .collect();
         let Ok(mut found) = discover::new_listeners(port, pids, &known, ctx) else {
             return;

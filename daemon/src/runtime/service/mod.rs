@@ -203,6 +203,14 @@ impl Service {
         });
     }
 
+    /// The cookies of generation `id`'s listeners.
+    fn cookies(&self, id: GenId) -> std::collections::HashSet<u64> {
+        self.machine
+            .generation(id)
+            .map(|g| g.cookies().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether generation `id` is in `phase`.
     fn is(&self, id: GenId, phase: Phase) -> bool {
         self.machine

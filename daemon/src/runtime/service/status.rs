@@ -50,11 +50,7 @@ impl Service {
         let mut generations = Vec::with_capacity(generations_all.len());
         let mut pending = Vec::with_capacity(generations_all.len());
         for g in generations_all {
-            let cookies = g
-                .blocks
-                .iter()
-                .flat_map(|b| b.cookies.iter().copied())
-                .collect();
+            let cookies = g.cookies().collect();
             let members = self.members.get(&g.id);
             pending.push(match &g.drain {
                 _ if !g.phase.live() => Pending::None,
@@ -112,16 +108,7 @@ impl Service {
     /// Connections waiting in the accept queues of generation `id`'s listeners.
     pub(super) fn queued(&self, id: GenId) -> Result<u64, DiscoverError> {
         let listeners = discover::listeners(self.port(), &[], &mut discover::ProcFs)?;
-        let cookies = self
-            .machine
-            .generation(id)
-            .map(|g| {
-                g.blocks
-                    .iter()
-                    .flat_map(|b| b.cookies.iter().copied())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let cookies = self.cookies(id);
         Ok(queued_on(&listeners, &cookies))
     }
 }
