@@ -40,7 +40,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::boot::{KERNELS, MODULES};
-use super::{Console, Next, build_static, cpio, fetch, print_tail};
+use super::console::{Console, Next, print_tail};
+use super::{build_static, cpio, fetch};
 use crate::children::{catch_interrupts, check_interrupted};
 use crate::{TempDir, cargo, run_checked};
 
