@@ -68,7 +68,9 @@ fn block_comment_end(b: &[u8], mut i: usize) -> usize {
 
 /// Whether a raw string (`r"`, `r#"`, …) opens at `i` (and not an identifier ending in r).
 fn is_raw_string(b: &[u8], i: usize) -> bool {
-    if i > 0 && is_ident(b[i - 1]) {
+    // `br"…"` is a raw byte string; any other identifier character before `r` is a name.
+    let before = if i > 0 && b[i - 1] == b'b' { i - 1 } else { i };
+    if before > 0 && is_ident(b[before - 1]) {
         return false;
     }
     let hashes = b[i + 1..].iter().take_while(|&&c| c == b'#').count();
@@ -315,7 +317,7 @@ mod tests {
 
     #[test]
     fn comments_and_literals_are_blanked() {
-        let text = "a // crate::x\n\"crate::y\" 'c' '\\'' r#\"crate::z\"# /* crate:: */ b\n";
+        let text = "a // crate::x\n\"crate::y\" 'c' '\\'' r#\"crate::z\"# br\"crate::w\\\" /* crate:: */ b\n";
         let blanked = blank(text);
         assert_eq!(blanked.len(), text.len());
         assert!(!blanked.contains("crate"), "{blanked}");
@@ -344,6 +346,27 @@ mod tests {
         ];
         let want: Vec<_> = want.iter().map(|&(l, s, n)| (l, s, n.to_owned())).collect();
         assert_eq!(found, want);
+    }
+
+    #[test]
+    fn the_workspace_sources_blank_to_balanced_braces() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for dir in ["daemon/src", "common/src", "xtask/src"] {
+            let mut dirs = vec![root.join(dir)];
+            while let Some(dir) = dirs.pop() {
+                for entry in std::fs::read_dir(&dir).expect("a source directory") {
+                    let path = entry.expect("an entry").path();
+                    if path.is_dir() {
+                        dirs.push(path);
+                    } else if path.extension().is_some_and(|e| e == "rs") {
+                        let text = blank(&std::fs::read_to_string(&path).expect("a source"));
+                        let open = text.matches('{').count();
+                        let close = text.matches('}').count();
+                        assert_eq!(open, close, "{}", path.display());
+                    }
+                }
+            }
+        }
     }
 
     #[test]
