@@ -1,8 +1,8 @@
 //! `cargo xtask layers`: the shape of the daemon crate, checked.
 //!
 //! 1. No module cycle in the daemon library: `cargo modules dependencies --lib -p handoff
-//!    --acyclic` (cargo-modules [`CARGO_MODULES_VERSION`], installed with `cargo install
-//!    --locked` first when that version is missing).
+//!    --acyclic --layout none` (cargo-modules [`CARGO_MODULES_VERSION`], installed with
+//!    `cargo install --locked` first when that version is missing).
 //! 2. Layers, downward only: each top-level module of `daemon/src` belongs to one layer
 //!    of [`LAYERS`] (lowest first) and may use, through `crate::…` or `super::…` paths,
 //!    only the modules of its own layer or of lower ones. A module missing from the
@@ -125,15 +125,10 @@ fn check_cycles(root: &Path) -> Result<bool> {
             "cargo install cargo-modules",
         )?;
     }
+    // `--layout none`: the cycle check only, no graph printed.
     let out = cargo(root)
-        .args([
-            "modules",
-            "dependencies",
-            "--lib",
-            "-p",
-            "handoff",
-            "--acyclic",
-        ])
+        .args(["modules", "dependencies", "--lib", "-p", "handoff"])
+        .args(["--acyclic", "--layout", "none"])
         .output()
         .context("cannot run cargo modules")?;
     if out.status.success() {
