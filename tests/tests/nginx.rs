@@ -20,23 +20,27 @@
 //! nothing else can listen on its port. The namespace lives as long as the test's thread and
 //! the processes it started; nothing needs removing afterwards.
 
+// In nginx/: a file next to this one would be a test binary of its own.
+#[path = "nginx/netns.rs"]
+mod netns;
+#[path = "nginx/server.rs"]
+mod server;
 mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use handoff_common::proto::GenerationState;
 use handoff_tests::load::{self, LoadConfig, LoadReport};
-use handoff_tests::{Proc, Stream, TempDir, free_port, scaled, scaled_down, slowdown};
+use handoff_tests::{Stream, TempDir, free_port, scaled, scaled_down, slowdown};
+use netns::{counter, in_new_netns, tcp_ext};
 use nix::errno::Errno;
-use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::killpg;
 use nix::unistd::Pid;
+use server::{Nginx, nginx_binary};
 use support::{Handoffd, privileged};
 
 /// Handoffs per test.
@@ -470,230 +474,4 @@ impl Drop for SetOnDrop<'_> {
     fn drop(&mut self) {
         self.0.store(true, Ordering::SeqCst);
     }
-}
-
-/// Runs `f` on a thread in a new network namespace with loopback up. The processes started
-/// there (nginx, handoffd, handoffctl) and the threads it starts (the load) live in it too.
-fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    for tool in ["ip", "ss"] {
-        assert!(
-            Command::new(tool).arg("-V").output().is_ok(),
-            "`{tool}` not found: this test needs iproute2 (apt-get install -y iproute2)"
-        );
-    }
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("netns".to_owned())
-            .spawn_scoped(s, || {
-                unshare(CloneFlags::CLONE_NEWNET).expect("a network namespace for this test");
-                let up = Command::new("ip")
-                    .args(["link", "set", "lo", "up"])
-                    .output()
-                    .expect("running ip");
-                assert!(
-                    up.status.success(),
-                    "ip link set lo up: {}",
-                    String::from_utf8_lossy(&up.stderr)
-                );
-                f()
-            })
-            .expect("starting the netns thread")
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
-/// TcpExt counters of the calling thread's network namespace.
-fn tcp_ext() -> BTreeMap<String, u64> {
-    // /proc/net is the netns of the process's main thread; thread-self is this thread's.
-    let text = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("reading netstat");
-    let mut rows = text.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (Some(names), Some(values)) = (rows.next(), rows.next()) else {
-        panic!("no TcpExt rows in netstat:\n{text}");
-    };
-    names
-        .split_whitespace()
-        .skip(1)
-        .zip(values.split_whitespace().skip(1))
-        .map(|(n, v)| (n.to_owned(), v.parse().expect("a counter is a number")))
-        .collect()
-}
-
-fn counter(counters: &BTreeMap<String, u64>, name: &str) -> i128 {
-    i128::from(
-        *counters
-            .get(name)
-            .unwrap_or_else(|| panic!("no TcpExt counter {name}")),
-    )
-}
-
-/// The nginx binary (from Debian's `nginx`, which `nginx-light` pulls in).
-fn nginx_binary() -> PathBuf {
-    let path = PathBuf::from("/usr/sbin/nginx");
-    assert!(
-        path.is_file(),
-        "{} not found: this test needs nginx (apt-get install -y nginx-light)",
-        path.display()
-    );
-    path
-}
-
-/// One nginx generation: master and workers in a process group of their own, killed when
-/// dropped (the [`Proc`] guard). On a failing test its error log is printed.
-struct Nginx {
-    generation: usize,
-    proc: Proc,
-    /// Worker pids, once ready.
-    workers: Vec<u32>,
-    dir: PathBuf,
-}
-
-impl Nginx {
-    /// Starts generation `n` (answering `gN`) on `addr`, in `root/gN`.
-    fn start(binary: &Path, root: &Path, n: usize, addr: SocketAddr) -> Nginx {
-        let dir = root.join(format!("g{n}"));
-        std::fs::create_dir_all(&dir).expect("creating the nginx prefix dir");
-        let d = dir.display();
-        let conf = format!(
-            "daemon off;\n\
-             master_process on;\n\
-             worker_processes 2;\n\
-             pid {d}/nginx.pid;\n\
-             error_log {d}/error.log;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n\
-             \x20   access_log off;\n\
-             \x20   keepalive_timeout 65s;\n\
-             \x20   server {{\n\
-             \x20       listen {addr} reuseport;\n\
-             \x20       location / {{ add_header X-Pid $pid; return 200 \"g{n}\\n\"; }}\n\
-             \x20   }}\n\
-             }}\n"
-        );
-        let conf_path = dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf).expect("writing nginx.conf");
-        let proc = Proc::spawn(
-            Command::new(binary)
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .arg("-p")
-                .arg(&dir)
-                .arg("-c")
-                .arg(&conf_path),
-        );
-        Nginx {
-            generation: n,
-            proc,
-            workers: Vec::new(),
-            dir,
-        }
-    }
-
-    /// Waits until both workers have the listener of `addr` in their epoll set: they accept.
-    /// (nginx 1.22 workers hold every worker's reuseport socket but poll their own only.)
-    fn wait_ready(&mut self, addr: SocketAddr) {
-        let timeout = scaled(READY_TIMEOUT);
-        let deadline = Instant::now() + timeout;
-        loop {
-            let listeners = listening_inodes(addr);
-            let workers = children(self.proc.pid);
-            let polling = workers
-                .iter()
-                .filter(|&&w| {
-                    polled_sockets(w)
-                        .iter()
-                        .any(|inode| listeners.contains(inode))
-                })
-                .count();
-            if workers.len() == 2 && polling == 2 {
-                self.workers = workers;
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nginx g{} (pid {}) not ready within {timeout:?}: workers {workers:?}, \
-                 {polling} polling a listener of {addr}; error.log:\n{}",
-                self.generation,
-                self.proc.pid,
-                self.error_log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn error_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- nginx g{} (pid {}) error.log:\n{}",
-                self.generation,
-                self.proc.pid,
-                self.error_log()
-            );
-        }
-    }
-}
-
-/// Inodes of the TCP LISTEN sockets on `addr` in this thread's network namespace, from
-/// sock_diag (`ss`): /proc/net/tcp lists every socket, tens of thousands of TIME_WAIT ones
-/// under this load, and is too slow to poll.
-fn listening_inodes(addr: SocketAddr) -> Vec<u64> {
-    let Ok(out) = Command::new("ss")
-        .args(["-Hltne", &format!("src {addr}")])
-        .output()
-    else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|field| field.strip_prefix("ino:")?.parse().ok())
-        .collect()
-}
-
-/// Child pids of `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
-/// Inodes of the sockets in the epoll sets of process `pid`.
-fn polled_sockets(pid: u32) -> Vec<u64> {
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    let link = |fd: &str| {
-        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
-            .map(|l| l.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    let mut inodes = Vec::new();
-    for fd in fds.flatten() {
-        let fd = fd.file_name().to_string_lossy().into_owned();
-        if link(&fd) != "anon_inode:[eventpoll]" {
-            continue;
-        }
-        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
-        // "tfd:        5 events:     2019 data: …": fd 5 of this process is polled.
-        for target in info.lines().filter_map(|l| {
-            l.strip_prefix("tfd:")
-                .and_then(|rest| rest.split_whitespace().next())
-        }) {
-            if let Some(inode) = link(target)
-                .strip_prefix("socket:[")
-                .and_then(|rest| rest.strip_suffix(']'))
-                .and_then(|n| n.parse().ok())
-            {
-                inodes.push(inode);
-            }
-        }
-    }
-    inodes
 }

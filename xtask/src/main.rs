@@ -9,12 +9,15 @@
 //!   smoke handoff and the integration tests in each (see `kernel`).
 //! - `systemd-test`: the .deb installed into a Debian 12 root booted under qemu with
 //!   systemd as PID 1, the unit's checks (root; see `kernel::systemd`).
+//! - `layers [--cargo-modules]`: no module cycle, downward-only layers and length limits in
+//!   the daemon crate (see `layers`).
 
 mod bench;
 mod build_ebpf;
 mod children;
 mod demo;
 mod kernel;
+mod layers;
 mod test;
 
 use std::ffi::OsString;
@@ -84,6 +87,14 @@ enum Task {
     /// Build the .deb, install it into a Debian 12 root and boot that root under qemu with
     /// systemd as PID 1: the unit's checks (needs root).
     SystemdTest,
+    /// Check the daemon crate's shape: no module cycle, uses only down the
+    /// layers of `xtask/src/layers/mod.rs`, files within 500 lines, fns within 80.
+    Layers {
+        /// Also run cargo-modules' cycle check (installed when missing), which counts
+        /// cycles between items too (a type and its method returning `Self`).
+        #[arg(long)]
+        cargo_modules: bool,
+    },
     /// The scale benchmark's client (started by `bench`, inside its network namespace).
     #[command(hide = true)]
     BenchHold(bench::HoldArgs),
@@ -135,6 +146,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::SystemdTest => {
             // The table says what failed; a failure only sets the exit status.
             if !kernel::systemd::run(&root)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Task::Layers { cargo_modules } => {
+            // Each violation is printed; they only set the exit status.
+            if !layers::run(&root, cargo_modules)? {
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -36,20 +36,22 @@
 //! directory adds ~150 s, fetching the four packages into an empty cache ~15 s.
 
 mod boot;
+mod console;
 mod cpio;
 mod fetch;
 mod image;
+mod outcome;
 pub mod systemd;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use self::boot::{Expect, KERNELS, Kernel};
+use self::console::{Console, Next, print_tail};
+use self::outcome::{Outcome, TestRun};
 use crate::children::{catch_interrupts, check_interrupted};
 use crate::{TempDir, cargo, run_checked};
 
@@ -238,163 +240,6 @@ fn build_static(root: &Path, tests: bool) -> Result<Built> {
     })
 }
 
-/// What a test executable reported in the guest.
-struct TestRun {
-    name: String,
-    /// Exit status (124: killed by the guest's timeout).
-    rc: String,
-    passed: u32,
-    failed: u32,
-    ignored: u32,
-    /// Lines with "SKIPPED": a skip is a failure here.
-    skipped: u32,
-}
-
-impl TestRun {
-    fn ok(&self) -> bool {
-        self.rc == "0" && self.failed == 0 && self.skipped == 0 && self.passed > 0
-    }
-
-    /// Parses `test NAME rc=R passed=P failed=F ignored=I skipped=S`.
-    fn parse(rest: &str) -> Option<Self> {
-        let mut words = rest.split_whitespace();
-        let name = words.next()?.to_owned();
-        let mut run = Self {
-            name,
-            rc: "?".to_owned(),
-            passed: 0,
-            failed: 0,
-            ignored: 0,
-            skipped: 0,
-        };
-        for word in words {
-            let (key, value) = word.split_once('=')?;
-            let number = value.parse().unwrap_or(0);
-            match key {
-                "rc" => run.rc = value.to_owned(),
-                "passed" => run.passed = number,
-                "failed" => run.failed = number,
-                "ignored" => run.ignored = number,
-                "skipped" => run.skipped = number,
-                _ => {}
-            }
-        }
-        Some(run)
-    }
-}
-
-/// What happened on one kernel.
-struct Outcome {
-    kernel: Kernel,
-    /// `uname -r` in the guest.
-    release: Option<String>,
-    /// The smoke handoff's or the refusal check's marker: PASS or FAIL with the reason.
-    check: Option<String>,
-    /// The test executables that were to run.
-    expected_tests: Vec<String>,
-    tests: Vec<TestRun>,
-    /// The guest printed `@@handoff done`.
-    done: bool,
-    /// Why the run stopped early (deadline, qemu failure), if it did.
-    error: Option<String>,
-    wall: Duration,
-    /// The console log, kept for a failed kernel.
-    log: Option<PathBuf>,
-}
-
-impl Outcome {
-    fn check_passed(&self) -> bool {
-        self.check.as_deref().is_some_and(|c| c.starts_with("PASS"))
-    }
-
-    fn passed(&self) -> bool {
-        let tests_ok = self
-            .expected_tests
-            .iter()
-            .all(|t| self.tests.iter().any(|r| &r.name == t && r.ok()));
-        self.done && self.error.is_none() && self.check_passed() && tests_ok
-    }
-
-    fn print_table(&self) {
-        let k = &self.kernel;
-        println!();
-        println!(
-            "kernel {} ({} {}, uname -r {}): {} in {:.0} s",
-            k.name,
-            k.pin.package,
-            k.pin.version,
-            self.release.as_deref().unwrap_or("?"),
-            if self.passed() { "PASS" } else { "FAIL" },
-            self.wall.as_secs_f64()
-        );
-        let what = match k.expect {
-            Expect::Run => "smoke handoff",
-            Expect::Refusal => "refusal",
-        };
-        println!(
-            "  {what:<22} {}",
-            self.check.as_deref().unwrap_or("no result")
-        );
-        for name in &self.expected_tests {
-            match self.tests.iter().find(|r| &r.name == name) {
-                Some(r) => println!(
-                    "  {:<22} {:<4} {} passed, {} failed, {} ignored{}{}",
-                    r.name,
-                    if r.ok() { "ok" } else { "FAIL" },
-                    r.passed,
-                    r.failed,
-                    r.ignored,
-                    if r.skipped > 0 {
-                        format!(", {} SKIPPED", r.skipped)
-                    } else {
-                        String::new()
-                    },
-                    if r.rc == "0" {
-                        String::new()
-                    } else {
-                        format!(" (exit status {})", r.rc)
-                    }
-                ),
-                None => println!("  {name:<22} FAIL did not run to the end"),
-            }
-        }
-        if let Some(error) = &self.error {
-            println!("  error: {error}");
-        }
-        if let Some(log) = &self.log {
-            println!("  console log: {}", log.display());
-        }
-    }
-
-    fn summary_row(&self) -> String {
-        let (mut p, mut f, mut i) = (0, 0, 0);
-        for r in &self.tests {
-            p += r.passed;
-            f += r.failed;
-            i += r.ignored;
-        }
-        let tests = if self.kernel.expect == Expect::Refusal {
-            "-".to_owned()
-        } else {
-            format!("{p}/{f}/{i}")
-        };
-        let check = match &self.check {
-            Some(c) if c.starts_with("PASS") => "PASS",
-            Some(_) => "FAIL",
-            None => "none",
-        };
-        format!(
-            "{:<7} {:<22} {:<16} {:<22} {:>5.0} s  {}",
-            self.kernel.name,
-            self.kernel.pin.version,
-            check,
-            tests,
-            self.wall.as_secs_f64(),
-            if self.passed() { "PASS" } else { "FAIL" }
-        )
-    }
-}
-
 /// Builds the image for `kernel`, boots it, and collects what the guest reports.
 fn run_kernel(
     kernel: &Kernel,
@@ -489,91 +334,6 @@ fn run_kernel(
     Ok(outcome)
 }
 
-/// qemu, killed and reaped when dropped.
-struct Qemu(Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A booted guest's console: qemu (killed when this is dropped), every line of its
-/// output written to a log file, and the guest's `@@handoff` markers handed out.
-struct Console {
-    _qemu: Qemu,
-    rx: mpsc::Receiver<String>,
-    log: std::fs::File,
-}
-
-/// What the console gave before a deadline.
-enum Next {
-    /// A `@@handoff` line: what follows the marker.
-    Marker(String),
-    /// qemu exited (the guest powered off) and both pipes are closed.
-    Exited,
-    /// The deadline passed.
-    Deadline,
-}
-
-impl Console {
-    /// Starts qemu (TCG: no KVM here; 2 CPUs, 2 GB) on `image` and `initrd` with the
-    /// kernel command line `append`, logging its console (stdout and stderr) to `log`.
-    fn boot(image: &Path, initrd: &Path, append: &str, log: &Path) -> Result<Self> {
-        let log = std::fs::File::create(log)
-            .with_context(|| format!("cannot create {}", log.display()))?;
-        let mut child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "2G",
-            ])
-            .args(["-nographic", "-no-reboot", "-kernel"])
-            .arg(image)
-            .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", append])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start qemu-system-x86_64")?;
-        let stdout = child.stdout.take().context("qemu has no stdout")?;
-        let stderr = child.stderr.take().context("qemu has no stderr")?;
-        let qemu = Qemu(child);
-        let (tx, rx) = mpsc::channel::<String>();
-        let tx_err = tx.clone();
-        // Console bytes are not always UTF-8 (firmware escapes): read lines as bytes.
-        std::thread::spawn(move || forward_lines(stdout, &tx));
-        std::thread::spawn(move || forward_lines(stderr, &tx_err));
-        Ok(Self {
-            _qemu: qemu,
-            rx,
-            log,
-        })
-    }
-
-    /// Reads (and logs) lines until the next marker, qemu's exit or `end`; an interrupt
-    /// (Ctrl-C) is noticed within 200 ms.
-    fn next_marker(&mut self, end: Instant) -> Result<Next> {
-        loop {
-            check_interrupted()?;
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(Next::Deadline);
-            }
-            let line = match self.rx.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok(line) => line,
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Ok(Next::Exited),
-            };
-            let _ = writeln!(self.log, "{line}");
-            if let Some(at) = line.find("@@handoff ") {
-                return Ok(Next::Marker(line[at + 10..].to_owned()));
-            }
-        }
-    }
-}
-
 /// Boots `image` with `initrd`, logs the console to `log`, and fills `outcome` from the
 /// guest's `@@handoff` lines until the guest powers off or `deadline` passes.
 fn boot_and_read(
@@ -619,57 +379,4 @@ fn boot_and_read(
         bail!("qemu exited before the guest finished");
     }
     Ok(())
-}
-
-/// Sends each line of `reader` (lossily decoded, without "\r\n") until EOF.
-fn forward_lines(reader: impl std::io::Read, tx: &mpsc::Sender<String>) {
-    let mut reader = BufReader::new(reader);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                let line = String::from_utf8_lossy(&buf);
-                let line = line.trim_end_matches(['\r', '\n']);
-                if tx.send(line.to_owned()).is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Prints the last `n` lines of `path`.
-fn print_tail(path: &Path, n: usize) {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return;
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    println!(
-        "--- last {} lines of {} ---",
-        n.min(lines.len()),
-        path.display()
-    );
-    for line in &lines[lines.len().saturating_sub(n)..] {
-        println!("{line}");
-    }
-    println!("---");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::TestRun;
-
-    #[test]
-    fn test_markers_parse() {
-        let run = TestRun::parse("steer rc=0 passed=5 failed=0 ignored=1 skipped=0").unwrap();
-        assert_eq!((run.passed, run.failed, run.ignored), (5, 0, 1));
-        assert!(run.ok());
-        let skipped = TestRun::parse("drain rc=0 passed=3 failed=0 ignored=0 skipped=1").unwrap();
-        assert!(!skipped.ok());
-        let timed_out =
-            TestRun::parse("drain rc=124 passed=? failed=? ignored=? skipped=0").unwrap();
-        assert!(!timed_out.ok());
-    }
 }

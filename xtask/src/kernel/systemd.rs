@@ -4,7 +4,7 @@
 //!    first when that version is missing) and `testsrv` statically (the kernel test's
 //!    build);
 //! 2. makes a minimal Debian 12 root with `debootstrap --variant=minbase` plus
-//!    [`ROOT_PACKAGES`], trimmed (documentation, locales, apt lists), cached as a tarball
+//!    [`root::ROOT_PACKAGES`], trimmed (documentation, locales, apt lists), cached as a tarball
 //!    in `~/.cache/handoff/systemd-test/` (or `$XDG_CACHE_HOME/…`) keyed by the suite, the
 //!    mirror and the package list;
 //! 3. unpacks a copy, installs the package into it with `dpkg -i` in a chroot (the
@@ -30,41 +30,26 @@
 //! (cargo-deb packaging 4-12 s, image 1-2.5 s, boot to the first check 16-34 s, the
 //! checks 8-15 s). The initramfs is 105 MB.
 
+mod image;
+mod root;
+
 use std::collections::BTreeMap;
-use std::io::BufWriter;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::boot::{KERNELS, MODULES};
-use super::{Console, Next, build_static, cpio, fetch, print_tail};
+use self::image::{add_test_files, install_deb, write_cpio};
+use self::root::{SUITE, cache_base, cached_root};
+use super::boot::KERNELS;
+use super::console::{Console, Next, print_tail};
+use super::{build_static, fetch};
 use crate::children::{catch_interrupts, check_interrupted};
 use crate::{TempDir, cargo, run_checked};
 
 /// The cargo-deb release installed when missing (builds on Rust 1.95; MSRV 1.85).
 const CARGO_DEB_VERSION: &str = "3.8.0";
-
-/// Debian suite and mirror of the root (the mirror the kernel test fetches from).
-const SUITE: &str = "bookworm";
-const MIRROR: &str = "http://deb.debian.org/debian";
-
-/// Packages added to minbase: systemd as PID 1 (`systemd-sysv` makes /sbin/init), and
-/// `kmod` for `depmod`/`modprobe` (systemd-modules-load loads the diag modules).
-/// No dbus: systemctl, systemd-run and journalctl reach PID 1 on its private socket.
-const ROOT_PACKAGES: [&str; 3] = ["systemd", "systemd-sysv", "kmod"];
-
-/// Removed from the cached root: not needed to boot and half its size.
-const TRIM: [&str; 6] = [
-    "usr/share/doc",
-    "usr/share/man",
-    "usr/share/locale",
-    "usr/share/info",
-    "var/cache/apt",
-    "var/lib/apt/lists",
-];
 
 /// The kernel the root boots (one of [`KERNELS`]).
 const KERNEL: &str = "6.1";
@@ -293,308 +278,6 @@ fn build_deb(root: &Path) -> Result<PathBuf> {
     Ok(deb)
 }
 
-/// `$XDG_CACHE_HOME/handoff` or `~/.cache/handoff`.
-fn cache_base() -> Result<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => {
-            let home = std::env::var_os("HOME")
-                .filter(|h| !h.is_empty())
-                .context("neither XDG_CACHE_HOME nor HOME is set: no place for the cache")?;
-            PathBuf::from(home).join(".cache")
-        }
-    };
-    let dir = base.join("handoff").join("systemd-test");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// The cached root tarball (made now if missing; true then).
-fn cached_root() -> Result<(PathBuf, bool)> {
-    let dir = cache_base()?;
-    let key = format!(
-        "{SUITE} {MIRROR} minbase {} trim {}",
-        ROOT_PACKAGES.join(","),
-        TRIM.join(",")
-    );
-    let tarball = dir.join(format!("root-{SUITE}-{:016x}.tar", fnv1a(key.as_bytes())));
-    if tarball.is_file() {
-        println!("systemd-test: cached root {}", tarball.display());
-        return Ok((tarball, false));
-    }
-    println!(
-        "systemd-test: debootstrap {SUITE} (minbase + {}) from {MIRROR}",
-        ROOT_PACKAGES.join(" ")
-    );
-    let work = TempDir::new_in(&dir, "debootstrap")?;
-    let target = work.path().join("root");
-    let out = Command::new("debootstrap")
-        .args([
-            "--variant=minbase",
-            &format!("--include={}", ROOT_PACKAGES.join(",")),
-            "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg",
-            SUITE,
-        ])
-        .arg(&target)
-        .arg(MIRROR)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run debootstrap")?;
-    if !out.status.success() {
-        let log = target.join("debootstrap/debootstrap.log");
-        let tail = std::fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = tail.lines().rev().take(15).collect();
-        bail!(
-            "debootstrap failed ({}): {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
-    }
-    for sub in TRIM {
-        let path = target.join(sub);
-        if path.exists() {
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("cannot trim {}", path.display()))?;
-            std::fs::create_dir_all(&path)?;
-        }
-    }
-    let partial = work.path().join("root.tar");
-    run_checked(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&target)
-            .args(["--numeric-owner", "-cf"])
-            .arg(&partial)
-            .arg("."),
-        "packing the root",
-    )?;
-    std::fs::rename(&partial, &tarball)
-        .with_context(|| format!("cannot move the root to {}", tarball.display()))?;
-    println!("systemd-test: root cached in {}", tarball.display());
-    Ok((tarball, true))
-}
-
-/// FNV-1a, 64 bits: the cache key's hash (not a security property).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// `dpkg -i` of the package in a chroot into `image`, then checks that its postinst
-/// enabled the unit.
-fn install_deb(image: &Path, deb: &Path) -> Result<()> {
-    let inside = image.join("tmp/handoff.deb");
-    std::fs::copy(deb, &inside).with_context(|| format!("cannot copy {}", deb.display()))?;
-    let out = Command::new("chroot")
-        .arg(image)
-        .args(["dpkg", "-i", "/tmp/handoff.deb"])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run chroot dpkg -i")?;
-    std::fs::remove_file(&inside)?;
-    if !out.status.success() {
-        bail!(
-            "dpkg -i of the package failed in the Debian root ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    println!("systemd-test: dpkg -i {} in the root: ok", deb.display());
-    Ok(())
-}
-
-/// What the test adds to the installed root.
-fn add_test_files(
-    image: &Path,
-    testsrv: &Path,
-    kernel_dir: &Path,
-    files: &super::boot::KernelFiles,
-) -> Result<()> {
-    let put = |path: &str, mode: u32, data: &[u8]| -> Result<()> {
-        let full = image.join(path.trim_start_matches('/'));
-        if let Some(parent) = full.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&full, data).with_context(|| format!("cannot write {}", full.display()))?;
-        std::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode))?;
-        Ok(())
-    };
-    let link = |path: &str, target: &str| -> Result<()> {
-        let full = image.join(path.trim_start_matches('/'));
-        if let Some(parent) = full.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let _ = std::fs::remove_file(&full);
-        std::os::unix::fs::symlink(target, &full)
-            .with_context(|| format!("cannot link {}", full.display()))
-    };
-
-    // What an administrator does after installing: name the service in the config.
-    put("/etc/handoff/handoffd.toml", 0o644, GOOD_CONFIG.as_bytes())?;
-    put(
-        "/usr/local/bin/testsrv",
-        0o755,
-        &std::fs::read(testsrv).with_context(|| format!("cannot read {}", testsrv.display()))?,
-    )?;
-    put(
-        "/usr/local/sbin/handoff-check",
-        0o755,
-        format!("#!/bin/bash\n{}", include_str!("systemd_check.sh")).as_bytes(),
-    )?;
-    put(
-        "/etc/systemd/system/handoff-check.service",
-        0o644,
-        CHECK_UNIT.as_bytes(),
-    )?;
-    link(
-        "/etc/systemd/system/multi-user.target.wants/handoff-check.service",
-        "/etc/systemd/system/handoff-check.service",
-    )?;
-    // No login prompts, no timers of apt: nothing else on the console or the CPU.
-    for unit in [
-        "serial-getty@ttyS0.service",
-        "getty@tty1.service",
-        "apt-daily.timer",
-        "apt-daily-upgrade.timer",
-        "dpkg-db-backup.timer",
-        "e2scrub_all.timer",
-        "fstrim.timer",
-    ] {
-        link(&format!("/etc/systemd/system/{unit}"), "/dev/null")?;
-    }
-    put("/etc/hostname", 0o644, b"handoff-systemd-test\n")?;
-
-    // The kernel's diag modules, found by depmod and loaded by systemd-modules-load.
-    let release = &files.release;
-    let mut names = Vec::new();
-    for (name, ko) in &files.modules {
-        let sub = MODULES
-            .iter()
-            .find(|(_, n, _)| n == name)
-            .map_or("extra", |(sub, _, _)| sub);
-        put(
-            &format!("/lib/modules/{release}/kernel/{sub}/{name}.ko"),
-            0o644,
-            ko,
-        )?;
-        names.push(name.as_str());
-    }
-    // depmod's lists of the whole kernel (the modules that are built in, their order).
-    for list in [
-        "modules.order",
-        "modules.builtin",
-        "modules.builtin.modinfo",
-    ] {
-        let source = kernel_dir.join("lib/modules").join(release).join(list);
-        if let Ok(data) = std::fs::read(&source) {
-            put(&format!("/lib/modules/{release}/{list}"), 0o644, &data)?;
-        }
-    }
-    put(
-        "/etc/modules-load.d/handoff-test.conf",
-        0o644,
-        format!("{}\n", names.join("\n")).as_bytes(),
-    )?;
-    run_checked(
-        Command::new("chroot")
-            .arg(image)
-            .args(["depmod", "-a", release])
-            .stdin(Stdio::null()),
-        "depmod in the root",
-    )?;
-    Ok(())
-}
-
-/// The configuration of the test: one service on loopback, run as `nobody`.
-const GOOD_CONFIG: &str = "# systemd-test: one service, run as nobody\n\
-[defaults]\n\
-drain_timeout = \"60s\"\n\
-\n\
-[[service]]\n\
-name = \"web\"\n\
-listen = [\"127.0.0.1:8080\"]\n\
-user = \"nobody\"\n";
-
-/// The oneshot unit that runs the checks once handoffd.service is up (or has failed).
-const CHECK_UNIT: &str = "[Unit]\n\
-Description=handoff systemd-test checks\n\
-After=handoffd.service\n\
-\n\
-[Service]\n\
-Type=oneshot\n\
-ExecStart=/usr/local/sbin/handoff-check\n\
-StandardOutput=tty\n\
-StandardError=tty\n\
-TTYPath=/dev/ttyS0\n\
-TTYReset=no\n\
-TTYVHangup=no\n\
-TimeoutStartSec=infinity\n\
-\n\
-[Install]\n\
-WantedBy=multi-user.target\n";
-
-/// Writes `image` (a directory) as an uncompressed newc cpio: modes, owners and device
-/// numbers as they are; hard links become separate copies.
-fn write_cpio(image: &Path, out: &Path) -> Result<()> {
-    let file =
-        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut w = cpio::Writer::new(BufWriter::new(file));
-    w.raw(".", 0o040_755, (0, 0), (0, 0), &[])?;
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = image.join(&rel);
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .with_context(|| format!("cannot read {}", dir.display()))?
-            .collect::<std::io::Result<_>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let rel = rel.join(entry.file_name());
-            let path = image.join(&rel);
-            let name = rel.to_string_lossy().into_owned();
-            let meta = std::fs::symlink_metadata(&path)?;
-            let owner = (meta.uid(), meta.gid());
-            let ft = meta.file_type();
-            let result = if ft.is_dir() {
-                stack.push(rel.clone());
-                w.raw(&name, meta.mode(), owner, (0, 0), &[])
-            } else if ft.is_symlink() {
-                let target = std::fs::read_link(&path)?;
-                w.raw(
-                    &name,
-                    meta.mode(),
-                    owner,
-                    (0, 0),
-                    target.as_os_str().as_encoded_bytes(),
-                )
-            } else if ft.is_file() {
-                let data = std::fs::read(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                w.raw(&name, meta.mode(), owner, (0, 0), &data)
-            } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
-                w.raw(&name, meta.mode(), owner, dev_numbers(meta.rdev()), &[])
-            } else {
-                // Sockets: nothing to carry over.
-                continue;
-            };
-            result.with_context(|| format!("cannot write {name} into {}", out.display()))?;
-        }
-    }
-    w.finish()
-        .with_context(|| format!("cannot write {}", out.display()))?;
-    Ok(())
-}
-
-/// glibc's encoding of a `dev_t` into (major, minor).
-fn dev_numbers(dev: u64) -> (u32, u32) {
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-    (major as u32, minor as u32)
-}
-
 /// What the guest reported.
 #[derive(Default)]
 struct Outcome {
@@ -657,26 +340,4 @@ fn boot_and_read(image: &Path, initrd: &Path, log: &Path, outcome: &mut Outcome)
         bail!("qemu exited before the guest finished");
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{dev_numbers, fnv1a};
-
-    #[test]
-    fn device_numbers_decode() {
-        // /dev/console 5:1, /dev/null 1:3.
-        assert_eq!(dev_numbers(0x501), (5, 1));
-        assert_eq!(dev_numbers(0x103), (1, 3));
-        assert_eq!(
-            dev_numbers((259 << 8) | 0x45 | (0x12300 << 12)),
-            (259, 0x12345)
-        );
-    }
-
-    #[test]
-    fn cache_key_hash_is_stable() {
-        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_ne!(fnv1a(b"a"), fnv1a(b"b"));
-    }
 }
