@@ -8,6 +8,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub mod file;
+mod service;
+
+pub use service::ServiceConfig;
 
 /// Default state directory: control socket, lock, generation table.
 pub const DEFAULT_STATE_DIR: &str = "/run/handoff";
@@ -339,20 +342,6 @@ pub fn resolve_user(s: &str) -> Result<u32, ConfigError> {
         Ok(Some(user)) => Ok(user.uid.as_raw()),
         _ => Err(bad()),
     }
-}
-
-/// A service as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceConfig {
-    /// Its name (used in paths: letters, digits, `-`, `_`).
-    pub name: String,
-    /// Its addresses, all on one port.
-    pub listen: Vec<SocketAddr>,
-    /// Signals and deadlines of its drains.
-    pub drain: DrainSettings,
-    /// The uid its processes run as when it is not the promoted process's own (`user`):
-    /// descendants of that uid are members, and may hold the listeners.
-    pub user: Option<u32>,
 }
 
 #[cfg(test)]

@@ -14,6 +14,11 @@ use netlink_packet_sock_diag::inet::StateFlags;
 
 use diag::{DiagError, DiagSocket};
 
+/// Whether `e` says the daemon ran out of descriptors (not that the process is gone).
+pub fn is_fd_limit(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
 /// Errors of process and socket discovery.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoverError {
@@ -364,7 +369,7 @@ pub fn connection_holders(port: u16, pids: &[i32]) -> Result<HashSet<i32>, Disco
         match socket_fds(pid, &mut fds) {
             Ok(()) => {}
             // Out of descriptors is the daemon's failure, never "holds nothing".
-            Err(e @ DiscoverError::Proc { .. }) if matches!(&e, DiscoverError::Proc { source, .. } if crate::discover::members::is_fd_limit(source)) =>
+            Err(e @ DiscoverError::Proc { .. }) if matches!(&e, DiscoverError::Proc { source, .. } if is_fd_limit(source)) =>
             {
                 return Err(e);
             }

@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod metrics;
 pub mod notify;
 pub mod run;
+pub mod scrape;
 pub mod service;
 pub mod supervise;

@@ -213,8 +213,7 @@ where
     ];
     if let Some(addr) = options.metrics_addr {
         // Its own threads; an address taken now is retried there, steering goes on.
-        crate::runtime::metrics::serve::spawn(addr, Arc::clone(&daemon))
-            .map_err(RunError::Metrics)?;
+        crate::runtime::scrape::spawn(addr, Arc::clone(&daemon)).map_err(RunError::Metrics)?;
     }
     let shutdown = async move {
         shutdown.await;

@@ -41,29 +41,39 @@ pub struct Layer {
 pub const LAYERS: &[Layer] = &[
     Layer {
         name: "system",
-        modules: &["sys", "logging", "dirs", "kernel", "notify"],
+        modules: &["sys", "logging"],
     },
     Layer {
         name: "config",
-        modules: &["config_file", "config"],
+        modules: &["config"],
     },
     Layer {
-        name: "kernel objects",
-        modules: &["pins", "loader", "metrics", "group", "host"],
+        name: "lifecycle",
+        modules: &["lifecycle"],
     },
     Layer {
         name: "discover",
-        modules: &["discover", "candidate", "members", "probe"],
+        modules: &["discover"],
     },
     Layer {
         name: "persist",
-        modules: &["state", "cleanup", "diag"],
+        modules: &["persist"],
+    },
+    Layer {
+        name: "kernel",
+        modules: &["kernel"],
     },
     Layer {
         name: "runtime",
-        modules: &["generation", "supervise", "control", "daemon"],
+        modules: &["runtime"],
     },
 ];
+
+/// Top-level modules that group components: cycles are looked for between their
+/// submodules (`runtime::daemon`, `runtime::control`, …) as well as between top-level
+/// modules. A module not listed is one component (the lifecycle's files implement one
+/// machine between them).
+pub const SPLIT: &[&str] = &["discover", "persist", "kernel", "runtime"];
 
 /// The crate whose layers are checked, relative to the workspace root.
 const CRATE_DIR: &str = "daemon/src";
@@ -92,9 +102,12 @@ pub fn run(root: &Path, cargo_modules: bool) -> Result<bool> {
     if cargo_modules {
         ok &= check_cycles(root)?;
     }
-    let (layers_ok, edges) = check_layers(root)?;
+    let (layers_ok, edges, unit_edges) = check_layers(root)?;
     ok &= layers_ok;
-    ok &= check_module_cycles(&edges);
+    ok &= check_module_cycles(&edges, "top-level modules");
+    let units = unit_edges.len();
+    ok &= check_module_cycles(&unit_edges, "components");
+    println!("layers: {units} components use others");
     ok &= check_lengths(root)?;
     println!("layers: {}", if ok { "ok" } else { "FAILED (see above)" });
     Ok(ok)
@@ -199,7 +212,7 @@ type Edges = BTreeMap<String, BTreeSet<String>>;
 
 /// Each file's uses of other top-level modules against [`LAYERS`]; true when all go down,
 /// and the uses found.
-fn check_layers(root: &Path) -> Result<(bool, Edges)> {
+fn check_layers(root: &Path) -> Result<(bool, Edges, Edges)> {
     let src = root.join(CRATE_DIR);
     let files = rust_files(&src)?;
     let mut paths = BTreeMap::new();
@@ -226,8 +239,10 @@ fn check_layers(root: &Path) -> Result<(bool, Edges)> {
             ok = false;
         }
     }
+    let modules: BTreeSet<&[String]> = paths.values().map(Vec::as_slice).collect();
     let mut upward = 0;
     let mut edges = Edges::new();
+    let mut unit_edges = Edges::new();
     for (file, path) in &paths {
         let Some(own) = path.first() else {
             continue; // lib.rs: the root declares the modules.
@@ -240,7 +255,14 @@ fn check_layers(root: &Path) -> Result<(bool, Edges)> {
                 .with_context(|| format!("cannot read {}", file.display()))?,
         );
         let skip = scan::test_modules(&text);
+        let own_unit = unit_of(path, &modules);
         for used in scan::uses(&text, &skip) {
+            if let Some(unit) = absolute(path, &used)
+                .map(|abs| unit_of(&abs, &modules))
+                .filter(|u| *u != own_unit && tops.contains(u.split("::").next().unwrap_or("")))
+            {
+                unit_edges.entry(own_unit.clone()).or_default().insert(unit);
+            }
             let Some(target) =
                 target(path, &used).filter(|t| t != own && tops.contains(t.as_str()))
             else {
@@ -266,7 +288,34 @@ fn check_layers(root: &Path) -> Result<(bool, Edges)> {
     if upward == 0 && ok {
         println!("layers: every use goes down ({} layers)", LAYERS.len());
     }
-    Ok((ok && upward == 0, edges))
+    Ok((ok && upward == 0, edges, unit_edges))
+}
+
+/// The module path a use names from the file at module path `path`: its first two names
+/// after the crate root.
+fn absolute(path: &[String], used: &scan::Use) -> Option<Vec<String>> {
+    // `crate::` starts at the root, each `super::` one module up from the file's own.
+    let base = if used.supers == 0 {
+        0
+    } else {
+        path.len().checked_sub(used.supers)?
+    };
+    let mut abs = path[..base].to_vec();
+    abs.push(used.name.clone());
+    abs.extend(used.sub.clone());
+    Some(abs)
+}
+
+/// The component a module path belongs to: `runtime::daemon` for anything under it (a
+/// submodule of a [`SPLIT`] module), else its top-level module.
+fn unit_of(path: &[String], modules: &BTreeSet<&[String]>) -> String {
+    match path {
+        [top, sub, ..] if SPLIT.contains(&top.as_str()) && modules.contains(&path[..2]) => {
+            format!("{top}::{sub}")
+        }
+        [top, ..] => top.clone(),
+        [] => String::new(),
+    }
 }
 
 /// The top-level modules reachable from `from` through `edges` (`from` too).
@@ -285,7 +334,7 @@ fn reachable<'a>(edges: &'a Edges, from: &'a str) -> BTreeSet<&'a str> {
 
 /// Module cycles between the top-level modules: each group of modules that reach each
 /// other, with the uses inside it.
-fn check_module_cycles(edges: &Edges) -> bool {
+fn check_module_cycles(edges: &Edges, what: &str) -> bool {
     let mut reported = BTreeSet::new();
     for from in edges.keys() {
         if reported.contains(from.as_str()) {
@@ -310,14 +359,14 @@ fn check_module_cycles(edges: &Edges) -> bool {
             })
             .collect();
         println!(
-            "layers: module cycle in {CRATE_DIR}: {} ({})",
+            "layers: module cycle between {what} of {CRATE_DIR}: {} ({})",
             group.iter().copied().collect::<Vec<_>>().join(", "),
             inside.join(", ")
         );
         reported.extend(group.iter().map(|m| (*m).to_owned()));
     }
     if reported.is_empty() {
-        println!("layers: no cycle between the top-level modules of {CRATE_DIR}");
+        println!("layers: no cycle between the {what} of {CRATE_DIR}");
     }
     reported.is_empty()
 }
@@ -393,6 +442,7 @@ mod tests {
             line: 1,
             supers,
             name: "config".into(),
+            sub: None,
         };
         let top = ["members".to_owned()];
         let nested = ["generation".to_owned(), "drain".to_owned()];
@@ -414,12 +464,11 @@ mod tests {
             }
             edges
         };
-        assert!(check_module_cycles(&edges(&[("a", "b"), ("b", "c")])));
-        assert!(!check_module_cycles(&edges(&[
-            ("a", "b"),
-            ("b", "c"),
-            ("c", "a")
-        ])));
+        assert!(check_module_cycles(&edges(&[("a", "b"), ("b", "c")]), "t"));
+        assert!(!check_module_cycles(
+            &edges(&[("a", "b"), ("b", "c"), ("c", "a")]),
+            "t"
+        ));
     }
 
     #[test]

@@ -176,6 +176,9 @@ pub struct Use {
     pub supers: usize,
     /// The first name after the prefix (each name of a `{…}` group is one `Use`).
     pub name: String,
+    /// The name after it, if the path goes on (`crate::a::b` or `crate::a::{b, c}`: one
+    /// `Use` each); `self` is none.
+    pub sub: Option<String>,
 }
 
 /// The `crate::` and `super::` paths of blanked `text`, outside `skip` ranges.
@@ -205,8 +208,15 @@ pub fn uses(text: &str, skip: &[(usize, usize)]) -> Vec<Use> {
             continue;
         };
         let line = line_of(text, i);
-        for name in first_names(b, skip_ws(b, after)) {
-            found.push(Use { line, supers, name });
+        for mut path in paths_at(b, skip_ws(b, after), 2) {
+            let sub = (path.len() > 1).then(|| path.remove(1));
+            let name = path.remove(0);
+            found.push(Use {
+                line,
+                supers,
+                name,
+                sub,
+            });
         }
         i = after;
     }
@@ -221,16 +231,44 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The identifier at `i`, or a `{…}` group's first identifier of each entry.
-fn first_names(b: &[u8], i: usize) -> Vec<String> {
-    if b.get(i) != Some(&b'{') {
-        return ident_at(b, i).into_iter().collect();
+/// The paths (at most `depth` names each) of the use tree at `i`: a path, or a `{…}`
+/// group of them; `self` ends a path.
+fn paths_at(b: &[u8], i: usize, depth: usize) -> Vec<Vec<String>> {
+    if b.get(i) == Some(&b'{') {
+        return group_entries(b, i)
+            .into_iter()
+            .flat_map(|j| paths_at(b, j, depth))
+            .collect();
     }
+    let Some(name) = ident_at(b, i).filter(|n| n != "self") else {
+        return Vec::new();
+    };
+    let k = skip_ws(b, i + name.len());
+    let subs = if depth > 1 && b[k.min(b.len())..].starts_with(b"::") {
+        paths_at(b, skip_ws(b, k + 2), depth - 1)
+    } else {
+        Vec::new()
+    };
+    let mut rest: Vec<Vec<String>> = subs
+        .into_iter()
+        .map(|mut sub| {
+            sub.insert(0, name.clone());
+            sub
+        })
+        .collect();
+    if rest.is_empty() || rest.len() < group_len(b, k) {
+        rest.push(vec![name]);
+    }
+    rest
+}
+
+/// Where each entry of the `{…}` group at `i` starts.
+fn group_entries(b: &[u8], i: usize) -> Vec<usize> {
     let end = matching_brace(b, i);
-    let mut names = Vec::new();
+    let mut starts = Vec::new();
     let (mut depth, mut entry_start) = (0, true);
-    for j in i..end {
-        match b[j] {
+    for (j, &c) in b.iter().enumerate().take(end).skip(i) {
+        match c {
             b'{' => {
                 depth += 1;
                 entry_start = depth == 1;
@@ -238,13 +276,23 @@ fn first_names(b: &[u8], i: usize) -> Vec<String> {
             b'}' => depth -= 1,
             b',' if depth == 1 => entry_start = true,
             c if entry_start && depth == 1 && is_ident(c) => {
-                names.extend(ident_at(b, j));
+                starts.push(j);
                 entry_start = false;
             }
             _ => {}
         }
     }
-    names
+    starts
+}
+
+/// How many entries the group after `name::` at `k` (the `::`) has.
+fn group_len(b: &[u8], k: usize) -> usize {
+    let g = skip_ws(b, k + 2);
+    if b.get(g) == Some(&b'{') {
+        group_entries(b, g).len()
+    } else {
+        0
+    }
 }
 
 /// The identifier starting at `i`, if one does.
@@ -335,16 +383,39 @@ mod tests {
         );
         let found: Vec<_> = uses(&text, &[])
             .into_iter()
-            .map(|u| (u.line, u.supers, u.name))
+            .map(|u| (u.line, u.supers, u.name, u.sub))
             .collect();
         let want = [
-            (1, 0, "config"),
-            (2, 0, "a"),
-            (2, 0, "c"),
-            (2, 0, "d"),
-            (3, 2, "h"),
+            (1, 0, "config", Some("Config")),
+            (2, 0, "a", Some("B")),
+            (2, 0, "c", None),
+            (2, 0, "d", Some("e")),
+            (2, 0, "d", Some("f")),
+            (3, 2, "h", Some("i")),
         ];
-        let want: Vec<_> = want.iter().map(|&(l, s, n)| (l, s, n.to_owned())).collect();
+        let want: Vec<_> = want
+            .iter()
+            .map(|&(l, s, n, sub)| (l, s, n.to_owned(), sub.map(str::to_owned)))
+            .collect();
+        assert_eq!(found, want);
+    }
+
+    #[test]
+    fn self_in_a_group_names_the_module_itself() {
+        let text = blank(
+            "use crate::a::{self, b};
+use crate::c::*;
+",
+        );
+        let found: Vec<_> = uses(&text, &[])
+            .into_iter()
+            .map(|u| (u.name, u.sub))
+            .collect();
+        let want = [("a", Some("b")), ("a", None), ("c", None)];
+        let want: Vec<_> = want
+            .iter()
+            .map(|&(n, sub)| (n.to_owned(), sub.map(str::to_owned)))
+            .collect();
         assert_eq!(found, want);
     }
 

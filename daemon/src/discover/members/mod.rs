@@ -134,10 +134,7 @@ pub enum MemberError {
     },
 }
 
-/// Whether `e` says the daemon ran out of descriptors (not that the process is gone).
-pub fn is_fd_limit(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
-}
+pub use crate::discover::is_fd_limit;
 
 impl Member {
     /// Opens a pidfd on `pid`, then reads its start time, parent and uids (in that order:

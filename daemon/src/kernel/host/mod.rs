@@ -29,8 +29,6 @@ use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, FsType, statfs};
 
 /// The inode of the initial pid namespace (`PROC_PID_INIT_INO`), the same on every Linux.
 pub const INITIAL_PID_NS_INODE: u64 = 0xEFFF_FFFC;
-/// The inode of the root of a cgroup v2 hierarchy (kernfs numbers its root 1).
-pub const CGROUP_ROOT_INODE: u64 = 1;
 /// Where handoffd's pins live.
 const BPFFS: &str = crate::persist::pins::BPFFS;
 /// The host's view of [`BPFFS`], through the root of the host's pid 1.
@@ -273,7 +271,7 @@ pub fn check(facts: &Facts) -> Result<Checked, HostError> {
             path: facts.cgroup.clone(),
         });
     }
-    if cgroup.ino != CGROUP_ROOT_INODE {
+    if cgroup.ino != crate::kernel::loader::CGROUP_ROOT_INODE {
         return Err(HostError::CgroupNotRoot {
             path: facts.cgroup.clone(),
             ino: cgroup.ino,

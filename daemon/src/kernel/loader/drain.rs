@@ -22,6 +22,8 @@ use super::features::Refusal;
 use super::{LoaderError, take};
 use crate::kernel::ProgramKind;
 
+/// The inode of the root of a cgroup v2 hierarchy (kernfs numbers its root 1).
+pub const CGROUP_ROOT_INODE: u64 = 1;
 /// The loaded and attached drain programs and their maps.
 pub struct DrainProgram {
     /// Owns the programs and their cgroup links (dropped: detached).
@@ -100,9 +102,7 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         })
         .collect();
     all.iter()
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.ino() == crate::kernel::host::CGROUP_ROOT_INODE)
-        })
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == CGROUP_ROOT_INODE))
         .or(all.first())
         .cloned()
 }

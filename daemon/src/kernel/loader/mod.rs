@@ -13,7 +13,7 @@ use aya::maps::{Map, MapError};
 use aya::programs::ProgramError;
 use aya::{Ebpf, EbpfError};
 
-pub use drain::{DrainProgram, cgroup2_root};
+pub use drain::{CGROUP_ROOT_INODE, DrainProgram, cgroup2_root};
 pub use events::{DrainEvent, EventRings, EventStats};
 pub use guard::GuardProgram;
 pub use steer::GroupProgram;

@@ -122,7 +122,7 @@ impl Daemon {
             .collect()
     }
 
-    /// The daemon's metrics, shared with the caller (see [`crate::runtime::metrics::serve`]).
+    /// The daemon's metrics, shared with the caller (see [`crate::runtime::scrape`]).
     pub fn metrics(&self) -> crate::runtime::metrics::Metrics {
         self.ctx.metrics.clone()
     }

@@ -1,10 +1,9 @@
 //! Prometheus metrics: events counted as they happen, the rest (connections per
 //! generation, the kernel program's per-CPU counters, foreign listeners) read when a
-//! scrape needs them, at most once a second (see [`serve`]), so that an idle daemon does
+//! scrape needs them, at most once a second (see [`crate::runtime::scrape`]), so that an idle daemon does
 //! no work for them and a flood of scrapers no more than one.
 
 mod labels;
-pub mod serve;
 
 pub use labels::{PromotionResult, Retirement, SteeringWatch};
 

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use handoff_common::proto::Status;
 
-use super::Metrics;
 use crate::runtime::daemon::Daemon;
+use crate::runtime::metrics::Metrics;
 
 /// Clients served at the same time.
 pub const WORKERS: usize = 4;
