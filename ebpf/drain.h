@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Layouts shared by drain.bpf.c and userspace (mirrored in common/src/maps.rs).
+ * Layouts shared by drain.bpf.c and userspace (mirrored in common/src/maps/records.rs
+ * and common/src/maps/counters.rs).
  */
 #ifndef HANDOFF_DRAIN_H
 #define HANDOFF_DRAIN_H

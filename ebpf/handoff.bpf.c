@@ -190,7 +190,7 @@ int handoff_select(struct sk_reuseport_md *ctx)
 		if (slot >= 0) {
 			chosen = slot;
 			if (!probe)
-				count(HANDOFF_CTR_PREVIOUS);
+				count(HANDOFF_CTR_FALLBACK);
 		} else if (!probe) {
 			count(HANDOFF_CTR_KERNEL_HASH);
 		}

@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * Layouts shared by handoff.bpf.c and userspace. This file is the one source of truth:
- * common/src/maps.rs mirrors it with #[repr(C)] types and compile-time size checks.
+ * common/src/maps/records.rs mirrors each record with #[repr(C)] types and compile-time
+ * size checks (a test compares them with the BTF of the built objects), and
+ * common/src/maps/counters.rs the counters.
  */
 #ifndef HANDOFF_H
 #define HANDOFF_H
@@ -61,8 +63,8 @@ enum handoff_counter {
 	HANDOFF_CTR_ACTIVE = 0,
 	/* The hashed pick had closed; another listener of the active generation took it. */
 	HANDOFF_CTR_ACTIVE_RETRY = 1,
-	/* The active generation had no listener; the previous generation took it. */
-	HANDOFF_CTR_PREVIOUS = 2,
+	/* The active generation had no listener; the one it falls back to took it. */
+	HANDOFF_CTR_FALLBACK = 2,
 	/* No listener of either generation: left to the kernel's hash over the group. */
 	HANDOFF_CTR_KERNEL_HASH = 3,
 	/* Decisions for a request migrated off a closing listener (also counted above). */

@@ -10,8 +10,7 @@ pub enum Counter {
     Active = 0,
     /// Another listener of the active generation took it (the hashed one had closed).
     ActiveRetry = 1,
-    /// The active generation had no listener left; the previous one took it
-    /// (`HANDOFF_CTR_PREVIOUS` in C).
+    /// The active generation had no listener left; the one it falls back to took it.
     Fallback = 2,
     /// No listener of either generation: the kernel's hash over the group decided.
     KernelHash = 3,
@@ -54,7 +53,7 @@ impl Counter {
         match self {
             Counter::Active => "HANDOFF_CTR_ACTIVE",
             Counter::ActiveRetry => "HANDOFF_CTR_ACTIVE_RETRY",
-            Counter::Fallback => "HANDOFF_CTR_PREVIOUS",
+            Counter::Fallback => "HANDOFF_CTR_FALLBACK",
             Counter::KernelHash => "HANDOFF_CTR_KERNEL_HASH",
             Counter::Migrated => "HANDOFF_CTR_MIGRATED",
             Counter::Probe => "HANDOFF_CTR_PROBE",
