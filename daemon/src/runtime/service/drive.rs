@@ -50,8 +50,9 @@ impl Run {
     }
 }
 
-/// The kernel's record for `steer`; a canary needs a program that has its slot, which
-/// this one has not yet.
+/// The kernel's record for `steer`. The steering program's record has no canary slot yet
+/// (it comes with `promote --weight`): a record naming a canary is refused, and no
+/// request makes the machine publish one.
 pub(super) fn encode(steer: Steer) -> Result<SteerRecord, LoaderError> {
     if steer.canary.is_some() {
         return Err(LoaderError::MissingMap("canary record"));
@@ -125,6 +126,8 @@ impl Service {
                 Ok(found) => Event::Outcome(Outcome::Attached(found)),
                 Err(e) => step(run, Err(e.into())),
             }),
+            // No request asks for a check yet (`promote --check` comes with the release
+            // issue): the machine never emits one, and a check that cannot run fails.
             Effect::Check(_) => Some(step(
                 run,
                 Err(PromoteError::Loader(LoaderError::MissingMap(

@@ -3,6 +3,7 @@
 //! unless `HANDOFF_LIFECYCLE_TRACE` names a file to append to when the daemon starts.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Mutex, OnceLock};
 
 use serde::Serialize;
@@ -42,9 +43,11 @@ fn sink() -> Option<&'static Mutex<std::fs::File>> {
     static SINK: OnceLock<Option<Mutex<std::fs::File>>> = OnceLock::new();
     SINK.get_or_init(|| {
         let path = std::env::var_os(TRACE_ENV)?;
+        // 0600: the trace names processes and sockets of every service.
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path);
         match file {
             Ok(f) => Some(Mutex::new(f)),
