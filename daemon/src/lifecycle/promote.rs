@@ -25,6 +25,10 @@ impl Lifecycle {
         if let Some(weight) = mode.weight.filter(|w| !(1..=99).contains(w)) {
             return refuse(out, Refusal::BadWeight { weight });
         }
+        if mode.weight.is_some() && self.active().is_none() {
+            // Known before anything is discovered: nothing to share traffic with.
+            return refuse(out, Refusal::NoActive);
+        }
         let known = self.generations.iter().find(|g| {
             g.phase.live() && g.leader == pid && pid > 0 && !self.leaders_exited.contains(&g.id)
         });

@@ -191,6 +191,11 @@ impl Lifecycle {
     }
 
     fn resteer(&mut self, out: &mut Vec<Effect>) {
+        // An operation under way owns the records until it ends (and its undo restores
+        // them): the table it would steer by is not settled yet.
+        if self.op.is_some() {
+            return;
+        }
         for group in 0..self.records.len() {
             let record = self.record_for_table(group);
             self.records[group] = record;

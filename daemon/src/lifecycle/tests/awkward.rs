@@ -117,3 +117,12 @@ fn a_drain_deadline_during_a_promote_is_acted_on() {
     );
     assert!(d.lc.busy());
 }
+
+#[test]
+fn a_resteer_waits_for_the_operation_under_way() {
+    let mut d = promote_held();
+    let before = d.lc.records().to_vec();
+    assert!(d.lc.busy());
+    assert_eq!(d.send(Event::Resteer), vec![]);
+    assert_eq!(d.lc.records(), before.as_slice());
+}

@@ -118,7 +118,8 @@ fn a_weight_outside_1_to_99_is_refused_and_100_is_a_full_promote() {
 fn a_canary_with_no_active_generation_is_refused() {
     let mut d = Driver::new(1);
     let effects = d.promote_with(100, weighed(10));
-    let want = vec![Effect::Discover { pid: 100 }, refused(Refusal::NoActive)];
+    // Refused before the candidate is discovered.
+    let want = vec![refused(Refusal::NoActive)];
     assert_eq!(effects, want);
     assert_eq!(d.lc.next_id(), 1);
     assert!(d.lc.generations().is_empty());
