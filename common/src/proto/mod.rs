@@ -308,11 +308,25 @@ pub enum ErrorKind {
     /// Anything else that went wrong inside the daemon: see handoffd's log, check
     /// `handoffctl status`, and retry.
     Internal,
+    /// A kind this client does not know (a newer daemon's): the message says what
+    /// happened. Never sent; it keeps an older client reading a newer daemon's refusals.
+    #[serde(other)]
+    Unknown,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kind_from_a_newer_daemon_is_read_as_unknown() {
+        let text = r#"{"response":"error","kind":"a_kind_of_tomorrow","message":"m"}"#;
+        let Ok(Response::Error(e)) = serde_json::from_str::<Response>(text) else {
+            panic!("not read as an error");
+        };
+        assert_eq!(e.kind, ErrorKind::Unknown);
+        assert_eq!(e.message, "m");
+    }
 
     #[test]
     fn requests_round_trip() {
