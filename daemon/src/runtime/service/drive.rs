@@ -179,8 +179,14 @@ impl Service {
                 ctx.waker().notify_one();
                 None
             }
+            // The first reply answers the request; a later one is an automatic flip's
+            // that followed (a fail-over after the request's own operation failed).
             Effect::Reply(reply) => {
-                run.reply = Some(reply);
+                if run.reply.is_none() {
+                    run.reply = Some(reply);
+                } else {
+                    tracing::info!(service = %self.config.name, ?reply, "an automatic change of steering followed the request");
+                }
                 None
             }
             // The steps, applied by `apply`.
