@@ -44,11 +44,7 @@ fn refusals_change_nothing() {
         .spawn()
         .expect("starting sleep");
     let no_reuseport = testsrv("N", &[loopback()], &["--no-reuseport"]);
-    let exited = {
-        let mut c = Command::new("true").spawn().expect("starting true");
-        c.wait().expect("reaping true");
-        c.id()
-    };
+    let exited = exited_pid();
 
     let cases: Vec<(&str, Vec<String>, &str)> = vec![
         (
@@ -97,7 +93,29 @@ fn refusals_change_nothing() {
             "no service",
         ),
     ];
-    for (what, args, expect) in &cases {
+    refused_cleanly(&d, &cases);
+
+    malformed_messages_are_refused(&d);
+
+    let after = d.status();
+    assert_eq!(shape(&before), shape(&after), "status changed by bad input");
+    assert_eq!(answers(addr, 100), only("B", 100), "steering unchanged");
+    d.promote(a.pid); // and the daemon still acts on good input: A is active again
+    assert_eq!(answers(addr, 20), only("A", 20));
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// The pid of a process that has exited and been reaped.
+fn exited_pid() -> u32 {
+    let mut c = Command::new("true").spawn().expect("starting true");
+    c.wait().expect("reaping true");
+    c.id()
+}
+
+/// Each of `cases` (what, handoffctl arguments, expected error) is refused with its error.
+fn refused_cleanly(d: &Handoffd, cases: &[(&str, Vec<String>, &str)]) {
+    for (what, args, expect) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let err = d.refused(&args);
         assert!(
@@ -109,34 +127,28 @@ fn refusals_change_nothing() {
     // Not a number: clap's usage error (exit 2).
     let out = d.ctl(&["promote", "abc"]);
     assert_eq!(out.status.code(), Some(2), "non-numeric pid");
+}
 
-    // Malformed control messages, sent raw.
+/// Malformed control messages, sent raw, are answered with bad_request.
+fn malformed_messages_are_refused(d: &Handoffd) {
     for raw in [
         &b"garbage\n"[..],
         b"{\"request\":\"promote\"",
         b"{\"request\":\"promote\",\"pid\":\"x\"}\n",
         b"\n",
     ] {
-        let reply = raw_exchange(&d, raw);
+        let reply = raw_exchange(d, raw);
         assert!(
             reply.contains("\"kind\":\"bad_request\""),
             "reply to {raw:?}: {reply}"
         );
     }
     let oversized = vec![b'x'; (1 << 20) + 10];
-    let reply = raw_exchange(&d, &oversized);
+    let reply = raw_exchange(d, &oversized);
     assert!(
         reply.contains("bad_request") && reply.contains("longer"),
         "oversized: {reply}"
     );
-
-    let after = d.status();
-    assert_eq!(shape(&before), shape(&after), "status changed by bad input");
-    assert_eq!(answers(addr, 100), only("B", 100), "steering unchanged");
-    d.promote(a.pid); // and the daemon still acts on good input: A is active again
-    assert_eq!(answers(addr, 20), only("A", 20));
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
 }
 
 #[test]

@@ -150,30 +150,7 @@ fn bind_flood_neither_delays_retirement_nor_reaches_the_daemon() {
 
     // Long enough to outlast the five starts and the drain, on a slow runner too.
     let secs = (4 * slowdown()).min(60);
-    let mut floods = [
-        // Every bind fails (EADDRINUSE): a cgroup/bind4 program saw each of them.
-        (
-            flood(addr, false, NOBODY, secs),
-            "nobody, the service address (EADDRINUSE)",
-        ),
-        // Every bind succeeds: another address on the service port.
-        (
-            flood(other, false, NOBODY, secs),
-            "nobody, 127.0.0.2 on the port",
-        ),
-        // Every bind succeeds: the service address, in the attacker's own namespaces.
-        (
-            flood(addr, true, NOBODY, secs),
-            "nobody, user+network namespace",
-        ),
-        // The same by root's uid: the namespace filter alone stops it.
-        (
-            flood(addr, true, 0, secs),
-            "root, another network namespace",
-        ),
-        // By root's uid on another address: the address filter alone stops it.
-        (flood(other, false, 0, secs), "root, 127.0.0.2 on the port"),
-    ];
+    let mut floods = five_floods(addr, other, secs);
 
     let closed = load::monotonic_ns();
     drop(held);
@@ -202,8 +179,48 @@ fn bind_flood_neither_delays_retirement_nor_reaches_the_daemon() {
         d.state_of(a.pid) == Some(GenerationState::Retired)
     });
 
+    let totals = flood_totals(&mut floods);
+    // The daemon reads the kernel's counters whenever it wakes; a bind by the service's
+    // uid (root) of its address wakes it (one bind event, which it receives).
+    let floods_filtered: u64 = totals.iter().map(|t| t.0).sum();
+    counters_after_the_floods(&mut d, addr, before, floods_filtered);
+    assert_eq!(answers(addr, 20), only("B", 20));
+}
+
+/// Five floods of `secs` seconds: by nobody on `addr`, on `other` and in its own
+/// namespaces; by root in another namespace and on `other`.
+fn five_floods(addr: SocketAddr, other: SocketAddr, secs: u32) -> [(Proc, &'static str); 5] {
+    [
+        // Every bind fails (EADDRINUSE): a cgroup/bind4 program saw each of them.
+        (
+            flood(addr, false, NOBODY, secs),
+            "nobody, the service address (EADDRINUSE)",
+        ),
+        // Every bind succeeds: another address on the service port.
+        (
+            flood(other, false, NOBODY, secs),
+            "nobody, 127.0.0.2 on the port",
+        ),
+        // Every bind succeeds: the service address, in the attacker's own namespaces.
+        (
+            flood(addr, true, NOBODY, secs),
+            "nobody, user+network namespace",
+        ),
+        // The same by root's uid: the namespace filter alone stops it.
+        (
+            flood(addr, true, 0, secs),
+            "root, another network namespace",
+        ),
+        // By root's uid on another address: the address filter alone stops it.
+        (flood(other, false, 0, secs), "root, 127.0.0.2 on the port"),
+    ]
+}
+
+/// Each flood's (succeeded, failed) binds once it is done: the first flood's binds fail,
+/// the others' succeed.
+fn flood_totals(floods: &mut [(Proc, &'static str)]) -> Vec<(u64, u64)> {
     let mut totals = Vec::new();
-    for (p, what) in &mut floods {
+    for (p, what) in floods {
         let (ok, failed) = done(p);
         eprintln!("flood {what}: {ok} binds succeeded, {failed} failed");
         totals.push((ok, failed));
@@ -215,9 +232,17 @@ fn bind_flood_neither_delays_retirement_nor_reaches_the_daemon() {
     for (i, (ok, _)) in totals.iter().enumerate().skip(1) {
         assert!(*ok > 0, "flood {i}'s binds succeed");
     }
-    // The daemon reads the kernel's counters whenever it wakes; a bind by the service's
-    // uid (root) of its address wakes it (one bind event, which it receives).
-    let floods_filtered: u64 = totals.iter().map(|t| t.0).sum();
+    totals
+}
+
+/// After the floods, one own bind of `addr` wakes the daemon: its kernel counters show
+/// `floods_filtered` binds filtered, and it received one bind event more than `before`.
+fn counters_after_the_floods(
+    d: &mut Handoffd,
+    addr: SocketAddr,
+    before: usize,
+    floods_filtered: u64,
+) {
     let own = own_bind(addr);
     let mut counters = String::new();
     wait_until(
@@ -243,14 +268,13 @@ fn bind_flood_neither_delays_retirement_nor_reaches_the_daemon() {
     );
     assert_eq!(log_field(&counters, "lost_zeros"), Some(0), "{counters}");
     assert_eq!(log_field(&counters, "suppressed"), Some(0), "{counters}");
-    let after = bind_events(&mut d);
+    let after = bind_events(d);
     assert_eq!(
         after.len(),
         before + 1,
         "the daemon received bind events during the flood: {:?}",
         &after[before..]
     );
-    assert_eq!(answers(addr, 20), only("B", 20));
 }
 
 /// The latest `event counters` line of the daemon, once one satisfies `f`.

@@ -155,42 +155,7 @@ fn backstop_restores_steering_and_promote_rollback_keep_working() {
     // The detach right after the intruder's bind: the probe that follows the bind sees it.
     // The attach 300 ms later: only the once-a-second backstop does.
     for (action, delay_ms) in [("detach", 0), ("cbpf", 300)] {
-        let before = d.service().steering_watch;
-        let (intruder, line) = intruder(addr, action, delay_ms);
-        let attacked = Instant::now();
-        let attacked_ms = wall_ms();
-        assert!(
-            line.ends_with("ok"),
-            "without the guard the {action} succeeds: {line}"
-        );
-        // Restored once a run of new connections all go to B again.
-        let mut run = 0;
-        wait_until("steering restored", Duration::from_secs(3), || {
-            match load::connect_once(addr, Duration::from_secs(2)) {
-                Ok((name, _)) if name == "B" => run += 1,
-                _ => run = 0,
-            }
-            run >= 20
-        });
-        let took = attacked.elapsed();
-        let s = d.service().steering_watch;
-        let restored_after_ms = s.last_restored_ms.unwrap_or(0).saturating_sub(attacked_ms);
-        eprintln!(
-            "{action}: restored {restored_after_ms} ms after the intruder's report; 20 answers in a row from B after {took:?} ({s:?})"
-        );
-        assert!(
-            s.lost > before.lost && s.restored > before.restored,
-            "status reports the loss and the restoration: {s:?}"
-        );
-        assert!(!s.lost_now);
-        assert!(s.last_lost_ms.is_some_and(|t| t + 5 >= attacked_ms));
-        // The backstop's period is 1 s; the probe and re-attach take a few ms more.
-        assert!(
-            restored_after_ms <= 1100,
-            "restored within the backstop's second (took {restored_after_ms} ms)"
-        );
-        assert_eq!(answers(addr, 100), only("B", 100), "after {action}");
-        drop(intruder);
+        backstop_restores(&d, addr, action, delay_ms);
     }
 
     // An intruder's program in force again, then a rollback: it attaches ours again.
@@ -226,6 +191,47 @@ fn backstop_restores_steering_and_promote_rollback_keep_working() {
     let out = d.ctl(&["rollback"]);
     assert!(out.status.success(), "rollback after the group re-formed");
     assert_eq!(answers(addr, 100), only("C", 100));
+}
+
+/// An intruder's `action` after `delay_ms` takes steering away from B; the backstop
+/// restores it within its second, and status reports the loss and the restoration.
+fn backstop_restores(d: &Handoffd, addr: SocketAddr, action: &str, delay_ms: u32) {
+    let before = d.service().steering_watch;
+    let (intruder, line) = intruder(addr, action, delay_ms);
+    let attacked = Instant::now();
+    let attacked_ms = wall_ms();
+    assert!(
+        line.ends_with("ok"),
+        "without the guard the {action} succeeds: {line}"
+    );
+    // Restored once a run of new connections all go to B again.
+    let mut run = 0;
+    wait_until("steering restored", Duration::from_secs(3), || {
+        match load::connect_once(addr, Duration::from_secs(2)) {
+            Ok((name, _)) if name == "B" => run += 1,
+            _ => run = 0,
+        }
+        run >= 20
+    });
+    let took = attacked.elapsed();
+    let s = d.service().steering_watch;
+    let restored_after_ms = s.last_restored_ms.unwrap_or(0).saturating_sub(attacked_ms);
+    eprintln!(
+        "{action}: restored {restored_after_ms} ms after the intruder's report; 20 answers in a row from B after {took:?} ({s:?})"
+    );
+    assert!(
+        s.lost > before.lost && s.restored > before.restored,
+        "status reports the loss and the restoration: {s:?}"
+    );
+    assert!(!s.lost_now);
+    assert!(s.last_lost_ms.is_some_and(|t| t + 5 >= attacked_ms));
+    // The backstop's period is 1 s; the probe and re-attach take a few ms more.
+    assert!(
+        restored_after_ms <= 1100,
+        "restored within the backstop's second (took {restored_after_ms} ms)"
+    );
+    assert_eq!(answers(addr, 100), only("B", 100), "after {action}");
+    drop(intruder);
 }
 
 /// Review of issue 10: an intruder's program that sends handoff's probe to a listener

@@ -262,29 +262,36 @@ fn inconsistent_state_files_are_refused_whole() {
         ),
     ];
     for (text, needle) in &cases {
-        std::fs::write(state.join("state.json"), text).expect("writing state.json");
-        let mut cmd = Command::new(bin_path("handoffd"));
-        cmd.args(["--listen", &addr.to_string(), "--service", &d.service])
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--control-socket")
-            .arg(&d.socket)
-            .args(["--metrics-addr", "off"]);
-        let line = refusal(&mut cmd, needle);
-        assert!(line.contains("state.json"), "names the file: {line}");
-        assert_eq!(
-            &std::fs::read_to_string(state.join("state.json")).expect("still there"),
-            text,
-            "state.json untouched"
-        );
-        assert!(!d.socket.exists(), "no control socket: nothing started");
-        assert!(
-            !Path::new("/sys/fs/bpf/handoff").join(&d.service).exists(),
-            "nothing pinned"
-        );
-        // And A, the process the file names, got no signal.
-        assert!(a.wait_exit(Duration::ZERO).is_none(), "A still runs");
+        refused_whole(&d, &mut a, addr, text, needle);
     }
+}
+
+/// handoffd `d` refuses the state file `text` with `needle`, leaves it as it is, starts
+/// nothing and signals nothing (A, the process the file names, still runs).
+fn refused_whole(d: &Handoffd, a: &mut Proc, addr: std::net::SocketAddr, text: &str, needle: &str) {
+    let state = d.socket.with_file_name("state");
+    std::fs::write(state.join("state.json"), text).expect("writing state.json");
+    let mut cmd = Command::new(bin_path("handoffd"));
+    cmd.args(["--listen", &addr.to_string(), "--service", &d.service])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--control-socket")
+        .arg(&d.socket)
+        .args(["--metrics-addr", "off"]);
+    let line = refusal(&mut cmd, needle);
+    assert!(line.contains("state.json"), "names the file: {line}");
+    assert_eq!(
+        &std::fs::read_to_string(state.join("state.json")).expect("still there"),
+        text,
+        "state.json untouched"
+    );
+    assert!(!d.socket.exists(), "no control socket: nothing started");
+    assert!(
+        !Path::new("/sys/fs/bpf/handoff").join(&d.service).exists(),
+        "nothing pinned"
+    );
+    // And A, the process the file names, got no signal.
+    assert!(a.wait_exit(Duration::ZERO).is_none(), "A still runs");
 }
 
 /// Field 22 of /proc/PID/stat.

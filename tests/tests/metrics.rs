@@ -30,6 +30,64 @@ fn value(text: &str, prefix: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {prefix} in\n{text}"))
 }
 
+/// The figures after 203 connections to A, 3 of them held: all steered to A, one promote.
+fn after_three_held(m: &str, svc: &str, a_pid: u32) {
+    let steered = value(
+        m,
+        &format!("handoff_steered_connections_total{{service=\"{svc}\",target=\"active\"}}"),
+    );
+    assert!(
+        steered >= 203.0,
+        "steered to active {steered} after 203 connections"
+    );
+    let conns = value(
+        m,
+        &format!(
+            "handoff_generation_connections{{service=\"{svc}\",generation=\"1\",pid=\"{}\",state=\"active\"}}",
+            a_pid
+        ),
+    );
+    assert_eq!(conns, 3.0, "the 3 held connections");
+    assert_eq!(
+        value(
+            m,
+            &format!("handoff_promotions_total{{service=\"{svc}\",result=\"ok\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            m,
+            &format!("handoff_foreign_listeners{{service=\"{svc}\"}}")
+        ),
+        0.0
+    );
+    assert!(
+        value(
+            m,
+            &format!("handoff_steered_connections_total{{service=\"{svc}\",target=\"probe\"}}")
+        ) >= 1.0
+    );
+}
+
+/// The metrics once A's retirement (drained) is counted, waiting at most 10 s for it.
+fn retirement_counted(mport: u16, svc: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(mport);
+        if m.contains(&format!(
+            "handoff_retirements_total{{service=\"{svc}\",reason=\"drained\"}} 1"
+        )) {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's retirement not counted:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn metrics_agree_with_the_connections_made() {
     if !privileged("metrics_agree_with_the_connections_made") {
@@ -49,42 +107,7 @@ fn metrics_agree_with_the_connections_made() {
     let held: Vec<_> = (0..3).map(|_| load::hold(addr).expect("held")).collect();
 
     let m = scrape(mport);
-    let steered = value(
-        &m,
-        &format!("handoff_steered_connections_total{{service=\"{svc}\",target=\"active\"}}"),
-    );
-    assert!(
-        steered >= 203.0,
-        "steered to active {steered} after 203 connections"
-    );
-    let conns = value(
-        &m,
-        &format!(
-            "handoff_generation_connections{{service=\"{svc}\",generation=\"1\",pid=\"{}\",state=\"active\"}}",
-            a.pid
-        ),
-    );
-    assert_eq!(conns, 3.0, "the 3 held connections");
-    assert_eq!(
-        value(
-            &m,
-            &format!("handoff_promotions_total{{service=\"{svc}\",result=\"ok\"}}")
-        ),
-        1.0
-    );
-    assert_eq!(
-        value(
-            &m,
-            &format!("handoff_foreign_listeners{{service=\"{svc}\"}}")
-        ),
-        0.0
-    );
-    assert!(
-        value(
-            &m,
-            &format!("handoff_steered_connections_total{{service=\"{svc}\",target=\"probe\"}}")
-        ) >= 1.0
-    );
+    after_three_held(&m, &svc, a.pid);
 
     // A refused promote, then a handoff and A's retirement once its connections close.
     // (A process that holds no listener: a pid that names none is refused by handoffctl
@@ -100,20 +123,7 @@ fn metrics_agree_with_the_connections_made() {
     let b = testsrv("B", &[addr], &[]);
     d.promote(b.pid);
     drop(held);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let m = loop {
-        let m = scrape(mport);
-        if m.contains(&format!(
-            "handoff_retirements_total{{service=\"{svc}\",reason=\"drained\"}} 1"
-        )) {
-            break m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "A's retirement not counted:\n{m}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let m = retirement_counted(mport, &svc);
     assert_eq!(
         value(
             &m,

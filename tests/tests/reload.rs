@@ -23,6 +23,15 @@ fn write_config(path: &Path, services: &[(&str, SocketAddr)]) {
     std::fs::write(path, text).expect("writing the config");
 }
 
+/// Promotes `pid` in `service`, which must succeed.
+fn promote_in(d: &Handoffd, pid: u32, service: &str) {
+    assert!(
+        d.ctl(&["promote", &pid.to_string(), "--service", service])
+            .status
+            .success()
+    );
+}
+
 fn names(d: &Handoffd) -> Vec<String> {
     d.status().services.into_iter().map(|s| s.name).collect()
 }
@@ -48,24 +57,12 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
     assert_eq!(names(&d), vec![k.clone(), g.clone()]);
 
     let k1 = testsrv("K1", &[keep], &[]);
-    assert!(
-        d.ctl(&["promote", &k1.pid.to_string(), "--service", &k])
-            .status
-            .success()
-    );
+    promote_in(&d, k1.pid, &k);
     let g1 = testsrv("G1", &[gone], &[]);
-    assert!(
-        d.ctl(&["promote", &g1.pid.to_string(), "--service", &g])
-            .status
-            .success()
-    );
+    promote_in(&d, g1.pid, &g);
     let held = load::hold(gone).expect("a connection to G1");
     let g2 = testsrv("G2", &[gone], &[]);
-    assert!(
-        d.ctl(&["promote", &g2.pid.to_string(), "--service", &g])
-            .status
-            .success()
-    );
+    promote_in(&d, g2.pid, &g);
 
     // Sized for this machine; with HANDOFF_TEST_SLOWDOWN=N: clients /N (at least 8), the
     // timeout and the run's bound xN.
@@ -88,23 +85,7 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
             "a removed service with two generations is kept"
         );
         assert_eq!(answers(gone, 20), only("G2", 20), "still steered to G2");
-        // A bad file changes nothing.
-        std::fs::write(
-            &config,
-            "[[service]]\nname = \"x\"\nlisten = [\"not an address\"]\n",
-        )
-        .expect("writing");
-        d.proc().signal(Signal::SIGHUP);
-        assert!(
-            d.proc()
-                .wait_line(
-                    handoff_tests::Stream::Stderr,
-                    "configuration refused",
-                    scaled(Duration::from_secs(5))
-                )
-                .is_some_and(|l| l.contains(".toml:3:")),
-            "the refusal names file:line"
-        );
+        bad_file_refused_on_sighup(&mut d, &config);
         assert_eq!(names(&d), vec![k.clone(), g.clone(), a.clone()]);
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::SeqCst);
@@ -127,12 +108,28 @@ fn sighup_adds_and_removes_services_without_disturbing_the_others() {
     drop(g1);
     // The added service works like any other.
     let a1 = testsrv("A1", &[added], &[]);
-    assert!(
-        d.ctl(&["promote", &a1.pid.to_string(), "--service", &a])
-            .status
-            .success()
-    );
+    promote_in(&d, a1.pid, &a);
     assert_eq!(answers(added, 20), only("A1", 20));
+}
+
+/// A bad file, sent by SIGHUP, is refused with a line naming file:line.
+fn bad_file_refused_on_sighup(d: &mut Handoffd, config: &Path) {
+    std::fs::write(
+        config,
+        "[[service]]\nname = \"x\"\nlisten = [\"not an address\"]\n",
+    )
+    .expect("writing");
+    d.proc().signal(Signal::SIGHUP);
+    assert!(
+        d.proc()
+            .wait_line(
+                handoff_tests::Stream::Stderr,
+                "configuration refused",
+                scaled(Duration::from_secs(5))
+            )
+            .is_some_and(|l| l.contains(".toml:3:")),
+        "the refusal names file:line"
+    );
 }
 
 /// A root shell holding no listener whose child, of uid 65534, listens on `addr`: the
@@ -216,11 +213,7 @@ fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
     let config_arg = config.display().to_string();
     d.spawn(&[], &["--config", &config_arg]);
     let a1 = testsrv("A1", &[one], &[]);
-    assert!(
-        d.ctl(&["promote", &a1.pid.to_string(), "--service", &a])
-            .status
-            .success()
-    );
+    promote_in(&d, a1.pid, &a);
 
     // A good file: a service added, answered at once with the file and the services.
     write_config(&config, &[(&a, one), (&b, two)]);
@@ -264,11 +257,37 @@ fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
     assert_eq!(answers(one, 10), only("A1", 10));
     assert_eq!(answers(two, 10), only("B1", 10));
 
+    moved_or_missing_files_are_refused(&d, &config, &config_arg, &a, &before);
+
+    // SIGHUP takes the same path: the file back, without `two`.
+    write_config(&config, &[(&a, one)]);
+    d.proc().signal(Signal::SIGHUP);
+    assert!(
+        d.proc()
+            .wait_line(
+                handoff_tests::Stream::Stderr,
+                "service removed from the configuration",
+                scaled(Duration::from_secs(5))
+            )
+            .is_some(),
+        "SIGHUP reloaded the file"
+    );
+}
+
+/// A file that moves service `a`, which has a live generation, and then no file at all are
+/// refused with one line each, changing nothing from `before`.
+fn moved_or_missing_files_are_refused(
+    d: &Handoffd,
+    config: &Path,
+    config_arg: &str,
+    a: &str,
+    before: &[support::ServiceShape],
+) {
     // A file that moves a service with a live generation to another address: refused
     // whole (service b's removal in it does not happen either).
     let three = loopback();
-    write_config(&config, &[(&a, three)]);
-    let (code, stdout, stderr) = reload(&d);
+    write_config(config, &[(a, three)]);
+    let (code, stdout, stderr) = reload(d);
     assert_eq!(
         code,
         Some(1),
@@ -288,8 +307,8 @@ fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
     );
 
     // A file that is gone: its name, no line.
-    std::fs::remove_file(&config).expect("removing the config");
-    let (code, _, stderr) = reload(&d);
+    std::fs::remove_file(config).expect("removing the config");
+    let (code, _, stderr) = reload(d);
     assert_eq!(code, Some(1));
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
     assert!(
@@ -299,20 +318,6 @@ fn handoffctl_reload_applies_a_good_file_and_refuses_a_bad_one() {
         "{stderr}"
     );
     assert_eq!(d.shape(), before, "a missing file changes nothing");
-
-    // SIGHUP takes the same path: the file back, without `two`.
-    write_config(&config, &[(&a, one)]);
-    d.proc().signal(Signal::SIGHUP);
-    assert!(
-        d.proc()
-            .wait_line(
-                handoff_tests::Stream::Stderr,
-                "service removed from the configuration",
-                scaled(Duration::from_secs(5))
-            )
-            .is_some(),
-        "SIGHUP reloaded the file"
-    );
 }
 
 #[test]

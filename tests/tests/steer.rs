@@ -125,21 +125,33 @@ fn promote_under_load_loses_nothing() {
         wait_until(
             "100 connections after the promote",
             Duration::from_secs(10),
-            || {
-                // Buffered: the last line may be partial, and its time is then not counted.
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                text.lines()
-                    .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-                    .filter(|&start_ns| start_ns > promoted_at)
-                    .count()
-                    >= 100
-            },
+            || started_after(&log, promoted_at) >= 100,
         );
         stop.store(true, Ordering::SeqCst);
         (load.join().expect("load thread"), promoted_at)
     });
     let entries = load::read_log(&log).expect("reading the load log");
     let _ = std::fs::remove_file(&log);
+    all_after_the_promote_reach_b(&report, &entries, promoted_at, warm_up);
+}
+
+/// How many connections in the load log `log` started after `promoted_at`.
+fn started_after(log: &std::path::Path, promoted_at: u64) -> usize {
+    // Buffered: the last line may be partial, and its time is then not counted.
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .filter(|&start_ns| start_ns > promoted_at)
+        .count()
+}
+
+/// Nothing failed, and every connection started after the promote reached B.
+fn all_after_the_promote_reach_b(
+    report: &load::LoadReport,
+    entries: &[load::LogEntry],
+    promoted_at: u64,
+    warm_up: usize,
+) {
     eprintln!("load report: {report:?}");
     assert_eq!(
         report.failures.total(),

@@ -342,7 +342,10 @@ mod tests {
         let report = run(&http_cfg(addr, 3, 6), None);
         assert_eq!((report.ok, report.failures.eof), (0, 6), "{report:?}");
         assert_eq!(report.keepalive_race, 0, "new connections: no race");
+    }
 
+    #[test]
+    fn http_keepalive_races_are_counted() {
         // Requests sent on a reused connection which the server closes or resets instead of
         // answering: the keep-alive race, counted as such (and as failures).
         for (after, kind) in [
@@ -381,6 +384,10 @@ mod tests {
                 "one connection per retry"
             );
         }
+    }
+
+    #[test]
+    fn http_keepalive_race_retry_is_made_once() {
         // A retry is made once and may fail: its failure is the attempt's. The server answers
         // one request, stops listening, then drops the next one unread.
         let listener = TcpListener::bind("127.0.0.1:0").expect("binding");
@@ -422,7 +429,10 @@ mod tests {
             (3, 0),
             "{report:?}"
         );
+    }
 
+    #[test]
+    fn http_once_failures_are_classified() {
         // A truncated answer.
         let (addr, _) = tiny_http("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\ng", 1);
         assert_eq!(

@@ -180,7 +180,12 @@ mod tests {
             (head.status, head.content_length, head.len),
             (200, Some(3), ok.len() - 3)
         );
+    }
 
+    #[test]
+    fn http_responses_parse_connection_and_status() {
+        let ok = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 3\r\n\
+                   Connection: keep-alive\r\nX-Pid: 4242\r\n\r\ng7\n";
         // Bytes after the body: the response is complete, the connection not reusable.
         let mut more = ok.to_vec();
         more.extend_from_slice(b"HTTP/1.1");
@@ -217,7 +222,11 @@ mod tests {
             .expect("valid")
             .expect("complete");
         assert_eq!((head.status, head.content_length), (500, None));
+    }
 
+    #[test]
+    fn http_responses_refused() {
+        let parsed = |text: &str| parse_response(text.as_bytes());
         for bad in [
             "HTTP/2 200 OK\r\n\r\n",
             "HTTP/1.1 20 OK\r\n\r\n",
@@ -238,7 +247,10 @@ mod tests {
         let endless = format!("HTTP/1.1 200 OK\r\nX: {}", "a".repeat(MAX_HTTP_HEAD));
         assert!(parsed(&endless).is_err());
         assert_eq!(parsed("HTTP/1.1 200 OK\r\nX: aaa"), Ok(None));
+    }
 
+    #[test]
+    fn first_lines() {
         assert_eq!(first_line(b"g1\r\nmore"), Some("g1".to_owned()));
         assert_eq!(first_line(b"g1"), Some("g1".to_owned()));
         assert_eq!(first_line(b"\ng1"), None);
