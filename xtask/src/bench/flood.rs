@@ -25,18 +25,7 @@ const GOAL_P99_MS: f64 = 50.0;
 
 /// Runs the three phases and makes the rows.
 pub fn run(ctx: &Ctx) -> Result<Outcome> {
-    let sizes = Sizes {
-        drains: ctx.pick(40, 3),
-        budget: ctx.pick(Duration::from_secs(45), Duration::from_secs(3)),
-        cap: ctx.pick(Duration::from_secs(5), Duration::from_secs(2)),
-        bind_threads: ctx.pick(4, 1),
-        scrapers: ctx.pick(300, 10),
-        held: ctx.pick(1100, 50),
-        listeners: ctx.pick(200, 10),
-        warmup: ctx.pick(Duration::from_secs(1), Duration::from_millis(200)),
-        late: ctx.pick(Duration::from_secs(5), Duration::ZERO),
-        min_window: ctx.pick(Duration::from_secs(10), Duration::ZERO),
-    };
+    let sizes = sizes(ctx);
     let bin = AttackerBin::new(&ctx.xtask)?;
     let quiet = flood_phase::run(ctx, &bin, Attack::Quiet, sizes)?;
     let bind = flood_phase::run(ctx, &bin, Attack::Bind, sizes)?;
@@ -44,55 +33,8 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
     let metrics = flood_phase::run(ctx, &bin, Attack::Metrics, sizes)?;
     check_metrics(&metrics, sizes)?;
     let cap = sizes.cap;
-    let q = Retire::of(&quiet, cap);
-    let mut rows = vec![
-        Row::new(
-            "last close() → retire signal, quiet",
-            q.result(),
-            Some(q.number()),
-        )
-        .goal(format!("p99 ≤ {GOAL_P99_MS} ms"), q.met()),
-    ];
-    for (phase, what) in [(&bind, "a bind flood"), (&metrics, "a metrics flood")] {
-        let r = Retire::of(phase, cap);
-        rows.push(
-            Row::new(
-                format!("last close() → retire signal, under {what} (uid 65534)"),
-                r.result(),
-                Some(r.number()),
-            )
-            .baseline(format!("quiet: {}", q.brief()))
-            .goal(format!("p99 ≤ {GOAL_P99_MS} ms"), r.met()),
-        );
-    }
-    let promote = |p: &Phase| {
-        Stats::of(&p.promote).map_or("none".to_owned(), |s| {
-            format!("p50 {} · p99 {}", fmt_ms(s.p50), fmt_ms(s.p99))
-        })
-    };
-    let worst_promote = [&bind, &metrics]
-        .iter()
-        .filter_map(|p| Stats::of(&p.promote))
-        .map(|s| s.p99)
-        .fold(f64::NAN, f64::max);
-    // No promote returned under either flood: its cap is the lower bound.
-    let worst_promote = if worst_promote.is_nan() {
-        flood_phase::PROMOTE_CAP.as_secs_f64() * 1000.0
-    } else {
-        worst_promote
-    };
-    rows.push(
-        Row::new(
-            "promote (handoffctl) under the floods",
-            format!(
-                "bind flood: {} · metrics flood: {}",
-                promote(&bind),
-                promote(&metrics)
-            ),
-            Some(worst_promote),
-        )
-        .baseline(format!("quiet: {}", promote(&quiet))),
-    );
+    let mut rows = retire_rows(&quiet, &bind, &metrics, cap);
+    rows.push(promote_row(&quiet, &bind, &metrics));
     rows.push(
         Row::new(
             "handoffd CPU during the drains (% of one core)",
@@ -120,7 +62,88 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         )
         .baseline(format!("quiet: {}", peaks(&quiet))),
     );
-    let mut details = vec![format!(
+    let mut details = vec![intro(sizes)];
+    for phase in [&quiet, &bind, &metrics] {
+        details.push(phase_detail(phase, cap, sizes.late));
+    }
+    Ok(Outcome { rows, details })
+}
+
+/// The sizes of the phases: the full run's, or the quick run's.
+fn sizes(ctx: &Ctx) -> Sizes {
+    Sizes {
+        drains: ctx.pick(40, 3),
+        budget: ctx.pick(Duration::from_secs(45), Duration::from_secs(3)),
+        cap: ctx.pick(Duration::from_secs(5), Duration::from_secs(2)),
+        bind_threads: ctx.pick(4, 1),
+        scrapers: ctx.pick(300, 10),
+        held: ctx.pick(1100, 50),
+        listeners: ctx.pick(200, 10),
+        warmup: ctx.pick(Duration::from_secs(1), Duration::from_millis(200)),
+        late: ctx.pick(Duration::from_secs(5), Duration::ZERO),
+        min_window: ctx.pick(Duration::from_secs(10), Duration::ZERO),
+    }
+}
+
+/// The retire rows: quiet, then under each flood against quiet.
+fn retire_rows(quiet: &Phase, bind: &Phase, metrics: &Phase, cap: Duration) -> Vec<Row> {
+    let q = Retire::of(quiet, cap);
+    let mut rows = vec![
+        Row::new(
+            "last close() → retire signal, quiet",
+            q.result(),
+            Some(q.number()),
+        )
+        .goal(format!("p99 ≤ {GOAL_P99_MS} ms"), q.met()),
+    ];
+    for (phase, what) in [(bind, "a bind flood"), (metrics, "a metrics flood")] {
+        let r = Retire::of(phase, cap);
+        rows.push(
+            Row::new(
+                format!("last close() → retire signal, under {what} (uid 65534)"),
+                r.result(),
+                Some(r.number()),
+            )
+            .baseline(format!("quiet: {}", q.brief()))
+            .goal(format!("p99 ≤ {GOAL_P99_MS} ms"), r.met()),
+        );
+    }
+    rows
+}
+
+/// The promote row: its latency under each flood, the worst p99 its figure.
+fn promote_row(quiet: &Phase, bind: &Phase, metrics: &Phase) -> Row {
+    let promote = |p: &Phase| {
+        Stats::of(&p.promote).map_or("none".to_owned(), |s| {
+            format!("p50 {} · p99 {}", fmt_ms(s.p50), fmt_ms(s.p99))
+        })
+    };
+    let worst_promote = [bind, metrics]
+        .iter()
+        .filter_map(|p| Stats::of(&p.promote))
+        .map(|s| s.p99)
+        .fold(f64::NAN, f64::max);
+    // No promote returned under either flood: its cap is the lower bound.
+    let worst_promote = if worst_promote.is_nan() {
+        flood_phase::PROMOTE_CAP.as_secs_f64() * 1000.0
+    } else {
+        worst_promote
+    };
+    Row::new(
+        "promote (handoffctl) under the floods",
+        format!(
+            "bind flood: {} · metrics flood: {}",
+            promote(bind),
+            promote(metrics)
+        ),
+        Some(worst_promote),
+    )
+    .baseline(format!("quiet: {}", promote(quiet)))
+}
+
+/// The first line of the details: what the phases do, with their sizes.
+fn intro(sizes: Sizes) -> String {
+    format!(
         "Three phases, each in a network namespace of its own with its own handoffd \
          (`--metrics-addr 127.0.0.1:9464`, started with the soft open-file limit of a \
          systemd unit without `LimitNOFILE=`: 1024) and a one-process testsrv on \
@@ -140,8 +163,8 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
          descriptors are peaks of samples every 100 ms.",
         sizes.drains,
         sizes.budget.as_secs(),
-        cap.as_secs(),
-        cap.as_secs(),
+        sizes.cap.as_secs(),
+        sizes.cap.as_secs(),
         sizes.warmup.as_millis(),
         sizes.bind_threads,
         sizes.bind_threads,
@@ -149,11 +172,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         sizes.held,
         sizes.scrapers,
         sizes.min_window.as_secs(),
-    )];
-    for phase in [&quiet, &bind, &metrics] {
-        details.push(phase_detail(phase, cap, sizes.late));
-    }
-    Ok(Outcome { rows, details })
+    )
 }
 
 /// The bind flood did what it must: failing binds of the service's address, successful

@@ -208,19 +208,7 @@ pub fn run(ctx: &Ctx, bin: &AttackerBin, attack: Attack, sizes: Sizes) -> Result
     daemon.promote(active.pid, None)?;
     let seconds = (sizes.warmup + sizes.budget + sizes.cap * 2 + FLOOD_READY).as_secs();
     let mut floods = Vec::new();
-    let plan: Vec<(&'static str, &str, u32)> = match attack {
-        Attack::Quiet => Vec::new(),
-        Attack::Bind => vec![
-            ("bind-taken", SERVICE, sizes.bind_threads),
-            ("bind-free", FREE, sizes.bind_threads),
-        ],
-        // Listeners first: they make each scrape costly.
-        Attack::Metrics => vec![
-            ("listen", FOREIGN, sizes.listeners),
-            ("hold", METRICS, sizes.held),
-            ("scrape", METRICS, sizes.scrapers),
-        ],
-    };
+    let plan = flood_plan(attack, sizes);
     let flood_start = Instant::now();
     for (kind, target, count) in plan {
         floods.push(start_flood(&mut env, bin, kind, target, count, seconds)?);
@@ -252,20 +240,7 @@ pub fn run(ctx: &Ctx, bin: &AttackerBin, attack: Attack, sizes: Sizes) -> Result
         counts.push(stop_flood(&mut env, flood)?);
     }
     let flooded = flood_start.elapsed();
-    // Drains the daemon had not retired within the cap: did it, later?
-    let grace = Instant::now() + sizes.late;
-    let late = rounds
-        .overdue
-        .iter()
-        .map(|(srv, closed)| {
-            let term = format!("term {} pid={} ", srv.name, srv.pid);
-            srv.stderr
-                .wait("a late retire", grace, |l| l.starts_with(&term))
-                .ok()
-                .and_then(|l| field(&l, "ns="))
-                .map(|t| ns_to_ms(*closed, t))
-        })
-        .collect();
+    let late = late_retires(&rounds.overdue, sizes.late);
     Ok(Phase {
         attack,
         retire: std::mem::take(&mut rounds.retire),
@@ -280,6 +255,41 @@ pub fn run(ctx: &Ctx, bin: &AttackerBin, attack: Attack, sizes: Sizes) -> Result
         floods: counts,
         flooded,
     })
+}
+
+/// The floods of `attack`: each kind of attacker, its target and how many.
+fn flood_plan(attack: Attack, sizes: Sizes) -> Vec<(&'static str, &'static str, u32)> {
+    match attack {
+        Attack::Quiet => Vec::new(),
+        Attack::Bind => vec![
+            ("bind-taken", SERVICE, sizes.bind_threads),
+            ("bind-free", FREE, sizes.bind_threads),
+        ],
+        // Listeners first: they make each scrape costly.
+        Attack::Metrics => vec![
+            ("listen", FOREIGN, sizes.listeners),
+            ("hold", METRICS, sizes.held),
+            ("scrape", METRICS, sizes.scrapers),
+        ],
+    }
+}
+
+/// For each drain not retired within the cap, when (ms after its close) the daemon retired it
+/// within `late` more; None when it did not.
+fn late_retires(overdue: &[(Server, u64)], late: Duration) -> Vec<Option<f64>> {
+    // Drains the daemon had not retired within the cap: did it, later?
+    let grace = Instant::now() + late;
+    overdue
+        .iter()
+        .map(|(srv, closed)| {
+            let term = format!("term {} pid={} ", srv.name, srv.pid);
+            srv.stderr
+                .wait("a late retire", grace, |l| l.starts_with(&term))
+                .ok()
+                .and_then(|l| field(&l, "ns="))
+                .map(|t| ns_to_ms(*closed, t))
+        })
+        .collect()
 }
 
 /// Runs `f` (which starts handoffd) with this process's soft open-file limit at

@@ -60,6 +60,24 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
 
     rows.push(fifty_services(ctx, rss_one, &mut details)?);
 
+    rows.extend(idle_cpu(&draining, &idle, window)?);
+    let secs = window.as_secs_f64();
+    details.insert(
+        0,
+        format!(
+            "RSS is VmRSS after the promotes (metrics endpoint on, the default). Idle CPU is the \
+             daemon's CPU time (its process CPU clock, every thread) over one \
+             {secs:.0} s window in which nothing else happens to either daemon; wake-ups are \
+             context switches. The draining generation keeps one connection open with a drain \
+             timeout of an hour."
+        ),
+    );
+    Ok(Outcome { rows, details })
+}
+
+/// The idle CPU rows: each daemon's CPU time and wake-ups over `window`, each against the other.
+fn idle_cpu(draining: &Daemon, idle: &Daemon, window: Duration) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
     let before = [
         (cpu_ns(draining.pid)?, Wakeups::of(draining.pid)?),
         (cpu_ns(idle.pid)?, Wakeups::of(idle.pid)?),
@@ -98,17 +116,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
             ),
         );
     }
-    details.insert(
-        0,
-        format!(
-            "RSS is VmRSS after the promotes (metrics endpoint on, the default). Idle CPU is the \
-             daemon's CPU time (its process CPU clock, every thread) over one \
-             {secs:.0} s window in which nothing else happens to either daemon; wake-ups are \
-             context switches. The draining generation keeps one connection open with a drain \
-             timeout of an hour."
-        ),
-    );
-    Ok(Outcome { rows, details })
+    Ok(rows)
 }
 
 /// A daemon whose first generation drains with one connection held; returns the connection.

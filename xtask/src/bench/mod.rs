@@ -166,42 +166,7 @@ pub fn run(root: &Path, quick: bool, only: &[String]) -> Result<bool> {
         .iter()
         .filter(|b| only.is_empty() || only.iter().any(|o| o == b.name))
     {
-        println!("== {}. {} ({})", bench.id, bench.title, bench.name);
-        let t = Instant::now();
-        let load_before = measure::loadavg();
-        let result = (bench.run)(&ctx);
-        let took = t.elapsed();
-        let load = format!(
-            "Load average of the machine (1 min) before and after: {} / {}.",
-            load_before,
-            measure::loadavg()
-        );
-        // Ctrl-C: the benchmark's guards have cleaned up; stop here.
-        check_interrupted()?;
-        let (rows, mut details, error) = match result {
-            Ok(o) => (o.rows, o.details, None),
-            Err(e) => {
-                eprintln!("{}: FAILED: {e:#}", bench.name);
-                (Vec::new(), Vec::new(), Some(format!("{e:#}")))
-            }
-        };
-        details.push(load);
-        let section = Section {
-            id: bench.id,
-            name: bench.name,
-            title: bench.title,
-            rows,
-            details,
-            error,
-            took,
-        };
-        print!("{}", report::table(std::slice::from_ref(&section), quick));
-        println!("({:.0} s)", took.as_secs_f64());
-        // BENCHMARKS.md, which shows the details, is not written for a part of the run.
-        if !only.is_empty() {
-            println!("{}", section.details.join("\n"));
-        }
-        sections.push(section);
+        sections.push(run_one(&ctx, bench, quick, only)?);
     }
     let took = started.elapsed();
     println!("\n{}", report::table(&sections, quick));
@@ -211,17 +176,7 @@ pub fn run(root: &Path, quick: bool, only: &[String]) -> Result<bool> {
         report::minutes(took),
         built.as_secs_f64()
     );
-    let mut ok = true;
-    for s in &sections {
-        if s.error.is_some() {
-            ok = false;
-        }
-        let missing = s.missing_numbers();
-        if !missing.is_empty() {
-            eprintln!("{}: no number for {}", s.name, missing.join(", "));
-            ok = false;
-        }
-    }
+    let ok = all_ok(&sections);
     if !quick && only.is_empty() {
         let path = root.join("BENCHMARKS.md");
         report::write_markdown(root, &path, &sections, took, built)?;
@@ -233,6 +188,63 @@ pub fn run(root: &Path, quick: bool, only: &[String]) -> Result<bool> {
         println!("logs of the children kept in {}", ctx.tmp.keep().display());
     }
     Ok(ok)
+}
+
+/// Runs one benchmark and prints its table; its section of the report (an error in it when it
+/// failed). Stops the run on Ctrl-C.
+fn run_one(ctx: &Ctx, bench: &Bench, quick: bool, only: &[String]) -> Result<Section> {
+    println!("== {}. {} ({})", bench.id, bench.title, bench.name);
+    let t = Instant::now();
+    let load_before = measure::loadavg();
+    let result = (bench.run)(ctx);
+    let took = t.elapsed();
+    let load = format!(
+        "Load average of the machine (1 min) before and after: {} / {}.",
+        load_before,
+        measure::loadavg()
+    );
+    // Ctrl-C: the benchmark's guards have cleaned up; stop here.
+    check_interrupted()?;
+    let (rows, mut details, error) = match result {
+        Ok(o) => (o.rows, o.details, None),
+        Err(e) => {
+            eprintln!("{}: FAILED: {e:#}", bench.name);
+            (Vec::new(), Vec::new(), Some(format!("{e:#}")))
+        }
+    };
+    details.push(load);
+    let section = Section {
+        id: bench.id,
+        name: bench.name,
+        title: bench.title,
+        rows,
+        details,
+        error,
+        took,
+    };
+    print!("{}", report::table(std::slice::from_ref(&section), quick));
+    println!("({:.0} s)", took.as_secs_f64());
+    // BENCHMARKS.md, which shows the details, is not written for a part of the run.
+    if !only.is_empty() {
+        println!("{}", section.details.join("\n"));
+    }
+    Ok(section)
+}
+
+/// Whether every benchmark ran and gave its numbers; says on stderr which did not.
+fn all_ok(sections: &[Section]) -> bool {
+    let mut ok = true;
+    for s in sections {
+        if s.error.is_some() {
+            ok = false;
+        }
+        let missing = s.missing_numbers();
+        if !missing.is_empty() {
+            eprintln!("{}: no number for {}", s.name, missing.join(", "));
+            ok = false;
+        }
+    }
+    ok
 }
 
 /// `value` with a unit and sensible precision: `0.42 ms`, `3.1 ms`, `42 ms`.

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use super::env::{Ctx, Env, LoadReport};
+use super::env::{Ctx, Daemon, Env, LoadReport};
 use super::measure::{BpfStats, PROG_CGROUP_SOCK, PROG_SK_REUSEPORT, ProgStats, Stats};
 use super::report::Row;
 use super::{Outcome, SETTLE};
@@ -45,31 +45,69 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
     )?;
     daemon.promote(srv.pid, None)?;
 
-    let load = |env: &mut Env, addr: SocketAddr, ms: u64| -> Result<LoadReport> {
-        let report = env.run_load(
-            addr,
-            &[
-                "--concurrency",
-                CONCURRENCY,
-                "--duration-ms",
-                &ms.to_string(),
-            ],
-            Duration::from_millis(ms) + Duration::from_secs(30),
-        )?;
-        if report.failed > 0 || report.ok == 0 {
-            bail!(
-                "loadgen against {addr}: {} of {} failed ({})",
-                report.failed,
-                report.attempts,
-                report.kinds
-            );
-        }
-        Ok(report)
-    };
     // Warm both paths (page cache, thread stacks, the program's JIT image) once.
     load(&mut env, steered, 500)?;
     load(&mut env, plain, 500)?;
+    let m = measure(&mut env, &daemon, [steered, plain], pairs, run_ms)?;
+    Ok(Outcome {
+        rows: rows(&m),
+        details: details(&m),
+    })
+}
 
+/// One loadgen run of `ms` against `addr`; an error when an attempt failed or none succeeded.
+fn load(env: &mut Env, addr: SocketAddr, ms: u64) -> Result<LoadReport> {
+    let report = env.run_load(
+        addr,
+        &[
+            "--concurrency",
+            CONCURRENCY,
+            "--duration-ms",
+            &ms.to_string(),
+        ],
+        Duration::from_millis(ms) + Duration::from_secs(30),
+    )?;
+    if report.failed > 0 || report.ok == 0 {
+        bail!(
+            "loadgen against {addr}: {} of {} failed ({})",
+            report.failed,
+            report.attempts,
+            report.kinds
+        );
+    }
+    Ok(report)
+}
+
+/// What the runs measured, and the figures the rows and the details are made of.
+struct Measured {
+    pairs: usize,
+    run_ms: u64,
+    steered: SocketAddr,
+    plain: SocketAddr,
+    with: Vec<f64>,
+    without: Vec<f64>,
+    ratios: Vec<f64>,
+    ratio: Stats,
+    mean: f64,
+    half: f64,
+    plain_rate: Stats,
+    with_rate: Stats,
+    noise: f64,
+    counted: LoadReport,
+    steer: ProgStats,
+    release: ProgStats,
+    per_decision: Option<f64>,
+    per_connection_us: f64,
+}
+
+/// The ABBA pairs of runs, then one steered run with the kernel's BPF statistics on.
+fn measure(
+    env: &mut Env,
+    daemon: &Daemon,
+    [steered, plain]: [SocketAddr; 2],
+    pairs: usize,
+    run_ms: u64,
+) -> Result<Measured> {
     let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..pairs {
         let order = if i % 2 == 0 {
@@ -79,7 +117,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         };
         let mut rates = [0.0; 2];
         for addr in order {
-            let rate = load(&mut env, addr, run_ms)?.rate();
+            let rate = load(env, addr, run_ms)?.rate();
             rates[usize::from(addr == plain)] = rate;
             super::env::pause(SETTLE)?;
         }
@@ -97,14 +135,51 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
     let stats = BpfStats::enable()?;
     let steer0 = ProgStats::of(daemon.pid, PROG_SK_REUSEPORT)?;
     let release0 = ProgStats::of(daemon.pid, PROG_CGROUP_SOCK)?;
-    let counted = load(&mut env, steered, run_ms)?;
+    let counted = load(env, steered, run_ms)?;
     let steer = ProgStats::of(daemon.pid, PROG_SK_REUSEPORT)?.since(steer0);
     let release = ProgStats::of(daemon.pid, PROG_CGROUP_SOCK)?.since(release0);
     drop(stats);
     let per_decision = steer.per_run();
     let per_connection_us = 1e6 / plain_rate.p50;
 
-    let rows = vec![
+    Ok(Measured {
+        pairs,
+        run_ms,
+        steered,
+        plain,
+        with,
+        without,
+        ratios,
+        ratio,
+        mean,
+        half,
+        plain_rate,
+        with_rate,
+        noise,
+        counted,
+        steer,
+        release,
+        per_decision,
+        per_connection_us,
+    })
+}
+
+/// The three rows: the program's run time, the rate ratio, the drain countdown's run time.
+fn rows(m: &Measured) -> Vec<Row> {
+    let Measured {
+        pairs,
+        ratio,
+        mean,
+        half,
+        plain_rate,
+        noise,
+        steer,
+        release,
+        per_decision,
+        per_connection_us,
+        ..
+    } = *m;
+    vec![
         Row::new(
             "steering program, run time per decision (kernel BPF stats)",
             per_decision.map_or("no run counted".into(), |ns| {
@@ -156,8 +231,26 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
             "a whole connection: {per_connection_us:.0} µs (it runs for every socket closed on \
              the host, drained or not)"
         )),
-    ];
-    let details = vec![
+    ]
+}
+
+/// The details: how the runs went, each run's figures, and how to read the ratio.
+fn details(m: &Measured) -> Vec<String> {
+    let Measured {
+        run_ms,
+        steered,
+        plain,
+        mean,
+        half,
+        plain_rate,
+        with_rate,
+        noise,
+        per_decision,
+        per_connection_us,
+        ..
+    } = *m;
+    let (with, without, ratios, counted) = (&m.with, &m.without, &m.ratios, &m.counted);
+    vec![
         format!(
             "One testsrv (2 workers, `--mode per-worker`) listens on {steered} (steered by \
              handoffd) and {plain} (not steered: the kernel's reuseport hash over the same two \
@@ -169,9 +262,9 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         ),
         format!(
             "- rate with the program, conn/s: {}\n- rate on the plain hash, conn/s: {}\n- ratios: {}",
-            list(&with, 0),
-            list(&without, 0),
-            list(&ratios, 3)
+            list(with, 0),
+            list(without, 0),
+            list(ratios, 3)
         ),
         format!(
             "- with the program: median {:.0} conn/s; plain: median {:.0} conn/s; the plain \
@@ -185,8 +278,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
             mean + half,
             per_decision.map_or("-".into(), |ns| format!("{ns:.0} ns"))
         ),
-    ];
-    Ok(Outcome { rows, details })
+    ]
 }
 
 /// The mean of `values` and the half-width of its 95 % confidence interval (Student's t;

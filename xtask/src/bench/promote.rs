@@ -36,73 +36,80 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
          the client process and one round trip, which no work in the daemon can remove."
     )];
     for workers in [1u32, 16] {
-        // A namespace per daemon: each serves metrics on the same default address.
-        let mut env = Env::new(ctx, &format!("promote{workers}"))?;
-        let addr = "127.0.0.1:8200".to_owned();
-        let daemon = env.daemon(&format!("promote{workers}"), &[&addr], &[])?;
-        let workers_arg = workers.to_string();
-        let args = [
-            "--listen",
-            addr.as_str(),
-            "--workers",
-            &workers_arg,
-            "--mode",
-            "per-worker",
-        ];
-        let mut active = env.testsrv("p0", &args)?;
-        let first = ms(daemon.promote(active.pid, None)?);
-        let mut times = Vec::with_capacity(promotes);
-        let mut floor = Vec::with_capacity(promotes);
-        for i in 1..=promotes {
-            let next = env.testsrv(&format!("p{i}"), &args)?;
-            floor.push(ms(daemon.refused_promote(active.pid)?));
-            times.push(ms(daemon.promote(next.pid, None)?));
-            // Drained at once (no connection): the daemon's retire signal ends it.
-            env.wait_exit(active.pid, Instant::now() + Duration::from_secs(10))?;
-            active = next;
-        }
-        // handoffd's own measure of each (the first, which loads the program, left out).
-        let inside: Vec<f64> = daemon
-            .events("promoted")?
-            .iter()
-            .skip(1)
-            .filter_map(|f| f["took_ms"].as_f64())
-            .collect();
-        let s = Stats::of(&times).expect("at least one promote");
-        let f = Stats::of(&floor).expect("at least one refused promote");
-        let inside = Stats::of(&inside).map_or("not logged".to_owned(), |i| {
-            format!("p50 {} · p99 {}", fmt_ms(i.p50), fmt_ms(i.p99))
-        });
-        rows.push(
-            Row::new(
-                format!(
-                    "promote latency, {workers} worker process{}",
-                    if workers == 1 { "" } else { "es" }
-                ),
-                format!(
-                    "p50 {} · p99 {} ({} promotes); inside handoffd: {inside}",
-                    fmt_ms(s.p50),
-                    fmt_ms(s.p99),
-                    s.n
-                ),
-                Some(s.p99),
-            )
-            .baseline(format!(
-                "refused promote (client + round trip): p50 {} · p99 {}; first promote (loads the program): {}",
-                fmt_ms(f.p50),
-                fmt_ms(f.p99),
-                fmt_ms(first)
-            ))
-            .goal(format!("p99 < {GOAL_P99_MS} ms"), s.p99 < GOAL_P99_MS),
-        );
-        details.push(format!(
-            "- {workers} worker{}: min {} · p50 {} · p99 {} · max {}",
-            if workers == 1 { "" } else { "s" },
-            fmt_ms(s.min),
-            fmt_ms(s.p50),
-            fmt_ms(s.p99),
-            fmt_ms(s.max)
-        ));
+        let (row, detail) = one_size(ctx, workers, promotes)?;
+        rows.push(row);
+        details.push(detail);
     }
     Ok(Outcome { rows, details })
+}
+
+/// Times `promotes` promotes of testsrv with `workers` worker processes, in a namespace of their
+/// own; the row of the table and the line of the details.
+fn one_size(ctx: &Ctx, workers: u32, promotes: usize) -> Result<(Row, String)> {
+    // A namespace per daemon: each serves metrics on the same default address.
+    let mut env = Env::new(ctx, &format!("promote{workers}"))?;
+    let addr = "127.0.0.1:8200".to_owned();
+    let daemon = env.daemon(&format!("promote{workers}"), &[&addr], &[])?;
+    let workers_arg = workers.to_string();
+    let args = [
+        "--listen",
+        addr.as_str(),
+        "--workers",
+        &workers_arg,
+        "--mode",
+        "per-worker",
+    ];
+    let mut active = env.testsrv("p0", &args)?;
+    let first = ms(daemon.promote(active.pid, None)?);
+    let mut times = Vec::with_capacity(promotes);
+    let mut floor = Vec::with_capacity(promotes);
+    for i in 1..=promotes {
+        let next = env.testsrv(&format!("p{i}"), &args)?;
+        floor.push(ms(daemon.refused_promote(active.pid)?));
+        times.push(ms(daemon.promote(next.pid, None)?));
+        // Drained at once (no connection): the daemon's retire signal ends it.
+        env.wait_exit(active.pid, Instant::now() + Duration::from_secs(10))?;
+        active = next;
+    }
+    // handoffd's own measure of each (the first, which loads the program, left out).
+    let inside: Vec<f64> = daemon
+        .events("promoted")?
+        .iter()
+        .skip(1)
+        .filter_map(|f| f["took_ms"].as_f64())
+        .collect();
+    let s = Stats::of(&times).expect("at least one promote");
+    let f = Stats::of(&floor).expect("at least one refused promote");
+    let inside = Stats::of(&inside).map_or("not logged".to_owned(), |i| {
+        format!("p50 {} · p99 {}", fmt_ms(i.p50), fmt_ms(i.p99))
+    });
+    let row = Row::new(
+            format!(
+                "promote latency, {workers} worker process{}",
+                if workers == 1 { "" } else { "es" }
+            ),
+            format!(
+                "p50 {} · p99 {} ({} promotes); inside handoffd: {inside}",
+                fmt_ms(s.p50),
+                fmt_ms(s.p99),
+                s.n
+            ),
+            Some(s.p99),
+        )
+        .baseline(format!(
+            "refused promote (client + round trip): p50 {} · p99 {}; first promote (loads the program): {}",
+            fmt_ms(f.p50),
+            fmt_ms(f.p99),
+            fmt_ms(first)
+        ))
+        .goal(format!("p99 < {GOAL_P99_MS} ms"), s.p99 < GOAL_P99_MS);
+    let detail = format!(
+        "- {workers} worker{}: min {} · p50 {} · p99 {} · max {}",
+        if workers == 1 { "" } else { "s" },
+        fmt_ms(s.min),
+        fmt_ms(s.p50),
+        fmt_ms(s.p99),
+        fmt_ms(s.max)
+    );
+    Ok((row, detail))
 }

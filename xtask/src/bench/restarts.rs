@@ -88,26 +88,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         details.push(describe(mode, &r, None));
         by_mode.push((mode, r));
     }
-    for (mode, r) in &by_mode {
-        let row = Row::new(
-            format!(
-                "failed connections, {} restarts: {}",
-                r.restarts,
-                mode.label()
-            ),
-            format!("{} of {}", r.report.failed, r.report.attempts),
-            Some(r.report.failed as f64),
-        );
-        rows.push(if *mode == Mode::Handoff {
-            row.baseline(format!(
-                "naive overlap: {} · tcp_migrate_req=1: {} (same load)",
-                by_mode[1].1.report.failed, by_mode[2].1.report.failed
-            ))
-            .goal("0", r.report.failed == 0)
-        } else {
-            row.baseline("the handoff row, same load")
-        });
-    }
+    rows.extend(failed_rows(&by_mode));
 
     let mut warm = Vec::new();
     for mode in Mode::ALL {
@@ -142,6 +123,32 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         });
     }
     Ok(Outcome { rows, details })
+}
+
+/// The failed connections of each mode's series, handoff's against the other two.
+fn failed_rows(by_mode: &[(Mode, RunResult)]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (mode, r) in by_mode {
+        let row = Row::new(
+            format!(
+                "failed connections, {} restarts: {}",
+                r.restarts,
+                mode.label()
+            ),
+            format!("{} of {}", r.report.failed, r.report.attempts),
+            Some(r.report.failed as f64),
+        );
+        rows.push(if *mode == Mode::Handoff {
+            row.baseline(format!(
+                "naive overlap: {} · tcp_migrate_req=1: {} (same load)",
+                by_mode[1].1.report.failed, by_mode[2].1.report.failed
+            ))
+            .goal("0", r.report.failed == 0)
+        } else {
+            row.baseline("the handoff row, same load")
+        });
+    }
+    rows
 }
 
 fn describe(mode: Mode, r: &RunResult, warmup_ms: Option<u64>) -> String {

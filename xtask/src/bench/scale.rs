@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 
 use super::env::pause;
-use super::env::{Ctx, Env, Server, field};
+use super::env::{Ctx, Daemon, Env, Server, field};
 use super::measure::{
     BpfStats, PROG_CGROUP_SOCK, ProgStats, Stats, cpu_ns, ms, ns_to_ms, wait_idle,
 };
@@ -98,25 +98,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
     daemon.promote(active.pid, None)?;
 
     // Baseline: promotes over a generation with no connection.
-    let mut empty = Vec::new();
-    for _ in 0..3 {
-        let (next, rescan) = start_quietly(&mut env, &mut start, daemon.pid)?;
-        let cpu0 = cpu_ns(daemon.pid)?;
-        let took = ms(daemon.promote(next.pid, None)?);
-        let (start, _) = daemon.drain_counted(active.pid, Instant::now() + STEP)?;
-        empty.push([took, start, cpu_ms_since(daemon.pid, cpu0)?, rescan]);
-        env.wait_exit(active.pid, Instant::now() + STEP)?;
-        active = next;
-    }
-    let median = |i: usize| {
-        Stats::of(&empty.iter().map(|e| e[i]).collect::<Vec<_>>()).map_or(0.0, |s| s.p50)
-    };
-    let base = Base {
-        promote_ms: median(0),
-        start_ms: median(1),
-        start_cpu_ms: median(2),
-        rescan_cpu_ms: median(3),
-    };
+    let base = baseline(&mut env, &daemon, &mut start, &mut active)?;
 
     let mut points = Vec::new();
     for &n in sizes {
@@ -133,36 +115,7 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         let counted = daemon.connections(active.pid)?;
         let status_ms = ms(t.elapsed());
 
-        let stats = BpfStats::enable()?;
-        let release0 = ProgStats::of(daemon.pid, PROG_CGROUP_SOCK)?;
-        let cpu1 = cpu_ns(daemon.pid)?;
-        env.kill(active.pid, Signal::SIGUSR1)?;
-        let deadline = Instant::now() + STEP;
-        let prefix = format!("closed {} ", active.name);
-        let closed = active.stderr.wait_n(
-            "every worker to close its connections",
-            deadline,
-            active.workers.len(),
-            |l| l.starts_with(&prefix),
-        )?;
-        let retired = active.wait_term(deadline)?;
-        let close_cpu_ms = cpu_ms_since(daemon.pid, cpu1)?;
-        let release = ProgStats::of(daemon.pid, PROG_CGROUP_SOCK)?.since(release0);
-        drop(stats);
-        let get = |line: &String, key: &str| {
-            field(line, key).with_context(|| format!("no {key} in {line:?}"))
-        };
-        let mut first = u64::MAX;
-        let mut last = 0;
-        let mut total = 0;
-        for line in &closed {
-            first = first.min(get(line, "first_ns=")?);
-            last = last.max(get(line, "last_ns=")?);
-            total += get(line, "count=")?;
-        }
-        if total != u64::from(n) {
-            bail!("the workers closed {total} connections, not {n}");
-        }
+        let closing = close_all(&mut env, &daemon, &active, n)?;
         for pid in clients {
             env.kill(pid, Signal::SIGKILL)?;
         }
@@ -177,15 +130,96 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
             pass_counted,
             counted,
             status_ms,
-            close_ms: ns_to_ms(first, last),
-            release_ns: release.per_run(),
-            releases: release.run_cnt,
-            close_cpu_ms,
-            retire_ms: ns_to_ms(last, retired),
+            close_ms: closing.close_ms,
+            release_ns: closing.release.per_run(),
+            releases: closing.release.run_cnt,
+            close_cpu_ms: closing.close_cpu_ms,
+            retire_ms: closing.retire_ms,
         });
         active = next;
     }
     Ok(outcome(&points, &base))
+}
+
+/// Three promotes over a generation with no connection: the medians of their figures.
+fn baseline(
+    env: &mut Env,
+    daemon: &Daemon,
+    start: &mut impl FnMut(&mut Env) -> Result<Server>,
+    active: &mut Server,
+) -> Result<Base> {
+    let mut empty = Vec::new();
+    for _ in 0..3 {
+        let (next, rescan) = start_quietly(env, start, daemon.pid)?;
+        let cpu0 = cpu_ns(daemon.pid)?;
+        let took = ms(daemon.promote(next.pid, None)?);
+        let (start, _) = daemon.drain_counted(active.pid, Instant::now() + STEP)?;
+        empty.push([took, start, cpu_ms_since(daemon.pid, cpu0)?, rescan]);
+        env.wait_exit(active.pid, Instant::now() + STEP)?;
+        *active = next;
+    }
+    let median = |i: usize| {
+        Stats::of(&empty.iter().map(|e| e[i]).collect::<Vec<_>>()).map_or(0.0, |s| s.p50)
+    };
+    Ok(Base {
+        promote_ms: median(0),
+        start_ms: median(1),
+        start_cpu_ms: median(2),
+        rescan_cpu_ms: median(3),
+    })
+}
+
+/// What closing a draining generation's connections cost, and how soon it was retired.
+struct Closing {
+    /// First close → last close in the server, ms.
+    close_ms: f64,
+    /// Last close → retire signal in the server, ms.
+    retire_ms: f64,
+    /// The daemon's CPU time from the first close to the retire signal, ms.
+    close_cpu_ms: f64,
+    /// The countdown program's runs meanwhile.
+    release: ProgStats,
+}
+
+/// Has `active`'s workers close their `n` connections (SIGUSR1), with the kernel's BPF
+/// statistics on, and waits for the retire signal.
+fn close_all(env: &mut Env, daemon: &Daemon, active: &Server, n: u32) -> Result<Closing> {
+    let stats = BpfStats::enable()?;
+    let release0 = ProgStats::of(daemon.pid, PROG_CGROUP_SOCK)?;
+    let cpu1 = cpu_ns(daemon.pid)?;
+    env.kill(active.pid, Signal::SIGUSR1)?;
+    let deadline = Instant::now() + STEP;
+    let prefix = format!("closed {} ", active.name);
+    let closed = active.stderr.wait_n(
+        "every worker to close its connections",
+        deadline,
+        active.workers.len(),
+        |l| l.starts_with(&prefix),
+    )?;
+    let retired = active.wait_term(deadline)?;
+    let close_cpu_ms = cpu_ms_since(daemon.pid, cpu1)?;
+    let release = ProgStats::of(daemon.pid, PROG_CGROUP_SOCK)?.since(release0);
+    drop(stats);
+    let get = |line: &String, key: &str| {
+        field(line, key).with_context(|| format!("no {key} in {line:?}"))
+    };
+    let mut first = u64::MAX;
+    let mut last = 0;
+    let mut total = 0;
+    for line in &closed {
+        first = first.min(get(line, "first_ns=")?);
+        last = last.max(get(line, "last_ns=")?);
+        total += get(line, "count=")?;
+    }
+    if total != u64::from(n) {
+        bail!("the workers closed {total} connections, not {n}");
+    }
+    Ok(Closing {
+        close_ms: ns_to_ms(first, last),
+        retire_ms: ns_to_ms(last, retired),
+        close_cpu_ms,
+        release,
+    })
 }
 
 /// The CPU time of `pid` since it was `earlier` (ns), in milliseconds.
@@ -251,35 +285,7 @@ fn connect_clients(env: &mut Env, addr: SocketAddr, n: u32) -> Result<Vec<u32>> 
 }
 
 fn outcome(points: &[Point], base: &Base) -> Outcome {
-    let mut rows = Vec::new();
-    let baseline = format!(
-        "no connection: {} (promote {}; {} CPU for both)",
-        fmt_ms(base.start_ms),
-        fmt_ms(base.promote_ms),
-        fmt_ms(base.start_cpu_ms)
-    );
-    for p in points {
-        let start = p.start_ms;
-        let row = Row::new(
-            format!("drain start (tag pass), {} connections", thousands(p.n)),
-            format!(
-                "{} ({} daemon CPU above the baseline; counted {})",
-                fmt_ms(start),
-                fmt_ms((p.start_cpu_ms - base.start_cpu_ms).max(0.0)),
-                p.pass_counted
-            ),
-            Some(start),
-        )
-        .baseline(baseline.clone());
-        rows.push(if p.n == 100_000 {
-            row.goal(
-                format!("< {GOAL_START_MS} ms at 100 k"),
-                start < GOAL_START_MS,
-            )
-        } else {
-            row
-        });
-    }
+    let mut rows = start_rows(points, base);
     if let Some(linear) = growth(points, base) {
         rows.push(linear);
     }
@@ -337,6 +343,48 @@ fn outcome(points: &[Point], base: &Base) -> Outcome {
         )
         .baseline(format!("no connection: {}", fmt_ms(base.rescan_cpu_ms))),
     );
+    Outcome {
+        rows,
+        details: details(points),
+    }
+}
+
+/// The drain start's row at each size, against the same with no connection.
+fn start_rows(points: &[Point], base: &Base) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let baseline = format!(
+        "no connection: {} (promote {}; {} CPU for both)",
+        fmt_ms(base.start_ms),
+        fmt_ms(base.promote_ms),
+        fmt_ms(base.start_cpu_ms)
+    );
+    for p in points {
+        let start = p.start_ms;
+        let row = Row::new(
+            format!("drain start (tag pass), {} connections", thousands(p.n)),
+            format!(
+                "{} ({} daemon CPU above the baseline; counted {})",
+                fmt_ms(start),
+                fmt_ms((p.start_cpu_ms - base.start_cpu_ms).max(0.0)),
+                p.pass_counted
+            ),
+            Some(start),
+        )
+        .baseline(baseline.clone());
+        rows.push(if p.n == 100_000 {
+            row.goal(
+                format!("< {GOAL_START_MS} ms at 100 k"),
+                start < GOAL_START_MS,
+            )
+        } else {
+            row
+        });
+    }
+    rows
+}
+
+/// What the tag pass and the rescan are, then each size's figures.
+fn details(points: &[Point]) -> Vec<String> {
     let mut details = vec![
         "The tag pass is an `iter/task_file` run over each process of the draining \
          generation (Linux ≥ 6.1): it visits their open files only, and tags the sockets on \
@@ -371,7 +419,7 @@ fn outcome(points: &[Point], base: &Base) -> Outcome {
             fmt_ms(p.retire_ms)
         ));
     }
-    Outcome { rows, details }
+    details
 }
 
 /// Whether the drain start grows linearly or better: the daemon's CPU time for it (above

@@ -257,23 +257,7 @@ fn run_kernel(
     };
 
     let mut tree = image::Tree::base();
-    tree.busybox(busybox)?;
-    tree.host_programs(expected_tests.iter().any(|t| t == "fd_budget"))?;
-    for name in BINARIES {
-        let path = bin_dir.join(name);
-        if !path.is_file() {
-            bail!("{} is missing after the static build", path.display());
-        }
-        tree.file(&format!("/t/{name}"), 0o755, &path);
-    }
-    for (name, path) in tests.iter().filter(|(n, _)| expected_tests.contains(n)) {
-        tree.file(&format!("/t/deps/{name}"), 0o755, path);
-    }
-    let mut modules = Vec::new();
-    for (name, ko) in &files.modules {
-        tree.bytes(&format!("/lib/modules/{name}.ko"), 0o644, ko.clone());
-        modules.push(name.as_str());
-    }
+    let modules = fill_tree(&mut tree, files, busybox, bin_dir, tests, &expected_tests)?;
     let (test_timeout, deadline) = match (kernel.expect, quick) {
         (Expect::Refusal, _) => (120, Duration::from_secs(300)),
         (Expect::Run, true) => (900, Duration::from_secs(1800)),
@@ -332,6 +316,36 @@ fn run_kernel(
         }
     }
     Ok(outcome)
+}
+
+/// Puts busybox, the host programs, the static binaries, the expected tests and the kernel's
+/// modules in `tree`; returns the modules' names, in the order the guest loads them.
+fn fill_tree<'a>(
+    tree: &mut image::Tree,
+    files: &'a boot::KernelFiles,
+    busybox: &Path,
+    bin_dir: &Path,
+    tests: &[&(String, PathBuf)],
+    expected_tests: &[String],
+) -> Result<Vec<&'a str>> {
+    tree.busybox(busybox)?;
+    tree.host_programs(expected_tests.iter().any(|t| t == "fd_budget"))?;
+    for name in BINARIES {
+        let path = bin_dir.join(name);
+        if !path.is_file() {
+            bail!("{} is missing after the static build", path.display());
+        }
+        tree.file(&format!("/t/{name}"), 0o755, &path);
+    }
+    for (name, path) in tests.iter().filter(|(n, _)| expected_tests.contains(n)) {
+        tree.file(&format!("/t/deps/{name}"), 0o755, path);
+    }
+    let mut modules = Vec::new();
+    for (name, ko) in &files.modules {
+        tree.bytes(&format!("/lib/modules/{name}.ko"), 0o644, ko.clone());
+        modules.push(name.as_str());
+    }
+    Ok(modules)
 }
 
 /// Boots `image` with `initrd`, logs the console to `log`, and fills `outcome` from the

@@ -116,22 +116,7 @@ pub fn run(root: &Path) -> Result<bool> {
     check_interrupted()?;
     let t = Instant::now();
     let work = TempDir::new_in(&cache_base()?, "systemd-test")?;
-    let image = work.path().join("root");
-    std::fs::create_dir(&image)?;
-    run_checked(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&image)
-            .args(["--numeric-owner", "-xpf"])
-            .arg(&tarball),
-        "unpacking the cached root",
-    )?;
-    install_deb(&image, &deb)?;
-    add_test_files(&image, &testsrv, &kernel_dir, &files)?;
-    let initrd = work.path().join("initrd.cpio");
-    write_cpio(&image, &initrd)?;
-    // The tree is in the archive now: free the disk before booting.
-    std::fs::remove_dir_all(&image)?;
+    let initrd = build_initrd(&work, &tarball, &deb, &testsrv, &kernel_dir, &files)?;
     let size = std::fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0);
     times.push(("image (unpack, dpkg -i, cpio)", t.elapsed()));
 
@@ -154,6 +139,43 @@ pub fn run(root: &Path) -> Result<bool> {
         }
     }
 
+    let passed = report(&outcome, &times, started, &log);
+    println!("systemd-test: {}", if passed { "PASS" } else { "FAIL" });
+    Ok(passed)
+}
+
+/// Unpacks the cached root in `work`, installs the package and the test files, and packs it into
+/// an initramfs; the unpacked tree is removed before returning the archive's path.
+fn build_initrd(
+    work: &TempDir,
+    tarball: &Path,
+    deb: &Path,
+    testsrv: &Path,
+    kernel_dir: &Path,
+    files: &super::boot::KernelFiles,
+) -> Result<PathBuf> {
+    let image = work.path().join("root");
+    std::fs::create_dir(&image)?;
+    run_checked(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&image)
+            .args(["--numeric-owner", "-xpf"])
+            .arg(tarball),
+        "unpacking the cached root",
+    )?;
+    install_deb(&image, deb)?;
+    add_test_files(&image, testsrv, kernel_dir, files)?;
+    let initrd = work.path().join("initrd.cpio");
+    write_cpio(&image, &initrd)?;
+    // The tree is in the archive now: free the disk before booting.
+    std::fs::remove_dir_all(&image)?;
+    Ok(initrd)
+}
+
+/// Prints the checks' table and the stage times, and the console log's tail on a failure; true
+/// when every check passed.
+fn report(outcome: &Outcome, times: &[(&str, Duration)], started: Instant, log: &Path) -> bool {
     println!();
     println!("systemd-test checks (Debian {SUITE}, systemd as PID 1, Linux {KERNEL}):");
     let mut passed = outcome.error.is_none() && outcome.done;
@@ -177,7 +199,7 @@ pub fn run(root: &Path) -> Result<bool> {
         println!("  error: {error}");
     }
     println!("stage times:");
-    for (stage, d) in &times {
+    for (stage, d) in times {
         println!("  {stage:<30} {:>6.1} s", d.as_secs_f64());
     }
     println!(
@@ -188,13 +210,12 @@ pub fn run(root: &Path) -> Result<bool> {
     if !passed {
         let kept =
             std::env::temp_dir().join(format!("handoff-systemd-test-{}.log", std::process::id()));
-        if std::fs::copy(&log, &kept).is_ok() {
+        if std::fs::copy(log, &kept).is_ok() {
             print_tail(&kept, 80);
             println!("console log: {}", kept.display());
         }
     }
-    println!("systemd-test: {}", if passed { "PASS" } else { "FAIL" });
-    Ok(passed)
+    passed
 }
 
 /// Fails naming what to install when a tool is missing or we are not root.

@@ -44,43 +44,61 @@ pub(super) fn add_test_files(
     kernel_dir: &Path,
     files: &KernelFiles,
 ) -> Result<()> {
-    let put = |path: &str, mode: u32, data: &[u8]| -> Result<()> {
-        let full = image.join(path.trim_start_matches('/'));
-        if let Some(parent) = full.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&full, data).with_context(|| format!("cannot write {}", full.display()))?;
-        std::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode))?;
-        Ok(())
-    };
-    let link = |path: &str, target: &str| -> Result<()> {
-        let full = image.join(path.trim_start_matches('/'));
-        if let Some(parent) = full.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let _ = std::fs::remove_file(&full);
-        std::os::unix::fs::symlink(target, &full)
-            .with_context(|| format!("cannot link {}", full.display()))
-    };
+    add_units(image, testsrv)?;
+    add_modules(image, kernel_dir, files)
+}
 
+/// Writes `data` at `path` in the root with `mode`, making the parent directories.
+fn put(image: &Path, path: &str, mode: u32, data: &[u8]) -> Result<()> {
+    let full = image.join(path.trim_start_matches('/'));
+    if let Some(parent) = full.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&full, data).with_context(|| format!("cannot write {}", full.display()))?;
+    std::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// Makes `path` in the root a symbolic link to `target`, replacing what was there.
+fn link(image: &Path, path: &str, target: &str) -> Result<()> {
+    let full = image.join(path.trim_start_matches('/'));
+    if let Some(parent) = full.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let _ = std::fs::remove_file(&full);
+    std::os::unix::fs::symlink(target, &full)
+        .with_context(|| format!("cannot link {}", full.display()))
+}
+
+/// The configuration, testsrv, the check's script and unit, the masked units and the hostname.
+fn add_units(image: &Path, testsrv: &Path) -> Result<()> {
     // What an administrator does after installing: name the service in the config.
-    put("/etc/handoff/handoffd.toml", 0o644, GOOD_CONFIG.as_bytes())?;
     put(
+        image,
+        "/etc/handoff/handoffd.toml",
+        0o644,
+        GOOD_CONFIG.as_bytes(),
+    )?;
+    put(
+        image,
         "/usr/local/bin/testsrv",
         0o755,
         &std::fs::read(testsrv).with_context(|| format!("cannot read {}", testsrv.display()))?,
     )?;
     put(
+        image,
         "/usr/local/sbin/handoff-check",
         0o755,
         format!("#!/bin/bash\n{}", include_str!("../systemd_check.sh")).as_bytes(),
     )?;
     put(
+        image,
         "/etc/systemd/system/handoff-check.service",
         0o644,
         CHECK_UNIT.as_bytes(),
     )?;
     link(
+        image,
         "/etc/systemd/system/multi-user.target.wants/handoff-check.service",
         "/etc/systemd/system/handoff-check.service",
     )?;
@@ -94,10 +112,14 @@ pub(super) fn add_test_files(
         "e2scrub_all.timer",
         "fstrim.timer",
     ] {
-        link(&format!("/etc/systemd/system/{unit}"), "/dev/null")?;
+        link(image, &format!("/etc/systemd/system/{unit}"), "/dev/null")?;
     }
-    put("/etc/hostname", 0o644, b"handoff-systemd-test\n")?;
+    put(image, "/etc/hostname", 0o644, b"handoff-systemd-test\n")?;
+    Ok(())
+}
 
+/// The kernel's diag modules and depmod's lists, loaded at boot by systemd-modules-load.
+fn add_modules(image: &Path, kernel_dir: &Path, files: &KernelFiles) -> Result<()> {
     // The kernel's diag modules, found by depmod and loaded by systemd-modules-load.
     let release = &files.release;
     let mut names = Vec::new();
@@ -107,6 +129,7 @@ pub(super) fn add_test_files(
             .find(|(_, n, _)| n == name)
             .map_or("extra", |(sub, _, _)| sub);
         put(
+            image,
             &format!("/lib/modules/{release}/kernel/{sub}/{name}.ko"),
             0o644,
             ko,
@@ -121,10 +144,16 @@ pub(super) fn add_test_files(
     ] {
         let source = kernel_dir.join("lib/modules").join(release).join(list);
         if let Ok(data) = std::fs::read(&source) {
-            put(&format!("/lib/modules/{release}/{list}"), 0o644, &data)?;
+            put(
+                image,
+                &format!("/lib/modules/{release}/{list}"),
+                0o644,
+                &data,
+            )?;
         }
     }
     put(
+        image,
         "/etc/modules-load.d/handoff-test.conf",
         0o644,
         format!("{}\n", names.join("\n")).as_bytes(),
