@@ -179,6 +179,35 @@ fn cargo(root: &Path) -> Command {
     cmd
 }
 
+/// Installs `crate_name` at `version` with `cargo install --locked` unless `cargo SUB
+/// --version` already reports that version (`who` names the caller in the message).
+fn ensure_cargo_tool(
+    root: &Path,
+    sub: &str,
+    crate_name: &str,
+    version: &str,
+    who: &str,
+) -> Result<()> {
+    let found = cargo(root)
+        .args([sub, "--version"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if found.as_deref().is_some_and(|v| v.ends_with(version)) {
+        return Ok(());
+    }
+    println!(
+        "{who}: {crate_name} {version} missing (found {}): cargo install",
+        found.as_deref().unwrap_or("none")
+    );
+    run_checked(
+        cargo(root).args(["install", crate_name, "--version", version, "--locked"]),
+        &format!("cargo install {crate_name}"),
+    )
+}
+
 /// Runs `cmd` with inherited stdio and fails unless it exits successfully.
 fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
     let status = cmd

@@ -136,19 +136,7 @@ pub fn run(args: &FloodArgs) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        Kind::Listen => {
-            for _ in 0..count {
-                match listener(args.addr) {
-                    Ok(fd) => {
-                        held.push(fd);
-                        counts.ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => {
-                        counts.failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
+        Kind::Listen => held = listeners(args.addr, count, &counts),
     }
     say("ready")?;
     while !finished(&stop, deadline) {
@@ -166,6 +154,23 @@ pub fn run(args: &FloodArgs) -> Result<()> {
     drop(held);
     // Threads blocked on the daemon are not waited for.
     std::process::exit(0)
+}
+
+/// `count` listeners on `addr`, each counted as made or refused.
+fn listeners(addr: SocketAddr, count: usize, counts: &Counts) -> Vec<OwnedFd> {
+    let mut held = Vec::new();
+    for _ in 0..count {
+        match listener(addr) {
+            Ok(fd) => {
+                held.push(fd);
+                counts.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    held
 }
 
 fn finished(stop: &AtomicBool, deadline: Instant) -> bool {

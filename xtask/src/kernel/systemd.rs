@@ -244,32 +244,7 @@ fn require_root_tools() -> Result<()> {
 /// `cargo deb -p handoff`, installing the pinned cargo-deb first when needed; the path
 /// of the package.
 fn build_deb(root: &Path) -> Result<PathBuf> {
-    let version = cargo(root)
-        .args(["deb", "--version"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-    if !version
-        .as_deref()
-        .is_some_and(|v| v.ends_with(CARGO_DEB_VERSION))
-    {
-        println!(
-            "systemd-test: cargo-deb {CARGO_DEB_VERSION} missing (found {}): cargo install",
-            version.as_deref().unwrap_or("none")
-        );
-        run_checked(
-            cargo(root).args([
-                "install",
-                "cargo-deb",
-                "--version",
-                CARGO_DEB_VERSION,
-                "--locked",
-            ]),
-            "cargo install cargo-deb",
-        )?;
-    }
+    crate::ensure_cargo_tool(root, "deb", "cargo-deb", CARGO_DEB_VERSION, "systemd-test")?;
     let out = cargo(root)
         .args(["deb", "-p", "handoff", "--fast"])
         .stderr(Stdio::inherit())

@@ -22,11 +22,10 @@ mod scan;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use anyhow::{Context, Result};
 
-use crate::{cargo, run_checked};
+use crate::cargo;
 
 /// A layer: a name for the report and the top-level modules of `daemon/src` in it.
 pub struct Layer {
@@ -79,7 +78,13 @@ pub const SPLIT: &[&str] = &["discover", "persist", "kernel", "runtime"];
 const CRATE_DIR: &str = "daemon/src";
 
 /// Directories (relative to the workspace root) whose files and functions are measured.
-pub const LENGTH_DIRS: [&str; 2] = ["daemon/src", "common/src"];
+pub const LENGTH_DIRS: [&str; 5] = [
+    "daemon/src",
+    "common/src",
+    "tests/src",
+    "tests/tests",
+    "xtask/src",
+];
 
 /// The longest a file may be, in lines.
 pub const MAX_FILE_LINES: usize = 500;
@@ -115,32 +120,13 @@ pub fn run(root: &Path, cargo_modules: bool) -> Result<bool> {
 
 /// `cargo modules dependencies --acyclic` on the daemon library.
 fn check_cycles(root: &Path) -> Result<bool> {
-    let version = cargo(root)
-        .args(["modules", "--version"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
-    if !version
-        .as_deref()
-        .is_some_and(|v| v.ends_with(CARGO_MODULES_VERSION))
-    {
-        println!(
-            "layers: cargo-modules {CARGO_MODULES_VERSION} missing (found {}): cargo install",
-            version.as_deref().unwrap_or("none")
-        );
-        run_checked(
-            cargo(root).args([
-                "install",
-                "cargo-modules",
-                "--version",
-                CARGO_MODULES_VERSION,
-                "--locked",
-            ]),
-            "cargo install cargo-modules",
-        )?;
-    }
+    crate::ensure_cargo_tool(
+        root,
+        "modules",
+        "cargo-modules",
+        CARGO_MODULES_VERSION,
+        "layers",
+    )?;
     // `--layout none`: the cycle check only, no graph printed.
     let out = cargo(root)
         .args(["modules", "dependencies", "--lib", "-p", "handoff"])
