@@ -53,14 +53,14 @@ struct {
 } counters SEC(".maps");
 
 /*
- * The probes the daemon registered, each with the slot the program chose for its SYN
- * (HANDOFF_PROBE_UNSET until then). Only root (the map is the daemon's) can register.
+ * The probes and check connections the daemon registered, each with what it asks and the
+ * slot the program chose for its SYN. Only root (the map is the daemon's) can register.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, HANDOFF_PROBE_SLOTS);
 	__type(key, struct handoff_probe_key);
-	__type(value, __u32);
+	__type(value, struct handoff_probe);
 } probes SEC(".maps");
 
 /* skb->protocol values (network order in ctx->eth_protocol). */
@@ -73,6 +73,23 @@ static __always_inline void count(__u32 which)
 
 	if (n)
 		*n += 1; /* per-CPU: no other writer */
+}
+
+/*
+ * The connection hash's two halves: the low one picks the listener within a generation,
+ * the high one decides a canary's share. Taking both from the whole hash would correlate
+ * them (with 25 listeners and weight 10, hash % 25 fixes hash % 100 to four values in
+ * each residue class: only some listeners would ever see canary traffic).
+ */
+static __always_inline __u32 pick_bits(__u32 hash)
+{
+	return hash & 0xffff;
+}
+
+/* A percentile, 0 to 99, uniform over the high half of the hash. */
+static __always_inline __u32 share_of(__u32 hash)
+{
+	return ((hash >> 16) * 100) >> 16;
 }
 
 /*
@@ -113,7 +130,7 @@ static __always_inline __s64 select_in(struct sk_reuseport_md *ctx, __u32 first,
  * ephemeral port the kernel picked for the daemon a moment ago and which the daemon
  * holds: no other socket on the host has it.
  */
-static __always_inline __u32 *probe_of(struct sk_reuseport_md *ctx)
+static __always_inline struct handoff_probe *probe_of(struct sk_reuseport_md *ctx)
 {
 	struct handoff_probe_key key;
 	__u16 ports[2];
@@ -154,16 +171,70 @@ static __always_inline __u32 *probe_of(struct sk_reuseport_md *ctx)
 	return bpf_map_lookup_elem(&probes, &key);
 }
 
+/*
+ * A health-check connection: sent to exactly the listener the daemon named (the
+ * candidate's, which no client is steered to yet), or dropped if that slot has no socket.
+ */
+static __always_inline int check(struct sk_reuseport_md *ctx, struct handoff_probe *probe)
+{
+	__u32 slot = probe->target;
+
+	count(HANDOFF_CTR_CHECK);
+	if (slot < HANDOFF_SOCK_SLOTS && bpf_sk_select_reuseport(ctx, &socks, &slot, 0) == 0) {
+		/* A 4-byte store; the daemon reads it after its connect() returned. */
+		probe->chosen = slot;
+		return SK_PASS;
+	}
+	probe->chosen = HANDOFF_PROBE_NO_SOCKET;
+	return SK_DROP;
+}
+
+/*
+ * The slot `rec` sends this connection to, or -1 for none; `*which` says which counter
+ * the decision is.
+ */
+static __always_inline __s64 decide(struct sk_reuseport_md *ctx, struct handoff_record *rec,
+				    __u32 *which)
+{
+	__u32 pick = pick_bits(ctx->hash);
+	int retried = 0;
+	__s64 slot;
+
+	if (rec->canary_len && share_of(ctx->hash) < rec->weight) {
+		slot = select_in(ctx, rec->canary_first, rec->canary_len, pick, &retried);
+		if (slot >= 0) {
+			*which = HANDOFF_CTR_CANARY;
+			return slot;
+		}
+		/* A canary without a listener left: its share goes to the active generation. */
+	}
+	slot = select_in(ctx, rec->active_first, rec->active_len, pick, &retried);
+	if (slot >= 0) {
+		*which = retried ? HANDOFF_CTR_ACTIVE_RETRY : HANDOFF_CTR_ACTIVE;
+		return slot;
+	}
+	/*
+	 * The active generation has no listener left (it crashed, or closed them all): the
+	 * previous one still serves, which beats the kernel's hash over every generation that
+	 * happens to listen.
+	 */
+	slot = select_in(ctx, rec->prev_first, rec->prev_len, pick, &retried);
+	*which = slot >= 0 ? HANDOFF_CTR_FALLBACK : HANDOFF_CTR_KERNEL_HASH;
+	return slot;
+}
+
 SEC("sk_reuseport/migrate")
 int handoff_select(struct sk_reuseport_md *ctx)
 {
 	struct handoff_record *rec;
-	__u32 zero = 0, *idx, *probe;
-	__u32 chosen = HANDOFF_PROBE_NO_SOCKET;
-	int retried = 0, migrating;
+	struct handoff_probe *probe;
+	__u32 zero = 0, *idx, which;
+	int migrating;
 	__s64 slot;
 
 	probe = probe_of(ctx);
+	if (probe && probe->target != HANDOFF_PROBE_UNSET)
+		return check(ctx, probe);
 	migrating = ctx->migrating_sk != 0;
 
 	idx = bpf_map_lookup_elem(&current, &zero);
@@ -175,30 +246,10 @@ int handoff_select(struct sk_reuseport_md *ctx)
 		/* The daemon never stores an index outside the ring; kernel hash as a last resort. */
 		return SK_PASS;
 
-	slot = select_in(ctx, rec->active_first, rec->active_len, ctx->hash, &retried);
-	if (slot >= 0) {
-		chosen = slot;
-		if (!probe)
-			count(retried ? HANDOFF_CTR_ACTIVE_RETRY : HANDOFF_CTR_ACTIVE);
-	} else {
-		/*
-		 * The active generation has no listener left (it crashed, or closed them all):
-		 * the previous one still serves, which beats the kernel's hash over every
-		 * generation that happens to listen.
-		 */
-		slot = select_in(ctx, rec->prev_first, rec->prev_len, ctx->hash, &retried);
-		if (slot >= 0) {
-			chosen = slot;
-			if (!probe)
-				count(HANDOFF_CTR_FALLBACK);
-		} else if (!probe) {
-			count(HANDOFF_CTR_KERNEL_HASH);
-		}
-	}
-
+	slot = decide(ctx, rec, &which);
 	if (probe) {
 		/* A 4-byte store; the daemon reads it after its connect() returned. */
-		*probe = chosen;
+		probe->chosen = slot >= 0 ? (__u32)slot : HANDOFF_PROBE_NO_SOCKET;
 		count(HANDOFF_CTR_PROBE);
 		/*
 		 * A probe only asks which listener would be chosen: drop it so that no
@@ -206,13 +257,14 @@ int handoff_select(struct sk_reuseport_md *ctx)
 		 */
 		return SK_DROP;
 	}
+	count(which);
 	if (migrating)
 		count(HANDOFF_CTR_MIGRATED);
 	/*
 	 * SK_PASS with a selection: the selected socket takes the connection. SK_PASS without
-	 * one (no listener of the active or previous generation): the kernel hashes over the
-	 * whole group, or, for a migration, over the listeners that remain; that still serves
-	 * the client, where SK_DROP would reset it.
+	 * one (no listener of the canary, active or previous generation): the kernel hashes
+	 * over the whole group, or, for a migration, over the listeners that remain; that
+	 * still serves the client, where SK_DROP would reset it.
 	 */
 	return SK_PASS;
 }

@@ -21,11 +21,12 @@
 #define HANDOFF_RECORDS 16
 
 /*
- * Probes the daemon has registered at once (it probes one group at a time; the rest is
- * room for a second daemon instance during a restart).
+ * Probes and check connections the daemon has registered at once: a health check opens
+ * one connection per listener of a candidate (at most HANDOFF_GEN_SLOTS per group), and a
+ * second daemon instance may probe during a restart.
  */
-#define HANDOFF_PROBE_SLOTS 16
-/* The value a probe slot holds until the program records a decision in it. */
+#define HANDOFF_PROBE_SLOTS 1024
+/* `chosen` until the program records a decision; as `target`: a probe, not a check. */
 #define HANDOFF_PROBE_UNSET 0xffffffffu
 /* A probe that found no socket to select (the kernel's hash would have chosen). */
 #define HANDOFF_PROBE_NO_SOCKET 0xfffffffeu
@@ -47,14 +48,39 @@ struct handoff_probe_key {
 	__u32 family;
 };
 
-/* One group's steering state; immutable while `current` can point at it. */
+/*
+ * What the program does with a registered connection: `target` HANDOFF_PROBE_UNSET makes
+ * it a probe (the program records the slot it would choose in `chosen` and drops the
+ * SYN); any other `target` makes it a health check of that one listener (the program
+ * selects exactly that slot, records it, and lets the connection through; if the slot
+ * holds no socket it records HANDOFF_PROBE_NO_SOCKET and drops the SYN).
+ */
+struct handoff_probe {
+	__u32 target;
+	/* HANDOFF_PROBE_UNSET until the program saw the SYN. */
+	__u32 chosen;
+};
+
+/*
+ * One group's steering state; immutable while `current` can point at it. New connections
+ * go to the active generation's listeners, except that a canary (canary_len > 0) takes
+ * `weight` percent of them; a canary without a listener left gives its share to the
+ * active generation, and an active generation without one to the previous generation.
+ */
 struct handoff_record {
+	/* First slot and number of listeners of the canary (len 0: none). */
+	__u32 canary_first;
+	__u32 canary_len;
 	/* First slot and number of listeners of the active generation. */
 	__u32 active_first;
 	__u32 active_len;
 	/* The same for the previous generation (len 0: none). */
 	__u32 prev_first;
 	__u32 prev_len;
+	/* Percent (0 to 100) of new connections for the canary. */
+	__u32 weight;
+	/* Zero. */
+	__u32 reserved;
 };
 
 /* Per-CPU counters of the program's decisions, indexes into the `counters` map. */
@@ -71,7 +97,11 @@ enum handoff_counter {
 	HANDOFF_CTR_MIGRATED = 4,
 	/* Probe connections recognised and dropped (not counted above). */
 	HANDOFF_CTR_PROBE = 5,
-	HANDOFF_CTR_MAX = 6,
+	/* The canary's share: a listener of the canary took the connection. */
+	HANDOFF_CTR_CANARY = 6,
+	/* Health-check connections sent to the listener they named (not counted above). */
+	HANDOFF_CTR_CHECK = 7,
+	HANDOFF_CTR_MAX = 8,
 };
 
 #endif

@@ -18,17 +18,23 @@ pub enum Counter {
     Migrated = 4,
     /// Probe connections recognised and dropped.
     Probe = 5,
+    /// A canary's listener took the connection (its share of new connections).
+    Canary = 6,
+    /// Health-check connections sent to the listener they named.
+    Check = 7,
 }
 
 impl Counter {
     /// Every counter, in map order.
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Active,
         Counter::ActiveRetry,
         Counter::Fallback,
         Counter::KernelHash,
         Counter::Migrated,
         Counter::Probe,
+        Counter::Canary,
+        Counter::Check,
     ];
 
     /// The counter's index in the `counters` map.
@@ -45,6 +51,8 @@ impl Counter {
             Counter::KernelHash => "kernel_hash",
             Counter::Migrated => "migrated",
             Counter::Probe => "probe",
+            Counter::Canary => "canary",
+            Counter::Check => "check",
         }
     }
 
@@ -57,6 +65,8 @@ impl Counter {
             Counter::KernelHash => "HANDOFF_CTR_KERNEL_HASH",
             Counter::Migrated => "HANDOFF_CTR_MIGRATED",
             Counter::Probe => "HANDOFF_CTR_PROBE",
+            Counter::Canary => "HANDOFF_CTR_CANARY",
+            Counter::Check => "HANDOFF_CTR_CHECK",
         }
     }
 }
@@ -77,6 +87,12 @@ pub struct Counters {
     pub migrated: u64,
     /// See [`Counter::Probe`].
     pub probe: u64,
+    /// See [`Counter::Canary`].
+    #[serde(default)]
+    pub canary: u64,
+    /// See [`Counter::Check`].
+    #[serde(default)]
+    pub check: u64,
 }
 
 impl Counters {
@@ -94,6 +110,8 @@ impl Counters {
             Counter::KernelHash => &mut self.kernel_hash,
             Counter::Migrated => &mut self.migrated,
             Counter::Probe => &mut self.probe,
+            Counter::Canary => &mut self.canary,
+            Counter::Check => &mut self.check,
         }
     }
 
@@ -168,5 +186,6 @@ mod tests {
         let mut sum = c;
         sum.merge(&c);
         assert_eq!(sum.get(Counter::Probe), 12);
+        assert_eq!(sum.get(Counter::Check), 16);
     }
 }

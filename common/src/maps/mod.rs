@@ -10,8 +10,8 @@ pub mod records;
 
 pub use counters::{Counter, Counters, Stat};
 pub use records::{
-    DrainEventRaw, DrainMember, EventKind, GuardKey, ListenerRaw, PROBE_KEY_SIZE, ProbeKey,
-    ProcRaw, SteerRecord, Watch, WatchKey,
+    DrainEventRaw, DrainMember, EventKind, GuardKey, LegacyRecord, ListenerRaw, PROBE_KEY_SIZE,
+    ProbeKey, ProbeValue, ProcRaw, SteerRecord, Watch, WatchKey,
 };
 
 /// Sockarray slots given to one generation in one group.
@@ -23,8 +23,9 @@ pub const SOCK_SLOTS: u32 = GEN_SLOTS * BLOCKS;
 /// Entries of the `records` ring.
 pub const RECORDS: u32 = 16;
 /// Entries of the `probes` hash map: probes registered at once.
-pub const PROBE_SLOTS: u32 = 16;
-/// A probe slot not yet written by the program.
+pub const PROBE_SLOTS: u32 = 1024;
+/// A probe's `chosen` not yet written by the program; as its `target`: a probe, not a
+/// health check.
 pub const PROBE_UNSET: u32 = 0xffff_ffff;
 /// The program saw the probe but found no socket to select.
 pub const PROBE_NO_SOCKET: u32 = 0xffff_fffe;

@@ -119,6 +119,7 @@ macro_rules! record {
 /// Every mirror of a record of `ebpf/*.h`.
 pub const MIRRORS: &[fn() -> Layout] = &[
     ProbeKey::layout,
+    ProbeValue::layout,
     SteerRecord::layout,
     DrainMember::layout,
     WatchKey::layout,
@@ -189,10 +190,27 @@ impl ProbeKey {
     }
 }
 
+/// `struct handoff_probe`: what a registered connection asks, the value of `probes`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProbeValue {
+    /// [`super::PROBE_UNSET`]: a probe (the program records its choice and drops the
+    /// SYN); else the slot a health-check connection must reach.
+    pub target: u32,
+    /// The slot the program chose ([`super::PROBE_UNSET`] until it saw the SYN).
+    pub chosen: u32,
+}
+
+record!(ProbeValue, "handoff_probe", 8, [target, chosen]);
+
 /// `struct handoff_record`: one group's steering state, immutable while in force.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SteerRecord {
+    /// First slot of the canary's block.
+    pub canary_first: u32,
+    /// Listeners of the canary (0: none).
+    pub canary_len: u32,
     /// First slot of the active generation's block.
     pub active_first: u32,
     /// Listeners of the active generation, from `active_first` on.
@@ -201,14 +219,73 @@ pub struct SteerRecord {
     pub prev_first: u32,
     /// Listeners of the previous generation (0: none).
     pub prev_len: u32,
+    /// Percent of new connections for the canary.
+    pub weight: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 record!(
     SteerRecord,
     "handoff_record",
-    16,
-    [active_first, active_len, prev_first, prev_len]
+    32,
+    [
+        canary_first,
+        canary_len,
+        active_first,
+        active_len,
+        prev_first,
+        prev_len,
+        weight,
+        reserved
+    ]
 );
+
+/// The record of handoff 0.x before canaries (`struct handoff_record` of 16 bytes:
+/// active first and length, previous first and length), as groups pinned by an older
+/// daemon hold it: read once, to move such a group to the current layout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LegacyRecord {
+    /// First slot of the active generation's block.
+    pub active_first: u32,
+    /// Its listeners.
+    pub active_len: u32,
+    /// First slot of the previous generation's block.
+    pub prev_first: u32,
+    /// Its listeners.
+    pub prev_len: u32,
+}
+
+impl LegacyRecord {
+    /// Size of the old record.
+    pub const SIZE: usize = 16;
+
+    /// Decodes the old record (native byte order); `None` when `bytes` is too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let word = |i: usize| -> Option<u32> {
+            Some(u32::from_ne_bytes(
+                bytes.get(i * 4..i * 4 + 4)?.try_into().ok()?,
+            ))
+        };
+        Some(Self {
+            active_first: word(0)?,
+            active_len: word(1)?,
+            prev_first: word(2)?,
+            prev_len: word(3)?,
+        })
+    }
+
+    /// The same steering in the current layout (no canary).
+    pub fn upgrade(self) -> SteerRecord {
+        SteerRecord {
+            active_first: self.active_first,
+            active_len: self.active_len,
+            prev_first: self.prev_first,
+            prev_len: self.prev_len,
+            ..SteerRecord::default()
+        }
+    }
+}
 
 /// `struct handoff_member`: a process the tag pass counts for, the value of `members`.
 #[repr(C)]
@@ -385,15 +462,35 @@ mod tests {
     #[test]
     fn record_bytes_are_native_u32s() {
         let r = SteerRecord {
-            active_first: 1,
-            active_len: 2,
-            prev_first: 3,
-            prev_len: 4,
+            canary_first: 1,
+            canary_len: 2,
+            active_first: 3,
+            active_len: 4,
+            prev_first: 5,
+            prev_len: 6,
+            weight: 7,
+            reserved: 0,
         };
         let b = r.to_bytes();
-        assert_eq!(u32::from_ne_bytes(b[12..16].try_into().unwrap()), 4);
         assert_eq!(u32::from_ne_bytes(b[0..4].try_into().unwrap()), 1);
+        assert_eq!(u32::from_ne_bytes(b[12..16].try_into().unwrap()), 4);
+        assert_eq!(u32::from_ne_bytes(b[24..28].try_into().unwrap()), 7);
         assert_eq!(SteerRecord::from_bytes(&b), Some(r));
+        let old: Vec<u8> = [3u32, 4, 5, 6]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let upgraded = LegacyRecord::from_bytes(&old).unwrap().upgrade();
+        assert_eq!(
+            upgraded,
+            SteerRecord {
+                canary_first: 0,
+                canary_len: 0,
+                weight: 0,
+                ..r
+            }
+        );
+        assert_eq!(LegacyRecord::from_bytes(&old[..15]), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! The minimum versions below only tell the operator what to upgrade to. The probing
 //! itself is in [`crate::kernel::loader::features`]; this module is what it concludes, pure.
 
+pub mod check;
 pub mod detach;
 pub mod host;
 pub mod loader;

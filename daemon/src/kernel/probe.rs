@@ -9,7 +9,7 @@
 //! address (a local one: see handoff.bpf.c).
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use handoff_common::maps::{PROBE_NO_SOCKET, PROBE_UNSET, ProbeKey};
@@ -127,33 +127,7 @@ pub fn probe(
     target: SocketAddr,
     patience: Duration,
 ) -> Result<ProbeResult, ProbeError> {
-    let family = match target {
-        SocketAddr::V4(_) => AddressFamily::Inet,
-        SocketAddr::V6(_) => AddressFamily::Inet6,
-    };
-    // Non-blocking: the connect's outcome is waited for with poll and a deadline, never
-    // with a blocking connect another program's choice of listener could stretch.
-    let fd = socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(socket_err("socket"))?;
-    // Port 0: the kernel picks a free ephemeral port; nobody else holds it while we do.
-    let source = SocketAddr::new(target.ip(), 0);
-    bind(fd.as_raw_fd(), sockaddr(&source).as_ref()).map_err(socket_err("bind"))?;
-    let bound: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(socket_err("getsockname"))?;
-    let source = match (bound.as_sockaddr_in(), bound.as_sockaddr_in6()) {
-        (Some(a), _) => SocketAddr::V4((*a).into()),
-        (None, Some(a)) => SocketAddr::V6((*a).into()),
-        (None, None) => {
-            return Err(ProbeError::Socket {
-                op: "getsockname",
-                source: Errno::EAFNOSUPPORT,
-            });
-        }
-    };
+    let (fd, source) = bound_socket(target)?;
     let key = ProbeKey::new(source, target);
     program.register_probe(key)?;
     let start = Instant::now();
@@ -191,9 +165,42 @@ pub fn probe(
     }
 }
 
+/// A non-blocking TCP socket bound to an ephemeral port on `target`'s own address (a
+/// local address: loopback for a wildcard group), and the address it got.
+pub(super) fn bound_socket(target: SocketAddr) -> Result<(OwnedFd, SocketAddr), ProbeError> {
+    let family = match target {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    // Non-blocking: the connect's outcome is waited for with poll and a deadline, never
+    // with a blocking connect another program's choice of listener could stretch.
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(socket_err("socket"))?;
+    // Port 0: the kernel picks a free ephemeral port; nobody else holds it while we do.
+    let source = SocketAddr::new(target.ip(), 0);
+    bind(fd.as_raw_fd(), sockaddr(&source).as_ref()).map_err(socket_err("bind"))?;
+    let bound: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(socket_err("getsockname"))?;
+    let source = match (bound.as_sockaddr_in(), bound.as_sockaddr_in6()) {
+        (Some(a), _) => SocketAddr::V4((*a).into()),
+        (None, Some(a)) => SocketAddr::V6((*a).into()),
+        (None, None) => {
+            return Err(ProbeError::Socket {
+                op: "getsockname",
+                source: Errno::EAFNOSUPPORT,
+            });
+        }
+    };
+    Ok((fd, source))
+}
+
 /// How a non-blocking connect ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+pub(super) enum Outcome {
     /// Reset: ECONNREFUSED.
     Refused,
     /// The handshake completed: a listener accepted it.
@@ -205,7 +212,7 @@ enum Outcome {
 }
 
 /// Starts a connect on the non-blocking `fd` and waits at most `deadline` for it to end.
-fn connect_within(
+pub(super) fn connect_within(
     fd: std::os::fd::BorrowedFd<'_>,
     target: SocketAddr,
     deadline: Duration,
@@ -221,7 +228,11 @@ fn connect_within(
 }
 
 /// Waits until `deadline` after `start` for the connect in progress on `fd` to end.
-fn wait_connect(fd: std::os::fd::BorrowedFd<'_>, start: Instant, deadline: Duration) -> Outcome {
+pub(super) fn wait_connect(
+    fd: std::os::fd::BorrowedFd<'_>,
+    start: Instant,
+    deadline: Duration,
+) -> Outcome {
     loop {
         let left = deadline.saturating_sub(start.elapsed());
         if left.is_zero() {

@@ -16,7 +16,7 @@ use aya::{Ebpf, EbpfError};
 pub use drain::{CGROUP_ROOT_INODE, DrainProgram, cgroup2_root};
 pub use events::{DrainEvent, EventRings, EventStats};
 pub use guard::GuardProgram;
-pub use steer::GroupProgram;
+pub use steer::{GroupProgram, ProbeMap};
 
 /// Detaches whatever sk_reuseport program the group of `socket` has.
 pub fn detach(socket: &impl std::os::fd::AsFd) -> Result<(), LoaderError> {

@@ -8,7 +8,7 @@ use aya::programs::{SkReuseport, SkReuseportAttachType};
 use aya::{Ebpf, EbpfLoader};
 use handoff_common::maps::{
     self, Counter, Counters, MAP_COUNTERS, MAP_CURRENT, MAP_PROBES, MAP_RECORDS, MAP_SOCKS,
-    PROBE_KEY_SIZE, PROBE_UNSET, ProbeKey, RECORDS, SteerRecord,
+    PROBE_KEY_SIZE, PROBE_UNSET, ProbeKey, ProbeValue, RECORDS, SteerRecord,
 };
 
 use super::{LoaderError, take};
@@ -50,8 +50,8 @@ pub struct GroupProgram {
     _current_map: MapData,
     /// Per-CPU decision counters.
     counters: PerCpuArray<MapData, u64>,
-    /// Registered probes and the slot chosen for each.
-    probes: HashMap<MapData, [u8; PROBE_KEY_SIZE], u32>,
+    /// Registered probes and checks, and the slot chosen for each.
+    probes: ProbeMap,
     /// Whether the program has been attached to the group.
     attached: bool,
 }
@@ -165,7 +165,7 @@ impl GroupProgram {
         };
         let records = Array::try_from(map(MAP_RECORDS)?).map_err(map_err(MAP_RECORDS))?;
         let counters = PerCpuArray::try_from(map(MAP_COUNTERS)?).map_err(map_err(MAP_COUNTERS))?;
-        let probes = HashMap::try_from(map(MAP_PROBES)?).map_err(map_err(MAP_PROBES))?;
+        let probes = ProbeMap::new(map(MAP_PROBES)?)?;
         let current = MappedIndex::new(current_map.fd()).map_err(|source| LoaderError::Sys {
             op: "mmap",
             name: MAP_CURRENT,
@@ -275,21 +275,99 @@ impl GroupProgram {
 
     /// Registers a probe: from now on the program treats a SYN matching `key` as one.
     pub fn register_probe(&mut self, key: ProbeKey) -> Result<(), LoaderError> {
-        self.probes
-            .insert(key.to_bytes(), PROBE_UNSET, 0)
-            .map_err(map_err(MAP_PROBES))
+        self.probes.register(key, PROBE_UNSET)
     }
 
     /// The slot the program chose for the probe `key` ([`PROBE_UNSET`]: not seen).
     pub fn probe_result(&self, key: ProbeKey) -> Result<u32, LoaderError> {
-        self.probes
-            .get(&key.to_bytes(), 0)
-            .map_err(map_err(MAP_PROBES))
+        self.probes.chosen(key)
     }
 
     /// Removes the registration of probe `key`.
     pub fn unregister_probe(&mut self, key: ProbeKey) {
+        self.probes.unregister(key);
+    }
+
+    /// A handle of its own on the group's `probes` map, for health checks that run
+    /// without the daemon's lock (see [`crate::kernel::check`]).
+    pub fn probe_map(&self) -> Result<ProbeMap, LoaderError> {
+        self.probes.try_clone()
+    }
+}
+
+/// A group's `probes` map: the connections the program treats as probes or checks.
+pub struct ProbeMap {
+    map: HashMap<MapData, [u8; PROBE_KEY_SIZE], [u8; ProbeValue::SIZE]>,
+    /// A descriptor of the map of its own, to open further handles from.
+    fd: std::os::fd::OwnedFd,
+}
+
+impl std::fmt::Debug for ProbeMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProbeMap")
+    }
+}
+
+fn dup_err(source: std::io::Error) -> LoaderError {
+    LoaderError::Io {
+        op: "duplicating",
+        path: MAP_PROBES.into(),
+        source,
+    }
+}
+
+impl ProbeMap {
+    fn new(map: Map) -> Result<Self, LoaderError> {
+        let fd = map_data(&map, MAP_PROBES)?
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(dup_err)?;
+        let map = HashMap::try_from(map).map_err(map_err(MAP_PROBES))?;
+        Ok(Self { map, fd })
+    }
+
+    /// A second handle on the same kernel map (descriptors of its own).
+    fn try_clone(&self) -> Result<ProbeMap, LoaderError> {
+        let fd = self.fd.try_clone().map_err(dup_err)?;
+        let data = MapData::from_fd(fd).map_err(map_err(MAP_PROBES))?;
+        Self::new(Map::HashMap(data))
+    }
+
+    /// Registers `key` with `target`: [`PROBE_UNSET`] for a probe, else the slot a
+    /// check connection must reach.
+    fn register(&mut self, key: ProbeKey, target: u32) -> Result<(), LoaderError> {
+        let value = ProbeValue {
+            target,
+            chosen: PROBE_UNSET,
+        };
+        self.map
+            .insert(key.to_bytes(), value.to_bytes(), 0)
+            .map_err(map_err(MAP_PROBES))
+    }
+
+    /// Registers a health-check connection: the program sends a SYN matching `key` to
+    /// the listener in `slot`, and to no other.
+    pub fn register_check(&mut self, key: ProbeKey, slot: u32) -> Result<(), LoaderError> {
+        if slot >= maps::SOCK_SLOTS {
+            return Err(LoaderError::MissingMap("check slot"));
+        }
+        self.register(key, slot)
+    }
+
+    /// The slot the program chose for `key` ([`PROBE_UNSET`]: not seen yet).
+    pub fn chosen(&self, key: ProbeKey) -> Result<u32, LoaderError> {
+        let bytes = self
+            .map
+            .get(&key.to_bytes(), 0)
+            .map_err(map_err(MAP_PROBES))?;
+        // The map's values are ProbeValue::SIZE bytes: the decoder cannot come up short.
+        Ok(ProbeValue::from_bytes(&bytes).map_or(PROBE_UNSET, |v| v.chosen))
+    }
+
+    /// Removes the registration of `key`.
+    pub fn unregister(&mut self, key: ProbeKey) {
         // Absent (never inserted) is fine; the map is only ever small.
-        let _ = self.probes.remove(&key.to_bytes());
+        let _ = self.map.remove(&key.to_bytes());
     }
 }

@@ -50,28 +50,30 @@ impl Run {
     }
 }
 
-/// The kernel's record for `steer`. The steering program's record has no canary slot yet
-/// (it comes with `promote --weight`): a record naming a canary is refused, and no
-/// request makes the machine publish one.
+/// The kernel's record for `steer`.
 pub(super) fn encode(steer: Steer) -> Result<SteerRecord, LoaderError> {
-    if steer.canary.is_some() {
-        return Err(LoaderError::MissingMap("canary record"));
-    }
+    let (canary, weight) = steer.canary.unwrap_or_default();
     let active = steer.active.unwrap_or_default();
     let previous = steer.previous.unwrap_or_default();
     Ok(SteerRecord {
+        canary_first: canary.first,
+        canary_len: canary.len,
         active_first: active.first,
         active_len: active.len,
         prev_first: previous.first,
         prev_len: previous.len,
+        weight: u32::from(weight.min(100)),
+        reserved: 0,
     })
 }
 
 /// The machine's view of a record read from the kernel.
 pub(super) fn decode(r: SteerRecord) -> Steer {
     let span = |first, len| (len > 0).then_some(Span { first, len });
+    // A weight outside 1–99 is no canary the daemon wrote: none.
+    let weight = u8::try_from(r.weight).ok().filter(|w| (1..=99).contains(w));
     Steer {
-        canary: None,
+        canary: span(r.canary_first, r.canary_len).zip(weight),
         active: span(r.active_first, r.active_len),
         previous: span(r.prev_first, r.prev_len),
     }
