@@ -10,7 +10,7 @@
 //! 1. `sys` (every raw syscall and `unsafe` block) and [`logging`] (the log format for a
 //!    terminal, a file or journald).
 //! 2. [`config`]: services, drain settings and paths, from flags or the TOML file,
-//!    checked before anything starts.
+//!    checked before anything starts. Above it, a layer of its own: [`health`], one check.
 //! 3. `lifecycle`: the generation lifecycle as a pure state machine (events in, effects
 //!    out; no I/O, no clock). The only place that changes a generation's state.
 //! 4. `discover`: processes and sockets as /proc and sock_diag show them (`diag`), the
@@ -33,6 +33,7 @@
 
 pub mod config;
 mod discover;
+pub mod health;
 mod kernel;
 mod lifecycle;
 pub mod logging;

@@ -47,6 +47,10 @@ pub const LAYERS: &[Layer] = &[
         modules: &["config"],
     },
     Layer {
+        name: "health",
+        modules: &["health"],
+    },
+    Layer {
         name: "lifecycle",
         modules: &["lifecycle"],
     },
