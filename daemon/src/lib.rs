@@ -33,7 +33,7 @@
 
 pub mod config;
 mod discover;
-pub mod health;
+mod health;
 mod kernel;
 mod lifecycle;
 pub mod logging;

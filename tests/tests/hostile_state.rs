@@ -313,6 +313,7 @@ fn forged() -> Vec<u8> {
         pid: 4242,
         listeners: 1,
         draining: Some(6),
+        weight: None,
     }))
 }
 

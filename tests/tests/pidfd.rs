@@ -265,6 +265,7 @@ fn descriptors_that_are_not_one_pidfd_are_refused() {
     let promote = Request::Promote {
         pid: b.pid as i32,
         service: None,
+        options: Default::default(),
     };
 
     let (kind, message) = refusal(send_with_fds(&d.socket, &promote, &[devnull()]));

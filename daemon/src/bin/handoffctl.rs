@@ -18,10 +18,14 @@ use std::io::Write as _;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use handoff::client as control;
-use handoff_common::proto::{DEFAULT_CONTROL_SOCKET, ErrorKind, Request, Response, Status};
+use handoff_common::check::CheckSpec;
+use handoff_common::proto::{
+    DEFAULT_CONTROL_SOCKET, ErrorKind, PromoteOptions, Request, Response, Status,
+};
 
 /// Control handoffd.
 #[derive(Debug, Parser)]
@@ -47,8 +51,10 @@ enum Command {
         /// The service (may be left out when handoffd runs one).
         #[arg(long)]
         service: Option<String>,
+        #[command(flatten)]
+        how: PromoteFlags,
     },
-    /// Make the newest draining generation active again.
+    /// Make the newest draining generation active again; abort a canary.
     Rollback {
         /// The service (may be left out when handoffd runs one).
         #[arg(long)]
@@ -68,18 +74,74 @@ enum Command {
     },
 }
 
+/// How a promote hands traffic over (each absent flag: the service's configuration).
+#[derive(Debug, clap::Args)]
+struct PromoteFlags {
+    /// Check PID through each of its listeners before any client reaches it: `tcp`,
+    /// `http:/PATH[:STATUS]` or `https:/PATH[:STATUS]` (TLS, certificate not verified).
+    #[arg(long, value_name = "CHECK")]
+    check: Option<CheckSpec>,
+    /// Do not run the service's configured check.
+    #[arg(long, conflicts_with = "check")]
+    no_check: bool,
+    /// How long the check may take, retries included (e.g. 5s, 500ms).
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    check_timeout: Option<Duration>,
+    /// Keep trying until PID listens and passes its check, or the check timeout ends.
+    #[arg(long)]
+    wait: bool,
+    /// Percent of new connections for PID, the rest staying with the active generation
+    /// (a canary); 100 completes a canary.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=100))]
+    weight: Option<u8>,
+    /// After the promote, keep the previous generation ready (no drain signal) this long,
+    /// and take traffic back to it at once if PID exits, closes its listeners or fails
+    /// its check; 0 turns the service's window off.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    watch: Option<Duration>,
+}
+
+impl PromoteFlags {
+    fn options(self) -> PromoteOptions {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        PromoteOptions {
+            check: self.check,
+            no_check: self.no_check,
+            check_timeout_ms: self.check_timeout.map(ms),
+            wait: self.wait,
+            weight: self.weight,
+            watch_ms: self.watch.map(ms),
+        }
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    handoff::config::parse_duration(s).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let mut typed = None;
     let mut pidfd = None;
     let (request, json) = match args.command {
-        Command::Promote { pid, service } => {
+        Command::Promote { pid, service, how } => {
             typed = Some(pid);
+            let options = how.options();
+            if let Err(e) = options.validate() {
+                return fail(&e);
+            }
             match control::caller_pidfd(pid) {
                 Ok(fd) => pidfd = fd,
                 Err(e) => return fail(&handoff::logging::one_line(&e)),
             }
-            (Request::Promote { pid, service }, false)
+            (
+                Request::Promote {
+                    pid,
+                    service,
+                    options,
+                },
+                false,
+            )
         }
         Command::Rollback { service } => (Request::Rollback { service }, false),
         Command::Reload => (Request::Reload {}, false),
@@ -102,8 +164,12 @@ fn main() -> ExitCode {
                 Some(t) if t != p.pid && pidfd.is_some() => format!("pid {t}, host pid {}", p.pid),
                 _ => format!("pid {}", p.pid),
             };
+            let role = match p.weight {
+                Some(w) => format!("takes {w} % of new connections (a canary)"),
+                None => "is active".to_owned(),
+            };
             format!(
-                "service {}: generation {} ({pid}, {} listeners) is active{draining}\n",
+                "service {}: generation {} ({pid}, {} listeners) {role}{draining}\n",
                 p.service, p.generation, p.listeners
             )
         }

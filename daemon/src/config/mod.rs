@@ -10,7 +10,7 @@ use std::time::Duration;
 pub mod file;
 mod service;
 
-pub use service::ServiceConfig;
+pub use service::{DEFAULT_CHECK_TIMEOUT, NotifySettings, ReleaseSettings, ServiceConfig};
 
 /// Default state directory: control socket, lock, generation table.
 pub const DEFAULT_STATE_DIR: &str = "/run/handoff";
@@ -323,6 +323,7 @@ pub fn service(
         listen: listen.to_vec(),
         drain,
         user: None,
+        release: ReleaseSettings::default(),
     })
 }
 

@@ -258,6 +258,20 @@ impl Lifecycle {
         }
     }
 
+    /// The active generation failed its check in its watch window.
+    pub(super) fn check_failed(&mut self, id: GenId, out: &mut Vec<Effect>) {
+        if self.active().is_some_and(|g| g.id == id) {
+            self.fail_over(RollbackReason::CheckFailed, out);
+        }
+    }
+
+    /// Whether a generation stands by: the watch window of the active one is open.
+    pub fn watching(&self) -> bool {
+        self.generations
+            .iter()
+            .any(|g| matches!(g.phase, Phase::Standby { .. }))
+    }
+
     /// Traffic goes back to the standby, if the watch window keeps one.
     pub(super) fn fail_over(&mut self, reason: RollbackReason, out: &mut Vec<Effect>) {
         if self.op.is_some() {

@@ -82,6 +82,11 @@ pub enum Event {
         /// The generation.
         generation: GenId,
     },
+    /// The active generation failed its health check (run in its watch window).
+    CheckFailed {
+        /// The generation.
+        generation: GenId,
+    },
     /// The active generation has no listener left in some group.
     ListenersLost {
         /// The generation.
@@ -174,7 +179,7 @@ pub enum SignalScope {
 }
 
 /// Why traffic went back to an earlier generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RollbackReason {
     /// `handoffctl rollback`.
     Operator,
@@ -182,6 +187,28 @@ pub enum RollbackReason {
     Exited,
     /// It lost its listeners inside its watch window.
     ListenersLost,
+    /// It failed its health check inside its watch window.
+    CheckFailed,
+}
+
+impl RollbackReason {
+    /// Every reason, in the order the metrics list them.
+    pub const ALL: &'static [RollbackReason] = &[
+        RollbackReason::Operator,
+        RollbackReason::Exited,
+        RollbackReason::ListenersLost,
+        RollbackReason::CheckFailed,
+    ];
+
+    /// The label in metrics, logs and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RollbackReason::Operator => "operator",
+            RollbackReason::Exited => "exited",
+            RollbackReason::ListenersLost => "listeners_lost",
+            RollbackReason::CheckFailed => "check_failed",
+        }
+    }
 }
 
 /// A check of a candidate through its own listeners.

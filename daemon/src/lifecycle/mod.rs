@@ -22,9 +22,10 @@ mod tests;
 
 pub use drain::resumed;
 #[cfg(test)]
-use event::{Check, Promoted, RollbackReason};
+use event::{Check, Promoted};
 pub use event::{
-    Effect, Event, Failure, Outcome, ProbeSeen, PromoteMode, Refusal, Reply, SignalScope, Why,
+    Effect, Event, Failure, Outcome, ProbeSeen, PromoteMode, Refusal, Reply, RollbackReason,
+    SignalScope, Why,
 };
 pub use model::{
     Block, Drain, GenId, Generation, Millis, Phase, Policy, RetireReason, Retirement, Span, Steer,

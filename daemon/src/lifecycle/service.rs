@@ -69,6 +69,7 @@ impl Lifecycle {
             Event::LeaderExited { generation } => self.leader_exited(generation),
             Event::Exited { generation } => self.exited(generation, &mut out),
             Event::ListenersLost { generation } => self.listeners_lost(generation, &mut out),
+            Event::CheckFailed { generation } => self.check_failed(generation, &mut out),
             Event::ListenerJoined {
                 generation,
                 group,

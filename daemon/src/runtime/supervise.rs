@@ -51,6 +51,7 @@ pub async fn supervise(
     let mut zeros: AsyncFd<RingBuf<MapData>> = sys::async_ringbuf(rings.zeros)?;
     let mut binds: AsyncFd<RingBuf<MapData>> = sys::async_ringbuf(rings.binds)?;
     let mut exits = JoinSet::new();
+    let mut checks = JoinSet::new();
     let Some(wake) = with_daemon(&daemon, |d| d.waker()).await else {
         return Err(std::io::Error::other(
             "the daemon's state is poisoned by an earlier panic",
@@ -97,8 +98,24 @@ pub async fn supervise(
                 with_daemon(&daemon, Daemon::reap).await;
             }
             () = sleep => {
-                with_daemon(&daemon, |d| d.tick(Instant::now())).await;
+                let now = Instant::now();
+                let jobs = with_daemon(&daemon, move |d| {
+                    d.tick(now);
+                    d.watch_checks_due(now)
+                })
+                .await
+                .unwrap_or_default();
+                for (service, job) in jobs {
+                    let daemon = Arc::clone(&daemon);
+                    // The check waits on the service's processes: never under the lock.
+                    checks.spawn_blocking(move || {
+                        let generation = job.generation;
+                        let result = job.run();
+                        Daemon::lock(&daemon).watch_checked(service, generation, result);
+                    });
+                }
             }
+            Some(_) = checks.join_next() => {}
             ready = binds.readable_mut() => {
                 let batch = drain_ring(&mut ready?);
                 if !batch.is_empty() {

@@ -67,6 +67,7 @@ kill_after = "off"
                     kill_after: Some(Duration::from_secs(30)),
                 },
                 user: None,
+                release: crate::config::ReleaseSettings::default(),
             },
             ServiceConfig {
                 name: "api_2".into(),
@@ -78,6 +79,7 @@ kill_after = "off"
                     kill_after: None,
                 },
                 user: None,
+                release: crate::config::ReleaseSettings::default(),
             },
         ]
     );

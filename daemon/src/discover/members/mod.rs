@@ -44,8 +44,8 @@ impl Uids {
     }
 }
 
-/// One process of a generation.
-#[derive(Debug)]
+/// One process of a generation. A clone shares its pidfd.
+#[derive(Debug, Clone)]
 pub struct Member {
     /// Its pid.
     pub pid: i32,

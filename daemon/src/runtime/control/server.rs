@@ -17,7 +17,9 @@ use super::{ControlError, io_err};
 use crate::discover::members::Member;
 use crate::logging::one_line;
 use crate::persist::dirs;
-use crate::runtime::daemon::{self as state, ConfigSource, Daemon, error, finish_status};
+use crate::runtime::daemon::{
+    self as state, ConfigSource, Daemon, Who, error, finish_status, promote,
+};
 use crate::sys;
 
 /// How long a client may take to send its request.
@@ -157,7 +159,9 @@ fn answer(received: Received, daemon: &Mutex<Daemon>, config: &ConfigSource) -> 
         );
     }
     match request {
-        Request::Promote { service, .. } if !fds.is_empty() => {
+        Request::Promote {
+            service, options, ..
+        } if !fds.is_empty() => {
             let Some(pidfd) = fds.pop() else {
                 return error(ErrorKind::Internal, &"no descriptor");
             };
@@ -166,7 +170,7 @@ fn answer(received: Received, daemon: &Mutex<Daemon>, config: &ConfigSource) -> 
             match Member::from_pidfd(pidfd) {
                 Ok(leader) => {
                     tracing::debug!(pid = leader.pid, "promote by pidfd");
-                    Daemon::lock(daemon).promote_member(leader, service.as_deref())
+                    promote(daemon, Who::Member(leader), service.as_deref(), &options)
                 }
                 Err(e) => {
                     tracing::info!(error = %one_line(&e), "promote by pidfd refused");
@@ -190,6 +194,11 @@ fn answer(received: Received, daemon: &Mutex<Daemon>, config: &ConfigSource) -> 
             Ok(reloaded) => Response::Reloaded(reloaded),
             Err(e) => error(e.kind(), &e),
         },
+        Request::Promote {
+            pid,
+            service,
+            options,
+        } => promote(daemon, Who::Pid(pid), service.as_deref(), &options),
         request => Daemon::lock(daemon).handle(request),
     }
 }

@@ -2,6 +2,7 @@
 //! and deadlines.
 
 use super::*;
+use crate::runtime::service::{CheckError, CheckJob};
 
 impl Daemon {
     /// Acts on what the kernel reported.
@@ -130,6 +131,29 @@ impl Daemon {
             .filter_map(|s| s.next_deadline(&self.ctx))
             .chain(self.stats_check_at)
             .chain(self.services.iter().filter_map(Service::watch_due))
+            .chain(self.services.iter().filter_map(Service::watch_check_at))
             .min()
+    }
+
+    /// The watch-window checks due at `now`, by service index: to run without the lock.
+    pub fn watch_checks_due(&mut self, now: Instant) -> Vec<(usize, CheckJob)> {
+        self.guarded("watch checks", |d| {
+            d.services
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s.watch_check_due(now)?)))
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// A watch-window check of service `i`'s generation came back.
+    pub fn watch_checked(&mut self, i: usize, generation: u64, result: Result<(), CheckError>) {
+        self.guarded("watch check", |d| {
+            if let Some(s) = d.services.get_mut(i) {
+                s.watch_checked(generation, result, &mut d.ctx);
+            }
+            d.persist();
+        });
     }
 }

@@ -10,7 +10,6 @@ use std::time::Instant;
 use crate::config::ServiceConfig;
 use crate::config::file::{self as config_file, ConfigFileError};
 use crate::config::{ConfigError, Overrides};
-use crate::discover::members::Member;
 use crate::kernel::loader::{DrainEvent, EventStats};
 use crate::persist::state::{SavedService, SavedState};
 use crate::runtime::metrics::PromotionResult;
@@ -21,10 +20,12 @@ use crate::runtime::service::{Ctx, PromoteError, Service, StatusPlan};
 const STATS_RECHECK: std::time::Duration = std::time::Duration::from_millis(200);
 
 mod events;
+mod promote;
 mod recover;
 mod reload;
 mod requests;
 
+pub use promote::{Step, Who, promote};
 pub use reload::{ConfigSource, ReloadError, reload};
 pub use requests::{error, finish_status};
 

@@ -172,6 +172,7 @@ mod tests {
         let promote = |pid: u32| Request::Promote {
             pid: pid as i32,
             service: None,
+            options: Default::default(),
         };
         let mut d = Daemon::lock(&daemon);
         assert!(matches!(d.handle(promote(a.pid)), Response::Promoted(_)));
@@ -179,8 +180,11 @@ mod tests {
         assert!(steering_a.iter().all(Option::is_some), "{steering_a:?}");
         // An operation that flipped the kernel to B, then panicked before it completed.
         let out = d.guarded("test", |d| {
-            let flipped = d.services[0].promote(b.pid as i32, &mut d.ctx);
-            assert!(flipped.is_ok(), "{flipped:?}");
+            let flipped = d.services[0].promote(b.pid as i32, &Default::default(), &mut d.ctx);
+            assert!(
+                matches!(flipped, crate::runtime::service::Operated::Done(Ok(_))),
+                "{flipped:?}"
+            );
             assert_ne!(
                 d.services[0].records(),
                 steering_a,

@@ -22,14 +22,30 @@ impl Daemon {
 
     fn answer(&mut self, request: Request) -> Response {
         match request {
-            Request::Promote { pid, service } => match self.service(service.as_deref()) {
-                Ok(i) => self.change(i, |s, ctx| s.promote(pid, ctx)),
-                Err(e) => e,
-            },
-            Request::Rollback { service } => match self.service(service.as_deref()) {
-                Ok(i) => self.change(i, Service::rollback),
-                Err(e) => e,
-            },
+            // The control socket runs a promote's check without the lock (see
+            // `promote::promote`); here, the check runs under it.
+            Request::Promote {
+                pid,
+                service,
+                options,
+            } => {
+                let started = Instant::now();
+                let mut step =
+                    self.promote_step(Who::Pid(pid), service.as_deref(), &options, started);
+                while let Step::Check {
+                    service,
+                    job,
+                    started,
+                } = step
+                {
+                    step = self.checked(service, job.run(), started);
+                }
+                match step {
+                    Step::Answer(response, _) => response,
+                    Step::Check { .. } => error(ErrorKind::Internal, &"unreachable"),
+                }
+            }
+            Request::Rollback { service } => self.rollback_step(service.as_deref()),
             // Callers that can should use `status_plans` and finish outside the lock.
             Request::Status {} => {
                 let plans = self.status_plans();
@@ -43,33 +59,14 @@ impl Daemon {
         }
     }
 
-    /// Promotes `leader`, a process already opened from a pidfd a client passed (see
-    /// [`Member::from_pidfd`]), as a promote request naming `service` would.
-    pub fn promote_member(&mut self, leader: Member, service: Option<&str>) -> Response {
-        self.guarded("request", |d| {
-            let response = match d.service(service) {
-                Ok(i) => d.change(i, |s, ctx| s.promote_member(leader, ctx)),
-                Err(e) => e,
-            };
-            d.persist();
-            response
-        })
-        .unwrap_or_else(|| {
-            error(
-                ErrorKind::Internal,
-                &"the request failed on an internal error (logged); the daemon took up its last consistent state and serves on: check `handoffctl status` and retry",
-            )
-        })
-    }
-
-    /// Runs a promote or rollback on service `i`, counting it in the metrics.
-    fn change(
+    /// The answer to a promote or rollback of service `i` begun at `started`, counted
+    /// in the metrics.
+    pub(super) fn change(
         &mut self,
         i: usize,
-        f: impl FnOnce(&mut Service, &mut Ctx) -> Result<Promoted, PromoteError>,
+        result: Result<Promoted, PromoteError>,
+        started: Instant,
     ) -> Response {
-        let started = Instant::now();
-        let result = f(&mut self.services[i], &mut self.ctx);
         let name = self.services[i].name();
         match result {
             Ok(p) => {
@@ -128,7 +125,7 @@ impl Daemon {
     }
 
     /// The index of the service a request names (or the only one).
-    fn service(&self, name: Option<&str>) -> Result<usize, Response> {
+    pub(super) fn service(&self, name: Option<&str>) -> Result<usize, Response> {
         let known = || self_names(&self.services);
         match name {
             Some(name) => self

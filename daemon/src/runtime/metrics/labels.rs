@@ -51,6 +51,15 @@ impl EncodeLabelValue for Retirement {
     }
 }
 
+/// Why traffic went back to an earlier generation (`reason` of `handoff_rollbacks`).
+pub use crate::lifecycle::RollbackReason;
+
+impl EncodeLabelValue for RollbackReason {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
 label! {
     /// What the steering watch saw (`reason` of `handoff_steering_watch`).
     SteeringWatch {

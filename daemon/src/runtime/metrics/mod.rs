@@ -5,7 +5,7 @@
 
 mod labels;
 
-pub use labels::{PromotionResult, Retirement, SteeringWatch};
+pub use labels::{PromotionResult, Retirement, RollbackReason, SteeringWatch};
 
 use handoff_common::maps::Counter as SteerCounter;
 use std::net::SocketAddr;
@@ -46,6 +46,12 @@ struct RetireLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RollbackLabels {
+    service: String,
+    reason: RollbackReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WatchLabels {
     service: String,
     reason: SteeringWatch,
@@ -81,6 +87,7 @@ pub struct Metrics {
     drain_duration: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     foreign: Family<ServiceLabels, Gauge>,
     steering_watch: Family<WatchLabels, Counter>,
+    rollbacks: Family<RollbackLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -149,7 +156,17 @@ impl Metrics {
             "Probes that found a group without handoff's program (reason lost) and re-attaches that a probe confirmed (reason restored)",
             steering_watch.clone(),
         );
+        let rollbacks = Family::default();
+        registry.register(
+            "handoff_rollbacks",
+            format!(
+                "Traffic taken back to an earlier generation, by reason: {}",
+                labels::listed(RollbackReason::ALL.iter().map(|r| r.as_str()))
+            ),
+            rollbacks.clone(),
+        );
         Self {
+            rollbacks,
             steering_watch,
             registry: Arc::new(registry),
             connections,
@@ -177,6 +194,16 @@ impl Metrics {
                 })
                 .observe(s);
         }
+    }
+
+    /// Counts a rollback of `service`.
+    pub fn rollback(&self, service: &str, reason: RollbackReason) {
+        self.rollbacks
+            .get_or_create(&RollbackLabels {
+                service: service.into(),
+                reason,
+            })
+            .inc();
     }
 
     /// Counts a retirement, with how long its drain took if it drained.

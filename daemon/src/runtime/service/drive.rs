@@ -8,6 +8,7 @@ use std::time::Instant;
 use handoff_common::maps::SteerRecord;
 
 use super::Members;
+use super::check::{CheckJob, CheckPlan, GroupTargets};
 use super::promote_error::PromoteError;
 use super::trace;
 use super::{Ctx, Service};
@@ -15,7 +16,7 @@ use crate::discover::candidate::{self, Candidate, TakenListener};
 use crate::kernel::loader::LoaderError;
 use crate::kernel::probe::{self, ProbeResult};
 use crate::lifecycle::{
-    Effect, Event, Failure, GenId, Outcome, ProbeSeen, Reply, Retirement, Span, Steer,
+    Block, Effect, Event, Failure, GenId, Outcome, ProbeSeen, Reply, Retirement, Span, Steer,
 };
 
 /// What an operation holds while the machine runs it: the candidate being installed
@@ -35,6 +36,12 @@ pub(super) struct Run {
     pub started: Instant,
     /// The machine's answer.
     pub reply: Option<Reply>,
+    /// The block each group's Insert step filled, by group.
+    pub blocks: Vec<(usize, u32)>,
+    /// How the operation checks its candidate, if it does.
+    pub check: Option<CheckPlan>,
+    /// A check the machine asked for, to be run without the daemon's lock.
+    pub job: Option<CheckJob>,
 }
 
 impl Run {
@@ -46,6 +53,9 @@ impl Run {
             error: None,
             started: Instant::now(),
             reply: None,
+            blocks: Vec::new(),
+            check: None,
+            job: None,
         }
     }
 }
@@ -120,7 +130,10 @@ impl Service {
     fn apply(&mut self, effect: Effect, run: &mut Run, ctx: &mut Ctx) -> Option<Event> {
         match effect {
             Effect::Discover { pid } => Some(self.discover(pid, run, ctx)),
-            Effect::Insert { group, block } => Some(step(run, self.insert(group, block, run))),
+            Effect::Insert { group, block } => {
+                let inserted = self.insert(group, block, run);
+                Some(step(run, inserted))
+            }
             Effect::Attach { group } => Some(step(run, self.attach(group, run))),
             Effect::Publish { group, record } => Some(step(run, self.publish(group, record))),
             Effect::Probe { group, patient, .. } => Some(self.probe(group, patient, run)),
@@ -128,14 +141,15 @@ impl Service {
                 Ok(found) => Event::Outcome(Outcome::Attached(found)),
                 Err(e) => step(run, Err(e.into())),
             }),
-            // No request asks for a check yet (`promote --check` comes with the release
-            // issue): the machine never emits one, and a check that cannot run fails.
-            Effect::Check(_) => Some(step(
-                run,
-                Err(PromoteError::Loader(LoaderError::MissingMap(
-                    "health check",
-                ))),
-            )),
+            // Planned here, run by the caller without the daemon's lock; its outcome
+            // comes back through [`Service::checked`].
+            Effect::Check(c) => match self.check_job(c.generation, run) {
+                Ok(job) => {
+                    run.job = Some(job);
+                    None
+                }
+                Err(e) => Some(step(run, Err(e))),
+            },
             other => self.apply_other(other, run, ctx),
         }
     }
@@ -168,7 +182,8 @@ impl Service {
                 None
             }
             Effect::RolledBack { to, reason } => {
-                tracing::warn!(service = %self.config.name, generation = to, ?reason, "traffic rolled back");
+                ctx.metrics.rollback(&self.config.name, reason);
+                tracing::warn!(service = %self.config.name, generation = to, reason = reason.as_str(), "traffic rolled back");
                 None
             }
             Effect::Release { generation } => {
@@ -250,7 +265,7 @@ impl Service {
         }
     }
 
-    fn insert(&mut self, group: usize, block: u32, run: &Run) -> Result<(), PromoteError> {
+    fn insert(&mut self, group: usize, block: u32, run: &mut Run) -> Result<(), PromoteError> {
         let taken = run
             .taken
             .as_ref()
@@ -272,7 +287,59 @@ impl Service {
         for (k, t) in taken.iter().enumerate() {
             program.insert(slot(k), t.fd.as_fd())?;
         }
+        run.blocks.push((group, block));
         Ok(())
+    }
+
+    /// The check of generation `id` (the candidate being installed, or one of the
+    /// table): every listener of every group, through the group's address.
+    pub(super) fn check_job(&self, id: GenId, run: &Run) -> Result<CheckJob, PromoteError> {
+        let plan = run.check.clone().ok_or(LoaderError::MissingMap("check"))?;
+        let spans: Vec<(usize, Span)> = match self.machine.generation(id) {
+            Some(g) => g.blocks.iter().map(Block::span).enumerate().collect(),
+            None => run
+                .blocks
+                .iter()
+                .map(|&(group, block)| {
+                    let len = run
+                        .taken
+                        .as_ref()
+                        .and_then(|t| t.get(group))
+                        .map_or(0, Vec::len);
+                    let first = block.saturating_mul(handoff_common::maps::GEN_SLOTS);
+                    let len = u32::try_from(len).unwrap_or(0);
+                    (group, Span { first, len })
+                })
+                .collect(),
+        };
+        let mut groups = Vec::with_capacity(spans.len());
+        for (group, span) in spans {
+            let g = self
+                .groups
+                .get(group)
+                .ok_or(LoaderError::MissingMap("group"))?;
+            let key = run
+                .taken
+                .as_ref()
+                .and_then(|t| t.get(group)?.first())
+                .map(|t| t.key)
+                .or(g.key)
+                .ok_or(LoaderError::MissingMap("group address"))?;
+            let program = g
+                .program
+                .as_ref()
+                .ok_or(LoaderError::MissingMap("program"))?;
+            groups.push(GroupTargets {
+                address: key.probe_target(),
+                map: program.probe_map()?,
+                slots: (span.first..span.first.saturating_add(span.len)).collect(),
+            });
+        }
+        Ok(CheckJob {
+            generation: id,
+            plan,
+            groups,
+        })
     }
 
     fn attach(&mut self, group: usize, run: &Run) -> Result<(), PromoteError> {

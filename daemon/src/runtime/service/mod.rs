@@ -3,6 +3,7 @@
 //! generation's state is the machine's; this module discovers, applies the machine's
 //! effects (map writes, probes, signals, counts) and reports their outcome back.
 
+mod check;
 mod ctx;
 mod drain;
 mod drive;
@@ -16,13 +17,16 @@ mod promote;
 mod promote_error;
 mod status;
 mod trace;
+mod watch_check;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use handoff_common::proto::GenerationState;
 
+pub use check::{CheckError, CheckJob};
 pub use ctx::Ctx;
+pub use promote::Operated;
 pub use promote_error::PromoteError;
 pub use status::StatusPlan;
 
@@ -81,6 +85,10 @@ pub struct Service {
     pub removing: bool,
     /// Probes that check the groups still run handoff's program.
     watch: guard::Watch,
+    /// A promote waiting for its candidate's check.
+    parked: Option<promote::Parked>,
+    /// The active generation's checks in its watch window.
+    checks: watch_check::WatchChecks,
 }
 
 /// The machine's drain policy from the configured settings.
@@ -120,12 +128,19 @@ impl Service {
             outsiders: std::collections::HashSet::new(),
             removing: false,
             watch: guard::Watch::default(),
+            parked: None,
+            checks: watch_check::WatchChecks::default(),
         }
     }
 
     /// The service's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// How its promotes hand traffic over by default.
+    pub fn release(&self) -> &crate::config::ReleaseSettings {
+        &self.config.release
     }
 
     /// Its addresses.

@@ -4,28 +4,40 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use handoff_common::proto::Promoted;
+use handoff_common::proto::{PromoteOptions, Promoted};
 
 use super::Service;
+use super::check::{CheckError, CheckJob, CheckPlan};
 use super::ctx::Ctx;
 use super::drive::Run;
 use super::promote_error::PromoteError;
 use crate::discover::group::GroupKey;
 use crate::discover::members::Member;
 use crate::kernel::probe::{self, ProbeResult};
-use crate::lifecycle::{Event, ProbeSeen, PromoteMode, Refusal, Reply};
+use crate::lifecycle::{Event, Failure, Outcome, ProbeSeen, PromoteMode, Refusal, Reply};
+
+/// What a promote or rollback came to: its answer, or a check of its candidate to run
+/// without the daemon's lock (then [`Service::checked`] takes the operation up again).
+#[derive(Debug)]
+pub enum Operated {
+    /// The answer.
+    Done(Result<Promoted, PromoteError>),
+    /// A check to run; the operation waits for its outcome.
+    Check(CheckJob),
+}
+
+/// An operation waiting for its check: what it holds, and the pid it was asked for.
+#[derive(Debug)]
+pub(super) struct Parked {
+    run: Run,
+    asked: Option<i32>,
+}
 
 impl Service {
-    /// Makes `pid` the active generation, verified by a probe in every group.
-    pub fn promote(&mut self, pid: i32, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
-        self.operate(
-            Event::Promote {
-                pid,
-                mode: PromoteMode::default(),
-            },
-            Run::new(None),
-            ctx,
-        )
+    /// Makes `pid` the active generation (or a canary), verified by a probe in every
+    /// group, checked first if `options` or the service's configuration asks for it.
+    pub fn promote(&mut self, pid: i32, options: &PromoteOptions, ctx: &mut Ctx) -> Operated {
+        self.promote_run(pid, options, Run::new(None), ctx)
     }
 
     /// Makes `leader`, already opened (from a pidfd a client passed), the active
@@ -33,21 +45,49 @@ impl Service {
     pub fn promote_member(
         &mut self,
         leader: Member,
+        options: &PromoteOptions,
         ctx: &mut Ctx,
-    ) -> Result<Promoted, PromoteError> {
+    ) -> Operated {
         let pid = leader.pid;
-        self.operate(
-            Event::Promote {
-                pid,
-                mode: PromoteMode::default(),
-            },
-            Run::new(Some(leader)),
-            ctx,
-        )
+        self.promote_run(pid, options, Run::new(Some(leader)), ctx)
     }
 
-    /// Makes the newest draining generation with live listeners active again.
-    pub fn rollback(&mut self, ctx: &mut Ctx) -> Result<Promoted, PromoteError> {
+    fn promote_run(
+        &mut self,
+        pid: i32,
+        options: &PromoteOptions,
+        mut run: Run,
+        ctx: &mut Ctx,
+    ) -> Operated {
+        let release = &self.config.release;
+        let spec = match (&options.check, options.no_check) {
+            (Some(spec), _) => Some(spec.clone()),
+            (None, false) => release.check.clone(),
+            (None, true) => None,
+        };
+        let timeout = options
+            .check_timeout_ms
+            .map_or(release.check_timeout, Duration::from_millis);
+        run.check = spec.map(|spec| CheckPlan {
+            spec,
+            deadline: run.started + timeout,
+            wait: options.wait,
+        });
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let mode = PromoteMode {
+            check: run.check.is_some(),
+            weight: options.weight,
+            watch_ms: options
+                .watch_ms
+                .or(release.watch.map(ms))
+                .filter(|&ms| ms > 0),
+        };
+        self.operate(Event::Promote { pid, mode }, run, ctx)
+    }
+
+    /// Makes the newest draining generation with live listeners active again (or
+    /// aborts a canary).
+    pub fn rollback(&mut self, ctx: &mut Ctx) -> Operated {
         self.reap(ctx);
         let listening = self
             .machine
@@ -59,14 +99,9 @@ impl Service {
         self.operate(Event::Rollback { listening }, Run::new(None), ctx)
     }
 
-    /// Runs a promote or rollback through the machine and answers as the control
-    /// socket does.
-    fn operate(
-        &mut self,
-        event: Event,
-        mut run: Run,
-        ctx: &mut Ctx,
-    ) -> Result<Promoted, PromoteError> {
+    /// Runs a promote or rollback through the machine until it answers or waits for a
+    /// check.
+    fn operate(&mut self, event: Event, mut run: Run, ctx: &mut Ctx) -> Operated {
         if matches!(event, Event::Promote { .. }) {
             self.reap(ctx);
         }
@@ -75,6 +110,42 @@ impl Service {
             _ => None,
         };
         self.drive_run(event, &mut run, ctx);
+        self.settle(run, asked, ctx)
+    }
+
+    /// The check the operation waits for came back: the operation goes on from there.
+    pub fn checked(&mut self, result: Result<(), CheckError>, ctx: &mut Ctx) -> Operated {
+        let Some(Parked { mut run, asked }) = self.parked.take() else {
+            return Operated::Done(Err(PromoteError::Refused(Refusal::Failed)));
+        };
+        let outcome = match result {
+            Ok(()) => Outcome::Done,
+            Err(e) => {
+                tracing::info!(service = %self.config.name, error = %e, "the candidate failed its check: no client was sent to it");
+                run.error = Some(PromoteError::Check(e));
+                Outcome::Failed(Failure::Error)
+            }
+        };
+        self.drive_run(Event::Outcome(outcome), &mut run, ctx);
+        self.settle(run, asked, ctx)
+    }
+
+    /// Parks the operation if it waits for a check, else answers.
+    fn settle(&mut self, mut run: Run, asked: Option<i32>, ctx: &mut Ctx) -> Operated {
+        if let Some(job) = run.job.take() {
+            self.parked = Some(Parked { run, asked });
+            return Operated::Check(job);
+        }
+        Operated::Done(self.answer(run, asked, ctx))
+    }
+
+    /// The answer of an operation that ended.
+    fn answer(
+        &mut self,
+        mut run: Run,
+        asked: Option<i32>,
+        ctx: &mut Ctx,
+    ) -> Result<Promoted, PromoteError> {
         let reply = run.reply.take().unwrap_or(Reply::Refused(Refusal::Failed));
         let promoted = match reply {
             Reply::Promoted(p) => p,
@@ -88,6 +159,9 @@ impl Service {
                 return Err(self.refusal(refusal, &mut run));
             }
         };
+        if let Some(plan) = run.check.take() {
+            self.remember_check(promoted.generation, plan.spec);
+        }
         let installed = run.installing == Some(promoted.generation);
         if installed && let Some(m) = self.members.get(&promoted.generation) {
             for member in m.all() {
@@ -108,6 +182,13 @@ impl Service {
             pid,
             listeners: promoted.listeners,
             draining: promoted.draining,
+            weight: self
+                .machine
+                .generation(promoted.generation)
+                .and_then(|g| match g.phase {
+                    crate::lifecycle::Phase::Canary { weight } => Some(weight),
+                    _ => None,
+                }),
         })
     }
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use handoff_common::maps::BLOCKS;
 use handoff_common::proto::ErrorKind;
 
+use super::check::CheckError;
 use crate::discover::candidate::CandidateError;
 use crate::discover::group::GroupKey;
 use crate::kernel::loader::LoaderError;
@@ -68,6 +69,8 @@ pub enum PromoteError {
     /// The kernel program could not be loaded or driven.
     #[error(transparent)]
     Loader(#[from] LoaderError),
+    #[error("{0}: no client was sent to it, steering left as it was")]
+    Check(CheckError),
     /// The probe did not see the kernel steer to the new generation.
     #[error("{0}")]
     Probe(#[from] ProbeError),
@@ -101,6 +104,7 @@ impl PromoteError {
                 ErrorKind::BadRequest
             }
             PromoteError::Refused(_) => ErrorKind::Internal,
+            PromoteError::Check(_) => ErrorKind::CheckFailed,
             PromoteError::Loader(_)
             | PromoteError::Probe(_)
             | PromoteError::ProbeMismatch { .. } => ErrorKind::Kernel,

@@ -1,0 +1,167 @@
+//! Promote and rollback requests: each step under the daemon's lock, a candidate's
+//! health check without it.
+//!
+//! A check waits on the candidate, a process of the service's user: holding the lock
+//! meanwhile would let a slow candidate hold up every drain and every other request. So
+//! the lock is taken to start the operation, released while the check runs (the
+//! operation stays pending in the machine: another promote is refused as busy, drains
+//! and counts go on), and taken again to finish it.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use handoff_common::proto::{ErrorKind, PromoteOptions, Response};
+
+use super::Daemon;
+use super::requests::error;
+use crate::discover::members::Member;
+use crate::runtime::service::{CheckError, CheckJob, Operated};
+
+/// How often `promote --wait` looks again for a candidate that does not listen yet.
+const WAIT_PAUSE: Duration = Duration::from_millis(100);
+
+/// The process a promote names.
+#[derive(Debug, Clone)]
+pub enum Who {
+    /// A pid in the daemon's pid namespace.
+    Pid(i32),
+    /// A process opened from the pidfd a client passed.
+    Member(Member),
+}
+
+/// Where a request stands after a step under the lock.
+#[derive(Debug)]
+pub enum Step {
+    /// Answered; with `--wait`, worth asking again until the instant given (the
+    /// candidate does not listen yet).
+    Answer(Response, Option<Instant>),
+    /// A check of service `service`'s candidate to run.
+    Check {
+        /// The service's index.
+        service: usize,
+        /// The check.
+        job: CheckJob,
+        /// When the request began.
+        started: Instant,
+    },
+}
+
+/// Answers a promote: the whole request, the check run without the daemon's lock.
+pub fn promote(
+    daemon: &Mutex<Daemon>,
+    who: Who,
+    service: Option<&str>,
+    options: &PromoteOptions,
+) -> Response {
+    if let Err(e) = options.validate() {
+        return error(ErrorKind::BadRequest, &e);
+    }
+    loop {
+        let started = Instant::now();
+        let mut step = Daemon::lock(daemon).promote_step(who.clone(), service, options, started);
+        while let Step::Check {
+            service,
+            job,
+            started,
+        } = step
+        {
+            let result = job.run();
+            step = Daemon::lock(daemon).checked(service, result, started);
+        }
+        let Step::Answer(response, retry_until) = step else {
+            continue;
+        };
+        match retry_until {
+            Some(until) if Instant::now() + WAIT_PAUSE < until => std::thread::sleep(WAIT_PAUSE),
+            _ => return response,
+        }
+    }
+}
+
+impl Daemon {
+    /// The first step of a promote, under the lock.
+    pub fn promote_step(
+        &mut self,
+        who: Who,
+        service: Option<&str>,
+        options: &PromoteOptions,
+        started: Instant,
+    ) -> Step {
+        let i = match self.service(service) {
+            Ok(i) => i,
+            Err(e) => return Step::Answer(e, None),
+        };
+        let operated = self.guarded("request", |d| {
+            let (s, ctx) = (&mut d.services[i], &mut d.ctx);
+            match who {
+                Who::Pid(pid) => s.promote(pid, options, ctx),
+                Who::Member(leader) => s.promote_member(leader, options, ctx),
+            }
+        });
+        let step = self.step(i, operated, started);
+        match step {
+            Step::Answer(Response::Error(e), None)
+                if options.wait && e.kind == ErrorKind::NoListener =>
+            {
+                let timeout = options.check_timeout_ms.map_or(
+                    self.services[i].release().check_timeout,
+                    Duration::from_millis,
+                );
+                Step::Answer(Response::Error(e), Some(started + timeout))
+            }
+            step => step,
+        }
+    }
+
+    /// A rollback, under the lock (it never checks).
+    pub fn rollback_step(&mut self, service: Option<&str>) -> Response {
+        let started = Instant::now();
+        let i = match self.service(service) {
+            Ok(i) => i,
+            Err(e) => return e,
+        };
+        let operated = self.guarded("request", |d| d.services[i].rollback(&mut d.ctx));
+        if matches!(operated, Some(Operated::Done(Ok(_)))) {
+            self.ctx.metrics.rollback(
+                self.services[i].name(),
+                crate::lifecycle::RollbackReason::Operator,
+            );
+        }
+        match self.step(i, operated, started) {
+            Step::Answer(response, _) => response,
+            Step::Check { .. } => error(ErrorKind::Internal, &"a rollback asked for a check"),
+        }
+    }
+
+    /// The check of service `i`'s candidate came back: the promote goes on.
+    pub fn checked(&mut self, i: usize, result: Result<(), CheckError>, started: Instant) -> Step {
+        let operated = self.guarded("request", |d| match d.services.get_mut(i) {
+            Some(s) => s.checked(result, &mut d.ctx),
+            None => Operated::Done(Err(crate::runtime::service::PromoteError::Refused(
+                crate::lifecycle::Refusal::Failed,
+            ))),
+        });
+        self.step(i, operated, started)
+    }
+
+    /// What an operation came to, as a step of the request; its state is written.
+    fn step(&mut self, i: usize, operated: Option<Operated>, started: Instant) -> Step {
+        let step = match operated {
+            Some(Operated::Check(job)) => Step::Check {
+                service: i,
+                job,
+                started,
+            },
+            Some(Operated::Done(result)) => Step::Answer(self.change(i, result, started), None),
+            None => Step::Answer(
+                error(
+                    ErrorKind::Internal,
+                    &"the request failed on an internal error (logged); the daemon took up its last consistent state and serves on: check `handoffctl status` and retry",
+                ),
+                None,
+            ),
+        };
+        self.persist();
+        step
+    }
+}
