@@ -6,12 +6,14 @@
 //! instead of the steering.
 
 pub mod counters;
+mod legacy;
 pub mod records;
 
 pub use counters::{Counter, Counters, Stat};
+pub use legacy::LegacyRecord;
 pub use records::{
-    DrainEventRaw, DrainMember, EventKind, GuardKey, LegacyRecord, ListenerRaw, PROBE_KEY_SIZE,
-    ProbeKey, ProbeValue, ProcRaw, SteerRecord, Watch, WatchKey,
+    DrainEventRaw, DrainMember, EventKind, GuardKey, ListenerRaw, PROBE_KEY_SIZE, ProbeKey,
+    ProbeValue, ProcRaw, SteerRecord, Watch, WatchKey,
 };
 
 /// Sockarray slots given to one generation in one group.

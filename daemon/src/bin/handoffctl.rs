@@ -154,25 +154,7 @@ fn main() -> ExitCode {
         args.daemon_uid,
     );
     let text = match answer {
-        Ok(Response::Promoted(p)) => {
-            let draining = p
-                .draining
-                .map(|d| format!(", generation {d} draining"))
-                .unwrap_or_default();
-            // The daemon answers with the pid in its own (the host's) pid namespace.
-            let pid = match typed {
-                Some(t) if t != p.pid && pidfd.is_some() => format!("pid {t}, host pid {}", p.pid),
-                _ => format!("pid {}", p.pid),
-            };
-            let role = match p.weight {
-                Some(w) => format!("takes {w} % of new connections (a canary)"),
-                None => "is active".to_owned(),
-            };
-            format!(
-                "service {}: generation {} ({pid}, {} listeners) {role}{draining}\n",
-                p.service, p.generation, p.listeners
-            )
-        }
+        Ok(Response::Promoted(p)) => promoted_text(&p, typed.filter(|_| pidfd.is_some())),
         Ok(Response::Reloaded(r)) => {
             format!("reloaded {}: services {}\n", r.file, r.services.join(", "))
         }
@@ -201,6 +183,28 @@ fn main() -> ExitCode {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => fail(&format!("writing the answer failed: {e}")),
     }
+}
+
+/// The line a promote or rollback answers with; `typed` is the pid as the caller typed
+/// it, when a pidfd went with it.
+fn promoted_text(p: &handoff_common::proto::Promoted, typed: Option<i32>) -> String {
+    let draining = p
+        .draining
+        .map(|d| format!(", generation {d} draining"))
+        .unwrap_or_default();
+    // The daemon answers with the pid in its own (the host's) pid namespace.
+    let pid = match typed {
+        Some(t) if t != p.pid => format!("pid {t}, host pid {}", p.pid),
+        _ => format!("pid {}", p.pid),
+    };
+    let role = match p.weight {
+        Some(w) => format!("takes {w} % of new connections (a canary)"),
+        None => "is active".to_owned(),
+    };
+    format!(
+        "service {}: generation {} ({pid}, {} listeners) {role}{draining}\n",
+        p.service, p.generation, p.listeners
+    )
 }
 
 fn fail(message: &str) -> ExitCode {

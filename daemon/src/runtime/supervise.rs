@@ -41,6 +41,26 @@ fn drain_ring(
     batch
 }
 
+/// Acts on passed deadlines, and starts the watch-window checks that are due.
+async fn tick(daemon: &Arc<Mutex<Daemon>>, checks: &mut JoinSet<()>) {
+    let now = Instant::now();
+    let jobs = with_daemon(daemon, move |d| {
+        d.tick(now);
+        d.watch_checks_due(now)
+    })
+    .await
+    .unwrap_or_default();
+    for (service, job) in jobs {
+        let daemon = Arc::clone(daemon);
+        // The check waits on the service's processes: never under the lock.
+        checks.spawn_blocking(move || {
+            let generation = job.generation;
+            let result = job.run();
+            Daemon::lock(&daemon).watch_checked(service, generation, result);
+        });
+    }
+}
+
 /// Waits on the event rings, the pidfds sent on `watch`, and the daemon's next deadline,
 /// and hands each to the daemon. Returns when `watch` closes.
 pub async fn supervise(
@@ -97,24 +117,7 @@ pub async fn supervise(
             Some(_) = exits.join_next() => {
                 with_daemon(&daemon, Daemon::reap).await;
             }
-            () = sleep => {
-                let now = Instant::now();
-                let jobs = with_daemon(&daemon, move |d| {
-                    d.tick(now);
-                    d.watch_checks_due(now)
-                })
-                .await
-                .unwrap_or_default();
-                for (service, job) in jobs {
-                    let daemon = Arc::clone(&daemon);
-                    // The check waits on the service's processes: never under the lock.
-                    checks.spawn_blocking(move || {
-                        let generation = job.generation;
-                        let result = job.run();
-                        Daemon::lock(&daemon).watch_checked(service, generation, result);
-                    });
-                }
-            }
+            () = sleep => tick(&daemon, &mut checks).await,
             Some(_) = checks.join_next() => {}
             ready = binds.readable_mut() => {
                 let batch = drain_ring(&mut ready?);
