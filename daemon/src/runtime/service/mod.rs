@@ -89,6 +89,8 @@ pub struct Service {
     parked: Option<promote::Parked>,
     /// The active generation's checks in its watch window.
     checks: watch_check::WatchChecks,
+    /// Rollbacks since the daemon started, and the last one.
+    rollbacks: Option<handoff_common::proto::RollbackStatus>,
 }
 
 /// The machine's drain policy from the configured settings.
@@ -130,12 +132,28 @@ impl Service {
             watch: guard::Watch::default(),
             parked: None,
             checks: watch_check::WatchChecks::default(),
+            rollbacks: None,
         }
     }
 
     /// The service's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Traffic went back to generation `to`: counted, shown in status.
+    fn note_rollback(&mut self, to: GenId, reason: crate::lifecycle::RollbackReason, ctx: &Ctx) {
+        ctx.metrics.rollback(&self.config.name, reason);
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let count = self.rollbacks.as_ref().map_or(0, |r| r.count) + 1;
+        self.rollbacks = Some(handoff_common::proto::RollbackStatus {
+            count,
+            reason: reason.as_str().to_owned(),
+            to,
+            at_ms,
+        });
     }
 
     /// How its promotes hand traffic over by default.
