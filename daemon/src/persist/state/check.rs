@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use handoff_common::maps::{BLOCKS, GEN_SLOTS};
 use handoff_common::proto::GenerationState;
 
-use super::{SavedDrain, SavedGeneration, SavedService, SavedState, VERSION};
+use super::{MAX_CHECK, SavedDrain, SavedGeneration, SavedService, SavedState, VERSION};
 use crate::config::{self, ConfigError, DrainSettings, MAX_DURATION};
 
 /// The most members (leader and descendants) a saved generation may list: the kernel's
@@ -164,6 +164,13 @@ impl SavedGeneration {
             (_, Some(d)) => d.validate()?,
             _ => {}
         }
+        if self.canary.is_some() && self.watch_until_ms.is_some() {
+            return Err("both a canary weight and a watch window");
+        }
+        let resumed = self.canary.is_some() || self.watch_until_ms.is_some();
+        if resumed && self.drain.as_ref().is_none_or(|d| d.retired_ms.is_some()) {
+            return Err("a canary or standby not saved as draining before its retire signal");
+        }
         if self.descendants.len() >= MAX_MEMBERS {
             return Err("more members than one process can hold pidfds for");
         }
@@ -188,6 +195,47 @@ impl SavedGeneration {
             }
         }
         Ok(())
+    }
+}
+
+/// What a saved generation resumes as, beyond its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// As its state says: active, or draining with its drain.
+    AsSaved,
+    /// A canary taking this percent of new connections.
+    Canary(u8),
+    /// A standby until this wall-clock millisecond (capped where it becomes an instant:
+    /// [`super::from_wall`]).
+    Standby(u64),
+}
+
+impl SavedGeneration {
+    /// What the generation resumes as. A canary weight outside 1–99 is refused, with the
+    /// reason for a warning: the generation is then taken up as its state says
+    /// (draining).
+    pub fn resume(&self) -> Result<Resume, &'static str> {
+        match (self.canary, self.watch_until_ms) {
+            (Some(w), _) => u8::try_from(w)
+                .ok()
+                .filter(|w| (1..=99).contains(w))
+                .map(Resume::Canary)
+                .ok_or("a canary weight outside 1 to 99: taken up as draining"),
+            (None, Some(ms)) => Ok(Resume::Standby(ms)),
+            (None, None) => Ok(Resume::AsSaved),
+        }
+    }
+
+    /// The health check it was promoted with. One longer than [`MAX_CHECK`] bytes, or
+    /// with a control character, is refused with the reason for a warning (not kept).
+    pub fn check(&self) -> Result<Option<&str>, &'static str> {
+        match self.check.as_deref() {
+            Some(c) if c.len() > MAX_CHECK => Err("a health check longer than 1100 bytes"),
+            Some(c) if c.chars().any(char::is_control) => {
+                Err("a health check with a control character")
+            }
+            other => Ok(other),
+        }
     }
 }
 
@@ -233,6 +281,9 @@ mod tests {
                 timed_out: false,
                 killed: false,
             }),
+            canary: None,
+            watch_until_ms: None,
+            check: None,
         }
     }
 
@@ -361,5 +412,94 @@ mod tests {
             "slots",
         );
         refused(|s| gen_(s, 1).blocks[0].index = 1, "shared");
+    }
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::super::{SavedBlock, SavedMember};
+    use super::*;
+
+    /// A draining generation as this version saves a canary or standby.
+    fn saved(canary: Option<u64>, watch: Option<u64>) -> SavedGeneration {
+        SavedGeneration {
+            id: 1,
+            state: GenerationState::Draining,
+            leader: SavedMember {
+                pid: 10,
+                start_time: 1,
+            },
+            descendants: vec![],
+            blocks: vec![SavedBlock {
+                index: 1,
+                cookies: vec![7],
+            }],
+            drain: Some(SavedDrain {
+                started_ms: 0,
+                deadline_ms: 0,
+                retired_ms: None,
+                timed_out: false,
+                killed: false,
+            }),
+            canary,
+            watch_until_ms: watch,
+            check: None,
+        }
+    }
+
+    fn valid(g: &SavedGeneration) -> Result<(), &'static str> {
+        let mut used = vec![HashSet::new()];
+        g.validate(1, &mut used)
+    }
+
+    #[test]
+    fn a_weight_outside_1_to_99_is_refused_and_the_generation_drains() {
+        assert_eq!(saved(Some(10), None).resume(), Ok(Resume::Canary(10)));
+        assert_eq!(saved(Some(99), None).resume(), Ok(Resume::Canary(99)));
+        for w in [0, 100, 256, u64::MAX] {
+            let g = saved(Some(w), None);
+            assert_eq!(valid(&g), Ok(()), "the file is used");
+            assert!(
+                g.resume().is_err_and(|e| e.contains("outside 1 to 99")),
+                "{w}"
+            );
+        }
+        assert_eq!(
+            saved(None, Some(u64::MAX)).resume(),
+            Ok(Resume::Standby(u64::MAX)),
+            "capped where it becomes an instant"
+        );
+        assert_eq!(saved(None, None).resume(), Ok(Resume::AsSaved));
+    }
+
+    #[test]
+    fn a_canary_or_standby_must_be_saved_draining_before_its_retire_signal() {
+        assert_eq!(valid(&saved(Some(10), None)), Ok(()));
+        assert_eq!(valid(&saved(None, Some(5))), Ok(()));
+        let both = saved(Some(10), Some(5));
+        assert_eq!(valid(&both), Err("both a canary weight and a watch window"));
+        let mut active = saved(Some(10), None);
+        active.state = GenerationState::Active;
+        active.drain = None;
+        assert!(valid(&active).is_err());
+        let mut retiring = saved(None, Some(5));
+        if let Some(d) = retiring.drain.as_mut() {
+            d.retired_ms = Some(1);
+        }
+        assert!(valid(&retiring).is_err_and(|e| e.contains("before its retire signal")));
+    }
+
+    #[test]
+    fn a_check_is_kept_only_short_and_printable() {
+        let mut g = saved(None, None);
+        assert_eq!(g.check(), Ok(None));
+        g.check = Some("http:/healthz:200".into());
+        assert_eq!(g.check(), Ok(Some("http:/healthz:200")));
+        g.check = Some("x".repeat(MAX_CHECK));
+        assert!(g.check().is_ok());
+        g.check = Some("x".repeat(MAX_CHECK + 1));
+        assert!(g.check().is_err());
+        g.check = Some("http:/\nhealthz".into());
+        assert!(g.check().is_err());
     }
 }

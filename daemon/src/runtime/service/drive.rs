@@ -384,6 +384,7 @@ impl Service {
                 leader,
                 descendants,
                 trusted,
+                check: None,
             },
         );
         run.installing = Some(id);

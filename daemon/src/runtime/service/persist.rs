@@ -16,7 +16,8 @@ use crate::kernel::loader::GroupProgram;
 use crate::lifecycle::{self, Block, Drain, Event, GenId, Generation, Phase, RetireReason};
 use crate::persist::pins;
 use crate::persist::state::{
-    SavedBlock, SavedDrain, SavedGeneration, SavedMember, SavedService, from_wall, to_wall,
+    MAX_CHECK, Resume, SavedBlock, SavedDrain, SavedGeneration, SavedMember, SavedService,
+    from_wall, to_wall,
 };
 
 fn saved(m: &Member) -> SavedMember {
@@ -104,26 +105,72 @@ impl Service {
                 .machine
                 .generations()
                 .iter()
-                .filter(|g| g.phase.live())
-                .filter_map(|g| {
-                    let m = self.members.get(&g.id)?;
-                    Some(SavedGeneration {
-                        id: g.id,
-                        state: g.phase.public(),
-                        leader: saved(&m.leader),
-                        descendants: m.descendants.iter().map(saved).collect(),
-                        blocks: g
-                            .blocks
-                            .iter()
-                            .map(|b| SavedBlock {
-                                index: b.index,
-                                cookies: b.cookies.clone(),
-                            })
-                            .collect(),
-                        drain: g.drain.as_ref().map(|d| save_drain(d, ctx)),
-                    })
+                .filter_map(|g| self.save_generation(g, ctx))
+                .collect(),
+        }
+    }
+
+    /// A live generation as the state file keeps it. A canary and a standby are saved as
+    /// draining (their own fields say what they are), each with a drain a daemon before
+    /// canaries can take up: a canary's timeout long passed (that daemon retires it),
+    /// a standby's the one it gets at the end of its window.
+    fn save_generation(&self, g: &Generation, ctx: &Ctx) -> Option<SavedGeneration> {
+        let m = self.members.get(&g.id)?;
+        let wall = |at| to_wall(ctx.instant(at));
+        let untimed = |started_ms: u64, timeout_ms: u64| SavedDrain {
+            started_ms,
+            deadline_ms: started_ms.saturating_add(timeout_ms),
+            retired_ms: None,
+            timed_out: false,
+            killed: false,
+        };
+        // The state file holds no drain longer than the longest duration handoffd takes.
+        let max = u64::try_from(crate::config::MAX_DURATION.as_millis()).unwrap_or(u64::MAX);
+        let timeout = self.machine.policy().drain_timeout_ms.min(max);
+        let (drain, canary, watch_until_ms) = match g.phase {
+            Phase::Candidate | Phase::Retired(_) => return None,
+            Phase::Canary { weight } => (Some(untimed(0, 0)), Some(u64::from(weight)), None),
+            Phase::Standby { until } => {
+                let at = wall(until);
+                (Some(untimed(at, timeout)), None, Some(at))
+            }
+            Phase::Active | Phase::Draining => {
+                (g.drain.as_ref().map(|d| save_drain(d, ctx)), None, None)
+            }
+        };
+        Some(SavedGeneration {
+            id: g.id,
+            state: match g.phase {
+                Phase::Canary { .. } => GenerationState::Draining,
+                phase => phase.public(),
+            },
+            leader: saved(&m.leader),
+            descendants: m.descendants.iter().map(saved).collect(),
+            blocks: g
+                .blocks
+                .iter()
+                .map(|b| SavedBlock {
+                    index: b.index,
+                    cookies: b.cookies.clone(),
                 })
                 .collect(),
+            drain,
+            canary,
+            watch_until_ms,
+            check: self.check_of(g.id).map(str::to_owned),
+        })
+    }
+
+    /// The health check generation `id` was promoted with, if it has one.
+    pub(super) fn check_of(&self, id: GenId) -> Option<&str> {
+        self.members.get(&id)?.check.as_deref()
+    }
+
+    /// Keeps `check` as generation `id`'s health check (saved with it); one longer than
+    /// [`MAX_CHECK`] bytes is not kept.
+    pub(super) fn set_check(&mut self, id: GenId, check: Option<String>) {
+        if let Some(m) = self.members.get_mut(&id) {
+            m.check = check.filter(|c| c.len() <= MAX_CHECK);
         }
     }
 
@@ -148,30 +195,19 @@ impl Service {
             }
             tracing::info!(service = %service.config.name, generation = g.id, pid = g.leader.pid, state = g.state.as_str(), "generation taken up");
             let Tree(leader, descendants) = members;
-            recovered.push(Generation {
-                id: g.id,
-                leader: leader.pid,
-                phase: match g.state {
-                    GenerationState::Active => Phase::Active,
-                    GenerationState::Draining => Phase::Draining,
-                    GenerationState::Retired => Phase::Retired(lifecycle::Retirement::Exited),
-                },
-                blocks: g
-                    .blocks
-                    .into_iter()
-                    .map(|b| Block {
-                        index: b.index,
-                        cookies: b.cookies,
-                    })
-                    .collect(),
-                drain: g.drain.as_ref().map(|d| load_drain(d, ctx)),
-            });
+            recovered.push(service.resumed(&g, ctx));
             let members = Members {
                 leader,
                 descendants,
                 trusted,
+                check: None,
             };
             service.members.insert(g.id, members);
+            let check = g.check().unwrap_or_else(|why| {
+                tracing::warn!(service = %service.config.name, generation = g.id, "{why}: not kept");
+                None
+            });
+            service.set_check(g.id, check.map(str::to_owned));
         }
         let records = service
             .groups
@@ -191,6 +227,46 @@ impl Service {
         };
         service.drive(event, ctx);
         service
+    }
+
+    /// A saved generation on the lifecycle's clock: its phase from its state, canary
+    /// weight or watch window (a weight out of range refused with a warning: it drains).
+    fn resumed(&self, g: &SavedGeneration, ctx: &Ctx) -> Generation {
+        let resume = g.resume().unwrap_or_else(|why| {
+            tracing::warn!(service = %self.config.name, generation = g.id, "{why}");
+            Resume::AsSaved
+        });
+        let phase = match (resume, g.state) {
+            (Resume::Canary(weight), _) => Phase::Canary { weight },
+            (Resume::Standby(ms), _) => Phase::Standby {
+                until: ctx.millis(from_wall(ms)),
+            },
+            (Resume::AsSaved, GenerationState::Active) => Phase::Active,
+            (Resume::AsSaved, GenerationState::Draining) => Phase::Draining,
+            (Resume::AsSaved, GenerationState::Retired) => {
+                Phase::Retired(lifecycle::Retirement::Exited)
+            }
+        };
+        // A refused canary's drain is the placeholder saved for older daemons: it
+        // drains afresh.
+        let drain = match (phase, g.canary) {
+            (Phase::Draining, None) => g.drain.as_ref().map(|d| load_drain(d, ctx)),
+            _ => None,
+        };
+        Generation {
+            id: g.id,
+            leader: g.leader.pid,
+            phase,
+            blocks: g
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    index: b.index,
+                    cookies: b.cookies.clone(),
+                })
+                .collect(),
+            drain,
+        }
     }
 
     /// Opens the pinned maps of the saved groups; false if one is missing (then the
