@@ -12,7 +12,7 @@ use crate::discover;
 use crate::discover::candidate;
 use crate::discover::group::GroupKey;
 use crate::discover::members::{self, Member};
-use crate::kernel::loader::GroupProgram;
+use crate::kernel::loader::migrate::{self, Pinned, Staged};
 use crate::lifecycle::{self, Block, Drain, Event, GenId, Generation, Phase, RetireReason};
 use crate::persist::pins;
 use crate::persist::state::{
@@ -182,7 +182,11 @@ impl Service {
             tracing::warn!(service = %service.config.name, "the saved state is for other addresses; starting afresh");
             return service;
         }
-        if !service.open_pins(&saved.groups) {
+        let mut upgrades = Vec::new();
+        if !service.open_pins(&saved.groups, &mut upgrades) {
+            for (_, staged) in upgrades {
+                staged.abandon();
+            }
             return service;
         }
         let mut recovered = Vec::with_capacity(saved.generations.len());
@@ -226,6 +230,7 @@ impl Service {
             generations: recovered,
         };
         service.drive(event, ctx);
+        service.finish_upgrades(upgrades, ctx);
         service
     }
 
@@ -270,24 +275,77 @@ impl Service {
     }
 
     /// Opens the pinned maps of the saved groups; false if one is missing (then the
-    /// generations steered in it are gone).
-    fn open_pins(&mut self, saved: &[Option<GroupKey>]) -> bool {
+    /// generations steered in it are gone). A group pinned in the previous layout gets
+    /// a fresh program, attached by [`Self::finish_upgrades`] once the generations are
+    /// taken up; its staged pins are returned with its index.
+    fn open_pins(
+        &mut self,
+        saved: &[Option<GroupKey>],
+        upgrades: &mut Vec<(usize, Staged)>,
+    ) -> bool {
         for (i, (group, key)) in self.groups.iter_mut().zip(saved).enumerate() {
             let Some(key) = key else { continue };
             let dir = pins::group_dir(&self.config.name, i);
-            match GroupProgram::from_pins(&dir) {
-                Ok(program) => {
-                    *group = Group {
-                        key: Some(*key),
-                        program: Some(program),
-                    };
+            let program = match migrate::open(&dir) {
+                Ok(Pinned::Current(program)) => program,
+                Ok(Pinned::Previous(program, staged)) => {
+                    upgrades.push((i, staged));
+                    program
                 }
                 Err(e) => {
-                    tracing::warn!(service = %self.config.name, group = %key, error = %e, "pinned maps not found; their generations are gone")
+                    tracing::warn!(service = %self.config.name, group = %key, error = %e, "pinned maps not found or not usable; their generations are gone (a program attached to the group keeps steering)");
+                    continue;
+                }
+            };
+            *group = Group {
+                key: Some(*key),
+                program: Some(program),
+            };
+        }
+        !(self.groups.iter().any(|g| g.program.is_none()) && saved.iter().any(Option::is_some))
+    }
+
+    /// Attaches the fresh program of each group pinned in the previous layout through a
+    /// listener of one of its generations (the kernel swaps the group's program in one
+    /// store), then puts its pins in place of the old ones. When no listener is found or
+    /// the attach fails, the old program is left attached and steering, the new one
+    /// dropped (the group's next promote loads and attaches one).
+    fn finish_upgrades(&mut self, upgrades: Vec<(usize, Staged)>, ctx: &mut Ctx) {
+        for (i, staged) in upgrades {
+            let name = self.config.name.clone();
+            let name = name.as_str();
+            let group = self.groups[i]
+                .key
+                .map(|k| k.to_string())
+                .unwrap_or_default();
+            match self.reattach(i, ctx) {
+                Ok(true) => match staged.commit() {
+                    Ok(()) => {
+                        tracing::info!(
+                            service = name,
+                            group,
+                            "group moved to the current map layout: its new program steers"
+                        )
+                    }
+                    Err(e) => {
+                        tracing::warn!(service = name, group, error = %e, "group moved to the current map layout, but its pins could not all be replaced: the next start moves it again")
+                    }
+                },
+                outcome => {
+                    let why = match outcome {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "no listener of its generations was found".into(),
+                    };
+                    staged.abandon();
+                    self.groups[i].program = None;
+                    tracing::warn!(
+                        service = name,
+                        group,
+                        "moving the group from the previous map layout failed ({why}): its old program is left attached and steering until the next promote"
+                    );
                 }
             }
         }
-        !(self.groups.iter().any(|g| g.program.is_none()) && saved.iter().any(Option::is_some))
     }
 
     /// The processes of a saved generation that still run and that the kernel ties to
