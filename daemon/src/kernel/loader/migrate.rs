@@ -181,3 +181,121 @@ fn record_in_force(dir: &Path) -> Result<(u32, SteerRecord), LoaderError> {
     };
     Ok((index, record.unwrap_or_default()))
 }
+
+#[cfg(test)]
+mod tests {
+    use aya::programs::SkReuseport;
+    use handoff_common::maps::MAP_SOCKS;
+
+    use super::*;
+
+    /// The previous release's steering object (see tests/fixtures/README.md).
+    const V1: &[u8] = include_bytes!("../../../../tests/fixtures/handoff-v1.bpf.o");
+
+    const OLD: LegacyRecord = LegacyRecord {
+        active_first: 128,
+        active_len: 2,
+        prev_first: 64,
+        prev_len: 3,
+    };
+
+    /// Pins a group of the previous layout in `dir`, its record [`OLD`] in force at
+    /// ring entry 3 (nothing attached, no listener).
+    fn pin_v1(dir: &Path) {
+        std::fs::create_dir_all(dir).expect("a pin directory");
+        let mut ebpf = aya::EbpfLoader::new().btf(None).load(V1).expect("v1 loads");
+        let bytes: Vec<u8> = [
+            OLD.active_first,
+            OLD.active_len,
+            OLD.prev_first,
+            OLD.prev_len,
+        ]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
+        let bytes: [u8; LegacyRecord::SIZE] = bytes.try_into().expect("16 bytes");
+        let mut records: Array<&mut MapData, [u8; LegacyRecord::SIZE]> =
+            Array::try_from(ebpf.map_mut(MAP_RECORDS).expect("records")).expect("16 bytes");
+        records.set(3, bytes, 0).expect("a record");
+        let mut current: Array<&mut MapData, u32> =
+            Array::try_from(ebpf.map_mut(MAP_CURRENT).expect("current")).expect("u32");
+        current.set(0, 3, 0).expect("the index");
+        for name in [
+            MAP_SOCKS,
+            MAP_RECORDS,
+            MAP_CURRENT,
+            MAP_COUNTERS,
+            MAP_PROBES,
+        ] {
+            match ebpf.map(name).expect("a v1 map") {
+                Map::Array(d)
+                | Map::PerCpuArray(d)
+                | Map::HashMap(d)
+                | Map::ReusePortSockArray(d) => d.pin(dir.join(name)).expect("pinned"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let program: &mut SkReuseport = ebpf
+            .program_mut(PROGRAM)
+            .expect("the program")
+            .try_into()
+            .expect("sk_reuseport");
+        program.load().expect("v1 verifies");
+        program.pin(dir.join(PROGRAM)).expect("pinned");
+    }
+
+    fn record(pinned: Pinned) -> (SteerRecord, Option<Staged>) {
+        match pinned {
+            Pinned::Current(p) => (p.record().expect("a record"), None),
+            Pinned::Previous(p, staged) => (p.record().expect("a record"), Some(staged)),
+        }
+    }
+
+    #[test]
+    fn an_upgrade_cut_short_at_any_point_is_taken_up_again() {
+        if !handoff_tests::privileged("an_upgrade_cut_short_at_any_point_is_taken_up_again") {
+            return;
+        }
+        let pins =
+            Pins(Path::new("/sys/fs/bpf").join(format!("handoff-migrate-{}", std::process::id())));
+        let dir = pins.0.as_path();
+        let _ = std::fs::remove_dir_all(dir);
+        pin_v1(dir);
+        let want = OLD.upgrade();
+        // Abandoned: the old pins stay, the staged ones go.
+        let (r, staged) = record(open(dir).expect("opens"));
+        assert_eq!(r, want);
+        staged.expect("the previous layout").abandon();
+        assert!(!dir.join(STAGING).exists());
+        // Cut short after the program's and the records' pins were renamed: the record
+        // is read from the new ring at the same entry, and the upgrade runs again.
+        let (_, staged) = record(open(dir).expect("opens"));
+        let staged = staged.expect("the previous layout");
+        for name in [PROGRAM, MAP_RECORDS] {
+            std::fs::rename(staged.staging().join(name), dir.join(name)).expect("renamed");
+        }
+        drop(staged);
+        assert_eq!(previous_layout(dir).ok(), Some(true));
+        let (r, staged) = record(open(dir).expect("opens"));
+        assert_eq!(r, want);
+        // Committed (and the staging directory left, as a crash would): current.
+        staged
+            .expect("still the previous layout")
+            .commit()
+            .expect("commits");
+        std::fs::create_dir(dir.join(STAGING)).expect("a stale staging directory");
+        let (r, staged) = record(open(dir).expect("opens"));
+        assert!(staged.is_none(), "the current layout");
+        assert_eq!(r, want);
+        assert!(!dir.join(STAGING).exists());
+    }
+
+    /// The test's pin directory, removed however the test ends.
+    struct Pins(PathBuf);
+
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

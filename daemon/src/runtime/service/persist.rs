@@ -483,3 +483,6 @@ impl Tree {
         std::iter::once(&self.0).chain(&self.1)
     }
 }
+
+#[cfg(test)]
+mod tests;
