@@ -62,7 +62,8 @@ pub struct SavedGeneration {
     /// A canary's percent of new connections (1 to 99; checked where it is taken up, a
     /// weight out of range is dropped with a warning and the generation drains).
     /// Saved with state `draining` and a drain whose timeout has passed: a daemon before
-    /// canaries (which refuses a second active generation) retires it.
+    /// canaries (which refuses a second active generation) reads it as a draining
+    /// generation due for its retire signal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<u64>,
     /// A standby's end of watch window, in wall-clock milliseconds: it stands by until

@@ -79,7 +79,11 @@ impl SavedState {
     /// names and addresses, one group and one block per address, block indexes below
     /// `BLOCKS` and not shared, at most `GEN_SLOTS` cookies per block, ids below
     /// `next_id` and increasing, at most one active generation, drain fields exactly on
-    /// draining generations, positive pids, capped member lists and durations.
+    /// draining generations, a canary weight or watch window only on a draining one
+    /// before its retire signal (never both), positive pids, capped member lists and
+    /// durations. The weight's range and the check's length are checked where they are
+    /// taken up ([`SavedGeneration::resume`], [`SavedGeneration::check`]): refused
+    /// alone, with a warning.
     pub fn validate(&self) -> Result<(), Inconsistent> {
         if self.version != VERSION {
             return Err(Inconsistent::Version {
