@@ -459,6 +459,7 @@ impl Service {
                 leader,
                 descendants,
                 trusted,
+                check: None,
             },
         );
         run.installing = Some(id);

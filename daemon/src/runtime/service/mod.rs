@@ -55,6 +55,8 @@ struct Members {
     /// Uids whose processes in the leader's tree are members (see
     /// [`crate::discover::candidate::Candidate::trusted`]).
     trusted: Vec<u32>,
+    /// The health check it was promoted with, kept across restarts (see `persist`).
+    check: Option<String>,
 }
 
 impl Members {
