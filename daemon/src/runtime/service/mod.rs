@@ -163,6 +163,16 @@ impl Service {
         &self.config.release
     }
 
+    /// New release settings (a reload): promotes from now on take them as their defaults.
+    /// A watch window under way keeps its deadline and the check it was promoted with.
+    pub fn set_release(&mut self, settings: crate::config::ReleaseSettings) {
+        if settings == self.config.release {
+            return;
+        }
+        tracing::info!(service = %self.config.name, ?settings, "release settings changed: apply to the next promote");
+        self.config.release = settings;
+    }
+
     /// Its addresses.
     pub fn listen(&self) -> &[SocketAddr] {
         &self.config.listen
