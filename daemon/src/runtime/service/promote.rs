@@ -168,7 +168,7 @@ impl Service {
             }
         };
         if let Some(plan) = run.check.take() {
-            self.remember_check(promoted.generation, plan.spec);
+            self.remember_check(promoted.generation, &plan.spec);
         }
         let installed = run.installing == Some(promoted.generation);
         if installed && let Some(m) = self.members.get(&promoted.generation) {

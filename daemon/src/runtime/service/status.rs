@@ -256,7 +256,7 @@ impl Service {
                 watch_left_ms: until.since(now),
             }),
             Phase::Active if self.machine.watching() => Some(Release::Watched {
-                check: self.checks.specs.get(&g.id).map(ToString::to_string),
+                check: self.check_of(g.id).map(str::to_owned),
             }),
             _ => None,
         }
