@@ -23,6 +23,8 @@ const SOCKET_VAR: &str = "HANDOFF_READINESS_SOCKET";
 const MESSAGE_VAR: &str = "HANDOFF_READINESS_MESSAGE";
 /// `1`: the helper exits right after sending.
 const EXIT_VAR: &str = "HANDOFF_READINESS_EXIT";
+/// A uid the helper (run as root) takes as its real uid only, before it sends.
+const REAL_VAR: &str = "HANDOFF_READINESS_REAL_UID";
 /// What the helper prints before what it did.
 const SAID: &str = "readiness helper: ";
 
@@ -37,15 +39,16 @@ struct Sender {
 impl Sender {
     /// Runs the helper as `uid` (its gid the same), sending `message` to `socket`.
     fn spawn(socket: &Path, message: &str, uid: Option<u32>) -> Sender {
-        Self::start(socket, message, uid, false)
+        Self::start(socket, message, uid, &[])
     }
 
     /// [`Sender::spawn`], exiting right after the send.
     fn spawn_exiting(socket: &Path, message: &str, uid: Option<u32>) -> Sender {
-        Self::start(socket, message, uid, true)
+        Self::start(socket, message, uid, &[(EXIT_VAR, "1")])
     }
 
-    fn start(socket: &Path, message: &str, uid: Option<u32>, exit: bool) -> Sender {
+    /// [`Sender::spawn`] with more environment variables for the helper.
+    fn start(socket: &Path, message: &str, uid: Option<u32>, env: &[(&str, &str)]) -> Sender {
         let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
         cmd.args([
             HELPER,
@@ -56,7 +59,7 @@ impl Sender {
         ])
         .env(SOCKET_VAR, socket)
         .env(MESSAGE_VAR, message)
-        .env(EXIT_VAR, if exit { "1" } else { "0" })
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -98,6 +101,11 @@ fn sender_helper() {
     ) else {
         return;
     };
+    if let Some(real) = std::env::var(REAL_VAR).ok().and_then(|r| r.parse().ok()) {
+        use nix::unistd::{Uid, setresuid};
+        let root = Uid::from_raw(0);
+        setresuid(Uid::from_raw(real), root, root).expect("setresuid");
+    }
     let sent = UnixDatagram::unbound().and_then(|s| s.send_to(message.as_bytes(), &socket));
     match sent {
         Ok(_) => println!("{SAID}sent"),
@@ -212,6 +220,17 @@ fn a_ready_from_another_uid_is_not_taken() {
         match notice.ignored {
             Some(Ignored::WrongUid { pid, uids, want }) => {
                 assert_eq!((pid, uids.real, want), (root.pid(), 0, NOBODY));
+            }
+            other => panic!("{identify:?}: {other:?}"),
+        }
+        // Its real uid is the service's, its effective and saved ones are not.
+        let mixed = Sender::start(socket.path(), "READY=1", None, &[(REAL_VAR, "65534")]);
+        assert_eq!(mixed.said, "sent");
+        let notice = next(&socket);
+        assert_eq!(notice.uid, NOBODY, "SCM_CREDENTIALS gives the real uid");
+        match notice.ignored {
+            Some(Ignored::WrongUid { pid, uids, .. }) => {
+                assert_eq!((pid, uids.real, uids.effective), (mixed.pid(), NOBODY, 0));
             }
             other => panic!("{identify:?}: {other:?}"),
         }
