@@ -173,3 +173,25 @@ fn only_a_stale_socket_is_replaced() {
     drop(socket);
     assert!(path.is_file());
 }
+
+#[test]
+fn a_socket_file_is_created_with_the_mode_of_its_socket() {
+    // What `bind_with` relies on to never have the file exist wider than 0600: the mode
+    // set on the socket before bind is the file's (less the umask), before any chmod.
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+    use nix::sys::stat::{Mode, fchmod};
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("readiness-fchmod");
+    let path = dir.path().join("s.sock");
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    fchmod(&fd, Mode::from_bits_truncate(0o600)).expect("fchmod of a socket");
+    bind(fd.as_raw_fd(), &UnixAddr::new(&path).expect("address")).expect("bind");
+    let mode = std::fs::symlink_metadata(&path).expect("lstat").mode() & 0o777;
+    assert_eq!(mode & !0o600, 0, "created {mode:o}");
+}
