@@ -199,6 +199,7 @@ where
     let mut ctx = Ctx::new(program, Some(watch_tx));
     ctx.guard = guard(options.cgroup_root.as_deref());
     let shutdown = shutdown()?;
+    let configs = services.clone();
     let daemon = Arc::new(Mutex::new(Daemon::new(
         services,
         ctx,
@@ -207,10 +208,11 @@ where
     )));
     // What SIGHUP and `handoffctl reload` read again.
     let config = Arc::new(ConfigSource::new(options.config_file, options.overrides));
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(supervise::supervise(Arc::clone(&daemon), events, watch_rx)).abort_handle(),
         tokio::spawn(reload_on_hup(Arc::clone(&daemon), Arc::clone(&config))).abort_handle(),
     ];
+    tasks.extend(crate::runtime::readiness::spawn_all(&configs, &daemon));
     if let Some(addr) = options.metrics_addr {
         // Its own threads; an address taken now is retried there, steering goes on.
         crate::runtime::scrape::spawn(addr, Arc::clone(&daemon)).map_err(RunError::Metrics)?;

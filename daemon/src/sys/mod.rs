@@ -204,9 +204,16 @@ pub fn release_free_memory() {
 pub fn async_shared_pidfd(
     fd: std::sync::Arc<OwnedFd>,
 ) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>> {
-    // SAFETY: the Arc keeps the descriptor open for as long as the AsyncFd holds it (the
-    // member may drop its own reference first), nothing closes an `OwnedFd` behind its
-    // owners, and `as_raw_fd` always returns that descriptor.
+    async_readable(fd)
+}
+
+/// Registers a shared descriptor with the tokio reactor, to wait until it is readable.
+pub fn async_readable(
+    fd: std::sync::Arc<OwnedFd>,
+) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>> {
+    // SAFETY: the Arc keeps the descriptor open for as long as the AsyncFd holds it (its
+    // other owners may drop their references first), nothing closes an `OwnedFd` behind
+    // its owners, and `as_raw_fd` always returns that descriptor.
     Ok(unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
     }?)

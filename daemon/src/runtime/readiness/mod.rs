@@ -27,19 +27,10 @@
 //! Datagrams longer than [`MAX_DATAGRAM`] bytes (systemd's own limit) are ignored and
 //! not forwarded.
 
-// Until the daemon's event loop binds these sockets (issue 14, "promote when ready").
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        unused_imports,
-        reason = "used by the daemon once it offers readiness sockets"
-    )
-)]
-
 #[cfg(test)]
 mod input_tests;
 mod notice;
+mod serve;
 #[cfg(test)]
 mod tests;
 
@@ -52,7 +43,10 @@ use std::sync::Mutex;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
 
-pub use notice::{Ignored, Notice};
+#[cfg(test)]
+pub use notice::Ignored;
+pub use notice::Notice;
+pub use serve::spawn_all;
 
 use crate::sys;
 
