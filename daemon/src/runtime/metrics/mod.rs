@@ -8,6 +8,7 @@ mod labels;
 pub use labels::{PromotionResult, Retirement, RollbackReason, SteeringWatch};
 
 use handoff_common::maps::Counter as SteerCounter;
+use handoff_common::proto::GenerationState;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -88,6 +89,7 @@ pub struct Metrics {
     foreign: Family<ServiceLabels, Gauge>,
     steering_watch: Family<WatchLabels, Counter>,
     rollbacks: Family<RollbackLabels, Counter>,
+    weights: Family<GenerationLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -100,26 +102,23 @@ impl Metrics {
     /// Registers every metric. prometheus-client appends `_total` to counters itself.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let connections = Family::default();
-        registry.register(
+        let connections = registered(
+            &mut registry,
             "handoff_generation_connections",
             "Connections a generation holds (established and queued on its listeners)",
-            connections.clone(),
         );
-        let promotions = Family::default();
-        registry.register(
+        let promotions = registered(
+            &mut registry,
             "handoff_promotions",
             "Promote and rollback requests by result",
-            promotions.clone(),
         );
-        let retirements = Family::default();
-        registry.register(
+        let retirements = registered(
+            &mut registry,
             "handoff_retirements",
             format!(
                 "Generations retired, by how: {}",
                 labels::listed(Retirement::ALL.iter().map(|r| r.as_str()))
             ),
-            retirements.clone(),
         );
         let steered = Family::default();
         registry.register(
@@ -144,28 +143,31 @@ impl Metrics {
             "Start of a drain to the generation's retirement",
             drain_duration.clone(),
         );
-        let foreign = Family::default();
-        registry.register(
+        let foreign = registered(
+            &mut registry,
             "handoff_foreign_listeners",
             "LISTEN sockets on a service's port outside its groups",
-            foreign.clone(),
         );
-        let steering_watch = Family::default();
-        registry.register(
+        let steering_watch = registered(
+            &mut registry,
             "handoff_steering_watch",
             "Probes that found a group without handoff's program (reason lost) and re-attaches that a probe confirmed (reason restored)",
-            steering_watch.clone(),
         );
-        let rollbacks = Family::default();
-        registry.register(
+        let rollbacks = registered(
+            &mut registry,
             "handoff_rollbacks",
             format!(
                 "Traffic taken back to an earlier generation, by reason: {}",
                 labels::listed(RollbackReason::ALL.iter().map(|r| r.as_str()))
             ),
-            rollbacks.clone(),
+        );
+        let weights = registered(
+            &mut registry,
+            "handoff_generation_weight",
+            "Percent of new connections the kernel sends to a generation: 100 for the active one, a canary's weight, the rest for the active one beside a canary",
         );
         Self {
+            weights,
             rollbacks,
             steering_watch,
             registry: Arc::new(registry),
@@ -236,16 +238,27 @@ impl Metrics {
     /// Refreshes the scrape-time metrics from a status and encodes everything.
     pub fn render(&self, status: &handoff_common::proto::Status) -> String {
         self.connections.clear();
+        self.weights.clear();
         for s in &status.services {
+            let canary: u8 = s.generations.iter().filter_map(canary_weight).sum();
             for g in &s.generations {
+                let labels = GenerationLabels {
+                    service: s.name.clone(),
+                    generation: g.id,
+                    pid: g.pid,
+                    state: g.state.as_str(),
+                };
                 self.connections
-                    .get_or_create(&GenerationLabels {
-                        service: s.name.clone(),
-                        generation: g.id,
-                        pid: g.pid,
-                        state: g.state.as_str(),
-                    })
+                    .get_or_create(&labels)
                     .set(i64::try_from(g.connections).unwrap_or(i64::MAX));
+                let weight = match (canary_weight(g), g.state) {
+                    (Some(w), _) => Some(w),
+                    (None, GenerationState::Active) => Some(100u8.saturating_sub(canary)),
+                    _ => None,
+                };
+                if let Some(w) = weight {
+                    self.weights.get_or_create(&labels).set(i64::from(w));
+                }
             }
             for counter in SteerCounter::ALL {
                 // The kernel's counters are the source; the metric mirrors them.
@@ -267,6 +280,24 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A new family of metrics, registered under `name`.
+fn registered<M>(registry: &mut Registry, name: &str, help: impl Into<String>) -> M
+where
+    M: Default + Clone + prometheus_client::registry::Metric,
+{
+    let metric = M::default();
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// A canary's weight, from its status.
+fn canary_weight(g: &handoff_common::proto::GenerationStatus) -> Option<u8> {
+    match g.release {
+        Some(handoff_common::proto::Release::Canary { weight }) => Some(weight),
+        _ => None,
     }
 }
 
@@ -335,6 +366,7 @@ mod tests {
         for needle in [
             "handoff_generation_connections{service=\"web\",generation=\"2\",pid=\"42\",state=\"active\"} 7",
             "handoff_promotions_total{service=\"web\",result=\"ok\"} 1",
+            "handoff_generation_weight{service=\"web\",generation=\"2\",pid=\"42\",state=\"active\"} 100",
             "handoff_retirements_total{service=\"web\",reason=\"drained\"} 1",
             "handoff_steered_connections_total{service=\"web\",target=\"active\"} 300",
             "handoff_promote_duration_seconds_count{service=\"web\"} 1",
