@@ -1,0 +1,260 @@
+//! Release safety on the real kernel (issue 14, points 2, 3 and 4): a candidate that fails
+//! its health check is sent no client and the refusal names the listener, while one that
+//! passes is checked through every worker's listener and promoted; a canary at 10 % gets
+//! 10 % of new connections on every worker and its completion all of them; killing the new
+//! generation inside its watch window puts traffic back on the previous one within 100 ms.
+//!
+//! The tests of this file run one at a time ([`exclusive`]): their loads and the times they
+//! measure would otherwise share this machine's two CPUs.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use handoff_common::proto::GenerationState;
+use handoff_tests::load::{self, LoadConfig, LoadReport, LogEntry};
+use handoff_tests::{Proc, TempDir, free_port, scaled, scaled_down, slowdown};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use support::release::{exclusive, log_time_of_day, metrics, sample, time_of_day_now, under_load};
+use support::{Handoffd, loopback, privileged, testsrv, wait_until};
+
+/// New connections made while B is a canary at 10 % (point 3 asks for at least 5000).
+const CANARY_CONNECTIONS: u64 = 6000;
+/// How far the canary's share may be from 10 %, in percent.
+const SHARE_TOLERANCE: f64 = 2.0;
+/// Within how long of the new generation's death traffic must be back (times the slowdown).
+const BACK_WITHIN: Duration = Duration::from_millis(100);
+
+/// Connections the program must steer to the active generation in each phase of a run.
+fn per_phase() -> u64 {
+    scaled_down(300u64, 60)
+}
+
+/// Waits until the program has steered `n` more connections to the active generation.
+fn steered(d: &Handoffd, n: u64, what: &str) {
+    let from = d.service().steering.active;
+    wait_until(what, Duration::from_secs(10), || {
+        d.service().steering.active >= from + n
+    });
+}
+
+/// Runs `handoffctl ARGS`, asserting that it succeeds; returns what it printed.
+fn ctl_ok(d: &Handoffd, args: &[&str]) -> String {
+    let out = d.ctl(args);
+    assert!(
+        out.status.success(),
+        "handoffctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).trim_end().to_owned();
+    eprintln!("handoffctl {args:?}: {text}");
+    text
+}
+
+/// A load of `count` connections (the line protocol) on `addr`, bounded in time too.
+fn line_load(addr: SocketAddr, count: u64) -> LoadConfig {
+    let mut cfg = LoadConfig::new(addr, scaled_down(32u32, 8));
+    cfg.timeout_ms *= u64::from(slowdown());
+    cfg.count = Some(count);
+    cfg.duration_ms = Some((120_000 * u64::from(slowdown())).min(load::MAX_DURATION_MS));
+    cfg
+}
+
+/// Answers per worker of `p`, from `report`.
+fn per_worker(report: &LoadReport, p: &Proc) -> Vec<u64> {
+    let n = |w: &u32| report.by_pid.get(w).copied().unwrap_or(0);
+    p.workers.iter().map(n).collect()
+}
+
+#[test]
+fn a_canary_at_10_percent_gets_10_percent_on_every_worker_and_completion_all() {
+    if !privileged("a_canary_at_10_percent_gets_10_percent_on_every_worker_and_completion_all") {
+        return;
+    }
+    let _one = exclusive();
+    let addr = loopback();
+    // Each worker its own listener: the program's pick of a worker is a pick of a slot.
+    let layout = ["--workers", "5", "--mode", "after-fork"];
+    let a = testsrv("A", &[addr], &layout);
+    let d = Handoffd::start("canary", &[addr]);
+    d.promote(a.pid);
+    let b = testsrv("B", &[addr], &layout);
+    let said = ctl_ok(&d, &["promote", &b.pid.to_string(), "--weight", "10"]);
+    assert!(said.contains("takes 10 % of new connections"), "{said}");
+    assert_eq!(d.state_of(a.pid), Some(GenerationState::Active));
+
+    let before = d.service().steering;
+    let report = load::run(&line_load(addr, CANARY_CONNECTIONS), None);
+    let after = d.service().steering;
+    assert_eq!(report.failures.total(), 0, "{:?}", report.failures);
+    assert_eq!(report.ok, CANARY_CONNECTIONS, "every connection answered");
+    let to_b = report.by_name.get("B").copied().unwrap_or(0);
+    let share = 100.0 * to_b as f64 / report.ok as f64;
+    let (wa, wb) = (per_worker(&report, &a), per_worker(&report, &b));
+    let canary = after.canary - before.canary;
+    eprintln!(
+        "canary at 10 %: {} connections, {to_b} to B ({share:.2} %); per worker A {wa:?}, \
+         B {wb:?}; the program counted {canary} canary decisions",
+        report.ok
+    );
+    assert!(
+        (share - 10.0).abs() <= SHARE_TOLERANCE,
+        "B got {share:.2} % of new connections, not 10 % ± {SHARE_TOLERANCE}"
+    );
+    assert_eq!(
+        report
+            .by_name
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        ["A", "B"],
+        "{:?}",
+        report.by_name
+    );
+    assert!(
+        wa.iter().chain(&wb).all(|&n| n > 0),
+        "every worker of both generations got a share: A {wa:?}, B {wb:?}"
+    );
+    assert_eq!(canary, to_b, "the program's canary count is B's answers");
+
+    // `promote PID` again: the canary takes every new connection.
+    let said = ctl_ok(&d, &["promote", &b.pid.to_string()]);
+    assert!(said.contains("is active"), "{said}");
+    let n = scaled_down(2000u64, 500);
+    let report = load::run(&line_load(addr, n), None);
+    let wb = per_worker(&report, &b);
+    eprintln!("completed: {:?}, per worker of B {wb:?}", report.by_name);
+    assert_eq!(report.failures.total(), 0, "{:?}", report.failures);
+    assert_eq!(report.by_name, BTreeMap::from([("B".to_owned(), n)]));
+    assert!(wb.iter().all(|&n| n > 0), "every worker of B: {wb:?}");
+}
+
+/// When the new generation was killed, on the load's clock and the log's.
+struct Death {
+    /// CLOCK_MONOTONIC ns just before the SIGKILL.
+    ns: u64,
+    /// Seconds since midnight UTC then.
+    time_of_day: f64,
+}
+
+/// What the load log shows after a death at `t0_ns`.
+#[derive(Debug)]
+struct Back {
+    /// Connections started after the death.
+    after: usize,
+    /// Of those, the ones that failed or reached the dead generation.
+    bad: usize,
+    /// From the death to the start of the first connection answered by the old generation.
+    first_old: Duration,
+    /// From the death to the start of the last connection that failed or reached the dead
+    /// generation: every one started later was answered by the old generation.
+    last_bad: Duration,
+    /// Connections started after `last_bad`.
+    good_after: usize,
+}
+
+fn back_after(entries: &[LogEntry], t0_ns: u64, old: &str) -> Back {
+    let after: Vec<&LogEntry> = entries.iter().filter(|e| e.start_ns >= t0_ns).collect();
+    let is_old = |e: &&&LogEntry| e.outcome.as_deref() == Ok(old);
+    let since = |ns: u64| Duration::from_nanos(ns - t0_ns);
+    let first_old = after.iter().filter(is_old).map(|e| e.start_ns).min();
+    let bad: Vec<u64> = after
+        .iter()
+        .filter(|e| !is_old(e))
+        .map(|e| e.start_ns)
+        .collect();
+    let last_bad = bad.iter().copied().max().unwrap_or(t0_ns);
+    Back {
+        after: after.len(),
+        bad: bad.len(),
+        first_old: since(first_old.expect("a connection answered by the old generation")),
+        last_bad: since(last_bad),
+        good_after: after.iter().filter(|e| e.start_ns > last_bad).count(),
+    }
+}
+
+#[test]
+fn killing_the_new_generation_in_its_watch_window_puts_traffic_back_within_100_ms() {
+    if !privileged("killing_the_new_generation_in_its_watch_window_puts_traffic_back_within_100_ms")
+    {
+        return;
+    }
+    let _one = exclusive();
+    let addr = loopback();
+    let mport = free_port();
+    let a = testsrv("A", &[addr], &["--workers", "2", "--mode", "per-worker"]);
+    let metrics_addr = format!("127.0.0.1:{mport}");
+    let mut d = Handoffd::start_with("watch-exit", &[addr], &["--metrics-addr", &metrics_addr]);
+    d.promote(a.pid);
+    let b = testsrv("B", &[addr], &["--workers", "3", "--mode", "after-fork"]);
+    let dir = TempDir::new("watch-exit-load");
+    let mut cfg = line_load(addr, 2_000_000);
+    cfg.concurrency = scaled_down(64u32, 16);
+    cfg.duration_ms = Some((60_000 * u64::from(slowdown())).min(load::MAX_DURATION_MS));
+    cfg.log = Some(dir.path().join("load.log"));
+    let (report, death) = under_load(&cfg, || {
+        steered(&d, per_phase(), "the load to reach A");
+        ctl_ok(&d, &["promote", &b.pid.to_string(), "--watch", "30s"]);
+        steered(&d, per_phase(), "the load to reach B");
+        let g = d.generation_of(a.pid).expect("A listed");
+        assert_eq!(g.listeners, 2, "A stands by with its listeners: {g:?}");
+        let death = Death {
+            ns: load::monotonic_ns(),
+            time_of_day: time_of_day_now(),
+        };
+        killpg(Pid::from_raw(b.pid as i32), Signal::SIGKILL).expect("killing B");
+        wait_until("A to be active again", Duration::from_secs(5), || {
+            d.state_of(a.pid) == Some(GenerationState::Active)
+        });
+        steered(&d, per_phase(), "the load to reach A again");
+        death
+    });
+    let entries = load::read_log(cfg.log.as_deref().expect("a log")).expect("the load log");
+    let back = back_after(&entries, death.ns, "A");
+    let logged = d
+        .proc()
+        .lines(handoff_tests::Stream::Stderr)
+        .into_iter()
+        .find(|l| l.contains("traffic rolled back"))
+        .expect("handoffd logs the rollback");
+    let logged_after = log_time_of_day(&logged).map(|t| t - death.time_of_day);
+    eprintln!(
+        "B killed under load ({} connections, {:?} per generation, failures {:?}): after \
+         the kill {back:?}; handoffd logged the rollback {logged_after:?} s after the kill",
+        report.attempts, report.by_name, report.failures
+    );
+    assert!(
+        back.last_bad <= scaled(BACK_WITHIN),
+        "a connection started {:?} after B's death failed or reached B: {back:?}",
+        back.last_bad
+    );
+    assert!(back.good_after > 0, "{back:?}");
+    after_the_death(&d, mport, &a, &b);
+}
+
+/// After B's death: counted once as an exit, A active and B retired in `status`.
+fn after_the_death(d: &Handoffd, mport: u16, a: &Proc, b: &Proc) {
+    wait_until("B to be retired", Duration::from_secs(5), || {
+        d.state_of(b.pid) == Some(GenerationState::Retired)
+    });
+    assert_eq!(d.state_of(a.pid), Some(GenerationState::Active));
+    let service = format!("service=\"{}\"", d.service);
+    let text = metrics(mport);
+    assert_eq!(
+        sample(
+            &text,
+            "handoff_rollbacks_total",
+            &[&service, "reason=\"exited\""]
+        ),
+        Some(1.0),
+        "one rollback because B exited:\n{text}"
+    );
+    for other in ["operator", "listeners_lost", "check_failed"] {
+        let reason = format!("reason=\"{other}\"");
+        let n = sample(&text, "handoff_rollbacks_total", &[&service, &reason]);
+        assert!(n.unwrap_or(0.0) == 0.0, "no rollback for {other}: {n:?}");
+    }
+}
