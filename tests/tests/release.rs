@@ -222,9 +222,20 @@ fn killing_the_new_generation_in_its_watch_window_puts_traffic_back_within_100_m
         .expect("handoffd logs the rollback");
     let logged_after = log_time_of_day(&logged).map(|t| t - death.time_of_day);
     eprintln!(
-        "B killed under load ({} connections, {:?} per generation, failures {:?}): after \
-         the kill {back:?}; handoffd logged the rollback {logged_after:?} s after the kill",
-        report.attempts, report.by_name, report.failures
+        "B killed under load ({} connections, {:?} per generation, failures {:?}); of the \
+         {} connections started after the kill, {} failed or reached B, the last of them \
+         started {:?} after it; the first answered by A started {:?} after it, and the {} \
+         started after the last bad one all reached A; handoffd logged the rollback \
+         {:?} ms after the kill",
+        report.attempts,
+        report.by_name,
+        report.failures,
+        back.after,
+        back.bad,
+        back.last_bad,
+        back.first_old,
+        back.good_after,
+        logged_after.map(|s| (s * 1000.0).round())
     );
     assert!(
         back.last_bad <= scaled(BACK_WITHIN),
