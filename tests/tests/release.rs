@@ -9,8 +9,8 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
@@ -18,7 +18,10 @@ use handoff_tests::load::{self, LoadConfig, LoadReport, LogEntry};
 use handoff_tests::{Proc, TempDir, free_port, scaled, scaled_down, slowdown};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use support::release::{exclusive, log_time_of_day, metrics, sample, time_of_day_now, under_load};
+use support::release::{
+    Accept, CLIENT_SOURCE, accepts, beside, exclusive, log_time_of_day, metrics, sample,
+    sourced_load, time_of_day_now, under_load,
+};
 use support::{Handoffd, loopback, privileged, testsrv, wait_until};
 
 /// New connections made while B is a canary at 10 % (point 3 asks for at least 5000).
@@ -268,4 +271,127 @@ fn after_the_death(d: &Handoffd, mport: u16, a: &Proc, b: &Proc) {
         let n = sample(&text, "handoff_rollbacks_total", &[&service, &reason]);
         assert!(n.unwrap_or(0.0) == 0.0, "no rollback for {other}: {n:?}");
     }
+}
+
+/// A candidate's layout: each worker its own listener (its own slot), every accept logged.
+const CANDIDATE: [&str; 5] = ["--workers", "3", "--mode", "after-fork", "--log-accept"];
+
+/// What the check gate saw of the candidates.
+struct Gate {
+    /// The failing promote's error line.
+    refusal: String,
+    /// Check connections the program steered for B's promote, and for C's.
+    checks: (u64, u64),
+    /// Accepts C had logged when its promote returned.
+    c_at_promote: Vec<Accept>,
+}
+
+/// With clients connecting all the time: B's promote fails its check, clients go on
+/// reaching A; C's passes and clients reach C.
+fn gate(d: &Handoffd, b: &Proc, c: &Proc) -> Gate {
+    steered(d, per_phase(), "the clients to reach A");
+    let check = |d: &Handoffd| d.service().steering.check;
+    let from = check(d);
+    let refusal = d.refused(&["promote", &b.pid.to_string(), "--check", "http:/healthz"]);
+    let b_checks = check(d) - from;
+    steered(d, per_phase(), "the clients to reach A after the refusal");
+    let from = check(d);
+    let said = ctl_ok(
+        d,
+        &["promote", &c.pid.to_string(), "--check", "http:/healthz"],
+    );
+    let c_checks = check(d) - from;
+    let c_at_promote = accepts(c);
+    assert!(said.contains("is active"), "{said}");
+    steered(d, per_phase(), "the clients to reach C");
+    Gate {
+        refusal,
+        checks: (b_checks, c_checks),
+        c_at_promote,
+    }
+}
+
+/// The workers of `p` that accepted a connection from `ip`, and how many such accepts.
+fn accepted_from(accepts: &[Accept], ip: IpAddr) -> (BTreeSet<u32>, usize) {
+    let from: Vec<&Accept> = accepts.iter().filter(|a| a.peer.ip() == ip).collect();
+    (from.iter().map(|a| a.pid).collect(), from.len())
+}
+
+#[test]
+fn a_failing_check_sends_no_client_to_the_candidate_and_a_passing_one_reaches_every_worker() {
+    if !privileged(
+        "a_failing_check_sends_no_client_to_the_candidate_and_a_passing_one_reaches_every_worker",
+    ) {
+        return;
+    }
+    let _one = exclusive();
+    let addr = loopback();
+    let a = testsrv("A", &[addr], &["--http-status", "200"]);
+    let d = Handoffd::start("check-gate", &[addr]);
+    d.promote(a.pid);
+    let b = testsrv(
+        "B",
+        &[addr],
+        &[&CANDIDATE[..], &["--http-status", "503"]].concat(),
+    );
+    let c = testsrv(
+        "C",
+        &[addr],
+        &[&CANDIDATE[..], &["--http-status", "200"]].concat(),
+    );
+    let limit = scaled(Duration::from_secs(60));
+    let (tally, g) = beside(
+        |stop| sourced_load(addr, 8, 1_000_000, limit, stop),
+        || gate(&d, &b, &c),
+    );
+    let checker = addr.ip();
+    let client = IpAddr::V4(CLIENT_SOURCE);
+    let (b_all, c_all) = (accepts(&b), accepts(&c));
+    let (b_checked, b_check_accepts) = accepted_from(&b_all, checker);
+    let (c_checked, c_check_accepts) = accepted_from(&g.c_at_promote, checker);
+    let (_, b_clients) = accepted_from(&b_all, client);
+    let (_, c_clients) = accepted_from(&c_all, client);
+    eprintln!(
+        "clients: {tally:?}; B accepted {b_check_accepts} check connections (the program \
+         steered {}) and {b_clients} clients; C accepted {c_check_accepts} check connections \
+         by its promote (the program steered {}) and {c_clients} clients in all; refusal: {}",
+        g.checks.0,
+        g.checks.1,
+        g.refusal.trim_end()
+    );
+    let listener = format!("listener {addr} (slot ");
+    for part in [
+        listener.as_str(),
+        "failed its http:/healthz check: status 503",
+    ] {
+        assert!(g.refusal.contains(part), "{part:?} in {:?}", g.refusal);
+    }
+    assert_eq!(b_clients, 0, "B accepted no client connection: {b_all:?}");
+    assert_eq!(tally.answers.get("B"), None, "no client was answered by B");
+    assert!(tally.failures.is_empty(), "no client failed: {tally:?}");
+    assert!(tally.answers.get("A").is_some_and(|&n| n > 0), "{tally:?}");
+    let workers = |p: &Proc| p.workers.iter().copied().collect::<BTreeSet<u32>>();
+    assert_eq!(
+        b_checked,
+        workers(&b),
+        "the check reached every worker of B"
+    );
+    assert_eq!(
+        c_checked,
+        workers(&c),
+        "the check reached every worker of C"
+    );
+    assert_eq!(g.checks.1, 3, "one check connection per listener of C");
+    assert!(
+        g.checks.0 >= 3,
+        "B's listeners were checked: {}",
+        g.checks.0
+    );
+    assert_eq!(
+        tally.answers.get("C").copied(),
+        Some(c_clients as u64),
+        "every client C accepted was answered"
+    );
+    assert_eq!(d.state_of(c.pid), Some(GenerationState::Active));
+    assert_eq!(d.generation_of(b.pid), None, "B was never promoted");
 }

@@ -39,6 +39,23 @@ impl Drop for SetOnDrop<'_> {
     }
 }
 
+/// Runs `load` on a thread of its own while `body` makes its changes; the flag it is
+/// given is set when `body` returns or panics, and must end it.
+pub fn beside<L: Send, T>(
+    load: impl FnOnce(&AtomicBool) -> L + Send,
+    body: impl FnOnce() -> T,
+) -> (L, T) {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let load = s.spawn(|| load(&stop));
+        let out = {
+            let _stop = SetOnDrop(&stop);
+            body()
+        };
+        (load.join().expect("the load thread"), out)
+    })
+}
+
 /// Runs [`load::run`] with `cfg` (which must bound it by count or time) while `body`
 /// makes its changes, and stops it when `body` returns or panics.
 pub fn under_load<T>(cfg: &LoadConfig, body: impl FnOnce() -> T) -> (LoadReport, T) {
@@ -46,15 +63,7 @@ pub fn under_load<T>(cfg: &LoadConfig, body: impl FnOnce() -> T) -> (LoadReport,
         cfg.count.is_some() || cfg.duration_ms.is_some(),
         "a load without bound"
     );
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let load = s.spawn(|| load::run(cfg, Some(&stop)));
-        let out = {
-            let _stop = SetOnDrop(&stop);
-            body()
-        };
-        (load.join().expect("the load thread"), out)
-    })
+    beside(|stop| load::run(cfg, Some(stop)), body)
 }
 
 /// What [`sourced_load`]'s clients got: answers per generation name (whatever their
