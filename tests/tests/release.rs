@@ -100,8 +100,12 @@ fn a_canary_at_10_percent_gets_10_percent_on_every_worker_and_completion_all() {
     let canary = after.canary - before.canary;
     eprintln!(
         "canary at 10 %: {} connections, {to_b} to B ({share:.2} %); per worker A {wa:?}, \
-         B {wb:?}; the program counted {canary} canary decisions",
-        report.ok
+         B {wb:?}; the program counted {canary} canary decisions and {} others, {} probes; slowest \
+         answer {} ms",
+        report.ok,
+        after.active - before.active,
+        after.probe - before.probe,
+        report.max_latency_ms
     );
     assert!(
         (share - 10.0).abs() <= SHARE_TOLERANCE,
@@ -121,7 +125,14 @@ fn a_canary_at_10_percent_gets_10_percent_on_every_worker_and_completion_all() {
         wa.iter().chain(&wb).all(|&n| n > 0),
         "every worker of both generations got a share: A {wa:?}, B {wb:?}"
     );
-    assert_eq!(canary, to_b, "the program's canary count is B's answers");
+    // The program also decides a handful of times more than the load connects (0 to 6
+    // per 6000 seen, no probe among them): B's answers must be its canary decisions
+    // but for those.
+    let extra = (canary + after.active - before.active).saturating_sub(report.ok);
+    assert!(
+        (to_b..=to_b + extra).contains(&canary) && extra <= report.ok / 100,
+        "the program's {canary} canary decisions are B's {to_b} answers ({extra} extra)"
+    );
 
     // `promote PID` again: the canary takes every new connection.
     let said = ctl_ok(&d, &["promote", &b.pid.to_string()]);
