@@ -10,7 +10,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use handoff_common::proto::GenerationState;
@@ -336,73 +336,73 @@ fn a_failing_check_sends_no_client_to_the_candidate_and_a_passing_one_reaches_ev
         return;
     }
     let _one = exclusive();
-    let addr = loopback();
-    let a = testsrv("A", &[addr], &["--http-status", "200"]);
-    let d = Handoffd::start("check-gate", &[addr]);
+    let v4 = loopback();
+    // Two groups: every listener of every group is checked, each group through its own
+    // address (so from 127.0.0.1 or ::1).
+    let listen = [v4, SocketAddr::from((Ipv6Addr::LOCALHOST, v4.port()))];
+    let a = testsrv("A", &listen, &["--http-status", "200"]);
+    let d = Handoffd::start("check-gate", &listen);
     d.promote(a.pid);
-    let b = testsrv(
-        "B",
-        &[addr],
-        &[&CANDIDATE[..], &["--http-status", "503"]].concat(),
-    );
-    let c = testsrv(
-        "C",
-        &[addr],
-        &[&CANDIDATE[..], &["--http-status", "200"]].concat(),
-    );
+    let status = |code| [&CANDIDATE[..], &["--http-status", code]].concat();
+    let b = testsrv("B", &listen, &status("503"));
+    let c = testsrv("C", &listen, &status("200"));
     let limit = scaled(Duration::from_secs(60));
     let (tally, g) = beside(
-        |stop| sourced_load(addr, 8, 1_000_000, limit, stop),
+        |stop| sourced_load(v4, 8, 1_000_000, limit, stop),
         || gate(&d, &b, &c),
     );
-    let checker = addr.ip();
     let client = IpAddr::V4(CLIENT_SOURCE);
     let (b_all, c_all) = (accepts(&b), accepts(&c));
-    let (b_checked, b_check_accepts) = accepted_from(&b_all, checker);
-    let (c_checked, c_check_accepts) = accepted_from(&g.c_at_promote, checker);
     let (_, b_clients) = accepted_from(&b_all, client);
     let (_, c_clients) = accepted_from(&c_all, client);
     eprintln!(
-        "clients: {tally:?}; B accepted {b_check_accepts} check connections (the program \
-         steered {}) and {b_clients} clients; C accepted {c_check_accepts} check connections \
-         by its promote (the program steered {}) and {c_clients} clients in all; refusal: {}",
+        "clients: {tally:?}; B accepted {} connections, {b_clients} of them clients' (the \
+         program steered {} check connections to it); C accepted {} by the time its promote \
+         returned (the program steered {} check connections to it) and {c_clients} clients in \
+         all; refusal: {}",
+        b_all.len(),
         g.checks.0,
+        g.c_at_promote.len(),
         g.checks.1,
         g.refusal.trim_end()
     );
-    let listener = format!("listener {addr} (slot ");
-    for part in [
-        listener.as_str(),
-        "failed its http:/healthz check: status 503",
-    ] {
-        assert!(g.refusal.contains(part), "{part:?} in {:?}", g.refusal);
-    }
+    let named = listen
+        .iter()
+        .any(|addr| g.refusal.contains(&format!("listener {addr} (slot ")));
+    assert!(named, "the refusal names the listener: {:?}", g.refusal);
+    let reason = "failed its http:/healthz check: status 503, wanted 2xx";
+    assert!(g.refusal.contains(reason), "{:?}", g.refusal);
     assert_eq!(b_clients, 0, "B accepted no client connection: {b_all:?}");
     assert_eq!(tally.answers.get("B"), None, "no client was answered by B");
     assert!(tally.failures.is_empty(), "no client failed: {tally:?}");
     assert!(tally.answers.get("A").is_some_and(|&n| n > 0), "{tally:?}");
-    let workers = |p: &Proc| p.workers.iter().copied().collect::<BTreeSet<u32>>();
-    assert_eq!(
-        b_checked,
-        workers(&b),
-        "the check reached every worker of B"
-    );
-    assert_eq!(
-        c_checked,
-        workers(&c),
-        "the check reached every worker of C"
-    );
-    assert_eq!(g.checks.1, 3, "one check connection per listener of C");
-    assert!(
-        g.checks.0 >= 3,
-        "B's listeners were checked: {}",
-        g.checks.0
-    );
     assert_eq!(
         tally.answers.get("C").copied(),
         Some(c_clients as u64),
         "every client C accepted was answered"
     );
+    every_listener_checked(&listen, &b, &b_all, g.checks.0 / 6);
+    every_listener_checked(&listen, &c, &g.c_at_promote, 1);
+    assert_eq!(g.checks.1, 6, "one check connection per listener of C");
     assert_eq!(d.state_of(c.pid), Some(GenerationState::Active));
     assert_eq!(d.generation_of(b.pid), None, "B was never promoted");
+}
+
+/// Each worker of `p` accepted `rounds` check connections per group (from each group's
+/// own address), and nothing else from those addresses.
+fn every_listener_checked(listen: &[SocketAddr], p: &Proc, seen: &[Accept], rounds: u64) {
+    let workers: BTreeSet<u32> = p.workers.iter().copied().collect();
+    assert!(rounds > 0, "the program steered no check to every listener");
+    for addr in listen {
+        let (checked, n) = accepted_from(seen, addr.ip());
+        assert_eq!(
+            checked, workers,
+            "the checks through {addr} reached every worker"
+        );
+        assert_eq!(
+            n as u64,
+            rounds * workers.len() as u64,
+            "checks through {addr}"
+        );
+    }
 }
