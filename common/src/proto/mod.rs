@@ -21,7 +21,7 @@ mod promote;
 use serde::{Deserialize, Serialize};
 
 pub use frame::{FrameError, FrameReader, MAX_FRAME, decode, encode};
-pub use promote::{MAX_CHECK_TIMEOUT_MS, MAX_WATCH_MS, PromoteOptions};
+pub use promote::{MAX_CHECK_TIMEOUT_MS, MAX_WATCH_MS, PromoteOptions, Release, RollbackStatus};
 
 /// Default path of the daemon's control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/handoff/handoffd.sock";
@@ -175,6 +175,9 @@ pub struct ServiceStatus {
     /// Whether the service's groups kept handoff's program, as the probes saw it.
     #[serde(default)]
     pub steering_watch: SteeringWatchStatus,
+    /// Rollbacks since the daemon started, and the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollbacks: Option<RollbackStatus>,
 }
 
 /// What the probes that follow binds (and the once-a-second backstop) saw of a service's
@@ -217,6 +220,9 @@ pub struct GenerationStatus {
     /// anyway (0 once it has passed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_deadline_ms: Option<u64>,
+    /// What a release made of it, beyond `state`: see [`Release`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<Release>,
 }
 
 /// The life of a generation.
@@ -385,10 +391,14 @@ mod tests {
                     connections: 3,
                     drain_age_ms: Some(1500),
                     drain_deadline_ms: Some(298_500),
+                    release: Some(Release::Standby {
+                        watch_left_ms: 5000,
+                    }),
                 }],
                 foreign_listeners: vec![],
                 steering: Default::default(),
                 steering_watch: Default::default(),
+                rollbacks: None,
             }],
             kernel: Some(KernelStatus {
                 release: "6.1.0-57-amd64".into(),
@@ -412,6 +422,8 @@ mod tests {
         assert_eq!(v["services"][0]["name"], "web");
         assert_eq!(v["services"][0]["listen"][0], "127.0.0.1:8080");
         assert_eq!(g["state"], "draining");
+        assert_eq!(g["release"]["role"], "standby");
+        assert_eq!(g["release"]["watch_left_ms"], 5000);
         assert_eq!(g["connections"], 3);
         assert_eq!(g["listeners"], 2);
         assert_eq!(g["pid"], 10);

@@ -1,4 +1,5 @@
-//! How a promote hands traffic over: its options on the wire.
+//! How a promote hands traffic over: its options on the wire, and what status shows of
+//! a release.
 
 use serde::{Deserialize, Serialize};
 
@@ -65,4 +66,43 @@ impl PromoteOptions {
         }
         Ok(())
     }
+}
+
+/// A generation's part in a release (canary, watch window), shown beside its `state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum Release {
+    /// Takes `weight` % of new connections (`state` active); the active generation
+    /// takes the rest.
+    Canary {
+        /// Percent of new connections.
+        weight: u8,
+    },
+    /// The generation before the active one, kept ready during the watch window (`state`
+    /// draining, its drain signal deferred): traffic goes back to it if the active one
+    /// fails.
+    Standby {
+        /// Milliseconds left in the watch window; then it drains.
+        watch_left_ms: u64,
+    },
+    /// The active generation inside its watch window, checked every second with `check`
+    /// (none: watched for exit and lost listeners only).
+    Watched {
+        /// The check it was promoted with.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check: Option<String>,
+    },
+}
+
+/// The last time traffic went back to an earlier generation of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackStatus {
+    /// Rollbacks of the service since the daemon started.
+    pub count: u64,
+    /// The last one's reason: operator, exited, listeners_lost or check_failed.
+    pub reason: String,
+    /// The generation it went back to.
+    pub to: u64,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
 }

@@ -24,7 +24,8 @@ use clap::{Parser, Subcommand};
 use handoff::client as control;
 use handoff_common::check::CheckSpec;
 use handoff_common::proto::{
-    DEFAULT_CONTROL_SOCKET, ErrorKind, PromoteOptions, Request, Response, Status,
+    DEFAULT_CONTROL_SOCKET, ErrorKind, GenerationStatus, PromoteOptions, Release, Request,
+    Response, ServiceStatus, Status,
 };
 
 /// Control handoffd.
@@ -54,7 +55,8 @@ enum Command {
         #[command(flatten)]
         how: PromoteFlags,
     },
-    /// Make the newest draining generation active again; abort a canary.
+    /// Take traffic back: abort a canary, else make the standby generation (or the newest
+    /// draining one still listening) active again.
     Rollback {
         /// The service (may be left out when handoffd runs one).
         #[arg(long)]
@@ -225,6 +227,48 @@ fn status_text(status: &Status) -> String {
     out
 }
 
+/// A generation's STATE column: its state, or its part in a release.
+fn state_text(g: &GenerationStatus) -> String {
+    match &g.release {
+        Some(Release::Canary { weight }) => format!("canary {weight}%"),
+        Some(Release::Standby { .. }) => "standby".to_owned(),
+        _ => g.state.as_str().to_owned(),
+    }
+}
+
+/// The watch window and the last rollback, if any.
+fn write_release(out: &mut String, s: &ServiceStatus) -> std::fmt::Result {
+    for g in &s.generations {
+        match &g.release {
+            Some(Release::Standby { watch_left_ms }) => writeln!(
+                out,
+                "  watch: generation {} stands by for {:.1} s more; traffic goes back to it if the active one fails",
+                g.id,
+                *watch_left_ms as f64 / 1e3
+            )?,
+            Some(Release::Watched { check }) => writeln!(
+                out,
+                "  watch: generation {} is watched ({})",
+                g.id,
+                check
+                    .as_ref()
+                    .map_or("exit and listeners".to_owned(), |c| format!(
+                        "checked with {c} every second, exit and listeners"
+                    ))
+            )?,
+            _ => {}
+        }
+    }
+    if let Some(r) = &s.rollbacks {
+        writeln!(
+            out,
+            "  rollbacks: {} (last: {}, back to generation {}, at {} ms since the epoch)",
+            r.count, r.reason, r.to, r.at_ms
+        )?;
+    }
+    Ok(())
+}
+
 fn write_status(out: &mut String, status: &Status) -> std::fmt::Result {
     for s in &status.services {
         writeln!(out, "service {}  listen {}", s.name, s.listen.join(" "))?;
@@ -236,26 +280,34 @@ fn write_status(out: &mut String, status: &Status) -> std::fmt::Result {
         } else {
             writeln!(
                 out,
-                "  {:>4}  {:>8}  {:<9} {:>9}  {:>11}",
+                "  {:>4}  {:>8}  {:<11} {:>9}  {:>11}",
                 "GEN", "PID", "STATE", "LISTENERS", "CONNECTIONS"
             )?;
             for g in &s.generations {
                 writeln!(
                     out,
-                    "  {:>4}  {:>8}  {:<9} {:>9}  {:>11}",
+                    "  {:>4}  {:>8}  {:<11} {:>9}  {:>11}",
                     g.id,
                     g.pid,
-                    g.state.as_str(),
+                    state_text(g),
                     g.listeners,
                     g.connections
                 )?;
             }
+            write_release(out, s)?;
         }
         let c = &s.steering;
         writeln!(
             out,
-            "  steered: active {} (retried {}), fallback {}, kernel hash {}, migrated {}, probes {}",
-            c.active, c.active_retry, c.fallback, c.kernel_hash, c.migrated, c.probe
+            "  steered: active {} (retried {}), canary {}, fallback {}, kernel hash {}, migrated {}, probes {}, checks {}",
+            c.active,
+            c.active_retry,
+            c.canary,
+            c.fallback,
+            c.kernel_hash,
+            c.migrated,
+            c.probe,
+            c.check
         )?;
         let w = &s.steering_watch;
         if w.lost > 0 {

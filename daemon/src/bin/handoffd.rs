@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use handoff::config::{self, DEFAULT_STATE_DIR, Overrides, Paths, Sig};
+use handoff::config::{self, DEFAULT_STATE_DIR, OrOff, Overrides, Paths, Sig};
 use handoff::logging;
+use handoff_common::check::CheckSpec;
 
 /// Zero-downtime restarts for any Linux network service, steered in the kernel.
 #[derive(Debug, Parser)]
@@ -48,6 +49,30 @@ struct Args {
     /// holding the listeners. Like `user` in a service's table of --config.
     #[arg(long, value_name = "NAME|UID", value_parser = config::resolve_user)]
     user: Option<u32>,
+    /// Check every promoted process through each of its listeners before any client
+    /// reaches it, unless the promote says otherwise: tcp, http:/PATH[:STATUS] or
+    /// https:/PATH[:STATUS] (TLS, certificate not verified); none turns off the
+    /// --config file's check [default: none].
+    #[arg(long, value_name = "CHECK", value_parser = config::parse_check)]
+    check: Option<OrOff<CheckSpec>>,
+    /// How long a promote's check may take, retries included (1ms to 1h) [default: 5s].
+    #[arg(long, value_name = "DUR", value_parser = config::parse_check_timeout)]
+    check_timeout: Option<Duration>,
+    /// After a promote, keep the previous generation ready this long (no drain signal),
+    /// and hand traffic back to it at once if the new one exits, closes its listeners or
+    /// fails its check (up to 24h); none turns off the --config file's window
+    /// [default: none].
+    #[arg(long, value_name = "DUR", value_parser = config::parse_watch)]
+    watch: Option<OrOff<Duration>>,
+    /// Offer the service a systemd notify socket ($NOTIFY_SOCKET) at this absolute path,
+    /// mode 0600, owned by the service's user: a process of the service that sends
+    /// READY=1 there is checked and promoted, with no handoffctl [default: none].
+    #[arg(long, value_name = "PATH", value_parser = config::parse_notify_socket)]
+    notify_socket: Option<PathBuf>,
+    /// Forward every message of the notify socket to this one (an absolute path or
+    /// @NAME), e.g. /run/systemd/notify for a Type=notify unit. Needs a notify socket.
+    #[arg(long, value_name = "PATH", value_parser = config::parse_notify_forward)]
+    notify_forward: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`/metrics`), or `off`.
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9464")]
     metrics_addr: handoff::MetricsAddr,
@@ -117,6 +142,11 @@ fn run(args: Args, target: logging::Target) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         kill_after: args.kill_after,
         user: args.user,
+        check: args.check,
+        check_timeout: args.check_timeout,
+        watch: args.watch,
+        notify_socket: args.notify_socket,
+        notify_forward: args.notify_forward,
     };
     let options = handoff::Options {
         paths,
@@ -126,4 +156,56 @@ fn run(args: Args, target: logging::Target) -> anyhow::Result<()> {
         cgroup_root: args.cgroup_root,
     };
     Ok(handoff::run(options, handoff::on_signal)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(flags: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(
+            ["handoffd", "--config", "/etc/handoff/handoffd.toml"]
+                .iter()
+                .chain(flags),
+        )
+    }
+
+    #[test]
+    fn release_flags_are_read_and_checked() {
+        let args = parse(&[
+            "--check",
+            "http:/healthz:204",
+            "--check-timeout",
+            "750ms",
+            "--watch",
+            "60s",
+            "--notify-socket",
+            "/run/handoff/web.notify",
+            "--notify-forward",
+            "/run/systemd/notify",
+        ])
+        .expect("good flags");
+        let check = "http:/healthz:204".parse().unwrap();
+        assert_eq!(args.check, Some(OrOff(Some(check))));
+        assert_eq!(args.check_timeout, Some(Duration::from_millis(750)));
+        assert_eq!(args.watch, Some(OrOff(Some(Duration::from_secs(60)))));
+        assert_eq!(args.notify_socket, Some("/run/handoff/web.notify".into()));
+        assert_eq!(args.notify_forward, Some("/run/systemd/notify".into()));
+        let off = parse(&["--check", "none", "--watch", "off"]).expect("none and off");
+        assert_eq!(
+            (off.check, off.watch),
+            (Some(OrOff(None)), Some(OrOff(None)))
+        );
+        for bad in [
+            ["--check", "udp"],
+            ["--check-timeout", "2h"],
+            ["--check-timeout", "none"],
+            ["--watch", "25h"],
+            ["--notify-socket", "web.notify"],
+            ["--notify-forward", "systemd/notify"],
+        ] {
+            let e = parse(&bad).expect_err(&format!("{bad:?} accepted"));
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+        }
+    }
 }

@@ -8,8 +8,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 pub mod file;
+mod release;
 mod service;
 
+use handoff_common::check::{CheckSpec, CheckSpecError};
+
+pub use release::{
+    MAX_CHECK_TIMEOUT, MAX_SOCKET_PATH, MAX_WATCH, MIN_RELEASE_DURATION, OrOff, notify_settings,
+    parse_check, parse_check_timeout, parse_notify_forward, parse_notify_socket, parse_watch,
+};
 pub use service::{DEFAULT_CHECK_TIMEOUT, NotifySettings, ReleaseSettings, ServiceConfig};
 
 /// Default state directory: control socket, lock, generation table.
@@ -86,6 +93,41 @@ pub enum ConfigError {
     /// Not a user of this host.
     #[error("user {0:?} is neither a user name of this host nor a uid (0-4294967294)")]
     User(String),
+    /// Not a check (its own message says what one is).
+    #[error("{0}")]
+    Check(CheckSpecError),
+    /// Not a duration from 1 ms to [`MAX_CHECK_TIMEOUT`].
+    #[error("{0:?} is not a check timeout: give a duration from 1ms to 1h (e.g. 500ms, 5s, 1m)")]
+    CheckTimeout(String),
+    /// Not a duration from 1 ms to [`MAX_WATCH`], nor `none`.
+    #[error("{0:?} is not a watch window: give a duration from 1ms to 24h (e.g. 30s, 5m), or none")]
+    Watch(String),
+    /// Not a path handoffd can bind a notify socket at.
+    #[error("{value:?} is not a notify socket's path: {reason}")]
+    NotifySocket {
+        /// The text given.
+        value: String,
+        /// Why not.
+        reason: &'static str,
+    },
+    /// Not a socket a notify socket can forward to.
+    #[error("{value:?} is not a notify socket to forward to: {reason}")]
+    NotifyForward {
+        /// The text given.
+        value: String,
+        /// Why not.
+        reason: &'static str,
+    },
+    /// A forward without the service's notify socket, whose messages it forwards.
+    #[error(
+        "a notify forward needs the service's notify socket (notify_socket, --notify-socket): it forwards what arrives there"
+    )]
+    ForwardAlone,
+    /// A notify socket that forwards to itself.
+    #[error(
+        "the notify forward {0:?} is the service's notify socket itself: every message would come back"
+    )]
+    ForwardLoop(PathBuf),
 }
 
 /// A signal, by number; parsed from a name (`SIGTERM`, `term`) or a number.
@@ -193,6 +235,16 @@ pub struct Overrides {
     pub kill_after: Option<Duration>,
     /// `--user`, resolved to a uid.
     pub user: Option<u32>,
+    /// `--check` (`--check none` turns the file's off).
+    pub check: Option<OrOff<CheckSpec>>,
+    /// `--check-timeout`.
+    pub check_timeout: Option<Duration>,
+    /// `--watch` (`--watch none` turns the file's off).
+    pub watch: Option<OrOff<Duration>>,
+    /// `--notify-socket`.
+    pub notify_socket: Option<PathBuf>,
+    /// `--notify-forward`.
+    pub notify_forward: Option<PathBuf>,
 }
 
 impl Overrides {
@@ -209,6 +261,27 @@ impl Overrides {
         }
     }
 
+    /// `base` with the release flags applied; a forward flag needs a notify socket, the
+    /// file's or the flag's.
+    fn release(&self, base: ReleaseSettings) -> Result<ReleaseSettings, ConfigError> {
+        let (socket, forward) = match base.notify {
+            Some(n) => (Some(n.socket), n.forward),
+            None => (None, None),
+        };
+        Ok(ReleaseSettings {
+            check: match &self.check {
+                Some(OrOff(check)) => check.clone(),
+                None => base.check,
+            },
+            check_timeout: self.check_timeout.unwrap_or(base.check_timeout),
+            watch: self.watch.as_ref().map_or(base.watch, |w| w.0),
+            notify: notify_settings(
+                self.notify_socket.clone().or(socket),
+                self.notify_forward.clone().or(forward),
+            )?,
+        })
+    }
+
     /// The services to run: those of the file (if any) with the flags applied.
     pub fn apply(
         &self,
@@ -219,6 +292,7 @@ impl Overrides {
             let made = service(name, &self.listen, self.drain(DrainSettings::default()))?;
             return Ok(vec![ServiceConfig {
                 user: self.user,
+                release: self.release(ReleaseSettings::default())?,
                 ..made
             }]);
         };
@@ -238,6 +312,7 @@ impl Overrides {
         let made = service(&name, &listen, self.drain(base.drain))?;
         Ok(vec![ServiceConfig {
             user: self.user.or(base.user),
+            release: self.release(base.release)?,
             ..made
         }])
     }
@@ -346,147 +421,4 @@ pub fn resolve_user(s: &str) -> Result<u32, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
-        list.iter().map(|a| a.parse().unwrap()).collect()
-    }
-
-    fn service(name: &str, listen: &[SocketAddr]) -> Result<ServiceConfig, ConfigError> {
-        super::service(name, listen, DrainSettings::default())
-    }
-
-    #[test]
-    fn signals_by_name_or_number() {
-        assert_eq!("SIGQUIT".parse(), Ok(Sig(libc::SIGQUIT)));
-        assert_eq!("term".parse(), Ok(Sig(libc::SIGTERM)));
-        assert_eq!("USR2".parse(), Ok(Sig(libc::SIGUSR2)));
-        assert_eq!("34".parse(), Ok(Sig(34)));
-        for bad in ["SIGNOPE", "0", "65", "-1", ""] {
-            assert!(bad.parse::<Sig>().is_err(), "{bad:?} accepted");
-        }
-        assert_eq!(Sig(libc::SIGQUIT).to_string(), "SIGQUIT");
-    }
-
-    #[test]
-    fn durations_need_a_positive_value() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        for bad in ["0", "0s", "-5s", "5x", "s", "", "1e400s", "1.2.3s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
-        }
-        assert_eq!(parse_duration("720h"), Ok(MAX_DURATION));
-        for long in [
-            "9300000000000000000s",
-            "18446744073709551616s",
-            "720.001h",
-            "2592000001ms",
-            &"9".repeat(400),
-        ] {
-            assert_eq!(
-                parse_duration(long),
-                Err(ConfigError::DurationTooLong(long.to_string())),
-                "{long:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_service_has_one_port_and_distinct_addresses() {
-        assert!(service("web", &addrs(&["127.0.0.1:80", "[::1]:80"])).is_ok());
-        assert!(matches!(
-            service("web", &addrs(&["127.0.0.1:80", "[::1]:81"])),
-            Err(ConfigError::Ports { .. })
-        ));
-        assert!(matches!(
-            service("web", &addrs(&["127.0.0.1:80", "127.0.0.1:80"])),
-            Err(ConfigError::Duplicate { .. })
-        ));
-        assert!(matches!(
-            service("web", &addrs(&["127.0.0.1:0"])),
-            Err(ConfigError::PortZero { .. })
-        ));
-        assert_eq!(
-            service("web", &[]),
-            Err(ConfigError::NoListen("web".into()))
-        );
-        let many: Vec<SocketAddr> = (0..=MAX_LISTEN as u8)
-            .map(|i| SocketAddr::from(([127, 0, 0, i], 80)))
-            .collect();
-        assert!(matches!(
-            service("web", &many),
-            Err(ConfigError::TooManyAddresses { count: 65, .. })
-        ));
-    }
-
-    #[test]
-    fn flags_make_or_override_a_single_service() {
-        let listen = addrs(&["127.0.0.1:80"]);
-        let flags = Overrides {
-            listen: listen.clone(),
-            retire_signal: Some(Sig(libc::SIGQUIT)),
-            ..Default::default()
-        };
-        let made = flags.apply(None).unwrap();
-        assert_eq!(made[0].name, "default");
-        assert_eq!(made[0].drain.retire_signal, Sig(libc::SIGQUIT));
-        assert_eq!(made[0].drain.drain_timeout, Duration::from_secs(300));
-
-        let file =
-            vec![super::service("web", &addrs(&["[::1]:81"]), DrainSettings::default()).unwrap()];
-        let over = Overrides {
-            drain_timeout: Some(Duration::from_secs(9)),
-            ..Default::default()
-        };
-        let got = over.apply(Some(file.clone())).unwrap();
-        assert_eq!(
-            (got[0].name.as_str(), got[0].drain.drain_timeout),
-            ("web", Duration::from_secs(9))
-        );
-        assert_eq!(got[0].listen, file[0].listen);
-        assert_eq!(
-            Overrides::default().apply(Some(file.clone())).unwrap(),
-            file
-        );
-        let two = vec![
-            file[0].clone(),
-            super::service("b", &addrs(&["[::1]:82"]), DrainSettings::default()).unwrap(),
-        ];
-        assert_eq!(over.apply(Some(two)), Err(ConfigError::Overrides(2)));
-    }
-
-    #[test]
-    fn users_are_names_or_uids() {
-        assert_eq!(resolve_user("root"), Ok(0));
-        assert_eq!(resolve_user("65534"), Ok(65534));
-        for bad in ["", "no-such-user-here", "4294967295", "99999999999", "-1"] {
-            assert!(resolve_user(bad).is_err(), "{bad:?} accepted");
-        }
-        let flags = Overrides {
-            listen: addrs(&["127.0.0.1:80"]),
-            user: Some(33),
-            ..Default::default()
-        };
-        assert_eq!(flags.apply(None).unwrap()[0].user, Some(33));
-    }
-
-    #[test]
-    fn names_are_path_safe() {
-        assert!(check_name("web-1_a").is_ok());
-        for bad in ["", "a/b", "..", "a b", &"x".repeat(65)] {
-            assert!(check_name(bad).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
-    fn control_socket_defaults_into_the_state_dir() {
-        let p = Paths::new("/run/x".into(), None);
-        assert_eq!(p.control_socket, PathBuf::from("/run/x/handoffd.sock"));
-        assert_eq!(p.lock_file(), PathBuf::from("/run/x/handoffd.lock"));
-    }
-}
+mod tests;

@@ -351,8 +351,11 @@ impl Lifecycle {
     }
 
     /// Takes up a saved table: generations whose processes were found again, their
-    /// drains counted afresh under new tags (a retired entry, which a state file should
-    /// not hold, is dropped).
+    /// drains counted afresh under new tags, a standby standing by until the end of its
+    /// watch window (draining at once if it passed while no daemon ran), a canary at its
+    /// weight (a retired or candidate entry, which a state file never holds, is dropped).
+    /// Then the canary is squared with the records in force ([`Self::square_canary`]),
+    /// and a standby whose active generation ended meanwhile takes traffic back.
     pub(super) fn recover(
         &mut self,
         next_id: GenId,
@@ -364,36 +367,86 @@ impl Lifecycle {
         self.next_id = next_id.max(self.next_id);
         self.records = records;
         self.records.resize(groups, Steer::default());
-        for mut g in generations {
-            if !g.phase.live() || g.blocks.len() != groups {
+        for g in generations {
+            if matches!(g.phase, Phase::Retired(_) | Phase::Candidate) || g.blocks.len() != groups {
                 continue;
             }
-            let drained = matches!(g.phase, Phase::Draining | Phase::Standby { .. });
-            let Some(mut d) = g.drain.take().filter(|_| drained) else {
-                let index = self.generations.len();
-                let phase = g.phase;
-                self.generations.push(g);
-                if drained {
-                    // Saved before its drain began (a standby): it drains now.
-                    self.start_drain(index, out);
-                } else {
-                    self.generations[index].phase = phase;
-                }
-                continue;
-            };
-            g.phase = Phase::Draining;
-            d.tag = 0;
-            d.recheck_at = d.retire.is_none().then_some(self.now);
-            d.counted = false;
-            d.kill_at = match (d.retire, self.policy.kill_after_ms) {
-                (Some((sent, _)), Some(k)) if !d.killed => Some(sent.after(k)),
-                _ => None,
-            };
-            out.push(Effect::StartCount { generation: g.id });
-            g.drain = Some(d);
-            self.generations.push(g);
+            self.resume(g, out);
+        }
+        self.square_canary(out);
+        if self.active().is_none() {
+            // Its active generation ended while no daemon ran: the program already falls
+            // back to the standby's slots; the table follows (a rollback, counted).
+            self.fail_over(RollbackReason::Exited, out);
         }
         out.push(Effect::Wake);
+    }
+
+    /// Adds one saved generation to the table (see [`Self::recover`]).
+    fn resume(&mut self, mut g: Generation, out: &mut Vec<Effect>) {
+        let index = self.generations.len();
+        match (g.phase, g.drain.take()) {
+            (Phase::Standby { until }, _) => {
+                self.generations.push(g);
+                if until <= self.now {
+                    self.start_drain(index, out);
+                }
+            }
+            (Phase::Draining, Some(mut d)) => {
+                d.tag = 0;
+                d.recheck_at = d.retire.is_none().then_some(self.now);
+                d.counted = false;
+                d.kill_at = match (d.retire, self.policy.kill_after_ms) {
+                    (Some((sent, _)), Some(k)) if !d.killed => Some(sent.after(k)),
+                    _ => None,
+                };
+                out.push(Effect::StartCount { generation: g.id });
+                g.drain = Some(d);
+                self.generations.push(g);
+            }
+            (Phase::Draining, None) => {
+                // Saved before its drain began: it drains now.
+                self.generations.push(g);
+                self.start_drain(index, out);
+            }
+            _ => self.generations.push(g),
+        }
+    }
+
+    /// The kernel's records are the truth of what steers: a canary that no record names
+    /// (its abort was published, not saved) drains, as does any canary but the newest;
+    /// a record that names another canary or weight than the table (the canary ended
+    /// while no daemon ran) is published again without it, or with the table's.
+    fn square_canary(&mut self, out: &mut Vec<Effect>) {
+        let canaries: Vec<usize> = (0..self.generations.len())
+            .filter(|&i| matches!(self.generations[i].phase, Phase::Canary { .. }))
+            .collect();
+        for (k, &i) in canaries.iter().enumerate().rev() {
+            let steered = self.generations[i]
+                .blocks
+                .iter()
+                .zip(&self.records)
+                .any(|(b, r)| b.span().len > 0 && r.canary.is_some_and(|(s, _)| s == b.span()));
+            if !steered || k + 1 < canaries.len() {
+                self.start_drain(i, out);
+            }
+        }
+        for group in 0..self.records.len() {
+            let want = self.generations.iter().find_map(|g| match g.phase {
+                Phase::Canary { weight } => {
+                    let span = g.blocks.get(group)?.span();
+                    (span.len > 0).then_some((span, weight))
+                }
+                _ => None,
+            });
+            if self.records[group].canary != want {
+                self.records[group].canary = want;
+                out.push(Effect::Republish {
+                    group,
+                    record: self.records[group],
+                });
+            }
+        }
     }
 }
 

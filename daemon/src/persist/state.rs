@@ -13,7 +13,7 @@ use crate::discover::group::GroupKey;
 use crate::persist::dirs::{self, DirError, TrustedDir};
 
 mod check;
-pub use check::Inconsistent;
+pub use check::{Inconsistent, Resume};
 
 /// The version of this file's layout.
 pub const VERSION: u32 = 1;
@@ -55,9 +55,30 @@ pub struct SavedGeneration {
     pub descendants: Vec<SavedMember>,
     /// Its blocks of slots, per group.
     pub blocks: Vec<SavedBlock>,
-    /// Its drain, if draining.
+    /// Its drain, if draining. A canary and a standby are saved as draining, with the
+    /// drain they would get (see [`SavedGeneration::canary`]), so that a daemon that
+    /// predates them takes them up as demoted generations instead of refusing the file.
     pub drain: Option<SavedDrain>,
+    /// A canary's percent of new connections (1 to 99; checked where it is taken up, a
+    /// weight out of range is dropped with a warning and the generation drains).
+    /// Saved with state `draining` and a drain whose timeout has passed: a daemon before
+    /// canaries (which refuses a second active generation) reads it as a draining
+    /// generation due for its retire signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u64>,
+    /// A standby's end of watch window, in wall-clock milliseconds: it stands by until
+    /// then, and drains after (at once if it passed while no daemon ran). Saved with
+    /// state `draining` and the drain it gets then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch_until_ms: Option<u64>,
+    /// The health check the generation was promoted with (e.g. `http:/healthz`), kept
+    /// opaque: at most [`MAX_CHECK`] bytes, no control character.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
+
+/// The longest health-check spec a state file may hold.
+pub const MAX_CHECK: usize = 1100;
 
 /// A process, named for good by pid and start time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +247,101 @@ mod tests {
             later - back
         };
         assert!(diff < Duration::from_millis(5), "{diff:?}");
+    }
+
+    /// A state with an active generation, a standby, a canary with a check.
+    fn with_canary_and_standby() -> SavedState {
+        let g = |id: u64, block: u32, drain: Option<SavedDrain>| SavedGeneration {
+            id,
+            state: if drain.is_some() {
+                GenerationState::Draining
+            } else {
+                GenerationState::Active
+            },
+            leader: SavedMember {
+                pid: 100 * i32::try_from(id).unwrap(),
+                start_time: 5,
+            },
+            descendants: vec![],
+            blocks: vec![SavedBlock {
+                index: block,
+                cookies: vec![u64::from(block) * 10],
+            }],
+            drain,
+            canary: None,
+            watch_until_ms: None,
+            check: None,
+        };
+        let drain = |started_ms, deadline_ms| SavedDrain {
+            started_ms,
+            deadline_ms,
+            retired_ms: None,
+            timed_out: false,
+            killed: false,
+        };
+        let mut standby = g(1, 1, Some(drain(1_700_000_060_000, 1_700_000_360_000)));
+        standby.watch_until_ms = Some(1_700_000_060_000);
+        let mut canary = g(3, 3, Some(drain(0, 0)));
+        canary.canary = Some(10);
+        canary.check = Some("http:/healthz:200".into());
+        let mut active = g(2, 2, None);
+        active.check = Some("tcp".into());
+        SavedState {
+            version: VERSION,
+            services: vec![SavedService {
+                name: "web".into(),
+                listen: vec!["127.0.0.1:8080".parse().unwrap()],
+                next_id: 4,
+                groups: vec![Some(GroupKey {
+                    addr: "127.0.0.1:8080".parse().unwrap(),
+                    v6only: None,
+                    ifindex: 0,
+                    uid: 0,
+                })],
+                generations: vec![standby, active, canary],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_canary_a_standby_and_checks_round_trip_and_an_older_reader_sees_a_valid_file() {
+        let dir = std::env::temp_dir().join(format!("handoff-state-rt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = file(&dir);
+        let state = with_canary_and_standby();
+        let text = serde_json::to_string_pretty(&state).unwrap();
+        save(&path, &text).unwrap();
+        let back = load(&path).unwrap();
+        assert_eq!(back, state);
+        let gens = &back.services[0].generations;
+        assert_eq!(gens[0].resume(), Ok(Resume::Standby(1_700_000_060_000)));
+        assert_eq!(gens[2].resume(), Ok(Resume::Canary(10)));
+        assert_eq!(gens[2].check(), Ok(Some("http:/healthz:200")));
+        // A daemon before these fields ignores them (its structs do not deny unknown
+        // fields): what it reads must pass its checks, one active generation, the
+        // canary and the standby draining.
+        let mut older: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for g in older["services"][0]["generations"].as_array_mut().unwrap() {
+            let g = g.as_object_mut().unwrap();
+            for field in ["canary", "watch_until_ms", "check"] {
+                g.remove(field);
+            }
+        }
+        let older: SavedState = serde_json::from_value(older).unwrap();
+        assert_eq!(older.validate(), Ok(()));
+        assert!(
+            older.services[0]
+                .generations
+                .iter()
+                .all(|g| g.resume() == Ok(Resume::AsSaved))
+        );
+        // And a file of that daemon (no new field) is read by this one; absent fields
+        // are not written.
+        let plain = serde_json::to_string(&older).unwrap();
+        assert!(!plain.contains("canary") && !plain.contains("watch_until_ms"));
+        save(&path, &plain).unwrap();
+        assert_eq!(load(&path).unwrap(), older);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -78,7 +78,8 @@ pub struct ServerConfig {
     /// has (at most 2 s later). 200 to 599, but not 204 or 304 (which have no body).
     #[arg(long, value_name = "CODE", value_parser = parse_status, conflicts_with_all = ["hold", "no_accept"])]
     pub http_status: Option<u16>,
-    /// Log `accept NAME pid=PID peer=IP:PORT` on stderr for every accepted connection.
+    /// Log `accept NAME pid=PID peer=IP:PORT local=IP:PORT` on stderr for every accepted
+    /// connection (local: the listener's address).
     #[arg(long)]
     pub log_accept: bool,
 }

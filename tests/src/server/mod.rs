@@ -17,15 +17,16 @@
 //! body `NAME\n`, `Connection: close`) after reading the request head, so that the load
 //! client's `--http` and health checks can talk to it; `--notify-ready` sends `READY=1` to
 //! `$NOTIFY_SOCKET` once it accepts (after any `--warmup-ms`); `--log-accept` logs every
-//! accepted connection with its peer address.
+//! accepted connection with its peer and listener addresses.
 //!
 //! Lines on stderr, each `KIND NAME key=value...`, for tests to wait on:
 //! `term NAME pid=PID ns=NS` (SIGTERM arrived, CLOCK_MONOTONIC; ` ignored` with --ignore-term), `worker-exit NAME pid=PID status=STATUS`,
 //! `respawn NAME old=PID new=PID`, `close NAME pid=PID ns=NS` (`--log-close`: NS just before
 //! the close), `closed NAME pid=PID count=N first_ns=NS last_ns=NS` (`--hold`, after SIGUSR1:
-//! NS just before the first and the last close), `accept NAME pid=PID peer=IP:PORT`
-//! (`--log-accept`), `notify NAME pid=PID ns=NS` (`--notify-ready`: NS just before the
-//! send) or `notify-failed NAME pid=PID error=ERROR`.
+//! NS just before the first and the last close), `accept NAME pid=PID peer=IP:PORT
+//! local=IP:PORT` (`--log-accept`; local: the listener's address), `notify NAME pid=PID
+//! ns=NS` (`--notify-ready`: NS just before the send) or `notify-failed NAME pid=PID
+//! error=ERROR`.
 //!
 //! # Layout
 //!

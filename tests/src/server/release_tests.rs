@@ -153,7 +153,7 @@ fn log_accept_names_the_peer() {
     let (stream, name, pid) = load::hold(addr).expect("an answer");
     assert_eq!((name.as_str(), pid), ("P", srv.pid));
     let peer = stream.local_addr().expect("local address");
-    let line = format!("accept P pid={} peer={peer}", srv.pid);
+    let line = format!("accept P pid={} peer={peer} local={addr}", srv.pid);
     assert_eq!(
         srv.wait_line(Stream::Stderr, &line, scaled(Duration::from_secs(5))),
         Some(line)

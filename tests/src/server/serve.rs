@@ -101,10 +101,12 @@ pub(super) fn start_acceptors(
 fn accept_loop(listener: &TcpListener, serve: &Serve) {
     loop {
         let accepted = listener.accept();
-        if let (Ok((_, peer)), Some(name)) = (&accepted, &serve.log_accept) {
+        if let (Ok((stream, peer)), Some(name)) = (&accepted, &serve.log_accept) {
+            let local = stream.local_addr().map(|a| a.to_string());
             log_line(&format!(
-                "accept {name} pid={} peer={peer}",
-                std::process::id()
+                "accept {name} pid={} peer={peer} local={}",
+                std::process::id(),
+                local.as_deref().unwrap_or("?")
             ));
         }
         match accepted {

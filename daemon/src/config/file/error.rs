@@ -93,6 +93,23 @@ pub enum ConfigFileError {
         /// The line of the first service's address.
         other_line: usize,
     },
+    /// Two services with one notify socket.
+    #[error(
+        "{at}: service {service}: {} is already service {other}'s notify socket (line {other_line})",
+        path.display()
+    )]
+    DuplicateNotify {
+        /// The second service's `notify_socket`.
+        at: Location,
+        /// The second service.
+        service: String,
+        /// The socket's path.
+        path: PathBuf,
+        /// The first service.
+        other: String,
+        /// The line of the first service's `notify_socket`.
+        other_line: usize,
+    },
     /// A file without a service.
     #[error("{}: no [[service]]", path.display())]
     NoService {

@@ -1,34 +1,49 @@
 //! The configuration file (`handoffd --config FILE`, `/etc/handoff/handoffd.toml` in the
-//! packages): the services of one daemon and how their generations drain.
+//! packages): the services of one daemon, how their generations drain, and how their
+//! promotes hand traffic over.
 //!
 //! ```toml
-//! # Optional: drain settings for every service.
+//! # Optional: drain and release settings for every service.
 //! [defaults]
 //! drain_signal = "SIGQUIT"      # sent when a generation starts draining; none by default
 //! retire_signal = "SIGTERM"     # sent once it has drained; default SIGTERM
 //! drain_timeout = "300s"        # retire anyway after this long; default 300s
 //! kill_after = "30s"            # SIGKILL what is left this long after retiring; off by default
+//! check = "http:/healthz"       # every promote's check unless it says otherwise; none by default
+//! check_timeout = "5s"          # how long a check may take, retries included; default 5s
+//! watch = "60s"                 # keep the previous generation ready after a promote; none by default
 //!
 //! # One table per service; at least one.
 //! [[service]]
 //! name = "web"                  # letters, digits, '-', '_'; 1-64 characters
 //! listen = ["0.0.0.0:8080", "[::]:8080"]   # every address of the service, one port
-//! drain_signal = "SIGQUIT"      # any of the four settings, for this service only
+//! drain_signal = "SIGQUIT"      # any of the seven settings, for this service only
 //! user = "www-data"             # optional: the uid its processes run as, if not the
 //!                               # promoted process's own (a name or a number)
+//! notify_socket = "/run/handoff/web.notify"  # optional: an sd_notify socket; READY=1 promotes
+//! notify_forward = "/run/systemd/notify"     # optional: where its messages are forwarded
 //! ```
 //!
 //! Signals are names (`SIGQUIT`, `QUIT`, `quit`) or numbers 1-64 given as strings;
 //! durations are a positive number with a unit `ms`, `s`, `m` or `h` (`500ms`, `90s`, `5m`,
-//! `1h`), at most 30 days ([`config::MAX_DURATION`]). `drain_signal` and `kill_after` also take `"none"` (or `"off"`), so a service
-//! can turn off what `[defaults]` turned on. A setting of a service overrides the one in
-//! `[defaults]`, which overrides the built-in default.
+//! `1h`), at most 30 days ([`config::MAX_DURATION`]); a `check_timeout` is 1 ms to 1 h
+//! ([`config::MAX_CHECK_TIMEOUT`]), a `watch` window 1 ms to 24 h ([`config::MAX_WATCH`]).
+//! A `check` is `tcp`, `http:/PATH[:STATUS]` or `https:/PATH[:STATUS]` (TLS, the
+//! certificate not verified; STATUS 100-599, any 2xx if none), as `handoffctl promote
+//! --check` takes it. `drain_signal`, `kill_after`, `check` and `watch` also take `"none"`
+//! (or `"off"`), so a service can turn off what `[defaults]` turned on. A setting of a
+//! service overrides the one in `[defaults]`, which overrides the built-in default.
+//!
+//! `notify_socket` and `notify_forward` belong to a `[[service]]` only. The socket is an
+//! absolute path of at most 107 bytes (a unix socket's limit) that no other service has;
+//! the forward is an absolute path or `@NAME` (an abstract socket), and needs the socket.
 //!
 //! Every refusal is one line that starts with `FILE:LINE:COLUMN:` (`FILE:` alone when
 //! the file as a whole is wrong): TOML syntax and type errors, unknown keys, a bad
-//! signal, duration or address, a service that [`config::service`] refuses, two services
-//! with one name, and two services on one port (the drain accounting and the probe know
-//! a service by its port, so two services cannot steer the same one).
+//! signal, duration, check, address or socket path, a service that [`config::service`]
+//! refuses, two services with one name or one notify socket, and two services on one
+//! port (the drain accounting and the probe know a service by its port, so two services
+//! cannot steer the same one).
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -38,10 +53,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::config::ServiceConfig;
-use crate::config::{self, ConfigError, DrainSettings, Sig};
+use crate::config::{self, ConfigError, DrainSettings, ReleaseSettings, ServiceConfig, Sig};
 
 mod error;
+mod release;
+#[cfg(test)]
+mod release_tests;
 #[cfg(test)]
 mod tests;
 
@@ -58,10 +75,11 @@ struct RawFile {
     service: Vec<Spanned<RawService>>,
 }
 
-/// Declares a table as written that holds the drain settings among its own keys (toml
-/// lists a table's keys in this order when it refuses an unknown one). The settings are
-/// listed here once, for `[defaults]` and `[[service]]`: serde cannot deny unknown keys
-/// beside a flattened struct, and toml's `Spanned` does not survive flattening.
+/// Declares a table as written that holds the drain and release settings among its own
+/// keys (toml lists a table's keys in this order when it refuses an unknown one). The
+/// settings are listed here once, for `[defaults]` and `[[service]]`: serde cannot deny
+/// unknown keys beside a flattened struct, and toml's `Spanned` does not survive
+/// flattening.
 macro_rules! raw_table {
     (
         $(#[$meta:meta])*
@@ -80,6 +98,9 @@ macro_rules! raw_table {
             retire_signal: Option<Spanned<String>>,
             drain_timeout: Option<Spanned<String>>,
             kill_after: Option<Spanned<String>>,
+            check: Option<Spanned<String>>,
+            check_timeout: Option<Spanned<String>>,
+            watch: Option<Spanned<String>>,
             $($after: $after_ty,)*
         }
 
@@ -93,12 +114,21 @@ macro_rules! raw_table {
                     kill_after: self.kill_after.as_ref(),
                 }
             }
+
+            /// The release settings of this table.
+            fn release(&self) -> release::ReleaseKeys<'_> {
+                release::ReleaseKeys {
+                    check: self.check.as_ref(),
+                    check_timeout: self.check_timeout.as_ref(),
+                    watch: self.watch.as_ref(),
+                }
+            }
         }
     };
 }
 
 raw_table! {
-    /// The drain settings as written in `[defaults]`.
+    /// The drain and release settings as written in `[defaults]`.
     #[derive(Default)]
     struct RawSettings {
         ..settings,
@@ -106,12 +136,14 @@ raw_table! {
 }
 
 raw_table! {
-    /// One `[[service]]` table: its own keys and any of the drain settings.
+    /// One `[[service]]` table: its own keys and any of the drain and release settings.
     struct RawService {
         name: Spanned<String>,
         listen: Spanned<Vec<Spanned<String>>>,
         ..settings,
         user: Option<Spanned<String>>,
+        notify_socket: Option<Spanned<String>>,
+        notify_forward: Option<Spanned<String>>,
     }
 }
 
@@ -198,6 +230,7 @@ impl Source<'_> {
         &self,
         raw: &RawService,
         drain: DrainSettings,
+        release: ReleaseSettings,
     ) -> Result<ServiceConfig, ConfigFileError> {
         let mut listen = Vec::with_capacity(raw.listen.get_ref().len());
         for entry in raw.listen.get_ref() {
@@ -248,13 +281,17 @@ impl Source<'_> {
                 reason: Box::new(reason),
             }
         })?;
-        Ok(ServiceConfig { user, ..service })
+        Ok(ServiceConfig {
+            user,
+            release,
+            ..service
+        })
     }
 }
 
 /// `"none"` or `"off"`: turns off an optional setting.
 fn is_off(value: &Spanned<String>) -> bool {
-    matches!(value.get_ref().as_str(), "none" | "off")
+    config::release::is_off(value.get_ref())
 }
 
 /// Reads and checks the configuration file at `path`.
@@ -284,44 +321,77 @@ pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceConfig>, ConfigFileEr
             message,
         }
     })?;
-    let defaults = src.settings(raw.defaults.settings(), DrainSettings::default())?;
+    let drain = src.settings(raw.defaults.settings(), DrainSettings::default())?;
+    let release = src.release(raw.defaults.release(), ReleaseSettings::default())?;
     if raw.service.is_empty() {
         return Err(ConfigFileError::NoService {
             path: path.to_path_buf(),
         });
     }
-    let mut services: Vec<ServiceConfig> = Vec::with_capacity(raw.service.len());
-    // Per service already checked: the line of its name and of its first address.
-    let mut lines: Vec<(usize, usize)> = Vec::with_capacity(raw.service.len());
+    let mut services: Vec<(ServiceConfig, Places)> = Vec::with_capacity(raw.service.len());
     for table in &raw.service {
         let table = table.get_ref();
-        let drain = src.settings(table.settings(), defaults)?;
-        let service = src.service(table, drain)?;
-        let name_at = src.span(table.name.span());
-        let listen_at = src.span(table.listen.get_ref()[0].span());
-        for (other, &(name_line, listen_line)) in services.iter().zip(&lines) {
-            if other.name == service.name {
-                return Err(ConfigFileError::DuplicateName {
-                    at: name_at,
-                    name: service.name,
-                    first_line: name_line,
-                });
-            }
-            let port = service.listen[0].port();
-            if other.listen[0].port() == port {
-                return Err(ConfigFileError::DuplicatePort {
-                    at: listen_at,
-                    service: service.name,
-                    port,
-                    other: other.name.clone(),
-                    other_line: listen_line,
-                });
-            }
-        }
-        lines.push((name_at.line, listen_at.line));
-        services.push(service);
+        let mut own = src.release(table.release(), release.clone())?;
+        own.notify = src.notify(table)?;
+        let service = src.service(table, src.settings(table.settings(), drain)?, own)?;
+        let places = Places {
+            name: src.span(table.name.span()),
+            listen: src.span(table.listen.get_ref()[0].span()),
+            notify: table.notify_socket.as_ref().map(|v| src.span(v.span())),
+        };
+        distinct(&service, &places, &services)?;
+        services.push((service, places));
     }
-    Ok(services)
+    Ok(services.into_iter().map(|(s, _)| s).collect())
+}
+
+/// Where a service's name, first address and notify socket are written.
+struct Places {
+    name: Location,
+    listen: Location,
+    notify: Option<Location>,
+}
+
+/// Refuses `service` (written at `at`) if one `before` it has its name, its port or its
+/// notify socket.
+fn distinct(
+    service: &ServiceConfig,
+    at: &Places,
+    before: &[(ServiceConfig, Places)],
+) -> Result<(), ConfigFileError> {
+    let socket = |s: &ServiceConfig| s.release.notify.as_ref().map(|n| n.socket.clone());
+    for (other, other_at) in before {
+        if other.name == service.name {
+            return Err(ConfigFileError::DuplicateName {
+                at: at.name.clone(),
+                name: service.name.clone(),
+                first_line: other_at.name.line,
+            });
+        }
+        let port = service.listen[0].port();
+        if other.listen[0].port() == port {
+            return Err(ConfigFileError::DuplicatePort {
+                at: at.listen.clone(),
+                service: service.name.clone(),
+                port,
+                other: other.name.clone(),
+                other_line: other_at.listen.line,
+            });
+        }
+        if let (Some(path), Some(here), Some(there)) =
+            (socket(service), &at.notify, &other_at.notify)
+            && socket(other).is_some_and(|p| p.components().eq(path.components()))
+        {
+            return Err(ConfigFileError::DuplicateNotify {
+                at: here.clone(),
+                service: service.name.clone(),
+                path,
+                other: other.name.clone(),
+                other_line: there.line,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// toml's messages may span lines; a refusal is one.

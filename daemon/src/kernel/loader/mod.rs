@@ -7,6 +7,7 @@ mod drain;
 mod events;
 pub mod features;
 mod guard;
+pub mod migrate;
 mod steer;
 
 use aya::maps::{Map, MapError};

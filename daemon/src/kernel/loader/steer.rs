@@ -154,6 +154,51 @@ impl GroupProgram {
         Ok(group)
     }
 
+    /// A fresh instance for a group pinned in the previous layout (see
+    /// [`super::migrate`]): its `socks` map is the group's own, pinned at `socks` (a
+    /// socket is in one sockarray at most: its listeners cannot join another), its other
+    /// maps and its program new, pinned in `staging`. Not attached.
+    pub(super) fn beside(socks: &Path, staging: &Path) -> Result<Self, LoaderError> {
+        let mut ebpf = open_object(EbpfLoader::new().btf(None).map_pin_path(MAP_SOCKS, socks))?;
+        steering_program(&mut ebpf)?.load().map_err(program_err)?;
+        std::fs::create_dir_all(staging).map_err(|source| LoaderError::Io {
+            op: "creating",
+            path: staging.to_path_buf(),
+            source,
+        })?;
+        let mut group = Self::assemble(|name| {
+            let map = take(&mut ebpf, name)?;
+            if name != MAP_SOCKS {
+                let path = staging.join(name);
+                map_data(&map, name)?
+                    .pin(&path)
+                    .map_err(|source| LoaderError::Pin { path, source })?;
+            }
+            Ok(map)
+        })?;
+        let path = staging.join(maps::PROGRAM);
+        steering_program(&mut ebpf)?
+            .pin(&path)
+            .map_err(|source| LoaderError::Pin { path, source })?;
+        group.ebpf = Some(ebpf);
+        Ok(group)
+    }
+
+    /// Makes `record` the one in force at ring entry `index` (a fresh instance taking
+    /// over the record in force of an older one, at the same entry).
+    pub(super) fn publish_at(
+        &mut self,
+        index: u32,
+        record: SteerRecord,
+    ) -> Result<(), LoaderError> {
+        let index = index % RECORDS;
+        self.records
+            .set(index, record.to_bytes(), 0)
+            .map_err(map_err(MAP_RECORDS))?;
+        self.current.store(index);
+        Ok(())
+    }
+
     fn assemble(
         mut map: impl FnMut(&'static str) -> Result<Map, LoaderError>,
     ) -> Result<Self, LoaderError> {

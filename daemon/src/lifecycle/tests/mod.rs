@@ -11,6 +11,7 @@ mod fuzz;
 mod promote;
 mod recover;
 mod release;
+mod resume;
 mod rollback;
 mod steps;
 

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use handoff_common::maps::{BLOCKS, GEN_SLOTS};
 use handoff_common::proto::GenerationState;
 
-use super::{SavedDrain, SavedGeneration, SavedService, SavedState, VERSION};
+use super::{MAX_CHECK, SavedDrain, SavedGeneration, SavedService, SavedState, VERSION};
 use crate::config::{self, ConfigError, DrainSettings, MAX_DURATION};
 
 /// The most members (leader and descendants) a saved generation may list: the kernel's
@@ -79,7 +79,11 @@ impl SavedState {
     /// names and addresses, one group and one block per address, block indexes below
     /// `BLOCKS` and not shared, at most `GEN_SLOTS` cookies per block, ids below
     /// `next_id` and increasing, at most one active generation, drain fields exactly on
-    /// draining generations, positive pids, capped member lists and durations.
+    /// draining generations, a canary weight or watch window only on a draining one
+    /// before its retire signal (never both), positive pids, capped member lists and
+    /// durations. The weight's range and the check's length are checked where they are
+    /// taken up ([`SavedGeneration::resume`], [`SavedGeneration::check`]): refused
+    /// alone, with a warning.
     pub fn validate(&self) -> Result<(), Inconsistent> {
         if self.version != VERSION {
             return Err(Inconsistent::Version {
@@ -164,6 +168,13 @@ impl SavedGeneration {
             (_, Some(d)) => d.validate()?,
             _ => {}
         }
+        if self.canary.is_some() && self.watch_until_ms.is_some() {
+            return Err("both a canary weight and a watch window");
+        }
+        let resumed = self.canary.is_some() || self.watch_until_ms.is_some();
+        if resumed && self.drain.as_ref().is_none_or(|d| d.retired_ms.is_some()) {
+            return Err("a canary or standby not saved as draining before its retire signal");
+        }
         if self.descendants.len() >= MAX_MEMBERS {
             return Err("more members than one process can hold pidfds for");
         }
@@ -188,6 +199,47 @@ impl SavedGeneration {
             }
         }
         Ok(())
+    }
+}
+
+/// What a saved generation resumes as, beyond its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// As its state says: active, or draining with its drain.
+    AsSaved,
+    /// A canary taking this percent of new connections.
+    Canary(u8),
+    /// A standby until this wall-clock millisecond (capped where it becomes an instant:
+    /// [`super::from_wall`]).
+    Standby(u64),
+}
+
+impl SavedGeneration {
+    /// What the generation resumes as. A canary weight outside 1–99 is refused, with the
+    /// reason for a warning: the generation is then taken up as its state says
+    /// (draining).
+    pub fn resume(&self) -> Result<Resume, &'static str> {
+        match (self.canary, self.watch_until_ms) {
+            (Some(w), _) => u8::try_from(w)
+                .ok()
+                .filter(|w| (1..=99).contains(w))
+                .map(Resume::Canary)
+                .ok_or("a canary weight outside 1 to 99: taken up as draining"),
+            (None, Some(ms)) => Ok(Resume::Standby(ms)),
+            (None, None) => Ok(Resume::AsSaved),
+        }
+    }
+
+    /// The health check it was promoted with. One longer than [`MAX_CHECK`] bytes, or
+    /// with a control character, is refused with the reason for a warning (not kept).
+    pub fn check(&self) -> Result<Option<&str>, &'static str> {
+        match self.check.as_deref() {
+            Some(c) if c.len() > MAX_CHECK => Err("a health check longer than 1100 bytes"),
+            Some(c) if c.chars().any(char::is_control) => {
+                Err("a health check with a control character")
+            }
+            other => Ok(other),
+        }
     }
 }
 
@@ -233,6 +285,9 @@ mod tests {
                 timed_out: false,
                 killed: false,
             }),
+            canary: None,
+            watch_until_ms: None,
+            check: None,
         }
     }
 
@@ -363,3 +418,6 @@ mod tests {
         refused(|s| gen_(s, 1).blocks[0].index = 1, "shared");
     }
 }
+
+#[cfg(test)]
+mod resume_tests;

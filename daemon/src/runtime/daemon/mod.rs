@@ -176,6 +176,7 @@ impl Daemon {
                 Some(i) => {
                     self.services[i].set_drain(config.drain, &mut self.ctx);
                     self.services[i].set_user(config.user, &mut self.ctx);
+                    self.services[i].set_release(config.release.clone());
                     self.services[i].removing = false;
                 }
                 None => {

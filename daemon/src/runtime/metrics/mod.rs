@@ -322,10 +322,12 @@ mod tests {
                     connections: 7,
                     drain_age_ms: None,
                     drain_deadline_ms: None,
+                    release: None,
                 }],
                 foreign_listeners: vec![],
                 steering,
                 steering_watch: Default::default(),
+                rollbacks: None,
             }],
             kernel: None,
         };

@@ -10,7 +10,7 @@ use handoff_tests::{TempDir, privileged};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::notice::{boottime_ticks, by_pid, parse};
-use super::{Identify, Ignored, MAX_DATAGRAM, ReadinessError, ReadinessSocket};
+use super::{Ignored, MAX_DATAGRAM, ReadinessError, ReadinessSocket};
 
 #[test]
 fn messages_are_read_line_by_line() {
@@ -147,6 +147,8 @@ fn only_a_stale_socket_is_replaced() {
     }
     let dir = TempDir::new("readiness-stale");
     let path = dir.path().join("n.sock");
+    let e = ReadinessSocket::bind(&path, 0, 0, Some(path.clone())).expect_err("a loop");
+    assert!(matches!(e, ReadinessError::ForwardToItself { .. }), "{e}");
     std::fs::write(&path, "not a socket").expect("a file");
     let e = ReadinessSocket::bind(&path, 0, 0, None).expect_err("a file in the way");
     assert!(matches!(e, ReadinessError::NotSocket { .. }), "{e}");
@@ -157,12 +159,39 @@ fn only_a_stale_socket_is_replaced() {
     let e = ReadinessSocket::bind(&path, 0, 0, None).expect_err("in use");
     assert!(matches!(e, ReadinessError::InUse { .. }), "{e}");
     drop(live);
+    // A socket of another type (a stream socket, e.g. a control socket) is in use too.
+    std::fs::remove_file(&path).expect("rm");
+    let stream = std::os::unix::net::UnixListener::bind(&path).expect("a stream socket");
+    let e = ReadinessSocket::bind(&path, 0, 0, None).expect_err("in use");
+    assert!(matches!(e, ReadinessError::InUse { .. }), "{e}");
+    drop(stream);
     // Its file stays behind, stale: replaced.
     let socket = ReadinessSocket::bind(&path, 0, 0, None).expect("a stale socket is replaced");
-    assert_eq!(socket.identify(), Identify::Pidfd);
     // Replaced by another file meanwhile: not removed on drop.
     std::fs::remove_file(&path).expect("rm");
     std::fs::write(&path, "someone else's").expect("a file");
     drop(socket);
     assert!(path.is_file());
+}
+
+#[test]
+fn a_socket_file_is_created_with_the_mode_of_its_socket() {
+    // What `bind_with` relies on to never have the file exist wider than 0600: the mode
+    // set on the socket before bind is the file's (less the umask), before any chmod.
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, bind, socket};
+    use nix::sys::stat::{Mode, fchmod};
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("readiness-fchmod");
+    let path = dir.path().join("s.sock");
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    fchmod(&fd, Mode::from_bits_truncate(0o600)).expect("fchmod of a socket");
+    bind(fd.as_raw_fd(), &UnixAddr::new(&path).expect("address")).expect("bind");
+    let mode = std::fs::symlink_metadata(&path).expect("lstat").mode() & 0o777;
+    assert_eq!(mode & !0o600, 0, "created {mode:o}");
 }

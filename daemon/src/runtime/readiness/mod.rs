@@ -79,6 +79,12 @@ pub enum ReadinessError {
         /// The socket's path.
         path: PathBuf,
     },
+    /// The socket to forward to is the socket itself (every message would come back).
+    #[error("{path}: the original notify socket to forward to cannot be the socket itself")]
+    ForwardToItself {
+        /// The socket's path.
+        path: PathBuf,
+    },
     /// A system call failed.
     #[error("readiness socket {path}: {what} failed")]
     Sys {
@@ -150,6 +156,11 @@ impl ReadinessSocket {
         identify: Identify,
     ) -> Result<Self, ReadinessError> {
         let err = |what| sys_err(path, what);
+        if forward.as_deref() == Some(path) {
+            return Err(ReadinessError::ForwardToItself {
+                path: path.to_path_buf(),
+            });
+        }
         let forward = forward
             .map(Forward::new)
             .transpose()
@@ -179,12 +190,12 @@ impl ReadinessSocket {
             forward,
             logged: Mutex::new(HashSet::new()),
         };
-        socket.finish_bind(gid, identify)?;
+        socket.finish_bind(gid)?;
         Ok(socket)
     }
 
     /// After bind (the file is removed on drop from here on): owner, mode and options.
-    fn finish_bind(&mut self, gid: u32, identify: Identify) -> Result<(), ReadinessError> {
+    fn finish_bind(&mut self, gid: u32) -> Result<(), ReadinessError> {
         let path = self.path.clone();
         let err = |what| sys_err(&path, what);
         use nix::sys::stat::{FchmodatFlags, Mode, fchmodat};
@@ -199,7 +210,7 @@ impl ReadinessSocket {
         .map_err(|e| err("chmod")(e.into()))?;
         nix::sys::socket::setsockopt(&self.fd, nix::sys::socket::sockopt::PassCred, &true)
             .map_err(|e| err("setsockopt(SO_PASSCRED)")(e.into()))?;
-        if identify == Identify::Pidfd
+        if self.identify == Identify::Pidfd
             && !sys::pass_pidfd(self.fd.as_fd()).map_err(err("setsockopt(SO_PASSPIDFD)"))?
         {
             tracing::info!(
@@ -224,7 +235,8 @@ impl ReadinessSocket {
 
     /// Reads one datagram without blocking (`Ok(None)`: none is queued), forwards it, and
     /// returns what it says and who sent it. Every datagram gives a notice: one that is
-    /// ignored says why in [`Notice::ignored`].
+    /// ignored says why in [`Notice::ignored`]. Registered with tokio's `AsyncFd`
+    /// (edge-triggered), call it until `Ok(None)` before waiting for readiness again.
     pub fn receive(&self) -> Result<Option<Notice>, ReadinessError> {
         let mut buf = [0u8; MAX_DATAGRAM];
         let datagram = match sys::recv_datagram(self.fd.as_fd(), &mut buf) {
@@ -257,8 +269,8 @@ impl ReadinessSocket {
         }
     }
 
-    /// Logs an oversized datagram, once per sender pid (of the last
-    /// [`MAX_LOGGED_SENDERS`]).
+    /// Logs an oversized datagram, once per sender pid (the set of pids logged is
+    /// emptied when it reaches [`MAX_LOGGED_SENDERS`]: bounded memory).
     fn log_oversized(&self, pid: i32, len: usize) {
         let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
         if logged.len() >= MAX_LOGGED_SENDERS {
@@ -318,13 +330,23 @@ fn remove_stale(path: &Path) -> Result<(), ReadinessError> {
         }
         Ok(_) => {}
     }
+    // Stale only if nothing is bound to it: a datagram socket refuses a connection then;
+    // one bound to it accepts it, and a socket of another type answers EPROTOTYPE.
     let probe = std::os::unix::net::UnixDatagram::unbound().map_err(err("socket"))?;
-    if probe.connect(path).is_ok() {
-        return Err(ReadinessError::InUse {
-            path: path.to_path_buf(),
-        });
+    let in_use = || ReadinessError::InUse {
+        path: path.to_path_buf(),
+    };
+    let Err(e) = probe.connect(path) else {
+        return Err(in_use());
+    };
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => {
+            std::fs::remove_file(path).map_err(err("removing the stale socket"))
+        }
+        Some(libc::ENOENT) => Ok(()),
+        Some(libc::EPROTOTYPE) => Err(in_use()),
+        _ => Err(err("connecting to the socket already there")(e)),
     }
-    std::fs::remove_file(path).map_err(err("removing the stale socket"))
 }
 
 impl AsFd for ReadinessSocket {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use handoff_tests::{TempDir, privileged};
+use handoff_tests::{TempDir, privileged, scaled};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::{Identify, Ignored, Notice, ReadinessSocket};
@@ -21,6 +21,10 @@ const STRANGER: u32 = 4242;
 const HELPER: &str = "runtime::readiness::tests::sender_helper";
 const SOCKET_VAR: &str = "HANDOFF_READINESS_SOCKET";
 const MESSAGE_VAR: &str = "HANDOFF_READINESS_MESSAGE";
+/// `1`: the helper exits right after sending.
+const EXIT_VAR: &str = "HANDOFF_READINESS_EXIT";
+/// A uid the helper (run as root) takes as its real uid only, before it sends.
+const REAL_VAR: &str = "HANDOFF_READINESS_REAL_UID";
 /// What the helper prints before what it did.
 const SAID: &str = "readiness helper: ";
 
@@ -35,6 +39,16 @@ struct Sender {
 impl Sender {
     /// Runs the helper as `uid` (its gid the same), sending `message` to `socket`.
     fn spawn(socket: &Path, message: &str, uid: Option<u32>) -> Sender {
+        Self::start(socket, message, uid, &[])
+    }
+
+    /// [`Sender::spawn`], exiting right after the send.
+    fn spawn_exiting(socket: &Path, message: &str, uid: Option<u32>) -> Sender {
+        Self::start(socket, message, uid, &[(EXIT_VAR, "1")])
+    }
+
+    /// [`Sender::spawn`] with more environment variables for the helper.
+    fn start(socket: &Path, message: &str, uid: Option<u32>, env: &[(&str, &str)]) -> Sender {
         let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
         cmd.args([
             HELPER,
@@ -45,6 +59,7 @@ impl Sender {
         ])
         .env(SOCKET_VAR, socket)
         .env(MESSAGE_VAR, message)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -86,24 +101,32 @@ fn sender_helper() {
     ) else {
         return;
     };
+    if let Some(real) = std::env::var(REAL_VAR).ok().and_then(|r| r.parse().ok()) {
+        use nix::unistd::{Uid, setresuid};
+        let root = Uid::from_raw(0);
+        setresuid(Uid::from_raw(real), root, root).expect("setresuid");
+    }
     let sent = UnixDatagram::unbound().and_then(|s| s.send_to(message.as_bytes(), &socket));
     match sent {
         Ok(_) => println!("{SAID}sent"),
         Err(e) => println!("{SAID}error {:?}", e.kind()),
     }
+    if std::env::var(EXIT_VAR).as_deref() == Ok("1") {
+        return;
+    }
     // Alive until the test is done with it: its stdin closes when the test drops it.
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
 
-/// The next notice on `socket`, waiting at most 5 s for one.
+/// The next notice on `socket`, waiting at most 5 s (times the slowdown) for one.
 fn next(socket: &ReadinessSocket) -> Notice {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + scaled(Duration::from_secs(5));
     loop {
         if let Some(notice) = socket.receive().expect("receive") {
             return notice;
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "no datagram within 5 s");
+        assert!(!left.is_zero(), "no datagram in time");
         let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
         let ms = PollTimeout::from(left.as_millis().min(5000) as u16);
         let _ = poll(&mut fds, ms);
@@ -130,20 +153,12 @@ fn the_socket_is_0600_owned_by_the_uid_and_pidfds_are_used_here() {
     // This kernel (>= 6.5) has SO_PASSPIDFD: senders are named by SCM_PIDFD.
     let release = nix::sys::utsname::uname().expect("uname");
     let release = release.release().to_string_lossy().into_owned();
-    let (major, minor) = release
-        .split_once('.')
-        .map(|(a, b)| {
-            (
-                a.parse::<u32>().unwrap_or(0),
-                b.split(|c: char| !c.is_ascii_digit())
-                    .next()
-                    .unwrap_or("0")
-                    .parse::<u32>()
-                    .unwrap_or(0),
-            )
-        })
-        .expect("a kernel release");
-    if (major, minor) >= (6, 5) {
+    let version: Vec<u32> = release
+        .split(|c: char| !c.is_ascii_digit())
+        .take(2)
+        .map(|n| n.parse().unwrap_or(0))
+        .collect();
+    if version >= vec![6, 5] {
         assert_eq!(socket.identify(), Identify::Pidfd, "kernel {release}");
     }
     // A uid other than the owner's may not send at all.
@@ -205,6 +220,17 @@ fn a_ready_from_another_uid_is_not_taken() {
         match notice.ignored {
             Some(Ignored::WrongUid { pid, uids, want }) => {
                 assert_eq!((pid, uids.real, want), (root.pid(), 0, NOBODY));
+            }
+            other => panic!("{identify:?}: {other:?}"),
+        }
+        // Its real uid is the service's, its effective and saved ones are not.
+        let mixed = Sender::start(socket.path(), "READY=1", None, &[(REAL_VAR, "65534")]);
+        assert_eq!(mixed.said, "sent");
+        let notice = next(&socket);
+        assert_eq!(notice.uid, NOBODY, "SCM_CREDENTIALS gives the real uid");
+        match notice.ignored {
+            Some(Ignored::WrongUid { pid, uids, .. }) => {
+                assert_eq!((pid, uids.real, uids.effective), (mixed.pid(), NOBODY, 0));
             }
             other => panic!("{identify:?}: {other:?}"),
         }
@@ -301,4 +327,36 @@ fn every_message_is_forwarded_with_its_senders_credentials() {
     let (bytes, creds) = forwarded(&abs).expect("forwarded");
     assert_eq!(bytes, b"READY=1");
     assert_eq!(creds.map(|c| c.pid), Some(sender.pid()));
+}
+
+#[test]
+fn a_sender_gone_before_the_receipt_is_neither_taken_nor_forwarded() {
+    if !privileged("a_sender_gone_before_the_receipt_is_neither_taken_nor_forwarded") {
+        return;
+    }
+    let dir = TempDir::new("readiness-gone");
+    let original = dir.path().join("orig.sock");
+    let target = forward_target(&original);
+    for identify in [Identify::Pidfd, Identify::Credentials] {
+        let path = dir.path().join("n.sock");
+        let socket =
+            ReadinessSocket::bind_with(&path, NOBODY, NOBODY, Some(original.clone()), identify)
+                .expect("bind");
+        let mut sender = Sender::spawn_exiting(&path, "READY=1", Some(NOBODY));
+        assert_eq!(sender.said, "sent");
+        let pid = sender.pid();
+        // Reaped: its pid names no process (or, in time, another one).
+        sender.child.wait().expect("wait");
+        let notice = next(&socket);
+        assert!(notice.ready && notice.ready_sender().is_none());
+        assert_eq!(
+            notice.ignored,
+            Some(Ignored::Exited { pid }),
+            "{identify:?}"
+        );
+        assert!(
+            forwarded(&target).is_none(),
+            "{identify:?}: forwarded, but under whose pid?"
+        );
+    }
 }

@@ -42,6 +42,9 @@ pub(super) struct Run {
     pub check: Option<CheckPlan>,
     /// A check the machine asked for, to be run without the daemon's lock.
     pub job: Option<CheckJob>,
+    /// When each group's record was published: one atomic flip per group, one group
+    /// after the other (each probed before the next).
+    pub flips: Vec<Instant>,
 }
 
 impl Run {
@@ -56,6 +59,7 @@ impl Run {
             blocks: Vec::new(),
             check: None,
             job: None,
+            flips: Vec::new(),
         }
     }
 }
@@ -135,7 +139,11 @@ impl Service {
                 Some(step(run, inserted))
             }
             Effect::Attach { group } => Some(step(run, self.attach(group, run))),
-            Effect::Publish { group, record } => Some(step(run, self.publish(group, record))),
+            Effect::Publish { group, record } => {
+                let published = self.publish(group, record);
+                run.flips.push(Instant::now());
+                Some(step(run, published))
+            }
             Effect::Probe { group, patient, .. } => Some(self.probe(group, patient, run)),
             Effect::Reattach { group } => Some(match self.reattach(group, ctx) {
                 Ok(found) => Event::Outcome(Outcome::Attached(found)),
@@ -182,7 +190,7 @@ impl Service {
                 None
             }
             Effect::RolledBack { to, reason } => {
-                ctx.metrics.rollback(&self.config.name, reason);
+                self.note_rollback(to, reason, ctx);
                 tracing::warn!(service = %self.config.name, generation = to, reason = reason.as_str(), "traffic rolled back");
                 None
             }
@@ -451,6 +459,7 @@ impl Service {
                 leader,
                 descendants,
                 trusted,
+                check: None,
             },
         );
         run.installing = Some(id);

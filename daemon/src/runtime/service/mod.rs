@@ -55,6 +55,8 @@ struct Members {
     /// Uids whose processes in the leader's tree are members (see
     /// [`crate::discover::candidate::Candidate::trusted`]).
     trusted: Vec<u32>,
+    /// The health check it was promoted with, kept across restarts (see `persist`).
+    check: Option<String>,
 }
 
 impl Members {
@@ -89,6 +91,8 @@ pub struct Service {
     parked: Option<promote::Parked>,
     /// The active generation's checks in its watch window.
     checks: watch_check::WatchChecks,
+    /// Rollbacks since the daemon started, and the last one.
+    rollbacks: Option<handoff_common::proto::RollbackStatus>,
 }
 
 /// The machine's drain policy from the configured settings.
@@ -130,6 +134,7 @@ impl Service {
             watch: guard::Watch::default(),
             parked: None,
             checks: watch_check::WatchChecks::default(),
+            rollbacks: None,
         }
     }
 
@@ -138,9 +143,34 @@ impl Service {
         &self.config.name
     }
 
+    /// Traffic went back to generation `to`: counted, shown in status.
+    fn note_rollback(&mut self, to: GenId, reason: crate::lifecycle::RollbackReason, ctx: &Ctx) {
+        ctx.metrics.rollback(&self.config.name, reason);
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let count = self.rollbacks.as_ref().map_or(0, |r| r.count) + 1;
+        self.rollbacks = Some(handoff_common::proto::RollbackStatus {
+            count,
+            reason: reason.as_str().to_owned(),
+            to,
+            at_ms,
+        });
+    }
+
     /// How its promotes hand traffic over by default.
     pub fn release(&self) -> &crate::config::ReleaseSettings {
         &self.config.release
+    }
+
+    /// New release settings (a reload): promotes from now on take them as their defaults.
+    /// A watch window under way keeps its deadline and the check it was promoted with.
+    pub fn set_release(&mut self, settings: crate::config::ReleaseSettings) {
+        if settings == self.config.release {
+            return;
+        }
+        tracing::info!(service = %self.config.name, ?settings, "release settings changed: apply to the next promote");
+        self.config.release = settings;
     }
 
     /// Its addresses.

@@ -12,11 +12,12 @@ use crate::discover;
 use crate::discover::candidate;
 use crate::discover::group::GroupKey;
 use crate::discover::members::{self, Member};
-use crate::kernel::loader::GroupProgram;
+use crate::kernel::loader::migrate::{self, Pinned, Staged};
 use crate::lifecycle::{self, Block, Drain, Event, GenId, Generation, Phase, RetireReason};
 use crate::persist::pins;
 use crate::persist::state::{
-    SavedBlock, SavedDrain, SavedGeneration, SavedMember, SavedService, from_wall, to_wall,
+    MAX_CHECK, Resume, SavedBlock, SavedDrain, SavedGeneration, SavedMember, SavedService,
+    from_wall, to_wall,
 };
 
 fn saved(m: &Member) -> SavedMember {
@@ -104,26 +105,72 @@ impl Service {
                 .machine
                 .generations()
                 .iter()
-                .filter(|g| g.phase.live())
-                .filter_map(|g| {
-                    let m = self.members.get(&g.id)?;
-                    Some(SavedGeneration {
-                        id: g.id,
-                        state: g.phase.public(),
-                        leader: saved(&m.leader),
-                        descendants: m.descendants.iter().map(saved).collect(),
-                        blocks: g
-                            .blocks
-                            .iter()
-                            .map(|b| SavedBlock {
-                                index: b.index,
-                                cookies: b.cookies.clone(),
-                            })
-                            .collect(),
-                        drain: g.drain.as_ref().map(|d| save_drain(d, ctx)),
-                    })
+                .filter_map(|g| self.save_generation(g, ctx))
+                .collect(),
+        }
+    }
+
+    /// A live generation as the state file keeps it. A canary and a standby are saved as
+    /// draining (their own fields say what they are), each with a drain a daemon before
+    /// canaries can take up: a canary's timeout long passed (that daemon retires it),
+    /// a standby's the one it gets at the end of its window.
+    fn save_generation(&self, g: &Generation, ctx: &Ctx) -> Option<SavedGeneration> {
+        let m = self.members.get(&g.id)?;
+        let wall = |at| to_wall(ctx.instant(at));
+        let untimed = |started_ms: u64, timeout_ms: u64| SavedDrain {
+            started_ms,
+            deadline_ms: started_ms.saturating_add(timeout_ms),
+            retired_ms: None,
+            timed_out: false,
+            killed: false,
+        };
+        // The state file holds no drain longer than the longest duration handoffd takes.
+        let max = u64::try_from(crate::config::MAX_DURATION.as_millis()).unwrap_or(u64::MAX);
+        let timeout = self.machine.policy().drain_timeout_ms.min(max);
+        let (drain, canary, watch_until_ms) = match g.phase {
+            Phase::Candidate | Phase::Retired(_) => return None,
+            Phase::Canary { weight } => (Some(untimed(0, 0)), Some(u64::from(weight)), None),
+            Phase::Standby { until } => {
+                let at = wall(until);
+                (Some(untimed(at, timeout)), None, Some(at))
+            }
+            Phase::Active | Phase::Draining => {
+                (g.drain.as_ref().map(|d| save_drain(d, ctx)), None, None)
+            }
+        };
+        Some(SavedGeneration {
+            id: g.id,
+            state: match g.phase {
+                Phase::Canary { .. } => GenerationState::Draining,
+                phase => phase.public(),
+            },
+            leader: saved(&m.leader),
+            descendants: m.descendants.iter().map(saved).collect(),
+            blocks: g
+                .blocks
+                .iter()
+                .map(|b| SavedBlock {
+                    index: b.index,
+                    cookies: b.cookies.clone(),
                 })
                 .collect(),
+            drain,
+            canary,
+            watch_until_ms,
+            check: self.check_of(g.id).map(str::to_owned),
+        })
+    }
+
+    /// The health check generation `id` was promoted with, if it has one.
+    pub(super) fn check_of(&self, id: GenId) -> Option<&str> {
+        self.members.get(&id)?.check.as_deref()
+    }
+
+    /// Keeps `check` as generation `id`'s health check (saved with it); one longer than
+    /// [`MAX_CHECK`] bytes is not kept.
+    pub(super) fn set_check(&mut self, id: GenId, check: Option<String>) {
+        if let Some(m) = self.members.get_mut(&id) {
+            m.check = check.filter(|c| c.len() <= MAX_CHECK);
         }
     }
 
@@ -135,7 +182,11 @@ impl Service {
             tracing::warn!(service = %service.config.name, "the saved state is for other addresses; starting afresh");
             return service;
         }
-        if !service.open_pins(&saved.groups) {
+        let mut upgrades = Vec::new();
+        if !service.open_pins(&saved.groups, &mut upgrades) {
+            for (_, staged) in upgrades {
+                staged.abandon();
+            }
             return service;
         }
         let mut recovered = Vec::with_capacity(saved.generations.len());
@@ -148,30 +199,19 @@ impl Service {
             }
             tracing::info!(service = %service.config.name, generation = g.id, pid = g.leader.pid, state = g.state.as_str(), "generation taken up");
             let Tree(leader, descendants) = members;
-            recovered.push(Generation {
-                id: g.id,
-                leader: leader.pid,
-                phase: match g.state {
-                    GenerationState::Active => Phase::Active,
-                    GenerationState::Draining => Phase::Draining,
-                    GenerationState::Retired => Phase::Retired(lifecycle::Retirement::Exited),
-                },
-                blocks: g
-                    .blocks
-                    .into_iter()
-                    .map(|b| Block {
-                        index: b.index,
-                        cookies: b.cookies,
-                    })
-                    .collect(),
-                drain: g.drain.as_ref().map(|d| load_drain(d, ctx)),
-            });
+            recovered.push(service.resumed(&g, ctx));
             let members = Members {
                 leader,
                 descendants,
                 trusted,
+                check: None,
             };
             service.members.insert(g.id, members);
+            let check = g.check().unwrap_or_else(|why| {
+                tracing::warn!(service = %service.config.name, generation = g.id, "{why}: not kept");
+                None
+            });
+            service.set_check(g.id, check.map(str::to_owned));
         }
         let records = service
             .groups
@@ -190,28 +230,122 @@ impl Service {
             generations: recovered,
         };
         service.drive(event, ctx);
+        service.finish_upgrades(upgrades, ctx);
         service
     }
 
+    /// A saved generation on the lifecycle's clock: its phase from its state, canary
+    /// weight or watch window (a weight out of range refused with a warning: it drains).
+    fn resumed(&self, g: &SavedGeneration, ctx: &Ctx) -> Generation {
+        let resume = g.resume().unwrap_or_else(|why| {
+            tracing::warn!(service = %self.config.name, generation = g.id, "{why}");
+            Resume::AsSaved
+        });
+        let phase = match (resume, g.state) {
+            (Resume::Canary(weight), _) => Phase::Canary { weight },
+            (Resume::Standby(ms), _) => Phase::Standby {
+                until: ctx.millis(from_wall(ms)),
+            },
+            (Resume::AsSaved, GenerationState::Active) => Phase::Active,
+            (Resume::AsSaved, GenerationState::Draining) => Phase::Draining,
+            (Resume::AsSaved, GenerationState::Retired) => {
+                Phase::Retired(lifecycle::Retirement::Exited)
+            }
+        };
+        // A refused canary's drain is the placeholder saved for older daemons: it
+        // drains afresh.
+        let drain = match (phase, g.canary) {
+            (Phase::Draining, None) => g.drain.as_ref().map(|d| load_drain(d, ctx)),
+            _ => None,
+        };
+        Generation {
+            id: g.id,
+            leader: g.leader.pid,
+            phase,
+            blocks: g
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    index: b.index,
+                    cookies: b.cookies.clone(),
+                })
+                .collect(),
+            drain,
+        }
+    }
+
     /// Opens the pinned maps of the saved groups; false if one is missing (then the
-    /// generations steered in it are gone).
-    fn open_pins(&mut self, saved: &[Option<GroupKey>]) -> bool {
+    /// generations steered in it are gone). A group pinned in the previous layout gets
+    /// a fresh program, attached by [`Self::finish_upgrades`] once the generations are
+    /// taken up; its staged pins are returned with its index.
+    fn open_pins(
+        &mut self,
+        saved: &[Option<GroupKey>],
+        upgrades: &mut Vec<(usize, Staged)>,
+    ) -> bool {
         for (i, (group, key)) in self.groups.iter_mut().zip(saved).enumerate() {
             let Some(key) = key else { continue };
             let dir = pins::group_dir(&self.config.name, i);
-            match GroupProgram::from_pins(&dir) {
-                Ok(program) => {
-                    *group = Group {
-                        key: Some(*key),
-                        program: Some(program),
-                    };
+            let program = match migrate::open(&dir) {
+                Ok(Pinned::Current(program)) => program,
+                Ok(Pinned::Previous(program, staged)) => {
+                    upgrades.push((i, staged));
+                    program
                 }
                 Err(e) => {
-                    tracing::warn!(service = %self.config.name, group = %key, error = %e, "pinned maps not found; their generations are gone")
+                    tracing::warn!(service = %self.config.name, group = %key, error = %e, "pinned maps not found or not usable; their generations are gone (a program attached to the group keeps steering)");
+                    continue;
+                }
+            };
+            *group = Group {
+                key: Some(*key),
+                program: Some(program),
+            };
+        }
+        !(self.groups.iter().any(|g| g.program.is_none()) && saved.iter().any(Option::is_some))
+    }
+
+    /// Attaches the fresh program of each group pinned in the previous layout through a
+    /// listener of one of its generations (the kernel swaps the group's program in one
+    /// store), then puts its pins in place of the old ones. When no listener is found or
+    /// the attach fails, the old program is left attached and steering, the new one
+    /// dropped (the group's next promote loads and attaches one).
+    fn finish_upgrades(&mut self, upgrades: Vec<(usize, Staged)>, ctx: &mut Ctx) {
+        for (i, staged) in upgrades {
+            let name = self.config.name.clone();
+            let name = name.as_str();
+            let group = self.groups[i]
+                .key
+                .map(|k| k.to_string())
+                .unwrap_or_default();
+            match self.reattach(i, ctx) {
+                Ok(true) => match staged.commit() {
+                    Ok(()) => {
+                        tracing::info!(
+                            service = name,
+                            group,
+                            "group moved to the current map layout: its new program steers"
+                        )
+                    }
+                    Err(e) => {
+                        tracing::warn!(service = name, group, error = %e, "group moved to the current map layout, but its pins could not all be replaced: the next start moves it again")
+                    }
+                },
+                outcome => {
+                    let why = match outcome {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "no listener of its generations was found".into(),
+                    };
+                    staged.abandon();
+                    self.groups[i].program = None;
+                    tracing::warn!(
+                        service = name,
+                        group,
+                        "moving the group from the previous map layout failed ({why}): its old program is left attached and steering until the next promote"
+                    );
                 }
             }
         }
-        !(self.groups.iter().any(|g| g.program.is_none()) && saved.iter().any(Option::is_some))
     }
 
     /// The processes of a saved generation that still run and that the kernel ties to
@@ -349,3 +483,6 @@ impl Tree {
         std::iter::once(&self.0).chain(&self.1)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -96,7 +96,15 @@ impl Service {
             .filter(|g| self.listening(g).iter().all(|&n| n > 0))
             .map(|g| g.id)
             .collect();
-        self.operate(Event::Rollback { listening }, Run::new(None), ctx)
+        let operated = self.operate(Event::Rollback { listening }, Run::new(None), ctx);
+        if let Operated::Done(Ok(p)) = &operated {
+            self.note_rollback(
+                p.generation,
+                crate::lifecycle::RollbackReason::Operator,
+                ctx,
+            );
+        }
+        operated
     }
 
     /// Runs a promote or rollback through the machine until it answers or waits for a
@@ -160,7 +168,7 @@ impl Service {
             }
         };
         if let Some(plan) = run.check.take() {
-            self.remember_check(promoted.generation, plan.spec);
+            self.remember_check(promoted.generation, &plan.spec);
         }
         let installed = run.installing == Some(promoted.generation);
         if installed && let Some(m) = self.members.get(&promoted.generation) {
@@ -170,11 +178,16 @@ impl Service {
         }
         let pid = self.leader_pid(promoted.generation);
         let took_ms = run.started.elapsed().as_secs_f64() * 1e3;
+        // How far apart the groups' flips (IPv4 and IPv6, say) landed.
+        let flips_apart_us = match (run.flips.first(), run.flips.last()) {
+            (Some(a), Some(b)) if run.flips.len() > 1 => Some(b.duration_since(*a).as_micros()),
+            _ => None,
+        };
         if installed {
             // Discovery, map writes, flip, probe and drain signal; not the state write.
-            tracing::info!(service = %self.config.name, generation = promoted.generation, pid, listeners = promoted.listeners, draining = ?promoted.draining, took_ms, "promoted");
+            tracing::info!(service = %self.config.name, generation = promoted.generation, pid, listeners = promoted.listeners, draining = ?promoted.draining, took_ms, flips_apart_us, "promoted");
         } else {
-            tracing::info!(service = %self.config.name, generation = promoted.generation, pid, draining = ?promoted.draining, asked = ?asked, "reactivated");
+            tracing::info!(service = %self.config.name, generation = promoted.generation, pid, draining = ?promoted.draining, asked = ?asked, flips_apart_us, "reactivated");
         }
         Ok(Promoted {
             service: self.config.name.clone(),

@@ -4,12 +4,12 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use handoff_common::maps::Counters;
-use handoff_common::proto::{ForeignListener, GenerationStatus, ServiceStatus};
+use handoff_common::proto::{ForeignListener, GenerationStatus, Release, ServiceStatus};
 
 use super::{Ctx, Service};
 use crate::discover::group::GroupKey;
 use crate::discover::{self, DiscoverError};
-use crate::lifecycle::{GenId, Generation};
+use crate::lifecycle::{GenId, Generation, Millis, Phase};
 
 impl Service {
     /// Listeners still open per group of `g` (a closed one has left the map).
@@ -75,6 +75,7 @@ impl Service {
                 connections: 0,
                 drain_age_ms: g.drain.as_ref().map(|d| now.since(d.started)),
                 drain_deadline_ms: g.drain.as_ref().map(|d| d.deadline.since(now)),
+                release: self.release_of(g, now),
             });
         }
         let mut steering = Counters::default();
@@ -92,6 +93,7 @@ impl Service {
                 foreign_listeners: Vec::new(),
                 steering,
                 steering_watch: self.watch.status(),
+                rollbacks: self.rollbacks.clone(),
             },
             port: self.port(),
             pending,
@@ -243,4 +245,20 @@ fn owners_of(wanted: &HashSet<u64>) -> HashMap<u64, i32> {
         }
     }
     found
+}
+
+impl Service {
+    /// What a release made of generation `g`, as status shows it.
+    fn release_of(&self, g: &Generation, now: Millis) -> Option<Release> {
+        match g.phase {
+            Phase::Canary { weight } => Some(Release::Canary { weight }),
+            Phase::Standby { until } => Some(Release::Standby {
+                watch_left_ms: until.since(now),
+            }),
+            Phase::Active if self.machine.watching() => Some(Release::Watched {
+                check: self.check_of(g.id).map(str::to_owned),
+            }),
+            _ => None,
+        }
+    }
 }

@@ -15,11 +15,10 @@ use crate::lifecycle::{Event, GenId};
 /// How often the active generation is checked in its watch window.
 pub const INTERVAL: Duration = Duration::from_secs(1);
 
-/// A service's watch-window checks.
+/// A service's watch-window checks (the check each generation was promoted with is kept
+/// with its members, and saved in the state file).
 #[derive(Debug, Default)]
 pub(super) struct WatchChecks {
-    /// The check each generation was promoted with.
-    pub specs: std::collections::HashMap<GenId, CheckSpec>,
     /// When the next check is due.
     next: Option<Instant>,
     /// A check is running.
@@ -28,16 +27,13 @@ pub(super) struct WatchChecks {
 
 impl Service {
     /// Remembers the check generation `id` was promoted with.
-    pub(super) fn remember_check(&mut self, id: GenId, spec: CheckSpec) {
-        self.checks.specs.insert(id, spec);
+    pub(super) fn remember_check(&mut self, id: GenId, spec: &CheckSpec) {
+        self.set_check(id, Some(spec.to_string()));
     }
 
     /// The check of the active generation that is due at `now`, if its watch window is
     /// open and it was promoted with a check.
     pub fn watch_check_due(&mut self, now: Instant) -> Option<CheckJob> {
-        self.checks
-            .specs
-            .retain(|id, _| self.machine.generation(*id).is_some_and(|g| g.phase.live()));
         let spec = self.watched_spec()?;
         if self.checks.running || self.checks.next.is_some_and(|at| at > now) {
             return None;
@@ -94,6 +90,7 @@ impl Service {
             return None;
         }
         let id = self.machine.active()?.id;
-        self.checks.specs.get(&id).cloned()
+        // Validated when saved and when read back: one that does not parse is no check.
+        self.check_of(id)?.parse().ok()
     }
 }
