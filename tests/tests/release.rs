@@ -128,9 +128,9 @@ fn a_canary_at_10_percent_gets_10_percent_on_every_worker_and_completion_all() {
         wa.iter().chain(&wb).all(|&n| n > 0),
         "every worker of both generations got a share: A {wa:?}, B {wb:?}"
     );
-    // The program also decides a handful of times more than the load connects (0 to 6
-    // per 6000 seen, no probe among them): B's answers must be its canary decisions
-    // but for those.
+    // The program also decides a few times more than the load connects (0 to 51 per 6000
+    // seen, with no probe, syncookie, SYN retransmit or listen drop counted meanwhile; not
+    // explained yet): B's answers must be its canary decisions but for those.
     let extra = (canary + after.active - before.active).saturating_sub(report.ok);
     assert!(
         (to_b..=to_b + extra).contains(&canary) && extra <= report.ok / 100,
