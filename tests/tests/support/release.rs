@@ -177,13 +177,16 @@ pub fn http_from(source: IpAddr, addr: SocketAddr) -> Result<String, String> {
     Ok(body.lines().next().unwrap_or_default().to_owned())
 }
 
-/// One `accept NAME pid=PID peer=IP:PORT` line of a testsrv run with `--log-accept`.
+/// One `accept NAME pid=PID peer=IP:PORT local=IP:PORT` line of a testsrv run with
+/// `--log-accept`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Accept {
     /// The process that accepted.
     pub pid: u32,
     /// The connection's source.
     pub peer: SocketAddr,
+    /// The address of the listener that took it.
+    pub local: SocketAddr,
 }
 
 /// The connections testsrv `p` (run with `--log-accept`) has accepted so far, in order.
@@ -194,7 +197,8 @@ pub fn accepts(p: &Proc) -> Vec<Accept> {
             let mut words = l.strip_prefix("accept ")?.split_whitespace().skip(1);
             let pid = words.next()?.strip_prefix("pid=")?.parse().ok()?;
             let peer = words.next()?.strip_prefix("peer=")?.parse().ok()?;
-            Some(Accept { pid, peer })
+            let local = words.next()?.strip_prefix("local=")?.parse().ok()?;
+            Some(Accept { pid, peer, local })
         })
         .collect()
 }
