@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test file uses a different part of this module
 
 pub mod netns;
+pub mod release;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
