@@ -61,43 +61,58 @@ async fn serve(socket: ReadinessSocket, service: String, daemon: Arc<Mutex<Daemo
             return;
         }
     };
+    // One promote at a time; a READY=1 that comes meanwhile waits in `queued` (the newest
+    // only: a sender that is ready again replaces an older one).
     let mut promoting: Option<tokio::task::JoinHandle<()>> = None;
+    let mut queued: Option<Member> = None;
     loop {
-        let Ok(mut ready) = fd.readable().await else {
-            return;
-        };
-        loop {
-            match socket.receive() {
-                Ok(None) => {
-                    ready.clear_ready();
-                    break;
-                }
-                Ok(Some(notice)) => {
-                    if let Some(why) = &notice.ignored {
-                        tracing::debug!(service, pid = notice.pid, uid = notice.uid, gid = notice.gid, %why, "notify message not taken");
+        tokio::select! {
+            ready = fd.readable() => {
+                let Ok(mut ready) = ready else { return };
+                for sender in read_all(&socket, &service) {
+                    if promoting.is_some() {
+                        tracing::info!(service, pid = sender.pid, "READY=1 while another sender is being promoted: it is promoted next");
+                        queued = Some(sender);
+                    } else {
+                        promoting = Some(start(&daemon, &service, sender));
                     }
-                    let Some(sender) = notice.ready_sender() else {
-                        continue;
-                    };
-                    if promoting.as_ref().is_some_and(|p| !p.is_finished()) {
-                        tracing::info!(
-                            service,
-                            pid = sender.pid,
-                            "READY=1 while another is being promoted: ignored (promote it with handoffctl)"
-                        );
-                        continue;
-                    }
-                    let job = promote(Arc::clone(&daemon), service.clone(), sender.clone());
-                    promoting = Some(tokio::task::spawn_blocking(job));
                 }
-                Err(e) => {
-                    tracing::warn!(service, error = %crate::logging::one_line(&e), "reading the readiness socket failed");
-                    ready.clear_ready();
-                    break;
-                }
+                ready.clear_ready();
+            }
+            _ = async { promoting.as_mut()?.await.ok() }, if promoting.is_some() => {
+                promoting = queued.take().map(|sender| start(&daemon, &service, sender));
             }
         }
     }
+}
+
+/// Every message waiting on `socket`; the senders of those that count as `READY=1`.
+fn read_all(socket: &ReadinessSocket, service: &str) -> Vec<Member> {
+    let mut ready = Vec::new();
+    loop {
+        match socket.receive() {
+            Ok(None) => return ready,
+            Ok(Some(notice)) => {
+                if let Some(why) = &notice.ignored {
+                    tracing::debug!(service, pid = notice.pid, uid = notice.uid, gid = notice.gid, %why, "notify message not taken");
+                }
+                ready.extend(notice.ready_sender().cloned());
+            }
+            Err(e) => {
+                tracing::warn!(service, error = %crate::logging::one_line(&e), "reading the readiness socket failed");
+                return ready;
+            }
+        }
+    }
+}
+
+/// Starts the promote of `sender`, off the runtime's threads.
+fn start(
+    daemon: &Arc<Mutex<Daemon>>,
+    service: &str,
+    sender: Member,
+) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_blocking(promote(Arc::clone(daemon), service.to_owned(), sender))
 }
 
 /// The promote of a ready sender, as `handoffctl promote` with no flag would do it.
