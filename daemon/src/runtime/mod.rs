@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod metrics;
 pub mod notify;
+pub mod readiness;
 pub mod run;
 pub mod scrape;
 pub mod service;

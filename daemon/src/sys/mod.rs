@@ -10,10 +10,12 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 mod bpf;
+mod notify;
 
 pub use bpf::{
     BPF_NOEXIST, MappedIndex, iter_task_of, sockarray_cookie, sockarray_insert, sockarray_remove,
 };
+pub use notify::{Credentials, Datagram, pass_pidfd, recv_datagram, send_as};
 
 /// `pidfd_open(pid, 0)`: a handle on the process that cannot be confused with a later
 /// process of the same pid.

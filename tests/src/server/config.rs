@@ -66,6 +66,21 @@ pub struct ServerConfig {
     /// serving the accepted connections until SIGINT.
     #[arg(long, conflicts_with_all = ["ignore_term", "drain_on_term"])]
     pub shut_on_term: bool,
+    /// Speak systemd's readiness protocol: once every listener listens and `--warmup-ms`
+    /// has passed (accepting has begun), the master sends `READY=1` to `$NOTIFY_SOCKET` (a
+    /// path, or `@name` for an abstract socket) and logs `notify NAME pid=PID ns=NS` (NS:
+    /// CLOCK_MONOTONIC just before the send), or `notify-failed NAME pid=PID error=…`.
+    #[arg(long)]
+    pub notify_ready: bool,
+    /// Answer HTTP: read the request head (up to the blank line, at most 8 KiB, within
+    /// 2 s; otherwise close without answering), then answer `HTTP/1.1 CODE` with
+    /// `X-Pid: PID`, `Connection: close` and the body `NAME\n`, and close once the client
+    /// has (at most 2 s later). 200 to 599, but not 204 or 304 (which have no body).
+    #[arg(long, value_name = "CODE", value_parser = parse_status, conflicts_with_all = ["hold", "no_accept"])]
+    pub http_status: Option<u16>,
+    /// Log `accept NAME pid=PID peer=IP:PORT` on stderr for every accepted connection.
+    #[arg(long)]
+    pub log_accept: bool,
 }
 
 /// Listener layout of a master with workers.
@@ -78,6 +93,14 @@ pub enum Mode {
     PerWorker,
     /// Each worker creates its own listeners after the fork.
     AfterFork,
+}
+
+fn parse_status(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(204 | 304) => Err("204 and 304 responses have no body: pick another status".to_owned()),
+        Ok(code @ 200..=599) => Ok(code),
+        _ => Err("an HTTP status from 200 to 599".to_owned()),
+    }
 }
 
 fn parse_name(s: &str) -> Result<String, String> {

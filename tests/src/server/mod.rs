@@ -13,11 +13,19 @@
 //! SIGUSR1 closes them all; `--drain-on-term` makes SIGTERM a graceful stop (close the
 //! listeners, finish the accepted connections, exit), as nginx's QUIT or Go's `Shutdown`.
 //!
+//! For release tests: `--http-status CODE` answers HTTP (`HTTP/1.1 CODE`, `X-Pid: PID`,
+//! body `NAME\n`, `Connection: close`) after reading the request head, so that the load
+//! client's `--http` and health checks can talk to it; `--notify-ready` sends `READY=1` to
+//! `$NOTIFY_SOCKET` once it accepts (after any `--warmup-ms`); `--log-accept` logs every
+//! accepted connection with its peer address.
+//!
 //! Lines on stderr, each `KIND NAME key=value...`, for tests to wait on:
 //! `term NAME pid=PID ns=NS` (SIGTERM arrived, CLOCK_MONOTONIC; ` ignored` with --ignore-term), `worker-exit NAME pid=PID status=STATUS`,
 //! `respawn NAME old=PID new=PID`, `close NAME pid=PID ns=NS` (`--log-close`: NS just before
 //! the close), `closed NAME pid=PID count=N first_ns=NS last_ns=NS` (`--hold`, after SIGUSR1:
-//! NS just before the first and the last close).
+//! NS just before the first and the last close), `accept NAME pid=PID peer=IP:PORT`
+//! (`--log-accept`), `notify NAME pid=PID ns=NS` (`--notify-ready`: NS just before the
+//! send) or `notify-failed NAME pid=PID error=ERROR`.
 //!
 //! # Layout
 //!
@@ -25,10 +33,17 @@
 //! - `serve`: listeners, accepting threads, the connections they serve, and the signals a
 //!   process that accepts waits for.
 //! - `master`: a master with `--workers`, forking, supervising and stopping its workers.
-//! - `tests`: unit tests (command line, ready line, real `testsrv` processes on loopback).
+//! - `http`: the `--http-status` answer and the request head read before it.
+//! - `notify`: `--notify-ready`.
+//! - `tests`: unit tests (command line, ready line, real `testsrv` processes on loopback);
+//!   `release_tests`: those of `--http-status`, `--log-accept` and `--notify-ready`.
 
 mod config;
+mod http;
 mod master;
+mod notify;
+#[cfg(test)]
+mod release_tests;
 mod serve;
 #[cfg(test)]
 mod tests;
@@ -59,6 +74,9 @@ pub enum ServerError {
         /// The worker's pid.
         pid: i32,
     },
+    /// `--notify-ready` without `$NOTIFY_SOCKET`.
+    #[error("--notify-ready needs $NOTIFY_SOCKET (the socket to send READY=1 to)")]
+    NoNotifySocket,
     /// Any other system call failed.
     #[error("{what} failed")]
     Sys {
@@ -105,10 +123,12 @@ pub fn run(cfg: &ServerConfig) -> Result<(), ServerError> {
         );
     }
     sys::block_handled_signals().map_err(sys_err("blocking signals"))?;
+    let notify = notify::notify_socket(cfg)?;
     if cfg.workers == 0 {
         let listeners = bind_all(cfg)?;
         start_acceptors(cfg, &listeners)?;
         print_ready(std::process::id(), &[]);
+        notify_ready(cfg, notify.as_ref());
         wait_for_term(cfg, &listeners);
         return Ok(());
     }
@@ -120,7 +140,19 @@ pub fn run(cfg: &ServerConfig) -> Result<(), ServerError> {
         .map(|p| p.as_raw().unsigned_abs())
         .collect();
     print_ready(std::process::id(), &pids);
+    notify_ready(cfg, notify.as_ref());
     master.supervise()
+}
+
+/// `--notify-ready`: `READY=1` once accepting has begun, i.e. `--warmup-ms` after every
+/// process listens (each accepting thread waits that long after it started, before its
+/// process reported readiness). Signals meanwhile stay pending (they are blocked) and are
+/// taken afterwards.
+fn notify_ready(cfg: &ServerConfig, socket: Option<&std::ffi::OsString>) {
+    if let Some(socket) = socket {
+        std::thread::sleep(std::time::Duration::from_millis(cfg.warmup_ms));
+        notify::send_ready(cfg, socket);
+    }
 }
 
 fn print_ready(master: u32, workers: &[u32]) {

@@ -1,5 +1,6 @@
-//! Listening, accepting and serving: the accepting threads, the `NAME PID` answer, `--hold`,
-//! `--log-close`, `--drain-on-term`, and the signal loop of a process that accepts.
+//! Listening, accepting and serving: the accepting threads, the `NAME PID` answer (or the
+//! HTTP one), `--hold`, `--log-close`, `--log-accept`, `--drain-on-term`, and the signal
+//! loop of a process that accepts.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::{ServerConfig, ServerError, sys_err};
+use super::{ServerConfig, ServerError, http, sys_err};
 use crate::sys;
 
 /// Stack of a connection thread: it only sleeps, writes a line and reads into a small buffer.
@@ -51,6 +52,10 @@ struct Serve {
     log_close: Option<Arc<str>>,
     /// `--hold`.
     hold: bool,
+    /// `--http-status`: the whole HTTP response, given after the request head.
+    http: Option<Arc<[u8]>>,
+    /// `--log-accept`: the name to log accepts under.
+    log_accept: Option<Arc<str>>,
 }
 
 /// Starts one accepting thread per listener; answers carry the pid of the calling process.
@@ -66,6 +71,10 @@ pub(super) fn start_acceptors(
         delay: Duration::from_millis(cfg.delay_ms),
         log_close: cfg.log_close.then(|| cfg.name.as_str().into()),
         hold: cfg.hold,
+        http: cfg
+            .http_status
+            .map(|code| http::response(code, &cfg.name, std::process::id()).into()),
+        log_accept: cfg.log_accept.then(|| cfg.name.as_str().into()),
     };
     let warmup = Duration::from_millis(cfg.warmup_ms);
     let no_accept = cfg.no_accept;
@@ -91,7 +100,14 @@ pub(super) fn start_acceptors(
 
 fn accept_loop(listener: &TcpListener, serve: &Serve) {
     loop {
-        match listener.accept() {
+        let accepted = listener.accept();
+        if let (Ok((_, peer)), Some(name)) = (&accepted, &serve.log_accept) {
+            log_line(&format!(
+                "accept {name} pid={} peer={peer}",
+                std::process::id()
+            ));
+        }
+        match accepted {
             Ok((mut stream, _)) if serve.hold => {
                 // Answer under the lock, so that a SIGUSR1 sent once the answer arrived finds
                 // the connection held. A fresh socket takes the short answer without blocking.
@@ -125,11 +141,26 @@ fn accept_loop(listener: &TcpListener, serve: &Serve) {
     }
 }
 
+/// Answers `stream` (after its request head with `--http-status`), then reads until the
+/// client closes (with `--http-status` at most [`http::HTTP_TIMEOUT`] more: the answer
+/// said `Connection: close`).
 fn serve_connection(mut stream: TcpStream, serve: &Serve) {
+    if serve.http.is_some() && http::read_head(&mut stream).is_err() {
+        finish(stream, serve);
+        return;
+    }
     if !serve.delay.is_zero() {
         thread::sleep(serve.delay);
     }
-    if stream.write_all(&serve.answer).is_ok() {
+    let answered = match &serve.http {
+        Some(response) => {
+            stream.write_all(response).is_ok()
+                && stream.shutdown(std::net::Shutdown::Write).is_ok()
+                && stream.set_read_timeout(Some(http::HTTP_TIMEOUT)).is_ok()
+        }
+        None => stream.write_all(&serve.answer).is_ok(),
+    };
+    if answered {
         let mut buf = [0u8; 512];
         loop {
             match stream.read(&mut buf) {
@@ -140,6 +171,11 @@ fn serve_connection(mut stream: TcpStream, serve: &Serve) {
             }
         }
     }
+    finish(stream, serve);
+}
+
+/// Closes `stream`, logging the close with `--log-close`.
+fn finish(stream: TcpStream, serve: &Serve) {
     if let Some(name) = &serve.log_close {
         // Stamped and written before the close: the retire signal that the close may bring
         // can end the process before a line written after it.
