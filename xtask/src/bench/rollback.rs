@@ -41,7 +41,7 @@ const ATTEMPT_TIMEOUT_MS: &str = "100";
 /// The goal of issue 14 (point 4): traffic back within 100 ms of the death.
 const GOAL_DEATH_MS: f64 = 100.0;
 /// The interval of handoffd's watch-window checks.
-const CHECK_INTERVAL_MS: f64 = 1000.0;
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// The longest a watch-window check may take: the service's check timeout (5 s by default),
 /// capped at twice the interval.
 const CHECK_TIMEOUT_MS: f64 = 2000.0;
@@ -139,8 +139,20 @@ fn scenario(ctx: &Ctx, failure: Failure, reps: usize) -> Result<Vec<Rep>> {
     let mut events = EventTail::open(daemon.log_path())?;
     let mut out = Vec::with_capacity(reps);
     for i in 0..reps {
-        let rep = one(&mut env, &daemon, &mut events, (failure, addr), &args, i)
-            .with_context(|| format!("{} {}", failure.tag(), i + 1))?;
+        // A check failure waits for the next check: T0 is spread evenly over the interval.
+        let offset = match failure {
+            Failure::Death => Duration::ZERO,
+            Failure::Check => CHECK_INTERVAL.mul_f64(i as f64 / reps as f64),
+        };
+        let rep = one(
+            &mut env,
+            &daemon,
+            &mut events,
+            (failure, addr),
+            &args,
+            (i, offset),
+        )
+        .with_context(|| format!("{} {}", failure.tag(), i + 1))?;
         out.push(rep);
     }
     Ok(out)
@@ -154,7 +166,7 @@ fn one(
     events: &mut EventTail,
     (failure, addr): (Failure, SocketAddr),
     args: &[&str],
-    i: usize,
+    (i, offset): (usize, Duration),
 ) -> Result<Rep> {
     let b = env.testsrv(&format!("B{i}"), args)?;
     let mut options = vec!["--watch", WATCH];
@@ -178,7 +190,7 @@ fn one(
         load_args.push("--http");
     }
     let load = env.loadgen(addr, &load_args)?;
-    pause(BEFORE)?;
+    pause(BEFORE + offset)?;
     let t0 = monotonic_ns();
     env.kill_group(b.pid, failure.signal())?;
     let (seen, event) = events.wait("traffic rolled back", Instant::now() + STEP)?;
@@ -312,7 +324,7 @@ fn rows(death: &[Rep], check: Option<&[Rep]>) -> Vec<Row> {
         .baseline(format!("handoffd's rollback logged: {flip_text}"))
         .goal(format!("≤ {GOAL_DEATH_MS} ms"), settled.max <= GOAL_DEATH_MS),
     ];
-    let budget = CHECK_INTERVAL_MS + CHECK_TIMEOUT_MS;
+    let budget = CHECK_INTERVAL.as_secs_f64() * 1000.0 + CHECK_TIMEOUT_MS;
     let measure = "new generation hung (SIGSTOP), failing its check in the window → every new connection on the old one";
     match check {
         Some(check) => {
@@ -325,18 +337,16 @@ fn rows(death: &[Rep], check: Option<&[Rep]>) -> Vec<Row> {
                     Some(settled.max),
                 )
                 .baseline(format!(
-                    "handoffd's rollback logged: {flip_text}; the death row above"
-                ))
-                .goal(
-                    format!("≤ check interval + timeout ({})", fmt_ms(budget)),
-                    settled.max <= budget,
-                ),
+                    "handoffd's rollback logged: {flip_text}; by design at most the check \
+                     interval + the check timeout ({}), plus the passing check before it",
+                    fmt_ms(budget)
+                )),
             );
         }
         None => rows.push(Row::pending(
             measure,
             "testsrv has no --http-status to pass the check first",
-            format!("≤ check interval + timeout ({})", fmt_ms(budget)),
+            "",
         )),
     }
     rows
@@ -347,14 +357,23 @@ fn details(death: &[Rep], check: Option<&[Rep]>, reps: usize) -> Vec<String> {
         "{reps} repetitions of each failure, each with a fresh B (2 workers, a listener each) \
          promoted with `--watch {WATCH}` over A (the same layout), which stands by; loadgen \
          ({CLIENTS} clients, one connection per attempt, {ATTEMPT_TIMEOUT_MS} ms per attempt) \
-         loads B for {} ms, then B's process group gets SIGKILL (death) or SIGSTOP (hung: its \
-         check, `--check {CHECK}` at the promote and every {} ms in the window, connects but \
-         is never answered and times out after {} — the service's default 5 s check timeout, \
-         capped at twice the interval). All times from that signal (T0); \"every new \
-         connection on A from\" is the start of the first connection A answered after the \
-         last one started after T0 that failed or reached B.",
+         loads B for {} ms (for the check, plus i/{reps} of the check interval in repetition \
+         i, so that the failure falls evenly over the check cycle), then B's process group \
+         gets SIGKILL (death) or SIGSTOP (hung: its check, `--check {CHECK}` at the promote \
+         and again {} ms after each check ends while the window is open, connects but is \
+         never answered and times out after {}: the service's default 5 s check timeout, \
+         capped at twice the interval; a promote's `--check-timeout` applies to its own \
+         check only). All times from that signal (T0); \"every new connection on A from\" is \
+         the start of the first connection A answered after the last one started after T0 \
+         that failed or reached B. After a hang, loadgen's clients stay stuck on B's accept \
+         queue until their {ATTEMPT_TIMEOUT_MS} ms attempt timeout, so the first answer \
+         from A can trail the rollback by up to that much; after a death the kernel resets \
+         B's queued connections at once. After a death the steering program itself sends \
+         new connections to A as soon as the kernel has closed B's listeners (its record \
+         falls back to the previous generation when the active one has no listener left), \
+         before handoffd's flip; a hung B keeps its listeners, so only the flip helps.",
         BEFORE.as_millis(),
-        CHECK_INTERVAL_MS,
+        CHECK_INTERVAL.as_millis(),
         fmt_ms(CHECK_TIMEOUT_MS)
     )];
     let column = |reps: Option<&[Rep]>, figure: fn(&Rep) -> f64| {

@@ -4,9 +4,9 @@
 //! and servers.
 //!
 //! Each round starts a fresh B; even rounds measure without the canary, then promote B with
-//! the weight and measure with it, then roll the canary back (`handoffctl rollback`); odd
-//! rounds measure with the canary first and without it after the rollback, so that a drift
-//! of the machine weighs on both sides. Each measure is one loadgen run of a fixed number
+//! the weight and measure with it, then roll the canary back (`handoffctl rollback`, which
+//! retires B); odd rounds measure with the canary first and without it after the rollback,
+//! so that a drift of the machine weighs on both sides. Each measure is one loadgen run of a fixed number
 //! of connections.
 
 use std::net::SocketAddr;
@@ -71,15 +71,27 @@ pub fn run(ctx: &Ctx) -> Result<Outcome> {
         daemon.promote_with(b.pid, &["--weight", WEIGHT])?;
         canary.push(measure(&mut env, &daemon, addr, conns, &b.name)?);
         daemon.ctl_ok(&["rollback"])?;
+        retire(&mut env, b.pid)?;
         if canary_first {
             plain.push(measure(&mut env, &daemon, addr, conns, &b.name)?);
         }
-        // The aborted canary has no connection left: retired by the daemon, or by us.
-        env.kill(b.pid, Signal::SIGTERM)?;
-        env.wait_exit(b.pid, Instant::now() + Duration::from_secs(10))?;
     }
     drop(stats);
     Ok(outcome(&plain, &canary, rounds, conns))
+}
+
+/// Waits for the aborted canary `pid` to exit: it has no connection left, so handoffd
+/// retires it at once; SIGTERM from here if it has not after a while.
+fn retire(env: &mut Env, pid: u32) -> Result<()> {
+    if env
+        .wait_exit(pid, Instant::now() + Duration::from_secs(5))
+        .is_ok()
+    {
+        return Ok(());
+    }
+    env.kill(pid, Signal::SIGTERM)?;
+    env.wait_exit(pid, Instant::now() + Duration::from_secs(10))?;
+    Ok(())
 }
 
 /// One loadgen run of `conns` connections with the statistics on; `b`: the canary's name.
