@@ -152,7 +152,15 @@ fn scenario(ctx: &Ctx, failure: Failure, reps: usize) -> Result<Vec<Rep>> {
             &args,
             (i, offset),
         )
-        .with_context(|| format!("{} {}", failure.tag(), i + 1))?;
+        .with_context(|| {
+            // A standby that went away leaves nothing to roll back to: say so.
+            format!(
+                "{} {} (A's last lines: {})",
+                failure.tag(),
+                i + 1,
+                a.stderr.tail()
+            )
+        })?;
         out.push(rep);
     }
     Ok(out)
