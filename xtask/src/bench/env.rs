@@ -199,6 +199,14 @@ impl<'a> Env<'a> {
         Ok(())
     }
 
+    /// Sends `sig` to the child `pid`'s whole process group (testsrv and its workers).
+    pub fn kill_group(&mut self, pid: u32, sig: Signal) -> Result<()> {
+        // Only a child not pruned yet: its group cannot have been reused.
+        let name = self.proc(pid)?.name.clone();
+        killpg(Pid::from_raw(pid as i32), sig)
+            .with_context(|| format!("cannot send {sig} to {name}'s process group"))
+    }
+
     /// Waits until the child `pid` has exited, at most until `deadline`.
     pub fn wait_exit(&mut self, pid: u32, deadline: Instant) -> Result<ExitStatus> {
         let status = self.proc(pid)?.wait_until(deadline)?;

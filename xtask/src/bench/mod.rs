@@ -7,7 +7,9 @@
 //! [`footprint`] (daemon memory and idle CPU), [`scale`] (drain accounting at 1 k–100 k
 //! connections, with [`client`] as its load), [`flood`] (retire latency and the daemon's
 //! CPU under floods by an unprivileged user, [`flood_phase`] each phase, [`attack`] the
-//! attacker). [`env`], [`netns`], [`output`] and [`measure`] are the shared harness;
+//! attacker); of issue 14, [`rollback`] (time from a death or a failing check to traffic
+//! back on the previous generation) and [`weight`] (the steering program's run time with
+//! and without a canary). [`env`], [`netns`], [`output`] and [`measure`] are the shared harness;
 //! [`report`] makes the table and the file.
 //!
 //! A full run writes `BENCHMARKS.md` (only when every benchmark ran: `--only` prints the
@@ -28,7 +30,9 @@ mod path;
 mod promote;
 mod report;
 mod restarts;
+mod rollback;
 mod scale;
+mod weight;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -61,7 +65,7 @@ struct Bench {
     run: fn(&Ctx) -> Result<Outcome>,
 }
 
-const BENCHES: [Bench; 7] = [
+const BENCHES: [Bench; 9] = [
     Bench {
         id: 1,
         name: "path",
@@ -104,10 +108,22 @@ const BENCHES: [Bench; 7] = [
         title: "Floods by an unprivileged user",
         run: flood::run,
     },
+    Bench {
+        id: 8,
+        name: "rollback",
+        title: "Rollback time (issue 14)",
+        run: rollback::run,
+    },
+    Bench {
+        id: 9,
+        name: "weight",
+        title: "Cost of the weight decision (issue 14)",
+        run: weight::run,
+    },
 ];
 
 /// The `--only` names, for the command line's help and checks.
-pub const NAMES: [&str; 7] = [
+pub const NAMES: [&str; 9] = [
     "path",
     "promote",
     "drain",
@@ -115,6 +131,8 @@ pub const NAMES: [&str; 7] = [
     "footprint",
     "scale",
     "flood",
+    "rollback",
+    "weight",
 ];
 
 /// Runs the benchmarks; `Ok(false)` when one failed (or, with `--quick`, gave no number).

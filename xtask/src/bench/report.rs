@@ -101,7 +101,7 @@ impl Row {
 /// The outcome of one benchmark.
 #[derive(Debug, Clone)]
 pub struct Section {
-    /// Its number in the issue (1-6; 7: the floods of issue 10).
+    /// Its number in the issue (1-6; 7: the floods of issue 10; 8-9: issue 14's rollback and weight).
     pub id: usize,
     /// Its `--only` name.
     pub name: &'static str,
@@ -195,7 +195,7 @@ pub fn write_markdown(
          command (root: BPF, network namespaces). \
          `cargo xtask bench --quick` (CI, under 2 minutes) runs every benchmark briefly and checks \
          only that each produces a number; `--only NAME` runs one \
-         (`path`, `promote`, `drain`, `restarts`, `footprint`, `scale`, `flood`).\n",
+         (`path`, `promote`, `drain`, `restarts`, `footprint`, `scale`, `flood`, `rollback`, `weight`).\n",
         utc_now(),
         revision(root),
         machine(),

@@ -37,11 +37,18 @@ impl Daemon {
     /// `handoffctl promote PID [--service NAME]`; returns how long the call took, from its
     /// start to its exit (it returns once the probe saw the kernel steer to `pid`).
     pub fn promote(&self, pid: u32, service: Option<&str>) -> Result<Duration> {
+        match service {
+            Some(service) => self.promote_with(pid, &["--service", service]),
+            None => self.promote_with(pid, &[]),
+        }
+    }
+
+    /// `handoffctl promote PID OPTIONS` (e.g. `--watch 60s`, `--weight 10`); returns how
+    /// long the call took.
+    pub fn promote_with(&self, pid: u32, options: &[&str]) -> Result<Duration> {
         let pid = pid.to_string();
         let mut args = vec!["promote", pid.as_str()];
-        if let Some(service) = service {
-            args.extend(["--service", service]);
-        }
+        args.extend(options);
         let (took, out) = self.timed(&args)?;
         if !out.status.success() {
             bail!(
@@ -61,6 +68,24 @@ impl Daemon {
             .output()
             .with_context(|| format!("cannot run handoffctl {}", args.join(" ")))?;
         Ok((started.elapsed(), out))
+    }
+
+    /// Runs `handoffctl ARGS` and fails, with its stderr, unless it succeeds.
+    pub fn ctl_ok(&self, args: &[&str]) -> Result<()> {
+        let (_, out) = self.timed(args)?;
+        if !out.status.success() {
+            bail!(
+                "handoffctl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Its log file (JSON lines).
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log
     }
 
     /// The fields of every event with `message` in the daemon's log so far.
