@@ -58,9 +58,10 @@ use crate::{TempDir, cargo, run_checked};
 /// The `--kernel` values.
 pub const NAMES: [&str; 3] = ["6.1", "6.12", "5.10"];
 
-/// The test executables of `--quick`: migration of queued connections, and a drain
-/// with each tag-pass mode.
-const QUICK_TESTS: [&str; 2] = ["migrate", "fallback"];
+/// The test executables of `--quick`: migration of queued connections, a drain with
+/// each tag-pass mode, and promote on READY=1 (SCM_PIDFD on 6.12, the pid and start time
+/// on 6.1, which lacks it).
+const QUICK_TESTS: [&str; 3] = ["migrate", "fallback", "readiness"];
 
 /// Test executables that never run in the guest, and why.
 const NOT_IN_GUEST: [(&str, &str); 1] = [(
