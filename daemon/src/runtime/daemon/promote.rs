@@ -32,9 +32,9 @@ pub enum Who {
 /// Where a request stands after a step under the lock.
 #[derive(Debug)]
 pub enum Step {
-    /// Answered; with `--wait`, worth asking again until the instant given (the
-    /// candidate does not listen yet).
-    Answer(Response, Option<Instant>),
+    /// Answered; with `--wait`, worth asking again (the candidate does not listen yet)
+    /// for as long as the check timeout given.
+    Answer(Response, Option<Duration>),
     /// A check of service `service`'s candidate to run.
     Check {
         /// The service's index.
@@ -56,9 +56,13 @@ pub fn promote(
     if let Err(e) = options.validate() {
         return error(ErrorKind::BadRequest, &e);
     }
+    // With `--wait`, attempts repeat until one deadline, counted from the request: each
+    // attempt's check gets what is left of it.
+    let started = Instant::now();
+    let mut options = options.clone();
+    let mut deadline = None;
     loop {
-        let started = Instant::now();
-        let mut step = Daemon::lock(daemon).promote_step(who.clone(), service, options, started);
+        let mut step = Daemon::lock(daemon).promote_step(who.clone(), service, &options, started);
         while let Step::Check {
             service,
             job,
@@ -71,10 +75,16 @@ pub fn promote(
         let Step::Answer(response, retry_until) = step else {
             continue;
         };
-        match retry_until {
-            Some(until) if Instant::now() + WAIT_PAUSE < until => std::thread::sleep(WAIT_PAUSE),
-            _ => return response,
+        let Some(timeout) = retry_until else {
+            return response;
+        };
+        let until = *deadline.get_or_insert(started + timeout);
+        if Instant::now() + WAIT_PAUSE >= until {
+            return response;
         }
+        std::thread::sleep(WAIT_PAUSE);
+        let left = until.saturating_duration_since(Instant::now());
+        options.check_timeout_ms = Some(u64::try_from(left.as_millis()).unwrap_or(1).max(1));
     }
 }
 
@@ -107,7 +117,7 @@ impl Daemon {
                     self.services[i].release().check_timeout,
                     Duration::from_millis,
                 );
-                Step::Answer(Response::Error(e), Some(started + timeout))
+                Step::Answer(Response::Error(e), Some(timeout))
             }
             step => step,
         }
