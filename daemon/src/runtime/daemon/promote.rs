@@ -72,10 +72,10 @@ pub fn promote(
             let result = job.run();
             step = Daemon::lock(daemon).checked(service, result, started);
         }
-        let Step::Answer(response, retry_until) = step else {
+        let Step::Answer(response, retry_for) = step else {
             continue;
         };
-        let Some(timeout) = retry_until else {
+        let Some(timeout) = retry_for else {
             return response;
         };
         let until = *deadline.get_or_insert(started + timeout);
