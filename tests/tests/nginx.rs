@@ -46,14 +46,7 @@ const DWELL: Duration = Duration::from_millis(400);
 const REQUEST_TIMEOUT_MS: u64 = 3000;
 /// Deadline for a new nginx's workers to listen (times the slowdown).
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Kernel counters (TcpExt in /proc/net/netstat) that must not grow: any of them means a
-/// connection was dropped or reset by the kernel.
-const LOSS_COUNTERS: [&str; 4] = [
-    "ListenOverflows",
-    "ListenDrops",
-    "TCPMigrateReqFailure",
-    "TCPReqQFullDrop",
-];
+use netns::LOSS_COUNTERS;
 
 #[test]
 fn nginx_close_per_request() {

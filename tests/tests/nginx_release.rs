@@ -32,13 +32,7 @@ use support::{Handoffd, privileged, wait_until};
 
 /// Deadline for a new nginx's workers to listen (times the slowdown); read by `server`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Kernel counters that must not grow: a connection dropped or reset by the kernel.
-const LOSS_COUNTERS: [&str; 4] = [
-    "ListenOverflows",
-    "ListenDrops",
-    "TCPMigrateReqFailure",
-    "TCPReqQFullDrop",
-];
+use netns::LOSS_COUNTERS;
 /// Requests the program's steering must see in each phase (connections, in fact: each
 /// carries up to 20 requests).
 fn per_phase() -> u64 {

@@ -5,6 +5,15 @@ use std::process::Command;
 
 use nix::sched::{CloneFlags, unshare};
 
+/// Kernel counters (TcpExt in /proc/net/netstat) that must not grow: any of them means a
+/// connection was dropped or reset by the kernel.
+pub const LOSS_COUNTERS: [&str; 4] = [
+    "ListenOverflows",
+    "ListenDrops",
+    "TCPMigrateReqFailure",
+    "TCPReqQFullDrop",
+];
+
 /// Runs `f` on a thread in a new network namespace with loopback up. The processes started
 /// there (nginx, handoffd, handoffctl) and the threads it starts (the load) live in it too.
 pub(super) fn in_new_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
