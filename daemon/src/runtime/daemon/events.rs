@@ -138,11 +138,15 @@ impl Daemon {
     /// The watch-window checks due at `now`, by service index: to run without the lock.
     pub fn watch_checks_due(&mut self, now: Instant) -> Vec<(usize, CheckJob)> {
         self.guarded("watch checks", |d| {
-            d.services
+            let jobs = d
+                .services
                 .iter_mut()
                 .enumerate()
-                .filter_map(|(i, s)| Some((i, s.watch_check_due(now)?)))
-                .collect()
+                .filter_map(|(i, s)| Some((i, s.watch_check_due(now, &mut d.ctx)?)))
+                .collect();
+            // A generation that closed its listeners was rolled back from here.
+            d.persist();
+            jobs
         })
         .unwrap_or_default()
     }

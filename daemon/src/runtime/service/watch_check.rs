@@ -1,7 +1,8 @@
-//! The active generation's health check in its watch window: while the previous
-//! generation stands by, the active one is checked every [`INTERVAL`] with the check it
-//! was promoted with, and a failure hands traffic back (the machine's
-//! [`Event::CheckFailed`]). Like a promote's check, it runs without the daemon's lock.
+//! The active generation in its watch window: while the previous generation stands by,
+//! every [`INTERVAL`] the active one's listeners are read from the kernel's maps (a group
+//! with none left hands traffic back: [`Event::ListenersLost`]) and it is checked with the
+//! check it was promoted with (a failure hands traffic back: [`Event::CheckFailed`]).
+//! Like a promote's check, the check runs without the daemon's lock.
 
 use std::time::{Duration, Instant};
 
@@ -31,17 +32,28 @@ impl Service {
         self.set_check(id, Some(spec.to_string()));
     }
 
-    /// The check of the active generation that is due at `now`, if its watch window is
-    /// open and it was promoted with a check.
-    pub fn watch_check_due(&mut self, now: Instant) -> Option<CheckJob> {
-        let spec = self.watched_spec()?;
-        if self.checks.running || self.checks.next.is_some_and(|at| at > now) {
+    /// The look at the active generation that is due at `now` in its watch window: its
+    /// listeners, read from the kernel's maps (none left in a group: traffic goes back),
+    /// then its health check, returned to be run without the lock, if it was promoted
+    /// with one.
+    pub fn watch_check_due(&mut self, now: Instant, ctx: &mut Ctx) -> Option<CheckJob> {
+        if !self.machine.watching()
+            || self.checks.running
+            || self.checks.next.is_some_and(|at| at > now)
+        {
             return None;
         }
-        let id = self.machine.active()?.id;
+        self.checks.next = Some(now + INTERVAL);
+        let active = self.machine.active()?;
+        let id = active.id;
+        if self.listening(active).contains(&0) {
+            tracing::warn!(service = %self.config.name, generation = id, "the active generation closed its listeners in its watch window: traffic goes back");
+            self.drive(Event::ListenersLost { generation: id }, ctx);
+            return None;
+        }
         let mut run = Run::new(None);
         run.check = Some(CheckPlan {
-            spec,
+            spec: self.watched_spec()?,
             deadline: now + self.config.release.check_timeout.min(INTERVAL * 2),
             wait: false,
         });
@@ -52,7 +64,6 @@ impl Service {
             }
             Err(e) => {
                 tracing::warn!(service = %self.config.name, generation = id, error = %e, "cannot check the active generation in its watch window");
-                self.checks.next = Some(now + INTERVAL);
                 None
             }
         }
@@ -75,10 +86,9 @@ impl Service {
         }
     }
 
-    /// When the next watch-window check is due, if one is.
+    /// When the next look at the active generation in its watch window is due, if one is.
     pub fn watch_check_at(&self) -> Option<Instant> {
-        self.watched_spec()?;
-        if self.checks.running {
+        if !self.machine.watching() || self.checks.running {
             return None;
         }
         Some(self.checks.next.unwrap_or_else(Instant::now))
