@@ -314,6 +314,7 @@ fn forged() -> Vec<u8> {
         listeners: 1,
         draining: Some(6),
         weight: None,
+        standby_ms: None,
     }))
 }
 

@@ -85,6 +85,9 @@ pub struct Promoted {
     /// Set when the generation is a canary: its percent of new connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u8>,
+    /// Set when `draining` stands by instead (a watch window): milliseconds left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby_ms: Option<u64>,
 }
 
 /// The outcome of a successful reload.

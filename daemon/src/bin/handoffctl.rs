@@ -190,10 +190,14 @@ fn main() -> ExitCode {
 /// The line a promote or rollback answers with; `typed` is the pid as the caller typed
 /// it, when a pidfd went with it.
 fn promoted_text(p: &handoff_common::proto::Promoted, typed: Option<i32>) -> String {
-    let draining = p
-        .draining
-        .map(|d| format!(", generation {d} draining"))
-        .unwrap_or_default();
+    let draining = match (p.draining, p.standby_ms) {
+        (Some(d), Some(ms)) => format!(
+            ", generation {d} stands by for {:.0} s (watch window)",
+            ms as f64 / 1e3
+        ),
+        (Some(d), None) => format!(", generation {d} draining"),
+        (None, _) => String::new(),
+    };
     // The daemon answers with the pid in its own (the host's) pid namespace.
     let pid = match typed {
         Some(t) if t != p.pid => format!("pid {t}, host pid {}", p.pid),

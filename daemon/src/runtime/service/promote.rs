@@ -14,7 +14,7 @@ use super::promote_error::PromoteError;
 use crate::discover::group::GroupKey;
 use crate::discover::members::Member;
 use crate::kernel::probe::{self, ProbeResult};
-use crate::lifecycle::{Event, Failure, Outcome, ProbeSeen, PromoteMode, Refusal, Reply};
+use crate::lifecycle::{Event, Failure, Outcome, Phase, ProbeSeen, PromoteMode, Refusal, Reply};
 
 /// What a promote or rollback came to: its answer, or a check of its candidate to run
 /// without the daemon's lock (then [`Service::checked`] takes the operation up again).
@@ -199,7 +199,13 @@ impl Service {
                 .machine
                 .generation(promoted.generation)
                 .and_then(|g| match g.phase {
-                    crate::lifecycle::Phase::Canary { weight } => Some(weight),
+                    Phase::Canary { weight } => Some(weight),
+                    _ => None,
+                }),
+            standby_ms: promoted
+                .draining
+                .and_then(|id| match self.machine.generation(id)?.phase {
+                    Phase::Standby { until } => Some(until.since(ctx.now())),
                     _ => None,
                 }),
         })
