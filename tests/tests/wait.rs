@@ -8,7 +8,8 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use handoff_tests::{Proc, bin_path, scaled};
+use handoff_tests::{Proc, bin_path, free_port, scaled};
+use support::release::{metrics, sample};
 use support::{Handoffd, loopback, privileged, testsrv};
 
 /// Runs `handoffctl ARGS` and returns whether it succeeded, what it said, and how long
@@ -47,7 +48,9 @@ fn wait_promotes_a_server_that_listens_later_and_gives_up_at_its_deadline() {
         return;
     }
     let addr = loopback();
-    let d = Handoffd::start("wait", &[addr]);
+    let port = free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let d = Handoffd::start_with("wait", &[addr], &["--metrics-addr", &metrics_addr]);
     // Promoted at once, while it sleeps: it listens a second later (the same process,
     // exec'd).
     let script = format!(
@@ -96,6 +99,13 @@ fn wait_promotes_a_server_that_listens_later_and_gives_up_at_its_deadline() {
     );
     assert!(took < scaled(Duration::from_secs(3)), "waited on: {took:?}");
     assert_eq!(answer(addr), "LATE", "steering changed");
+    // Each request counts once, however many looks it took.
+    let text = metrics(port);
+    let count = |result: &str| {
+        let result = format!("result=\"{result}\"");
+        sample(&text, "handoff_promotions_total", &[&result]).unwrap_or(0.0)
+    };
+    assert_eq!((count("ok"), count("refused")), (1.0, 1.0), "{text}");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use handoff_common::proto::{ErrorKind, PromoteOptions, Response};
 use super::Daemon;
 use super::requests::error;
 use crate::discover::members::Member;
+use crate::logging::one_line;
+use crate::runtime::metrics::PromotionResult;
 use crate::runtime::service::{CheckError, CheckJob, Operated};
 
 /// How often `promote --wait` looks again for a candidate that does not listen yet.
@@ -80,6 +82,7 @@ pub fn promote(
         };
         let until = *deadline.get_or_insert(started + timeout);
         if Instant::now() + WAIT_PAUSE >= until {
+            Daemon::lock(daemon).waited_in_vain(service);
             return response;
         }
         std::thread::sleep(WAIT_PAUSE);
@@ -108,18 +111,29 @@ impl Daemon {
                 Who::Member(leader) => s.promote_member(leader, options, ctx),
             }
         });
-        let step = self.step(i, operated, started);
-        match step {
-            Step::Answer(Response::Error(e), None)
-                if options.wait && e.kind == ErrorKind::NoListener =>
-            {
-                let timeout = options.check_timeout_ms.map_or(
-                    self.services[i].release().check_timeout,
-                    Duration::from_millis,
-                );
-                Step::Answer(Response::Error(e), Some(timeout))
-            }
-            step => step,
+        // `--wait` and the candidate does not listen yet: looked at again, and counted in
+        // the metrics only if it never does (see `waited_in_vain`).
+        if let Some(Operated::Done(Err(e))) = &operated
+            && options.wait
+            && e.kind() == ErrorKind::NoListener
+        {
+            let timeout = options.check_timeout_ms.map_or(
+                self.services[i].release().check_timeout,
+                Duration::from_millis,
+            );
+            self.persist();
+            return Step::Answer(error(e.kind(), &one_line(e)), Some(timeout));
+        }
+        self.step(i, operated, started)
+    }
+
+    /// `promote --wait` gave up on a candidate that never listened: counted once.
+    fn waited_in_vain(&mut self, service: Option<&str>) {
+        if let Ok(i) = self.service(service) {
+            let name = self.services[i].name();
+            self.ctx
+                .metrics
+                .promotion(name, PromotionResult::Refused, None);
         }
     }
 
