@@ -55,7 +55,9 @@ impl Lifecycle {
                 reason: RollbackReason::Operator,
             },
         };
-        self.flip(flip, out);
+        // A checked promote of a generation already in the table (completing or
+        // re-weighing a canary, going back to a draining one) checks it first too.
+        self.flip_checked(flip, mode.check.then_some(generation), out);
     }
 
     /// `rollback`: a canary is aborted; else the newest standby, or the newest draining
@@ -257,7 +259,14 @@ impl Lifecycle {
 
     /// Starts a flip between generations in the table: per group, publish and probe.
     pub(super) fn flip(&mut self, flip: Flip, out: &mut Vec<Effect>) {
-        let mut steps = Vec::with_capacity(2 * self.records.len());
+        self.flip_checked(flip, None, out);
+    }
+
+    /// As [`Lifecycle::flip`], checking generation `check` first if given: a failing
+    /// check ends the operation before anything is published.
+    fn flip_checked(&mut self, flip: Flip, check: Option<GenId>, out: &mut Vec<Effect>) {
+        let mut steps = Vec::with_capacity(2 * self.records.len() + 1);
+        steps.extend(check.map(|generation| Step::Check { generation }));
         for group in 0..self.records.len() {
             let record = self.flip_record(flip, group);
             steps.push(Step::Publish { group, record });

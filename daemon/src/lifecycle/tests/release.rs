@@ -277,3 +277,31 @@ fn a_second_promote_drains_the_standby_and_stands_the_active_by() {
     assert_eq!(d.phase(2), Phase::Standby { until: Millis(350) });
     assert_eq!(d.lc.records()[0], steer(Some(sp(3)), Some(sp(2))));
 }
+
+#[test]
+fn a_checked_completion_of_a_canary_checks_it_before_publishing() {
+    let mut d = Driver::with_generations(1, 1);
+    d.promote_with(200, weighed(10));
+    assert_eq!(d.phase(2), Phase::Canary { weight: 10 });
+    let effects = d.promote_with(200, checked());
+    assert_eq!(
+        effects.first(),
+        Some(&Effect::Check(Check { generation: 2 }))
+    );
+    assert_eq!(d.phase(2), Phase::Active);
+    // A failing check leaves the canary as it was, nothing published.
+    d.promote_with(300, weighed(20));
+    let before = d.snapshot();
+    d.answer(
+        |e| matches!(e, Effect::Check(_)),
+        Outcome::Failed(Failure::Error),
+    );
+    let effects = d.promote_with(300, checked());
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::Publish { .. } | Effect::Republish { .. })),
+        "{effects:?}"
+    );
+    assert_eq!(d.snapshot(), before);
+}

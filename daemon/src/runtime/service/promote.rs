@@ -128,9 +128,13 @@ impl Service {
         };
         let outcome = match result {
             Ok(()) => Outcome::Done,
-            Err(e) => {
-                tracing::info!(service = %self.config.name, error = %e, "the candidate failed its check: no client was sent to it");
-                run.error = Some(PromoteError::Check(e));
+            Err(error) => {
+                // A candidate of an install is not in the table yet: no client reached it.
+                let candidate = run
+                    .installing
+                    .is_some_and(|id| self.machine.generation(id).is_none());
+                tracing::info!(service = %self.config.name, error = %error, candidate, "the generation failed its check; steering left as it was");
+                run.error = Some(PromoteError::Check { error, candidate });
                 Outcome::Failed(Failure::Error)
             }
         };

@@ -69,8 +69,9 @@ pub enum PromoteError {
     /// The kernel program could not be loaded or driven.
     #[error(transparent)]
     Loader(#[from] LoaderError),
-    #[error("{0}: no client was sent to it, steering left as it was")]
-    Check(CheckError),
+    /// A generation failed its health check; `candidate`: one no client was sent to yet.
+    #[error("{error}: {}steering left as it was", if *candidate { "no client was sent to it, " } else { "" })]
+    Check { error: CheckError, candidate: bool },
     /// The probe did not see the kernel steer to the new generation.
     #[error("{0}")]
     Probe(#[from] ProbeError),
@@ -104,7 +105,7 @@ impl PromoteError {
                 ErrorKind::BadRequest
             }
             PromoteError::Refused(_) => ErrorKind::Internal,
-            PromoteError::Check(_) => ErrorKind::CheckFailed,
+            PromoteError::Check { .. } => ErrorKind::CheckFailed,
             PromoteError::Loader(_)
             | PromoteError::Probe(_)
             | PromoteError::ProbeMismatch { .. } => ErrorKind::Kernel,
