@@ -56,7 +56,7 @@ async fn tick(daemon: &Arc<Mutex<Daemon>>, checks: &mut JoinSet<()>) {
         checks.spawn_blocking(move || {
             let generation = job.generation;
             let result = job.run();
-            Daemon::lock(&daemon).watch_checked(service, generation, result);
+            Daemon::lock(&daemon).watch_checked(&service, generation, result);
         });
     }
 }

@@ -135,14 +135,16 @@ impl Daemon {
             .min()
     }
 
-    /// The watch-window checks due at `now`, by service index: to run without the lock.
-    pub fn watch_checks_due(&mut self, now: Instant) -> Vec<(usize, CheckJob)> {
+    /// The watch-window checks due at `now`, by service name: to run without the lock.
+    pub fn watch_checks_due(&mut self, now: Instant) -> Vec<(String, CheckJob)> {
         self.guarded("watch checks", |d| {
             let jobs = d
                 .services
                 .iter_mut()
-                .enumerate()
-                .filter_map(|(i, s)| Some((i, s.watch_check_due(now, &mut d.ctx)?)))
+                .filter_map(|s| {
+                    let job = s.watch_check_due(now, &mut d.ctx)?;
+                    Some((s.name().to_owned(), job))
+                })
                 .collect();
             // A generation that closed its listeners was rolled back from here.
             d.persist();
@@ -151,10 +153,16 @@ impl Daemon {
         .unwrap_or_default()
     }
 
-    /// A watch-window check of service `i`'s generation came back.
-    pub fn watch_checked(&mut self, i: usize, generation: u64, result: Result<(), CheckError>) {
+    /// A watch-window check of service `service`'s generation came back (a service a
+    /// reload removed meanwhile has nothing to act on).
+    pub fn watch_checked(
+        &mut self,
+        service: &str,
+        generation: u64,
+        result: Result<(), CheckError>,
+    ) {
         self.guarded("watch check", |d| {
-            if let Some(s) = d.services.get_mut(i) {
+            if let Some(s) = d.services.iter_mut().find(|s| s.name() == service) {
                 s.watch_checked(generation, result, &mut d.ctx);
             }
             d.persist();

@@ -39,8 +39,8 @@ pub enum Step {
     Answer(Response, Option<Duration>),
     /// A check of service `service`'s candidate to run.
     Check {
-        /// The service's index.
-        service: usize,
+        /// The service's name (a reload may move or remove it meanwhile).
+        service: String,
         /// The check.
         job: CheckJob,
         /// When the request began.
@@ -72,7 +72,7 @@ pub fn promote(
         } = step
         {
             let result = job.run();
-            step = Daemon::lock(daemon).checked(service, result, started);
+            step = Daemon::lock(daemon).checked(&service, result, started);
         }
         let Step::Answer(response, retry_for) = step else {
             continue;
@@ -157,14 +157,20 @@ impl Daemon {
         }
     }
 
-    /// The check of service `i`'s candidate came back: the promote goes on.
-    pub fn checked(&mut self, i: usize, result: Result<(), CheckError>, started: Instant) -> Step {
-        let operated = self.guarded("request", |d| match d.services.get_mut(i) {
-            Some(s) => s.checked(result, &mut d.ctx),
-            None => Operated::Done(Err(crate::runtime::service::PromoteError::Refused(
-                crate::lifecycle::Refusal::Failed,
-            ))),
-        });
+    /// The check of service `service`'s candidate came back: the promote goes on.
+    pub fn checked(
+        &mut self,
+        service: &str,
+        result: Result<(), CheckError>,
+        started: Instant,
+    ) -> Step {
+        let Some(i) = self.services.iter().position(|s| s.name() == service) else {
+            // Removed by a reload meanwhile, and its pending promote with it.
+            let e =
+                format!("service {service} was removed from the configuration during the check");
+            return Step::Answer(error(ErrorKind::UnknownService, &e), None);
+        };
+        let operated = self.guarded("request", |d| d.services[i].checked(result, &mut d.ctx));
         self.step(i, operated, started)
     }
 
@@ -172,7 +178,7 @@ impl Daemon {
     fn step(&mut self, i: usize, operated: Option<Operated>, started: Instant) -> Step {
         let step = match operated {
             Some(Operated::Check(job)) => Step::Check {
-                service: i,
+                service: self.services[i].name().to_owned(),
                 job,
                 started,
             },

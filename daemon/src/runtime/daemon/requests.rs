@@ -38,7 +38,7 @@ impl Daemon {
                     started,
                 } = step
                 {
-                    step = self.checked(service, job.run(), started);
+                    step = self.checked(&service, job.run(), started);
                 }
                 match step {
                     Step::Answer(response, _) => response,
