@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use handoff_tests::{Proc, bin_path, free_port, scaled};
 use support::release::{metrics, sample};
-use support::{Handoffd, loopback, privileged, testsrv};
+use support::{Handoffd, loopback, privileged, testsrv, wait_until};
 
 /// Runs `handoffctl ARGS` and returns whether it succeeded, what it said, and how long
 /// it took.
@@ -148,4 +148,64 @@ fn wait_outlasts_a_warm_up_that_fails_a_single_check() {
     let s = d.service();
     let b_state = s.generations.iter().find(|g| g.pid == b.pid as i32);
     assert!(b_state.is_some_and(|g| g.state == handoff_common::proto::GenerationState::Active));
+}
+
+/// A check waits on the candidate without the daemon's lock: while a candidate that
+/// never answers is being checked, a draining generation still retires the moment its
+/// last connection closes, and other requests are answered at once.
+#[test]
+fn a_slow_check_holds_up_no_drain_and_no_other_request() {
+    if !privileged("a_slow_check_holds_up_no_drain_and_no_other_request") {
+        return;
+    }
+    let addr = loopback();
+    let d = Handoffd::start("slow-check", &[addr]);
+    let a = testsrv("A", &[addr], &[]);
+    d.promote(a.pid);
+    let (held, name, _) = handoff_tests::load::hold(addr).expect("a connection to A");
+    assert_eq!(name, "A");
+    let b = testsrv("B", &[addr], &[]);
+    d.promote(b.pid);
+    // C listens but answers nothing for 30 s: its check runs until its timeout.
+    let c = testsrv(
+        "C",
+        &[addr],
+        &["--http-status", "200", "--warmup-ms", "30000"],
+    );
+    let pid = c.pid.to_string();
+    let slow = [
+        "promote",
+        "--check",
+        "http:/healthz",
+        "--check-timeout",
+        "4s",
+        &pid,
+    ];
+    std::thread::scope(|s| {
+        let pending = s.spawn(|| timed_ctl(&d, &slow));
+        wait_until("C's check to start", Duration::from_secs(5), || {
+            d.service().steering.check > 0
+        });
+        let (ok, said, took) = timed_ctl(&d, &["promote", &b.pid.to_string()]);
+        assert!(!ok && said.contains("under way"), "{said}");
+        assert!(
+            took < scaled(Duration::from_millis(500)),
+            "busy took {took:?}"
+        );
+        let closed = Instant::now();
+        drop(held);
+        wait_until("A to retire", Duration::from_secs(2), || {
+            d.state_of(a.pid) == Some(handoff_common::proto::GenerationState::Retired)
+        });
+        let retired = closed.elapsed();
+        eprintln!("A retired {retired:?} after its last connection closed, during C's check");
+        assert!(!pending.is_finished(), "C's check ended before A retired");
+        let (ok, said, took) = pending.join().expect("the pending promote");
+        assert!(!ok && said.contains("no answer"), "{said}");
+        assert!(took >= Duration::from_secs(3), "{took:?}");
+    });
+    assert_eq!(
+        d.state_of(b.pid),
+        Some(handoff_common::proto::GenerationState::Active)
+    );
 }

@@ -317,6 +317,9 @@ pub enum ErrorKind {
     /// steering is left as it was; the message says what the kernel did, retry once it
     /// is dealt with.
     Kernel,
+    /// Another promote or rollback of the service is under way (a candidate's check may
+    /// take seconds): retry once it has answered.
+    Busy,
     /// The candidate failed its health check (the message names the listener and why);
     /// no client was sent to it and steering is as it was: fix the new version, or
     /// promote with a longer `--check-timeout` or `--wait`.

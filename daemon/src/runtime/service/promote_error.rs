@@ -104,6 +104,7 @@ impl PromoteError {
             PromoteError::Refused(Refusal::BadWeight { .. } | Refusal::NoActive) => {
                 ErrorKind::BadRequest
             }
+            PromoteError::Refused(Refusal::Busy) => ErrorKind::Busy,
             PromoteError::Refused(_) => ErrorKind::Internal,
             PromoteError::Check { .. } => ErrorKind::CheckFailed,
             PromoteError::Loader(_)
