@@ -18,7 +18,10 @@ pub mod server;
 mod sys;
 
 /// What an intruder in a reuseport group can do (see `src/bin/intruder.rs`).
-pub use sys::{attach_reuseport_cbpf, detach_reuseport, reuseport_listener, setsockopt_oversized};
+pub use sys::{
+    attach_reuseport_cbpf, detach_reuseport, recv_with_credentials, reuseport_listener,
+    setsockopt_oversized,
+};
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;

@@ -200,3 +200,33 @@ pub fn setsockopt_oversized(
         Err(io::Error::last_os_error())
     }
 }
+
+/// A sender's `SCM_CREDENTIALS`: pid, uid, gid.
+pub type Credentials = (i32, u32, u32);
+
+/// The next datagram on `socket` (which has `SO_PASSCRED` set) and its sender's
+/// credentials, waiting at most `timeout`.
+pub fn recv_with_credentials(
+    socket: &std::os::unix::net::UnixDatagram,
+    timeout: std::time::Duration,
+) -> io::Result<(Vec<u8>, Option<Credentials>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    socket.set_read_timeout(Some(timeout))?;
+    let mut buf = vec![0u8; 4096];
+    let mut cmsg = nix::cmsg_space!(libc::ucred);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )?;
+    let creds = msg.cmsgs().ok().and_then(|mut c| {
+        c.find_map(|c| match c {
+            ControlMessageOwned::ScmCredentials(c) => Some((c.pid(), c.uid(), c.gid())),
+            _ => None,
+        })
+    });
+    let len = msg.bytes;
+    Ok((buf[..len].to_vec(), creds))
+}

@@ -12,17 +12,15 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use handoff_common::proto::GenerationState;
-use handoff_tests::load::{self, LoadConfig, LoadReport, LogEntry};
+use handoff_tests::load::{self, LoadReport, LogEntry};
 use handoff_tests::{Proc, Stream, TempDir, bin_path, scaled, scaled_down, slowdown};
 use support::{Handoffd, answers, loopback, only, privileged, wait_until};
 
@@ -207,37 +205,11 @@ fn steered(d: &Handoffd, n: u64) {
     );
 }
 
-/// A flag that stops the load when dropped, also when the test panics mid-run.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
 /// Runs a bounded load on `addr` (a few clients: this is about latency, not throughput),
 /// logging every attempt to `log`, while `body` runs; stops it when `body` returns.
-fn under_load<T: Send>(
-    addr: SocketAddr,
-    log: &Path,
-    body: impl FnOnce() -> T + Send,
-) -> (LoadReport, T) {
-    handoff_tests::raise_fd_limit().expect("raising the fd limit");
-    let mut cfg = LoadConfig::new(addr, scaled_down(8u32, 4));
-    cfg.timeout_ms *= u64::from(slowdown());
-    cfg.duration_ms = Some((60_000 * u64::from(slowdown())).min(load::MAX_DURATION_MS));
-    cfg.count = Some(2_000_000);
-    cfg.log = Some(log.to_path_buf());
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let load = s.spawn(|| load::run(&cfg, Some(&stop)));
-        let out = {
-            let _stop = StopOnDrop(&stop);
-            body()
-        };
-        (load.join().expect("load thread"), out)
-    })
+fn under_load<T>(addr: SocketAddr, log: &Path, body: impl FnOnce() -> T) -> (LoadReport, T) {
+    let cfg = support::release::logged_load(addr, scaled_down(8u32, 4), log);
+    support::release::under_load(&cfg, body)
 }
 
 /// What the load saw of sample `i` (the generation before it: `prev`), in ms after its
@@ -444,28 +416,8 @@ fn ready_from_a_process_without_a_listener_is_refused() {
 
 /// The next datagram on `socket` (SO_PASSCRED set), with its `SCM_CREDENTIALS`.
 fn datagram(socket: &UnixDatagram) -> (Vec<u8>, Option<(i32, u32, u32)>) {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    socket
-        .set_read_timeout(Some(scaled(Duration::from_secs(10))))
-        .expect("a timeout");
-    let mut buf = vec![0u8; 4096];
-    let mut cmsg = nix::cmsg_space!(libc::ucred);
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::empty(),
-    )
-    .expect("a datagram within 10 s");
-    let creds = msg.cmsgs().ok().and_then(|mut c| {
-        c.find_map(|c| match c {
-            ControlMessageOwned::ScmCredentials(c) => Some((c.pid(), c.uid(), c.gid())),
-            _ => None,
-        })
-    });
-    let len = msg.bytes;
-    (buf[..len].to_vec(), creds)
+    handoff_tests::recv_with_credentials(socket, scaled(Duration::from_secs(10)))
+        .expect("a datagram within 10 s")
 }
 
 /// With `--notify-forward`, the original notify socket gets A's `READY=1` byte for byte,

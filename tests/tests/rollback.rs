@@ -11,12 +11,11 @@ mod support;
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use handoff_common::proto::GenerationState;
-use handoff_tests::load::{self, LoadConfig, LoadReport, LogEntry};
-use handoff_tests::{Proc, TempDir, scaled_down, slowdown};
+use handoff_tests::load::{self, LoadReport, LogEntry};
+use handoff_tests::{Proc, TempDir, scaled_down};
 use support::{Handoffd, answers, loopback, only, privileged, testsrv, wait_until};
 
 /// One change of the active generation made while the load runs.
@@ -33,16 +32,6 @@ struct Switch {
     /// The generation every connection started after `returned_ns` (and before the next
     /// switch was sent) must reach.
     to: &'static str,
-}
-
-/// A flag that stops the load when dropped, also when the test panics mid-run (the load
-/// would otherwise go on to its time bound before the panic is reported).
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
 }
 
 /// The two generations and the connection each holds so that it drains without retiring.
@@ -106,30 +95,15 @@ fn steered(d: &Handoffd, n: u64, what: &str) {
 }
 
 /// Runs the load on `addr`, logging every attempt to `log`, while `body` makes its
-/// switches; stops it when `body` returns (or panics).
+/// switches; stops it when `body` returns (or panics). Sized for this machine; with
+/// HANDOFF_TEST_SLOWDOWN=N: clients /N (at least 16).
 fn under_load(
     addr: SocketAddr,
     log: &Path,
     body: impl FnOnce() -> Vec<Switch>,
 ) -> (LoadReport, Vec<Switch>) {
-    handoff_tests::raise_fd_limit().expect("raising the fd limit");
-    // Sized for this machine; with HANDOFF_TEST_SLOWDOWN=N: clients /N (at least 16),
-    // timeouts and the run's time bound xN. The run ends by the flag; the bounds are
-    // there in case it is never set.
-    let mut cfg = LoadConfig::new(addr, scaled_down(128u32, 16));
-    cfg.timeout_ms *= u64::from(slowdown());
-    cfg.duration_ms = Some((60_000 * u64::from(slowdown())).min(load::MAX_DURATION_MS));
-    cfg.count = Some(2_000_000);
-    cfg.log = Some(log.to_path_buf());
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        let load = s.spawn(|| load::run(&cfg, Some(&stop)));
-        let switches = {
-            let _stop = StopOnDrop(&stop);
-            body()
-        };
-        (load.join().expect("load thread"), switches)
-    })
+    let cfg = support::release::logged_load(addr, scaled_down(128u32, 16), log);
+    support::release::under_load(&cfg, body)
 }
 
 /// Checks every logged attempt against the switches: none failed, and each one started

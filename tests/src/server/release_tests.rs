@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -162,28 +161,9 @@ fn log_accept_names_the_peer() {
 
 /// The next datagram on `socket` (SO_PASSCRED set) and its sender's pid, within 10 s.
 fn datagram(socket: &UnixDatagram) -> (Vec<u8>, Option<i32>) {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    socket
-        .set_read_timeout(Some(scaled(Duration::from_secs(10))))
-        .expect("timeout");
-    let mut buf = vec![0u8; 4096];
-    let mut cmsg = nix::cmsg_space!(libc::ucred);
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        socket.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::empty(),
-    )
-    .expect("a datagram within 10 s");
-    let pid = msg.cmsgs().ok().and_then(|mut c| {
-        c.find_map(|c| match c {
-            ControlMessageOwned::ScmCredentials(c) => Some(c.pid()),
-            _ => None,
-        })
-    });
-    let len = msg.bytes;
-    (buf[..len].to_vec(), pid)
+    let (bytes, creds) = crate::recv_with_credentials(socket, scaled(Duration::from_secs(10)))
+        .expect("a datagram within 10 s");
+    (bytes, creds.map(|(pid, _, _)| pid))
 }
 
 /// Spawns `testsrv` with `args` and `NOTIFY_SOCKET=socket`; waits for its ready line.

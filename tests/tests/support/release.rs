@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use handoff_tests::load::{self, LoadConfig, LoadReport};
-use handoff_tests::{Proc, Stream};
+use handoff_tests::{Proc, Stream, slowdown};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt,
 };
@@ -54,6 +55,18 @@ pub fn beside<L: Send, T>(
         };
         (load.join().expect("the load thread"), out)
     })
+}
+
+/// A load of `clients` on `addr` that logs every attempt to `log`, bounded in count and
+/// time (it is meant to be stopped by [`under_load`] long before); raises the fd limit.
+pub fn logged_load(addr: SocketAddr, clients: u32, log: &Path) -> LoadConfig {
+    handoff_tests::raise_fd_limit().expect("raising the fd limit");
+    let mut cfg = LoadConfig::new(addr, clients);
+    cfg.timeout_ms *= u64::from(slowdown());
+    cfg.duration_ms = Some((60_000 * u64::from(slowdown())).min(load::MAX_DURATION_MS));
+    cfg.count = Some(2_000_000);
+    cfg.log = Some(log.to_path_buf());
+    cfg
 }
 
 /// Runs [`load::run`] with `cfg` (which must bound it by count or time) while `body`
