@@ -21,11 +21,12 @@
 #define HANDOFF_RECORDS 16
 
 /*
- * Probes and check connections the daemon has registered at once: a health check opens
- * one connection per listener of a candidate (at most HANDOFF_GEN_SLOTS per group), and a
- * second daemon instance may probe during a restart.
+ * Probes and check connections registered at once. Each is registered only for its own
+ * connect, one after the other; at most a probe, a promote's check and a watch window's
+ * check of one group run at a time, and a second daemon instance may probe during a
+ * restart. The rest is headroom (a hash map preallocates every entry).
  */
-#define HANDOFF_PROBE_SLOTS 1024
+#define HANDOFF_PROBE_SLOTS 64
 /* `chosen` until the program records a decision; as `target`: a probe, not a check. */
 #define HANDOFF_PROBE_UNSET 0xffffffffu
 /* A probe that found no socket to select (the kernel's hash would have chosen). */

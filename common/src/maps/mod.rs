@@ -25,7 +25,7 @@ pub const SOCK_SLOTS: u32 = GEN_SLOTS * BLOCKS;
 /// Entries of the `records` ring.
 pub const RECORDS: u32 = 16;
 /// Entries of the `probes` hash map: probes registered at once.
-pub const PROBE_SLOTS: u32 = 1024;
+pub const PROBE_SLOTS: u32 = 64;
 /// A probe's `chosen` not yet written by the program; as its `target`: a probe, not a
 /// health check.
 pub const PROBE_UNSET: u32 = 0xffff_ffff;
