@@ -69,7 +69,8 @@ async fn serve(socket: ReadinessSocket, service: String, daemon: Arc<Mutex<Daemo
         tokio::select! {
             ready = fd.readable() => {
                 let Ok(mut ready) = ready else { return };
-                for sender in read_all(&socket, &service) {
+                let (newest, drained) = read_some(&socket, &service, BATCH);
+                if let Some(sender) = newest {
                     if promoting.is_some() {
                         tracing::info!(service, pid = sender.pid, "READY=1 while another sender is being promoted: it is promoted next");
                         queued = Some(sender);
@@ -77,7 +78,9 @@ async fn serve(socket: ReadinessSocket, service: String, daemon: Arc<Mutex<Daemo
                         promoting = Some(start(&daemon, &service, sender));
                     }
                 }
-                ready.clear_ready();
+                if drained {
+                    ready.clear_ready();
+                }
             }
             _ = async { promoting.as_mut()?.await.ok() }, if promoting.is_some() => {
                 promoting = queued.take().map(|sender| start(&daemon, &service, sender));
@@ -86,24 +89,34 @@ async fn serve(socket: ReadinessSocket, service: String, daemon: Arc<Mutex<Daemo
     }
 }
 
-/// Every message waiting on `socket`; the senders of those that count as `READY=1`.
-fn read_all(socket: &ReadinessSocket, service: &str) -> Vec<Member> {
-    let mut ready = Vec::new();
-    loop {
+/// Messages read from the socket at one wake-up, at most: a sender that floods it (only
+/// the service's uid can) delays the daemon's other tasks by this many reads at a time.
+const BATCH: usize = 64;
+
+/// Reads up to `batch` waiting messages; returns the newest sender whose `READY=1`
+/// counts (an older one in the same batch is superseded), and whether the socket was
+/// read dry. (The kernel holds few datagrams per socket, `net.unix.max_dgram_qlen`, but
+/// a sender may refill the queue as fast as it is read.)
+fn read_some(socket: &ReadinessSocket, service: &str, batch: usize) -> (Option<Member>, bool) {
+    let mut newest = None;
+    for _ in 0..batch {
         match socket.receive() {
-            Ok(None) => return ready,
+            Ok(None) => return (newest, true),
             Ok(Some(notice)) => {
                 if let Some(why) = &notice.ignored {
                     tracing::debug!(service, pid = notice.pid, uid = notice.uid, gid = notice.gid, %why, "notify message not taken");
                 }
-                ready.extend(notice.ready_sender().cloned());
+                if let Some(sender) = notice.ready_sender() {
+                    newest = Some(sender.clone());
+                }
             }
             Err(e) => {
                 tracing::warn!(service, error = %crate::logging::one_line(&e), "reading the readiness socket failed");
-                return ready;
+                return (newest, true);
             }
         }
     }
+    (newest, false)
 }
 
 /// Starts the promote of `sender`, off the runtime's threads.
@@ -136,6 +149,66 @@ fn promote(daemon: Arc<Mutex<Daemon>>, service: String, sender: Member) -> impl 
             other => {
                 tracing::warn!(service, pid, answer = ?other, "promote on READY=1: unexpected answer")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use handoff_tests::{TempDir, privileged};
+
+    use super::read_some;
+    use crate::runtime::readiness::ReadinessSocket;
+
+    /// A flood of `READY=1` is read a batch at a time, and only the newest sender of a
+    /// batch is kept: a sender of the service's uid cannot make the task hold a pidfd
+    /// per message, nor read without end.
+    #[test]
+    fn a_flood_is_read_a_batch_at_a_time_keeping_the_newest_sender() {
+        if !privileged("a_flood_is_read_a_batch_at_a_time_keeping_the_newest_sender") {
+            return;
+        }
+        let dir = TempDir::new("readiness-flood");
+        let path = dir.path().join("n.sock");
+        // The service's uid is root's here: this test process is the sender.
+        let socket = ReadinessSocket::bind(&path, 0, 0, None).expect("bind");
+        // A sender of root's uid that is not this process (handoffd's own process is
+        // never a member): 8 datagrams, fewer than the kernel queues per socket
+        // (net.unix.max_dgram_qlen, 10 by default); it lives on until killed.
+        let script = "import socket,sys,time\n\
+            s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM)\n\
+            [s.sendto(b'READY=1',sys.argv[1]) for _ in range(8)]\n\
+            print('sent',flush=True)\n\
+            time.sleep(60)\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .arg(&path)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("its stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("its line");
+        let me = i32::try_from(child.id()).expect("a pid");
+        let outcome = std::panic::catch_unwind(|| {
+            assert_eq!(line.trim(), "sent");
+            for _ in 0..2 {
+                let (newest, drained) = read_some(&socket, "flood", 4);
+                assert_eq!(newest.map(|m| m.pid), Some(me));
+                assert!(!drained, "more than a batch was read at once");
+            }
+            let (newest, drained) = read_some(&socket, "flood", 4);
+            assert_eq!((newest.map(|m| m.pid), drained), (None, true));
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
         }
     }
 }
