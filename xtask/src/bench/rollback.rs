@@ -17,7 +17,6 @@ use std::fs::File;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -97,24 +96,11 @@ struct Rep {
 pub fn run(ctx: &Ctx) -> Result<Outcome> {
     let reps = ctx.pick(20, 3);
     let death = scenario(ctx, Failure::Death, reps)?;
-    let check = if testsrv_speaks_http(ctx) {
-        Some(scenario(ctx, Failure::Check, reps)?)
-    } else {
-        None
-    };
+    let check = scenario(ctx, Failure::Check, reps)?;
     Ok(Outcome {
-        rows: rows(&death, check.as_deref()),
-        details: details(&death, check.as_deref(), reps),
+        rows: rows(&death, &check),
+        details: details(&death, &check, reps),
     })
-}
-
-/// Whether this testsrv has `--http-status` (the failing-check half needs a server that
-/// answers the HTTP check).
-fn testsrv_speaks_http(ctx: &Ctx) -> bool {
-    Command::new(ctx.bin.join("testsrv"))
-        .arg("--help")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--http-status"))
 }
 
 /// `reps` repetitions of one failure, with one daemon and one A in a namespace of their own.
@@ -319,7 +305,7 @@ fn spread(reps: &[Rep], figure: fn(&Rep) -> f64) -> (Stats, String) {
     (s, text)
 }
 
-fn rows(death: &[Rep], check: Option<&[Rep]>) -> Vec<Row> {
+fn rows(death: &[Rep], check: &[Rep]) -> Vec<Row> {
     let (settled, settled_text) = spread(death, |r| r.settled);
     let (_, first_text) = spread(death, |r| r.first_a);
     let (_, flip_text) = spread(death, |r| r.flip);
@@ -334,33 +320,24 @@ fn rows(death: &[Rep], check: Option<&[Rep]>) -> Vec<Row> {
     ];
     let budget = CHECK_INTERVAL.as_secs_f64() * 1000.0 + CHECK_TIMEOUT_MS;
     let measure = "new generation hung (SIGSTOP), failing its check in the window → every new connection on the old one";
-    match check {
-        Some(check) => {
-            let (settled, settled_text) = spread(check, |r| r.settled);
-            let (_, flip_text) = spread(check, |r| r.flip);
-            rows.push(
-                Row::new(
-                    measure,
-                    format!("min · p50 · max {settled_text} ({} hangs)", check.len()),
-                    Some(settled.max),
-                )
-                .baseline(format!(
-                    "handoffd's rollback logged: {flip_text}; by design at most the check \
-                     interval + the check timeout ({}), plus the passing check before it",
-                    fmt_ms(budget)
-                )),
-            );
-        }
-        None => rows.push(Row::pending(
+    let (settled, settled_text) = spread(check, |r| r.settled);
+    let (_, flip_text) = spread(check, |r| r.flip);
+    rows.push(
+        Row::new(
             measure,
-            "testsrv has no --http-status to pass the check first",
-            "",
+            format!("min · p50 · max {settled_text} ({} hangs)", check.len()),
+            Some(settled.max),
+        )
+        .baseline(format!(
+            "handoffd's rollback logged: {flip_text}; by design at most the check \
+             interval + the check timeout ({}), plus the passing check before it",
+            fmt_ms(budget)
         )),
-    }
+    );
     rows
 }
 
-fn details(death: &[Rep], check: Option<&[Rep]>, reps: usize) -> Vec<String> {
+fn details(death: &[Rep], check: &[Rep], reps: usize) -> Vec<String> {
     let mut out = vec![format!(
         "{reps} repetitions of each failure, each with a fresh B (2 workers, a listener each) \
          promoted with `--watch {WATCH}` over A (the same layout), which stands by; loadgen \
@@ -384,25 +361,19 @@ fn details(death: &[Rep], check: Option<&[Rep]>, reps: usize) -> Vec<String> {
         CHECK_INTERVAL.as_millis(),
         fmt_ms(CHECK_TIMEOUT_MS)
     )];
-    let column = |reps: Option<&[Rep]>, figure: fn(&Rep) -> f64| {
-        reps.map_or("pending".to_owned(), |r| spread(r, figure).1)
+    let column = |reps: &[Rep], figure: fn(&Rep) -> f64| spread(reps, figure).1;
+    let failed = |reps: &[Rep]| {
+        let failed: u64 = reps.iter().map(|x| x.failed).sum();
+        let after: u64 = reps.iter().map(|x| x.after).sum();
+        format!("{failed} of {after}")
     };
-    let failed = |reps: Option<&[Rep]>| {
-        reps.map_or("pending".to_owned(), |r| {
-            let failed: u64 = r.iter().map(|x| x.failed).sum();
-            let after: u64 = r.iter().map(|x| x.after).sum();
-            format!("{failed} of {after}")
-        })
+    let reasons = |reps: &[Rep]| {
+        let mut seen: Vec<&str> = reps.iter().map(|x| x.reason.as_str()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.join(", ")
     };
-    let reasons = |reps: Option<&[Rep]>| {
-        reps.map_or("pending".to_owned(), |r| {
-            let mut seen: Vec<&str> = r.iter().map(|x| x.reason.as_str()).collect();
-            seen.sort_unstable();
-            seen.dedup();
-            seen.join(", ")
-        })
-    };
-    let d = Some(death);
+    let d = death;
     out.push(format!(
         "\n| after T0, min · p50 · max | death (SIGKILL) | failing check (hung, SIGSTOP) |\n\
          |---|---|---|\n\
