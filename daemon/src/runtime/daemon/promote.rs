@@ -43,8 +43,6 @@ pub enum Step {
         service: String,
         /// The check.
         job: CheckJob,
-        /// When the request began.
-        started: Instant,
     },
 }
 
@@ -65,17 +63,14 @@ pub fn promote(
     let mut deadline = None;
     loop {
         let mut step = Daemon::lock(daemon).promote_step(who.clone(), service, &options, started);
-        while let Step::Check {
-            service,
-            job,
-            started,
-        } = step
-        {
-            let result = job.run();
-            step = Daemon::lock(daemon).checked(&service, result, started);
-        }
-        let Step::Answer(response, retry_for) = step else {
-            continue;
+        let (response, retry_for) = loop {
+            match step {
+                Step::Check { service, job } => {
+                    let result = job.run();
+                    step = Daemon::lock(daemon).checked(&service, result, started);
+                }
+                Step::Answer(response, retry_for) => break (response, retry_for),
+            }
         };
         let Some(timeout) = retry_for else {
             return response;
@@ -180,7 +175,6 @@ impl Daemon {
             Some(Operated::Check(job)) => Step::Check {
                 service: self.services[i].name().to_owned(),
                 job,
-                started,
             },
             Some(Operated::Done(result)) => Step::Answer(self.change(i, result, started), None),
             None => Step::Answer(

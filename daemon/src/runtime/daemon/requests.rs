@@ -32,17 +32,13 @@ impl Daemon {
                 let started = Instant::now();
                 let mut step =
                     self.promote_step(Who::Pid(pid), service.as_deref(), &options, started);
-                while let Step::Check {
-                    service,
-                    job,
-                    started,
-                } = step
-                {
-                    step = self.checked(&service, job.run(), started);
-                }
-                match step {
-                    Step::Answer(response, _) => response,
-                    Step::Check { .. } => error(ErrorKind::Internal, &"unreachable"),
+                loop {
+                    match step {
+                        Step::Check { service, job } => {
+                            step = self.checked(&service, job.run(), started);
+                        }
+                        Step::Answer(response, _) => break response,
+                    }
                 }
             }
             Request::Rollback { service } => self.rollback_step(service.as_deref()),

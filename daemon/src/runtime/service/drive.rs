@@ -65,11 +65,11 @@ impl Run {
 }
 
 /// The kernel's record for `steer`.
-pub(super) fn encode(steer: Steer) -> Result<SteerRecord, LoaderError> {
+fn encode(steer: Steer) -> SteerRecord {
     let (canary, weight) = steer.canary.unwrap_or_default();
     let active = steer.active.unwrap_or_default();
     let previous = steer.previous.unwrap_or_default();
-    Ok(SteerRecord {
+    SteerRecord {
         canary_first: canary.first,
         canary_len: canary.len,
         active_first: active.first,
@@ -78,7 +78,7 @@ pub(super) fn encode(steer: Steer) -> Result<SteerRecord, LoaderError> {
         prev_len: previous.len,
         weight: u32::from(weight.min(100)),
         reserved: 0,
-    })
+    }
 }
 
 /// The machine's view of a record read from the kernel.
@@ -322,20 +322,13 @@ impl Service {
         };
         let mut groups = Vec::with_capacity(spans.len());
         for (group, span) in spans {
-            let g = self
+            let key = self
+                .probe_key(group, run)
+                .ok_or(LoaderError::MissingMap("group address"))?;
+            let program = self
                 .groups
                 .get(group)
-                .ok_or(LoaderError::MissingMap("group"))?;
-            let key = run
-                .taken
-                .as_ref()
-                .and_then(|t| t.get(group)?.first())
-                .map(|t| t.key)
-                .or(g.key)
-                .ok_or(LoaderError::MissingMap("group address"))?;
-            let program = g
-                .program
-                .as_ref()
+                .and_then(|g| g.program.as_ref())
                 .ok_or(LoaderError::MissingMap("program"))?;
             groups.push(GroupTargets {
                 address: key.probe_target(),
@@ -371,21 +364,17 @@ impl Service {
         let Some(program) = self.groups.get_mut(group).and_then(|g| g.program.as_mut()) else {
             return Ok(());
         };
-        program.publish(encode(record)?)?;
+        program.publish(encode(record))?;
         Ok(())
     }
 
     /// Probes group `group` through the candidate's tuple (a promote) or the group's.
     fn probe(&mut self, group: usize, patient: bool, run: &mut Run) -> Event {
-        let candidate_key = run
-            .taken
-            .as_ref()
-            .and_then(|t| t.get(group)?.first())
-            .map(|t| t.key);
+        let key = self.probe_key(group, run);
         let Some(g) = self.groups.get_mut(group) else {
             return Event::Outcome(Outcome::Done);
         };
-        let (Some(key), Some(program)) = (candidate_key.or(g.key), g.program.as_mut()) else {
+        let (Some(key), Some(program)) = (key, g.program.as_mut()) else {
             return Event::Outcome(Outcome::Done);
         };
         let patience = if patient {

@@ -263,8 +263,9 @@ impl Service {
         }
     }
 
-    /// The tuple group `group` was probed through.
-    fn probe_key(&self, group: usize, run: &Run) -> Option<GroupKey> {
+    /// The tuple group `group` is probed and checked through: the candidate's (a
+    /// promote), else the group's.
+    pub(super) fn probe_key(&self, group: usize, run: &Run) -> Option<GroupKey> {
         run.taken
             .as_ref()
             .and_then(|t| t.get(group)?.first())
